@@ -1,0 +1,65 @@
+# lowmemws - every set-up step lives here, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+NATIVE := $(wildcard src/lowmemws/*.c src/lowmemws/*.h) src/lowmemws/_build_native.py setup.py pyproject.toml
+FUZZ_SECONDS ?= 20
+
+.PHONY: all build demo test lint typecheck pytest sysdeps fuzz fuzz-smoke bench compliance clean
+
+all: build
+
+$(VENV)/.venv-ok:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	touch $@
+
+# The compiled module is rebuilt whenever a C file, the header or the build script changes.
+$(VENV)/.build-ok: $(VENV)/.venv-ok $(NATIVE)
+	$(PIP) install -e '.[test]'
+	touch $@
+
+build: $(VENV)/.build-ok
+
+demo: build
+	$(PY) examples/mailnotify.py
+
+# System packages the tests need; installed only when missing (root, Debian).
+sysdeps:
+	@need=""; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v clang >/dev/null || need="$$need clang libclang-rt-14-dev"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing system packages:$$need"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null) \
+	    || { echo "could not install$$need (needs root and Debian's apt)"; [ "$$CI" != true ] || exit 1; }; \
+	fi
+
+lint: build
+	$(PY) -m ruff check src tests benchmarks examples compliance fuzz
+	$(PY) -m ruff format --check src tests benchmarks examples compliance fuzz
+
+typecheck: build
+	$(PY) -m mypy
+
+pytest: build
+	$(PY) -m pytest -q tests
+
+test: sysdeps build lint typecheck fuzz-smoke pytest
+
+# Fuzzing: libFuzzer on the C parsers, with AddressSanitizer and UBSan.
+fuzz-smoke: sysdeps
+	$(MAKE) -C fuzz run SECONDS=$(FUZZ_SECONDS)
+
+fuzz: sysdeps
+	$(MAKE) -C fuzz run SECONDS=600
+
+bench: build
+	$(PIP) install -e '.[test,bench]'
+	$(PY) -m pytest -q benchmarks/test_codec_bench.py --benchmark-enable --benchmark-columns=min,median,mean,ops
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build dist src/*.egg-info src/lowmemws/_lowmemws*.so src/lowmemws/_lowmemws.c fuzz/build

@@ -1,0 +1,2 @@
+/* placeholder: the codec lands here */
+#include "lmw.h"

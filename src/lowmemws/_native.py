@@ -1,0 +1,18 @@
+"""The single import point for the compiled module; everything else imports from here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from ._lowmemws import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "lowmemws: the compiled module lowmemws._lowmemws is missing; reinstall lowmemws "
+        "with a C compiler available (Debian/Ubuntu: apt-get install gcc python3-dev)"
+    ) from exc
+
+ffi: Any
+lib: Any
+
+__all__ = ["ffi", "lib"]

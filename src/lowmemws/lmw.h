@@ -1,0 +1,338 @@
+/* lmw.h - the C interface of lowmemws.
+ *
+ * Three parts, one prefix (lmw_):
+ *   _frame.c   the pure codec: HTTP/1.1 request heads (RFC 7230) and WebSocket frames
+ *              (RFC 6455). Bytes in, offsets and status out; never allocates, never
+ *              touches a socket.
+ *   _server.c  the socket-facing runtime: the per-fd slot table, the epoll loop, pooled
+ *              read buffers, spill allocations, sends, the heartbeat sweep.
+ *   _hub.c     topic and user membership without a Python object per member, fan-out.
+ *
+ * This file is also the cffi cdef: _build_native.py drops the lines starting with '#'
+ * except '#define NAME <integer>', so keep to plain declarations here.
+ */
+#ifndef LMW_H
+#define LMW_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* Results shared by the parsers. */
+#define LMW_ERROR -1
+#define LMW_INCOMPLETE -2
+
+/* ------------------------------------------------------------------------------------
+ * HTTP request head (RFC 7230 section 3) and the WebSocket opening handshake
+ * (RFC 6455 section 4.2.1).
+ * ---------------------------------------------------------------------------------- */
+
+/* lmw_span is a zero-copy view: off and len into the caller's buffer. */
+typedef struct {
+    uint32_t off;
+    uint32_t len;
+} lmw_span;
+
+/* Headers a gateway needs, found once during the parse (index into lmw_request.headers). */
+#define LMW_H_HOST 0
+#define LMW_H_UPGRADE 1
+#define LMW_H_CONNECTION 2
+#define LMW_H_SEC_WEBSOCKET_KEY 3
+#define LMW_H_SEC_WEBSOCKET_VERSION 4
+#define LMW_H_SEC_WEBSOCKET_PROTOCOL 5
+#define LMW_H_SEC_WEBSOCKET_EXTENSIONS 6
+#define LMW_H_ORIGIN 7
+#define LMW_H_COOKIE 8
+#define LMW_H_AUTHORIZATION 9
+#define LMW_H_CONTENT_LENGTH 10
+#define LMW_H_TRANSFER_ENCODING 11
+#define LMW_H_COUNT 12
+
+/* lmw_request.kind once a head is complete. */
+#define LMW_KIND_HTTP 1    /* a plain HTTP request: for the application's HTTP hook */
+#define LMW_KIND_UPGRADE 2 /* a valid WebSocket upgrade (RFC 6455 section 4.2.1) */
+
+/* lmw_request holds the result of lmw_parse_request: offsets only, no strings.
+ * Zero it before the first call for a new request; pass it back unchanged on later
+ * calls with more bytes so the search for the end of the head resumes where it stopped. */
+typedef struct {
+    uint32_t scanned;        /* internal: bytes already searched for the blank line */
+    uint32_t head_len;       /* bytes of the head including the final CRLF CRLF */
+    uint16_t status;         /* on LMW_ERROR: the HTTP status the client should get */
+    uint8_t kind;            /* LMW_KIND_* when complete */
+    uint8_t minor_version;   /* HTTP/1.<minor_version> */
+    uint32_t header_count;   /* all header fields, known or not */
+    uint32_t present;        /* bit (1 << LMW_H_x) set when header x was seen */
+    uint64_t content_length; /* value of Content-Length, 0 when absent */
+    lmw_span method;
+    lmw_span target;         /* request-target as sent */
+    lmw_span path;           /* target up to '?' */
+    lmw_span query;          /* after '?', without it; len 0 when absent */
+    lmw_span headers[12];    /* values of the LMW_H_* headers, whitespace trimmed */
+} lmw_request;
+
+/* lmw_parse_request parses an HTTP/1.x request head in place.
+ * Returns head_len (> 0) when the head is complete and acceptable, LMW_INCOMPLETE when
+ * more bytes are needed (len < max_head), LMW_ERROR with req->status set otherwise:
+ *   400 malformed line or header, obs-fold, bare LF, missing Host, duplicate Host /
+ *       Content-Length / Sec-WebSocket-Key / Sec-WebSocket-Version, bad Content-Length,
+ *       Sec-WebSocket-Key that does not decode to 16 bytes, websocket Upgrade without
+ *       an "upgrade" token in Connection;
+ *   405 a WebSocket upgrade whose method is not GET;
+ *   426 a WebSocket upgrade with a missing or unsupported Sec-WebSocket-Version;
+ *   431 no complete head within max_head bytes;
+ *   501 Transfer-Encoding on a request (bodies must use Content-Length);
+ *   505 a version other than HTTP/1.0 or HTTP/1.1 (a WebSocket upgrade needs 1.1).
+ * Line endings must be CRLF (RFC 7230 section 3.5 allows, but does not require,
+ * accepting a bare LF; we refuse it with 400 to leave no room for request smuggling). */
+int lmw_parse_request(const uint8_t *buf, size_t len, size_t max_head, lmw_request *req);
+
+/* lmw_header_next iterates the header fields of a head accepted by lmw_parse_request.
+ * Start with *pos = 0; returns 1 and fills name/value (value trimmed), 0 at the end. */
+int lmw_header_next(const uint8_t *buf, size_t head_len, uint32_t *pos, lmw_span *name,
+                    lmw_span *value);
+
+/* lmw_token_list_has reports whether a comma-separated token list (Connection, Upgrade,
+ * Sec-WebSocket-Protocol) contains token, compared case-insensitively (RFC 7230 7). */
+int lmw_token_list_has(const uint8_t *list, size_t list_len, const uint8_t *token,
+                       size_t token_len);
+
+/* lmw_accept_key writes Sec-WebSocket-Accept (28 base64 characters) for key:
+ * base64(SHA-1(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")), RFC 6455 section 4.2.2. */
+void lmw_accept_key(const uint8_t *key, size_t key_len, uint8_t *out28);
+
+/* lmw_build_101 writes the 101 Switching Protocols response for key into out, with a
+ * Sec-WebSocket-Protocol header when protocol_len > 0. Returns its length, or
+ * LMW_ERROR when cap is too small. */
+int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
+                  size_t protocol_len, uint8_t *out, size_t cap);
+
+/* lmw_reject_response returns a response built once at start-up for status (400, 401,
+ * 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505), with Connection: close, or
+ * NULL for another status. The 426 response carries Sec-WebSocket-Version: 13. */
+const uint8_t *lmw_reject_response(int status, size_t *len);
+
+/* ------------------------------------------------------------------------------------
+ * Frames (RFC 6455 section 5)
+ * ---------------------------------------------------------------------------------- */
+
+#define LMW_OP_CONTINUATION 0
+#define LMW_OP_TEXT 1
+#define LMW_OP_BINARY 2
+#define LMW_OP_CLOSE 8
+#define LMW_OP_PING 9
+#define LMW_OP_PONG 10
+
+/* lmw_frame is one parsed frame header. */
+typedef struct {
+    uint64_t payload_len;
+    uint32_t header_len;  /* 2 to 14 bytes */
+    uint8_t fin;
+    uint8_t rsv;          /* RSV1..RSV3 as bits 0x4, 0x2, 0x1 */
+    uint8_t opcode;
+    uint8_t masked;
+    uint8_t mask[4];
+    uint16_t close_code;  /* on LMW_ERROR: the close code to send */
+    uint16_t pad;
+} lmw_frame;
+
+/* lmw_parse_frame parses one frame header at buf. Returns header_len (> 0) when the
+ * header is complete (the payload may not be: check header_len + payload_len <= len),
+ * LMW_INCOMPLETE, or LMW_ERROR with close_code 1002 for: reserved bits not in
+ * rsv_allowed, an unknown opcode, a control frame that is fragmented or longer than
+ * 125 bytes (section 5.5), an unmasked frame when require_mask (section 5.1), a 64-bit
+ * length with the most significant bit set (section 5.2). */
+int lmw_parse_frame(const uint8_t *buf, size_t len, uint8_t rsv_allowed, int require_mask,
+                    lmw_frame *f);
+
+/* lmw_unmask XORs n payload bytes with mask, a machine word at a time. phase is the
+ * offset of p within the frame payload, so a payload can be unmasked in pieces. */
+void lmw_unmask(uint8_t *p, size_t n, const uint8_t *mask, size_t phase);
+
+/* UTF-8 validation (RFC 3629), incremental: state 0 is "between characters". */
+#define LMW_UTF8_ACCEPT 0
+
+/* lmw_utf8_check validates n bytes continuing from *state. Returns -1 when every byte
+ * is valid so far (the message may still end inside a character: check *state ==
+ * LMW_UTF8_ACCEPT at the end), or the offset of the first invalid byte. Overlong forms,
+ * surrogates (U+D800..U+DFFF) and code points above U+10FFFF are invalid. */
+int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n);
+
+/* lmw_message_state follows one connection's message across frames: fragmentation
+ * (section 5.4), size limit and UTF-8 of text messages (section 8.1). */
+typedef struct {
+    uint64_t length;   /* payload bytes of the message so far */
+    uint32_t utf8;     /* lmw_utf8_check state for a text message */
+    uint8_t opcode;    /* LMW_OP_TEXT/BINARY of the message in progress, 0 if none */
+    uint8_t pad[3];
+} lmw_message_state;
+
+/* lmw_message_frame checks a data or control frame header against the message in
+ * progress. Returns 0, or the close code: 1002 for a continuation with no message in
+ * progress or a new text/binary frame inside a fragmented message, 1009 when the
+ * message would exceed max_message bytes. Control frames never change the state. */
+int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_message);
+
+/* lmw_message_payload validates n unmasked payload bytes of the current data frame.
+ * Returns 0 or 1007 (invalid UTF-8 in a text message, at the first bad byte). */
+int lmw_message_payload(lmw_message_state *m, const uint8_t *p, size_t n);
+
+/* lmw_message_frame_end is called after the whole payload of a data frame.
+ * With fin set it returns 1007 if the text ends inside a character, else 0, and resets
+ * the state for the next message. */
+int lmw_message_frame_end(lmw_message_state *m, int fin);
+
+/* lmw_build_header writes an unmasked server frame header (2, 4 or 10 bytes) for a
+ * payload of len bytes to out (at least 10 bytes) and returns its length. The payload is
+ * not copied: put the header in headroom before it, or send both with writev. */
+int lmw_build_header(uint8_t *out, int fin, int opcode, uint64_t len);
+
+/* lmw_close_code_valid reports whether code may appear in a close frame on the wire:
+ * 1000-1003, 1007-1011, 3000-4999 (section 7.4; 1004-1006 and 1015 never may). */
+int lmw_close_code_valid(int code);
+
+/* lmw_parse_close parses a received close payload. Returns 0 with *code set (1005 when
+ * the payload is empty), 1002 for a 1-byte payload or an invalid code, 1007 for a
+ * reason that is not UTF-8 (section 5.5.1). */
+int lmw_parse_close(const uint8_t *p, size_t n, uint16_t *code);
+
+/* lmw_build_close_payload writes code and reason (at most 123 bytes of UTF-8) to out
+ * (at least 125 bytes) and returns the payload length, or LMW_ERROR for an invalid code
+ * or reason. */
+int lmw_build_close_payload(uint8_t *out, int code, const uint8_t *reason, size_t reason_len);
+
+/* ------------------------------------------------------------------------------------
+ * Runtime (_server.c): slots, loop, buffers, sends.
+ * ---------------------------------------------------------------------------------- */
+
+#define LMW_POLICY_DROP 0   /* a frame that would pass the write limit is not queued */
+#define LMW_POLICY_CLOSE 1  /* the client is closed with 1008 */
+#define LMW_POLICY_LATEST 2 /* keep only the newest pending frame of that topic */
+
+/* lmw_config: every cap and timeout of a server; filled by lowmemws.config. */
+typedef struct {
+    uint32_t max_connections;     /* slots: fds at or above this are refused */
+    uint32_t max_handshakes;      /* concurrent heads being read; at the cap, stop accepting */
+    uint32_t max_head;            /* HTTP head cap (431) */
+    uint32_t max_http_body;       /* plain HTTP request body cap (413) */
+    uint64_t max_message;         /* WebSocket message cap (1009) */
+    uint32_t read_buffer_size;    /* bytes per pooled read buffer */
+    uint32_t read_buffers;        /* pooled read buffers */
+    uint64_t spill_budget;        /* all spill allocations together */
+    uint64_t write_limit;         /* pending output per connection */
+    uint32_t handshake_timeout_ms;
+    uint32_t ping_interval_ms;    /* 0 disables pings */
+    uint32_t ping_timeout_ms;
+    uint32_t close_timeout_ms;
+    uint32_t accept_batch;        /* accept4 calls per readable listener */
+    uint8_t write_policy;         /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
+    uint8_t auto_upgrade;         /* 1: complete upgrades in C, no UPGRADE event */
+    uint8_t pad[6];
+} lmw_config;
+
+/* Counters, in a struct so several worker processes can keep theirs in one shared
+ * mapping and any of them can sum all for /metrics. */
+#define LMW_CLOSE_CODES 12  /* closes[i] counts LMW_CLOSE_CODE_LIST[i]; last = other */
+#define LMW_DROP_REASONS 4
+#define LMW_DROP_WRITE_LIMIT 0
+#define LMW_DROP_CLOSED 1
+#define LMW_DROP_LATEST 2
+#define LMW_DROP_WORKER_QUEUE 3
+typedef struct {
+    uint64_t connections;         /* open WebSocket connections */
+    uint64_t handshakes;          /* heads being read now */
+    uint64_t handshakes_total;    /* completed upgrades */
+    uint64_t rejects_total;       /* heads answered with an HTTP error */
+    uint64_t http_requests_total;
+    uint64_t frames_sent_total;
+    uint64_t messages_received_total;
+    uint64_t buffer_pool_in_use;
+    uint64_t spill_bytes;
+    uint64_t pending_write_bytes;
+    uint64_t accept_paused;       /* 1 while the listeners are not polled */
+    uint64_t worker_queue_depth;  /* kept by Python */
+    uint64_t closes[12];
+    uint64_t dropped[4];
+    uint64_t pid;
+} lmw_stats;
+
+/* lmw_close_code_index maps a close code to its slot in lmw_stats.closes. */
+int lmw_close_code_index(int code);
+
+/* Events lmw_poll hands to Python. */
+#define LMW_EV_UPGRADE 1  /* a valid upgrade waits: answer with lmw_upgrade_accept/lmw_reject */
+#define LMW_EV_HTTP 2     /* a plain HTTP request (head + body) waits: answer with lmw_respond */
+#define LMW_EV_MESSAGE 3  /* a complete message: opcode, data, len */
+#define LMW_EV_CLOSED 4   /* an open connection ended: code */
+#define LMW_EV_WAKE 5     /* lmw_wake was called */
+
+/* lmw_event: data and request are borrowed; valid only until the next lmw_poll. */
+typedef struct {
+    uint8_t type;
+    uint8_t opcode;
+    uint16_t code;
+    int32_t fd;
+    uint32_t gen;
+    uint32_t pad;
+    uint64_t user_tag;
+    uint64_t len;
+    const uint8_t *data;
+    const lmw_request *request;
+} lmw_event;
+
+typedef struct lmw_server lmw_server;
+
+/* lmw_server_new makes a server; stats may point into shared memory, or be NULL. */
+lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats);
+void lmw_server_free(lmw_server *s);
+
+/* lmw_listen_add takes a bound, listening, non-blocking socket fd. */
+int lmw_listen_add(lmw_server *s, int fd);
+
+/* lmw_listen_stop stops accepting for good (shutdown). */
+void lmw_listen_stop(lmw_server *s);
+
+/* lmw_poll waits up to timeout_ms, does the WebSocket work it can do in C (accept,
+ * handshakes without hooks, frames, pongs, closes, pending sends, the sweep) and
+ * returns up to max events for Python. It first releases what the previous call lent. */
+int lmw_poll(lmw_server *s, int timeout_ms, lmw_event *out, int max);
+
+/* lmw_wake makes a concurrent or the next lmw_poll return LMW_EV_WAKE. Thread-safe. */
+int lmw_wake(lmw_server *s);
+
+/* Answers to events, and sends. All are thread-safe and check (fd, gen): a stale handle
+ * gets LMW_ERROR and never touches a reused fd. */
+int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *protocol,
+                       size_t protocol_len, uint64_t user_tag);
+int lmw_reject(lmw_server *s, int fd, uint32_t gen, int status);
+int lmw_respond(lmw_server *s, int fd, uint32_t gen, const uint8_t *data, size_t len);
+/* lmw_send returns 1 sent or queued, 0 dropped (write limit), LMW_ERROR stale/closed. */
+int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *data, size_t len);
+int lmw_close(lmw_server *s, int fd, uint32_t gen, int code, const uint8_t *reason,
+              size_t reason_len);
+/* lmw_close_all sends close code to every open connection (shutdown: 1001). */
+int lmw_close_all(lmw_server *s, int code);
+int lmw_pause_reading(lmw_server *s, int fd, uint32_t gen);
+int lmw_resume_reading(lmw_server *s, int fd, uint32_t gen);
+int lmw_is_open(lmw_server *s, int fd, uint32_t gen);
+uint64_t lmw_user_tag(lmw_server *s, int fd, uint32_t gen);
+int lmw_set_user_tag(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
+uint32_t lmw_connection_count(lmw_server *s);
+lmw_stats *lmw_server_stats(lmw_server *s);
+
+/* ------------------------------------------------------------------------------------
+ * Hub (_hub.c): membership and fan-out. Topics are numbered by Python (1..2^32-1).
+ * ---------------------------------------------------------------------------------- */
+
+int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint32_t topic);
+int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint32_t topic);
+uint32_t lmw_topic_size(lmw_server *s, uint32_t topic);
+
+/* Fan-out: the frame is built once and written to every member in one loop. Each
+ * returns the number of connections the frame was sent or queued to; dropped and closed
+ * members are counted in lmw_stats.dropped. */
+int64_t lmw_publish(lmw_server *s, uint32_t topic, int opcode, const uint8_t *data,
+                    size_t len, int policy);
+int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
+                      size_t len, int policy);
+int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy);
+
+#endif
