@@ -1,0 +1,51 @@
+"""common: the behaviour every benchmark server shares, whatever the library.
+
+Every server in this folder does the same thing with its library's defaults:
+
+- ``/ws?user=N``: the connection is given the 64-bit user id N, stored in ``users``, and
+  subscribed to the one topic ``"all"``; every message it sends is echoed back.
+- ``/control``: a connection that is neither a user nor a subscriber. A text message
+  ``!publish K SIZE`` makes the server publish K messages of SIZE bytes (binary) to topic
+  ``"all"`` with the library's natural fan-out, then answer ``done N`` (N = frames written).
+- it prints ``listening on ws://HOST:PORT`` when ready and stops on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+from urllib.parse import parse_qs, urlsplit
+
+PUBLISH_PREFIX = "!publish "
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """parse_args reads --host and --port (and --processes for lowmemws)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--processes", type=int, default=1)
+    return p.parse_args()
+
+
+def user_id(path: str) -> int:
+    """user_id returns the ``user`` query parameter of a request path (0 when absent)."""
+    values = parse_qs(urlsplit(path).query).get("user")
+    return int(values[0]) if values else 0
+
+
+def is_subscriber(path: str) -> bool:
+    """is_subscriber tells a load-client connection (/ws) from the control connection."""
+    return not path.startswith("/control")
+
+
+def publish_request(message: object) -> tuple[int, bytes] | None:
+    """publish_request parses ``!publish K SIZE`` into (K, payload), else returns None."""
+    if not isinstance(message, str) or not message.startswith(PUBLISH_PREFIX):
+        return None
+    count, size = message[len(PUBLISH_PREFIX) :].split()
+    return int(count), bytes(range(256)) * (int(size) // 256) + b"x" * (int(size) % 256)
+
+
+def ready(host: str, port: int) -> None:
+    """ready prints the line the benchmark harness waits for."""
+    print(f"listening on ws://{host}:{port}", flush=True)
