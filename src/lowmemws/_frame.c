@@ -1,2 +1,922 @@
-/* placeholder: the codec lands here */
+/* _frame.c - the pure codec of lowmemws: HTTP/1.1 request heads (RFC 7230), the
+ * WebSocket opening handshake (RFC 6455 section 4) and frames (RFC 6455 section 5).
+ *
+ * Theory of operation
+ *   Every function takes bytes owned by the caller and returns offsets, lengths and a
+ *   status. Nothing here allocates, keeps a pointer after returning, or touches a
+ *   socket; the only globals are read-only tables and the reject responses, which are
+ *   string literals assembled by the compiler.
+ *
+ *   The request parser works in two steps. The search for the blank line that ends the
+ *   head is resumable (lmw_request.scanned), so a client that trickles its head a byte
+ *   at a time costs one pass over its bytes, not one pass per byte. The structured parse
+ *   then runs exactly once, over a head known to be complete.
+ *
+ *   Frames are parsed one header at a time; payloads are unmasked in place eight bytes
+ *   per step and validated as UTF-8 by an incremental validator whose whole state fits
+ *   in a uint32, so a text message split across frames and reads is checked as it
+ *   arrives and rejected at its first bad byte.
+ */
 #include "lmw.h"
+
+#include <string.h>
+
+#define LMW_LIKELY(x) __builtin_expect(!!(x), 1)
+#define LMW_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+static const uint64_t ONES = 0x0101010101010101ULL;
+static const uint64_t HIGHS = 0x8080808080808080ULL;
+
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* ------------------------------------------------------------------------------------
+ * Character classes (RFC 7230 section 3.2.6)
+ * ---------------------------------------------------------------------------------- */
+
+#define C_TCHAR 1  /* token character */
+#define C_VALUE 2  /* field-value character: VCHAR, obs-text, SP, HTAB */
+#define C_TARGET 4 /* request-target character: VCHAR */
+
+static const uint8_t char_class[256] = {
+    ['\t'] = C_VALUE,
+    [' '] = C_VALUE,
+    ['!'] = 7, ['"'] = 6, ['#'] = 7, ['$'] = 7, ['%'] = 7, ['&'] = 7, ['\''] = 7,
+    ['('] = 6, [')'] = 6, ['*'] = 7, ['+'] = 7, [','] = 6, ['-'] = 7, ['.'] = 7,
+    ['/'] = 6,
+    ['0'] = 7, ['1'] = 7, ['2'] = 7, ['3'] = 7, ['4'] = 7, ['5'] = 7, ['6'] = 7,
+    ['7'] = 7, ['8'] = 7, ['9'] = 7,
+    [':'] = 6, [';'] = 6, ['<'] = 6, ['='] = 6, ['>'] = 6, ['?'] = 6, ['@'] = 6,
+    ['A'] = 7, ['B'] = 7, ['C'] = 7, ['D'] = 7, ['E'] = 7, ['F'] = 7, ['G'] = 7,
+    ['H'] = 7, ['I'] = 7, ['J'] = 7, ['K'] = 7, ['L'] = 7, ['M'] = 7, ['N'] = 7,
+    ['O'] = 7, ['P'] = 7, ['Q'] = 7, ['R'] = 7, ['S'] = 7, ['T'] = 7, ['U'] = 7,
+    ['V'] = 7, ['W'] = 7, ['X'] = 7, ['Y'] = 7, ['Z'] = 7,
+    ['['] = 6, ['\\'] = 6, [']'] = 6, ['^'] = 7, ['_'] = 7, ['`'] = 7,
+    ['a'] = 7, ['b'] = 7, ['c'] = 7, ['d'] = 7, ['e'] = 7, ['f'] = 7, ['g'] = 7,
+    ['h'] = 7, ['i'] = 7, ['j'] = 7, ['k'] = 7, ['l'] = 7, ['m'] = 7, ['n'] = 7,
+    ['o'] = 7, ['p'] = 7, ['q'] = 7, ['r'] = 7, ['s'] = 7, ['t'] = 7, ['u'] = 7,
+    ['v'] = 7, ['w'] = 7, ['x'] = 7, ['y'] = 7, ['z'] = 7,
+    ['{'] = 6, ['|'] = 7, ['}'] = 6, ['~'] = 7,
+    [0x80 ... 0xFF] = C_VALUE,
+};
+
+static inline int is_ows(uint8_t c) { return c == ' ' || c == '\t'; }
+
+static inline uint8_t lower(uint8_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+
+/* value_chars_ok reports whether s[0..n) holds only field-value characters. Eight bytes
+ * at a time: a word is clean when no byte is below 0x20 and none is 0x7F; only a word
+ * that is not (a tab, say) is looked at byte by byte. */
+static int value_chars_ok(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w = load64(s + i);
+        uint64_t low = (w - ONES * 0x20) & ~w & HIGHS;
+        uint64_t del = w ^ (ONES * 0x7F);
+        del = (del - ONES) & ~del & HIGHS;
+        if (LMW_UNLIKELY(low | del)) {
+            for (size_t k = i; k < i + 8; k++)
+                if (!(char_class[s[k]] & C_VALUE))
+                    return 0;
+        }
+    }
+    for (; i < n; i++)
+        if (!(char_class[s[i]] & C_VALUE))
+            return 0;
+    return 1;
+}
+
+static int span_of_class(const uint8_t *s, size_t n, uint8_t cls)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!(char_class[s[i]] & cls))
+            return 0;
+    return 1;
+}
+
+/* eq_lower compares s (n bytes) with a lowercase literal, ignoring ASCII case. */
+static int eq_lower(const uint8_t *s, size_t n, const char *lit, size_t lit_len)
+{
+    if (n != lit_len)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (lower(s[i]) != (uint8_t)lit[i])
+            return 0;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Request head
+ * ---------------------------------------------------------------------------------- */
+
+/* find_head_end continues the search for CRLF CRLF from req->scanned up to limit.
+ * Every LF must follow a CR (bare LF is refused, see lmw.h). Returns the head length,
+ * 0 when not found yet, or -1 on a bare LF. */
+static int64_t find_head_end(const uint8_t *buf, size_t limit, lmw_request *req)
+{
+    size_t i = req->scanned <= limit ? req->scanned : limit;
+    while (i < limit) {
+        const uint8_t *lf = memchr(buf + i, '\n', limit - i);
+        if (lf == NULL)
+            break;
+        size_t at = (size_t)(lf - buf);
+        if (at == 0 || buf[at - 1] != '\r')
+            return -1;
+        if (at >= 3 && buf[at - 2] == '\n' && buf[at - 3] == '\r')
+            return (int64_t)(at + 1);
+        if (at == 1) /* a head that starts with an empty line */
+            return -1;
+        i = at + 1;
+    }
+    req->scanned = (uint32_t)limit;
+    return 0;
+}
+
+static int fail(lmw_request *req, int status)
+{
+    req->status = (uint16_t)status;
+    return LMW_ERROR;
+}
+
+static int known_header(const uint8_t *name, size_t n)
+{
+    switch (n) {
+    case 4:
+        return eq_lower(name, n, "host", 4) ? LMW_H_HOST : -1;
+    case 6:
+        if (eq_lower(name, n, "origin", 6))
+            return LMW_H_ORIGIN;
+        return eq_lower(name, n, "cookie", 6) ? LMW_H_COOKIE : -1;
+    case 7:
+        return eq_lower(name, n, "upgrade", 7) ? LMW_H_UPGRADE : -1;
+    case 10:
+        return eq_lower(name, n, "connection", 10) ? LMW_H_CONNECTION : -1;
+    case 13:
+        return eq_lower(name, n, "authorization", 13) ? LMW_H_AUTHORIZATION : -1;
+    case 14:
+        return eq_lower(name, n, "content-length", 14) ? LMW_H_CONTENT_LENGTH : -1;
+    case 17:
+        if (eq_lower(name, n, "sec-websocket-key", 17))
+            return LMW_H_SEC_WEBSOCKET_KEY;
+        return eq_lower(name, n, "transfer-encoding", 17) ? LMW_H_TRANSFER_ENCODING : -1;
+    case 21:
+        return eq_lower(name, n, "sec-websocket-version", 21) ? LMW_H_SEC_WEBSOCKET_VERSION
+                                                                : -1;
+    case 22:
+        return eq_lower(name, n, "sec-websocket-protocol", 22) ? LMW_H_SEC_WEBSOCKET_PROTOCOL
+                                                                 : -1;
+    case 24:
+        return eq_lower(name, n, "sec-websocket-extensions", 24)
+                   ? LMW_H_SEC_WEBSOCKET_EXTENSIONS
+                   : -1;
+    default:
+        return -1;
+    }
+}
+
+/* Headers that may appear only once (RFC 7230 3.2.2, RFC 6455 4.1); the others keep
+ * the span of their first occurrence. */
+#define SINGLETONS                                                                         \
+    ((1u << LMW_H_HOST) | (1u << LMW_H_CONTENT_LENGTH) | (1u << LMW_H_SEC_WEBSOCKET_KEY) | \
+     (1u << LMW_H_SEC_WEBSOCKET_VERSION))
+
+static int parse_content_length(const uint8_t *s, size_t n, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (n == 0 || n > 19)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return 1;
+}
+
+static int base64_value(uint8_t c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/* key_ok: RFC 6455 4.2.1 item 5, base64 (RFC 4648 section 4) of exactly 16 bytes,
+ * which is 22 alphabet characters and "==". */
+static int key_ok(const uint8_t *s, size_t n)
+{
+    if (n != 24 || s[22] != '=' || s[23] != '=')
+        return 0;
+    for (size_t i = 0; i < 22; i++)
+        if (base64_value(s[i]) < 0)
+            return 0;
+    return 1;
+}
+
+/* parse_request_line fills method, target, path, query and minor_version from the
+ * first line (without its CRLF). Returns 0 or an HTTP status. */
+static int parse_request_line(const uint8_t *buf, size_t n, lmw_request *req)
+{
+    size_t i = 0;
+    while (i < n && (char_class[buf[i]] & C_TCHAR))
+        i++;
+    if (i == 0 || i >= n || buf[i] != ' ')
+        return 400;
+    req->method = (lmw_span){0, (uint32_t)i};
+    size_t t = ++i;
+    while (i < n && (char_class[buf[i]] & C_TARGET))
+        i++;
+    if (i == t || i >= n || buf[i] != ' ')
+        return 400;
+    req->target = (lmw_span){(uint32_t)t, (uint32_t)(i - t)};
+    const uint8_t *q = memchr(buf + t, '?', i - t);
+    size_t path_end = q ? (size_t)(q - buf) : i;
+    req->path = (lmw_span){(uint32_t)t, (uint32_t)(path_end - t)};
+    if (q)
+        req->query = (lmw_span){(uint32_t)(path_end + 1), (uint32_t)(i - path_end - 1)};
+    else
+        req->query = (lmw_span){(uint32_t)i, 0};
+    const uint8_t *v = buf + i + 1;
+    if (n - i - 1 != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' ||
+        v[5] > '9' || v[7] < '0' || v[7] > '9')
+        return 400;
+    if (v[5] != '1' || v[7] > '1')
+        return 505;
+    req->minor_version = (uint8_t)(v[7] - '0');
+    return 0;
+}
+
+/* parse_header_line records one "name: value" line (without its CRLF) at buf[s..e). */
+static int parse_header_line(const uint8_t *buf, size_t s, size_t e, lmw_request *req,
+                             uint8_t *tokens)
+{
+    if (is_ows(buf[s]))
+        return 400; /* obs-fold (RFC 7230 3.2.4) */
+    size_t c = s;
+    while (c < e && (char_class[buf[c]] & C_TCHAR))
+        c++;
+    if (c == s || c >= e || buf[c] != ':')
+        return 400; /* no name, or whitespace before the colon */
+    size_t vs = c + 1, ve = e;
+    if (!value_chars_ok(buf + vs, ve - vs))
+        return 400;
+    while (vs < ve && is_ows(buf[vs]))
+        vs++;
+    while (ve > vs && is_ows(buf[ve - 1]))
+        ve--;
+    req->header_count++;
+    int h = known_header(buf + s, c - s);
+    if (h < 0)
+        return 0;
+    uint32_t bit = 1u << h;
+    if (req->present & bit & SINGLETONS)
+        return 400;
+    if (h == LMW_H_UPGRADE && lmw_token_list_has(buf + vs, ve - vs, (const uint8_t *)"websocket", 9))
+        *tokens |= 1;
+    if (h == LMW_H_CONNECTION && lmw_token_list_has(buf + vs, ve - vs, (const uint8_t *)"upgrade", 7))
+        *tokens |= 2;
+    if (h == LMW_H_CONTENT_LENGTH && !parse_content_length(buf + vs, ve - vs, &req->content_length))
+        return 400;
+    if (!(req->present & bit))
+        req->headers[h] = (lmw_span){(uint32_t)vs, (uint32_t)(ve - vs)};
+    req->present |= bit;
+    return 0;
+}
+
+/* check_upgrade applies RFC 6455 4.2.1 to a request that asked for websocket. */
+static int check_upgrade(const uint8_t *buf, const lmw_request *req, uint8_t tokens)
+{
+    if (req->method.len != 3 || memcmp(buf + req->method.off, "GET", 3) != 0)
+        return 405;
+    if (req->minor_version != 1)
+        return 505;
+    if (!(tokens & 2))
+        return 400;
+    const lmw_span *v = &req->headers[LMW_H_SEC_WEBSOCKET_VERSION];
+    if (!(req->present & (1u << LMW_H_SEC_WEBSOCKET_VERSION)) || v->len != 2 ||
+        memcmp(buf + v->off, "13", 2) != 0)
+        return 426;
+    const lmw_span *k = &req->headers[LMW_H_SEC_WEBSOCKET_KEY];
+    if (!(req->present & (1u << LMW_H_SEC_WEBSOCKET_KEY)) || !key_ok(buf + k->off, k->len))
+        return 400;
+    return 0;
+}
+
+/* parse_head parses a complete head of head_len bytes once. Returns 0 or a status. */
+static int parse_head(const uint8_t *buf, size_t head_len, lmw_request *req)
+{
+    const uint8_t *lf = memchr(buf, '\n', head_len);
+    size_t line_end = (size_t)(lf - buf) - 1; /* every LF follows a CR */
+    int status = parse_request_line(buf, line_end, req);
+    if (status)
+        return status;
+    uint8_t tokens = 0;
+    size_t s = line_end + 2;
+    while (s < head_len - 2) {
+        lf = memchr(buf + s, '\n', head_len - s);
+        size_t e = (size_t)(lf - buf) - 1;
+        status = parse_header_line(buf, s, e, req, &tokens);
+        if (status)
+            return status;
+        s = e + 2;
+    }
+    if (req->present & (1u << LMW_H_TRANSFER_ENCODING))
+        return 501;
+    if (req->minor_version == 1 && !(req->present & (1u << LMW_H_HOST)))
+        return 400;
+    if (!(tokens & 1)) {
+        req->kind = LMW_KIND_HTTP;
+        return 0;
+    }
+    status = check_upgrade(buf, req, tokens);
+    if (status)
+        return status;
+    req->kind = LMW_KIND_UPGRADE;
+    return 0;
+}
+
+int lmw_parse_request(const uint8_t *buf, size_t len, size_t max_head, lmw_request *req)
+{
+    if (max_head > UINT32_MAX - 1)
+        max_head = UINT32_MAX - 1;
+    size_t limit = len < max_head ? len : max_head;
+    int64_t head_len = find_head_end(buf, limit, req);
+    if (head_len < 0)
+        return fail(req, 400);
+    if (head_len == 0)
+        return len >= max_head ? fail(req, 431) : LMW_INCOMPLETE;
+    uint32_t scanned = req->scanned;
+    memset(req, 0, sizeof *req);
+    req->scanned = scanned;
+    req->head_len = (uint32_t)head_len;
+    int status = parse_head(buf, (size_t)head_len, req);
+    if (status) {
+        req->kind = 0;
+        return fail(req, status);
+    }
+    return (int)head_len;
+}
+
+int lmw_header_next(const uint8_t *buf, size_t head_len, uint32_t *pos, lmw_span *name,
+                    lmw_span *value)
+{
+    size_t s = *pos;
+    if (s == 0) {
+        const uint8_t *lf = memchr(buf, '\n', head_len);
+        if (lf == NULL)
+            return 0;
+        s = (size_t)(lf - buf) + 1;
+    }
+    if (s + 2 > head_len || buf[s] == '\r')
+        return 0;
+    const uint8_t *lf = memchr(buf + s, '\n', head_len - s);
+    const uint8_t *colon = memchr(buf + s, ':', head_len - s);
+    if (lf == NULL || colon == NULL || colon > lf)
+        return 0;
+    size_t c = (size_t)(colon - buf), vs = c + 1, ve = (size_t)(lf - buf);
+    if (ve > vs && buf[ve - 1] == '\r')
+        ve--;
+    while (vs < ve && is_ows(buf[vs]))
+        vs++;
+    while (ve > vs && is_ows(buf[ve - 1]))
+        ve--;
+    *name = (lmw_span){(uint32_t)s, (uint32_t)(c - s)};
+    *value = (lmw_span){(uint32_t)vs, (uint32_t)(ve - vs)};
+    *pos = (uint32_t)(lf - buf) + 1;
+    return 1;
+}
+
+int lmw_token_list_has(const uint8_t *list, size_t list_len, const uint8_t *token,
+                       size_t token_len)
+{
+    size_t i = 0;
+    while (i < list_len) {
+        while (i < list_len && (is_ows(list[i]) || list[i] == ','))
+            i++;
+        size_t s = i;
+        while (i < list_len && list[i] != ',')
+            i++;
+        size_t e = i;
+        while (e > s && is_ows(list[e - 1]))
+            e--;
+        if (e - s == token_len) {
+            size_t k = 0;
+            while (k < token_len && lower(list[s + k]) == lower(token[k]))
+                k++;
+            if (k == token_len)
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Sec-WebSocket-Accept: SHA-1 (RFC 3174 / FIPS 180-4) and base64 (RFC 4648)
+ * ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t h[5];
+    uint64_t total;
+    uint8_t block[64];
+    size_t used;
+} sha1_ctx;
+
+static inline uint32_t rol32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+static void sha1_block(uint32_t h[5], const uint8_t *p)
+{
+    uint32_t w[80];
+    for (int t = 0; t < 16; t++)
+        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 |
+               (uint32_t)p[4 * t + 2] << 8 | p[4 * t + 3];
+    for (int t = 16; t < 80; t++)
+        w[t] = rol32(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+    for (int t = 0; t < 80; t++) {
+        uint32_t f, k;
+        if (t < 20) {
+            f = (b & c) | (~b & d);
+            k = 0x5A827999;
+        } else if (t < 40) {
+            f = b ^ c ^ d;
+            k = 0x6ED9EBA1;
+        } else if (t < 60) {
+            f = (b & c) | (b & d) | (c & d);
+            k = 0x8F1BBCDC;
+        } else {
+            f = b ^ c ^ d;
+            k = 0xCA62C1D6;
+        }
+        uint32_t tmp = rol32(a, 5) + f + e + k + w[t];
+        e = d;
+        d = c;
+        c = rol32(b, 30);
+        b = a;
+        a = tmp;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+}
+
+static void sha1_init(sha1_ctx *c)
+{
+    static const uint32_t iv[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476,
+                                   0xC3D2E1F0};
+    memcpy(c->h, iv, sizeof iv);
+    c->total = 0;
+    c->used = 0;
+}
+
+static void sha1_update(sha1_ctx *c, const uint8_t *p, size_t n)
+{
+    c->total += n;
+    while (n > 0) {
+        size_t take = 64 - c->used < n ? 64 - c->used : n;
+        memcpy(c->block + c->used, p, take);
+        c->used += take;
+        p += take;
+        n -= take;
+        if (c->used == 64) {
+            sha1_block(c->h, c->block);
+            c->used = 0;
+        }
+    }
+}
+
+static void sha1_final(sha1_ctx *c, uint8_t out[20])
+{
+    uint64_t bits = c->total * 8;
+    uint8_t pad[72] = {0x80};
+    size_t pad_len = (c->used < 56 ? 56 : 120) - c->used;
+    for (int i = 0; i < 8; i++)
+        pad[pad_len + i] = (uint8_t)(bits >> (56 - 8 * i));
+    sha1_update(c, pad, pad_len + 8);
+    for (int i = 0; i < 5; i++) {
+        out[4 * i] = (uint8_t)(c->h[i] >> 24);
+        out[4 * i + 1] = (uint8_t)(c->h[i] >> 16);
+        out[4 * i + 2] = (uint8_t)(c->h[i] >> 8);
+        out[4 * i + 3] = (uint8_t)c->h[i];
+    }
+}
+
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* base64_encode writes 4 * ceil(n / 3) characters, padded with '='. */
+static void base64_encode(const uint8_t *in, size_t n, uint8_t *out)
+{
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3, out += 4) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[0] = (uint8_t)b64_alphabet[v >> 18];
+        out[1] = (uint8_t)b64_alphabet[(v >> 12) & 63];
+        out[2] = (uint8_t)b64_alphabet[(v >> 6) & 63];
+        out[3] = (uint8_t)b64_alphabet[v & 63];
+    }
+    if (n - i == 1) {
+        out[0] = (uint8_t)b64_alphabet[in[i] >> 2];
+        out[1] = (uint8_t)b64_alphabet[(in[i] & 3) << 4];
+        out[2] = out[3] = '=';
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)in[i] << 8 | in[i + 1];
+        out[0] = (uint8_t)b64_alphabet[v >> 10];
+        out[1] = (uint8_t)b64_alphabet[(v >> 4) & 63];
+        out[2] = (uint8_t)b64_alphabet[(v << 2) & 63];
+        out[3] = '=';
+    }
+}
+
+static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+void lmw_accept_key(const uint8_t *key, size_t key_len, uint8_t *out28)
+{
+    sha1_ctx c;
+    uint8_t digest[20];
+    sha1_init(&c);
+    sha1_update(&c, key, key_len);
+    sha1_update(&c, (const uint8_t *)ws_guid, sizeof ws_guid - 1);
+    sha1_final(&c, digest);
+    base64_encode(digest, 20, out28);
+}
+
+#define LIT(s) s, sizeof(s) - 1
+
+static uint8_t *put(uint8_t *p, const char *s, size_t n)
+{
+    memcpy(p, s, n);
+    return p + n;
+}
+
+int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
+                  size_t protocol_len, uint8_t *out, size_t cap)
+{
+    static const char head[] = "HTTP/1.1 101 Switching Protocols\r\n"
+                               "Upgrade: websocket\r\n"
+                               "Connection: Upgrade\r\n"
+                               "Sec-WebSocket-Accept: ";
+    static const char proto[] = "\r\nSec-WebSocket-Protocol: ";
+    size_t need = sizeof head - 1 + 28 + 4;
+    if (protocol_len > 0) {
+        if (!span_of_class(protocol, protocol_len, C_TCHAR))
+            return LMW_ERROR; /* never let a protocol name inject a header */
+        need += sizeof proto - 1 + protocol_len;
+    }
+    if (need > cap || need > INT32_MAX)
+        return LMW_ERROR;
+    uint8_t *p = put(out, LIT(head));
+    lmw_accept_key(key, key_len, p);
+    p += 28;
+    if (protocol_len > 0) {
+        p = put(p, LIT(proto));
+        p = put(p, (const char *)protocol, protocol_len);
+    }
+    p = put(p, LIT("\r\n\r\n"));
+    return (int)(p - out);
+}
+
+/* Reject responses: X(status, reason, extra header lines, body length). Each body is
+ * the reason and a newline; the static assertions below keep Content-Length honest. */
+#define LMW_REJECTS(X)                                                                    \
+    X(400, "Bad Request", "", 12)                                                          \
+    X(401, "Unauthorized", "", 13)                                                         \
+    X(403, "Forbidden", "", 10)                                                            \
+    X(404, "Not Found", "", 10)                                                            \
+    X(405, "Method Not Allowed", "Allow: GET\r\n", 19)                                     \
+    X(408, "Request Timeout", "", 16)                                                      \
+    X(413, "Content Too Large", "", 18)                                                    \
+    X(426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n", 17)  \
+    X(431, "Request Header Fields Too Large", "", 32)                                      \
+    X(500, "Internal Server Error", "", 22)                                                \
+    X(501, "Not Implemented", "", 16)                                                      \
+    X(503, "Service Unavailable", "Retry-After: 1\r\n", 20)                                \
+    X(505, "HTTP Version Not Supported", "", 27)
+
+/* 426 names Upgrade, so its Connection lists "Upgrade" after "close" (RFC 7230 6.7). */
+#define REJECT_TEXT(status, reason, extra, n)                                             \
+    static const char reject_##status[] = "HTTP/1.1 " #status " " reason "\r\n" extra   \
+                                          "Content-Type: text/plain; charset=utf-8\r\n"  \
+                                          "Content-Length: " #n "\r\n"                  \
+                                          "Connection: close" ADD_UPGRADE_##status "\r\n" \
+                                          "\r\n" reason "\n";                           \
+    _Static_assert(sizeof(reason "\n") - 1 == n, "Content-Length of " #status);
+
+#define ADD_UPGRADE_400 ""
+#define ADD_UPGRADE_401 ""
+#define ADD_UPGRADE_403 ""
+#define ADD_UPGRADE_404 ""
+#define ADD_UPGRADE_405 ""
+#define ADD_UPGRADE_408 ""
+#define ADD_UPGRADE_413 ""
+#define ADD_UPGRADE_426 ", Upgrade"
+#define ADD_UPGRADE_431 ""
+#define ADD_UPGRADE_500 ""
+#define ADD_UPGRADE_501 ""
+#define ADD_UPGRADE_503 ""
+#define ADD_UPGRADE_505 ""
+
+LMW_REJECTS(REJECT_TEXT)
+
+#define REJECT_CASE(status, reason, extra, n)                                             \
+    case status:                                                                          \
+        *len = sizeof reject_##status - 1;                                                \
+        return (const uint8_t *)reject_##status;
+
+const uint8_t *lmw_reject_response(int status, size_t *len)
+{
+    switch (status) {
+        LMW_REJECTS(REJECT_CASE)
+    default:
+        *len = 0;
+        return NULL;
+    }
+}
+
+/* ------------------------------------------------------------------------------------
+ * Frames (RFC 6455 section 5.2)
+ * ---------------------------------------------------------------------------------- */
+
+static int frame_error(lmw_frame *f)
+{
+    f->close_code = 1002;
+    return LMW_ERROR;
+}
+
+/* Opcodes defined by RFC 6455 section 5.2: 0-2 and 8-10. */
+#define KNOWN_OPCODES 0x0707u
+
+int lmw_parse_frame(const uint8_t *buf, size_t len, uint8_t rsv_allowed, int require_mask,
+                    lmw_frame *f)
+{
+    memset(f, 0, sizeof *f);
+    if (len < 1)
+        return LMW_INCOMPLETE;
+    uint8_t b0 = buf[0];
+    f->fin = b0 >> 7;
+    f->rsv = (b0 >> 4) & 7;
+    f->opcode = b0 & 15;
+    if ((f->rsv & ~rsv_allowed) || !((KNOWN_OPCODES >> f->opcode) & 1))
+        return frame_error(f);
+    if ((f->opcode & 8) && !f->fin)
+        return frame_error(f);
+    if (len < 2)
+        return LMW_INCOMPLETE;
+    uint8_t b1 = buf[1], len7 = b1 & 127;
+    f->masked = b1 >> 7;
+    if (((f->opcode & 8) && len7 > 125) || (require_mask && !f->masked))
+        return frame_error(f);
+    size_t ext = len7 == 126 ? 2 : len7 == 127 ? 8 : 0;
+    size_t header_len = 2 + ext + (f->masked ? 4 : 0);
+    if (len < 2 + ext) /* fail fast on the length before the mask arrives */
+        return LMW_INCOMPLETE;
+    uint64_t plen = len7;
+    if (ext == 2) {
+        plen = (uint64_t)buf[2] << 8 | buf[3];
+    } else if (ext == 8) {
+        plen = 0;
+        for (int i = 0; i < 8; i++)
+            plen = plen << 8 | buf[2 + i];
+        if (plen >> 63)
+            return frame_error(f);
+    }
+    if (len < header_len)
+        return LMW_INCOMPLETE;
+    if (f->masked)
+        memcpy(f->mask, buf + 2 + ext, 4);
+    f->payload_len = plen;
+    f->header_len = (uint32_t)header_len;
+    return (int)header_len;
+}
+
+void lmw_unmask(uint8_t *p, size_t n, const uint8_t *mask, size_t phase)
+{
+    uint8_t rot[12];
+    for (int i = 0; i < 12; i++)
+        rot[i] = mask[(phase + (size_t)i) & 3];
+    size_t i = 0;
+    /* Head: reach an 8-byte boundary so the word stores never straddle cache lines. */
+    while (i < n && ((uintptr_t)(p + i) & 7))
+        p[i] ^= rot[i & 3], i++;
+    uint64_t key = load64(rot + (i & 3));
+    for (; i + 32 <= n; i += 32) {
+        store64(p + i, load64(p + i) ^ key);
+        store64(p + i + 8, load64(p + i + 8) ^ key);
+        store64(p + i + 16, load64(p + i + 16) ^ key);
+        store64(p + i + 24, load64(p + i + 24) ^ key);
+    }
+    for (; i + 8 <= n; i += 8)
+        store64(p + i, load64(p + i) ^ key);
+    for (; i < n; i++)
+        p[i] ^= rot[i & 3];
+}
+
+/* ------------------------------------------------------------------------------------
+ * UTF-8 (RFC 3629 section 4; Unicode table 3-7, "well-formed byte sequences")
+ *
+ * The state is 0 between characters. Inside a character it packs what the next byte
+ * must be: bits 16-17 the continuation bytes still missing, bits 8-15 the lowest and
+ * bits 0-7 the highest allowed value of the next byte. The lead byte alone decides the
+ * first range (that is where overlongs, surrogates and values above U+10FFFF are
+ * excluded); every later continuation byte is 0x80-0xBF. After an error the state
+ * stays UTF8_DEAD, so feeding more bytes keeps failing at offset 0.
+ * ---------------------------------------------------------------------------------- */
+
+#define UTF8_STATE(need, lo, hi) (((uint32_t)(need) << 16) | ((lo) << 8) | (hi))
+#define UTF8_DEAD 0xFFFFFFFFu
+
+/* utf8_lead maps a byte that starts a character to the state after it: 0 for ASCII,
+ * UTF8_DEAD for bytes that never start a character. */
+static uint32_t utf8_lead(uint8_t b)
+{
+    if (b < 0x80)
+        return 0;
+    if (b < 0xC2)
+        return UTF8_DEAD; /* continuation, or C0/C1 (overlong 2-byte forms) */
+    if (b < 0xE0)
+        return UTF8_STATE(1, 0x80, 0xBF);
+    if (b == 0xE0)
+        return UTF8_STATE(2, 0xA0, 0xBF); /* excludes overlong 3-byte forms */
+    if (b == 0xED)
+        return UTF8_STATE(2, 0x80, 0x9F); /* excludes surrogates */
+    if (b < 0xF0)
+        return UTF8_STATE(2, 0x80, 0xBF);
+    if (b == 0xF0)
+        return UTF8_STATE(3, 0x90, 0xBF); /* excludes overlong 4-byte forms */
+    if (b < 0xF4)
+        return UTF8_STATE(3, 0x80, 0xBF);
+    if (b == 0xF4)
+        return UTF8_STATE(3, 0x80, 0x8F); /* stays at or below U+10FFFF */
+    return UTF8_DEAD;
+}
+
+/* utf8_step returns the state after byte b, or UTF8_DEAD. */
+static inline uint32_t utf8_step(uint32_t st, uint8_t b)
+{
+    if (st == 0)
+        return utf8_lead(b);
+    if (b < ((st >> 8) & 0xFF) || b > (st & 0xFF))
+        return UTF8_DEAD;
+    uint32_t need = (st >> 16) - 1;
+    return need ? UTF8_STATE(need, 0x80, 0xBF) : 0;
+}
+
+/* ascii_run returns how many bytes from s[i] on are ASCII, checking eight at a time. */
+static inline size_t ascii_end(const uint8_t *s, size_t i, size_t n)
+{
+    for (; i + 32 <= n; i += 32) {
+        uint64_t any = (load64(s + i) | load64(s + i + 8) | load64(s + i + 16) |
+                        load64(s + i + 24)) & HIGHS;
+        if (any)
+            break;
+    }
+    for (; i + 8 <= n; i += 8) {
+        uint64_t hi = load64(s + i) & HIGHS;
+        if (hi) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            return i + ((size_t)__builtin_ctzll(hi) >> 3);
+#else
+            break;
+#endif
+        }
+    }
+    while (i < n && s[i] < 0x80)
+        i++;
+    return i;
+}
+
+int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n)
+{
+    uint32_t st = *state;
+    size_t i = 0;
+    if (st == UTF8_DEAD)
+        return n > 0 ? 0 : -1;
+    while (i < n) {
+        if (st == 0) {
+            i = ascii_end(s, i, n);
+            if (i == n)
+                break;
+        }
+        st = utf8_step(st, s[i]);
+        if (LMW_UNLIKELY(st == UTF8_DEAD)) {
+            *state = UTF8_DEAD;
+            return (int64_t)i;
+        }
+        i++;
+    }
+    *state = st;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Messages (RFC 6455 sections 5.4 and 8.1)
+ * ---------------------------------------------------------------------------------- */
+
+int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_message)
+{
+    if (f->opcode & 8)
+        return 0;
+    if (f->opcode == LMW_OP_CONTINUATION) {
+        if (m->opcode == 0)
+            return 1002;
+    } else {
+        if (m->opcode != 0)
+            return 1002;
+        m->opcode = f->opcode;
+        m->length = 0;
+        m->utf8 = LMW_UTF8_ACCEPT;
+    }
+    if (m->length > max_message || f->payload_len > max_message - m->length)
+        return 1009;
+    m->length += f->payload_len;
+    return 0;
+}
+
+int lmw_message_payload(lmw_message_state *m, const uint8_t *p, size_t n)
+{
+    if (m->opcode != LMW_OP_TEXT)
+        return 0;
+    return lmw_utf8_check(&m->utf8, p, n) >= 0 ? 1007 : 0;
+}
+
+int lmw_message_frame_end(lmw_message_state *m, int fin)
+{
+    if (!fin)
+        return 0;
+    int code = (m->opcode == LMW_OP_TEXT && m->utf8 != LMW_UTF8_ACCEPT) ? 1007 : 0;
+    memset(m, 0, sizeof *m);
+    return code;
+}
+
+int lmw_build_header(uint8_t *out, int fin, int opcode, uint64_t len)
+{
+    out[0] = (uint8_t)((fin ? 0x80 : 0) | (opcode & 15));
+    if (len < 126) {
+        out[1] = (uint8_t)len;
+        return 2;
+    }
+    if (len <= 0xFFFF) {
+        out[1] = 126;
+        out[2] = (uint8_t)(len >> 8);
+        out[3] = (uint8_t)len;
+        return 4;
+    }
+    out[1] = 127;
+    for (int i = 0; i < 8; i++)
+        out[2 + i] = (uint8_t)(len >> (56 - 8 * i));
+    return 10;
+}
+
+int lmw_close_code_valid(int code)
+{
+    return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) ||
+           (code >= 3000 && code <= 4999);
+}
+
+int lmw_parse_close(const uint8_t *p, size_t n, uint16_t *code)
+{
+    if (n == 0) {
+        *code = 1005;
+        return 0;
+    }
+    if (n == 1)
+        return 1002;
+    int c = p[0] << 8 | p[1];
+    if (!lmw_close_code_valid(c))
+        return 1002;
+    uint32_t st = LMW_UTF8_ACCEPT;
+    if (lmw_utf8_check(&st, p + 2, n - 2) >= 0 || st != LMW_UTF8_ACCEPT)
+        return 1007;
+    *code = (uint16_t)c;
+    return 0;
+}
+
+int lmw_build_close_payload(uint8_t *out, int code, const uint8_t *reason, size_t reason_len)
+{
+    if (!lmw_close_code_valid(code) || reason_len > 123)
+        return LMW_ERROR;
+    uint32_t st = LMW_UTF8_ACCEPT;
+    if (lmw_utf8_check(&st, reason, reason_len) >= 0 || st != LMW_UTF8_ACCEPT)
+        return LMW_ERROR;
+    out[0] = (uint8_t)(code >> 8);
+    out[1] = (uint8_t)code;
+    if (reason_len)
+        memcpy(out + 2, reason, reason_len);
+    return (int)(reason_len + 2);
+}
