@@ -1,0 +1,263 @@
+"""The shared vocabulary of the message buses: envelopes, counters and the Bus protocol.
+
+Theory of operation: a gateway never fans out a publish itself. It wraps the message in an
+`Envelope` and hands it to its bus; the bus brings the envelope to every node (process) of the
+deployment, the publishing node included, by calling that node's ``deliver`` callback, which
+runs the C fan-out over the node's own connections. The buses differ only in how far they
+reach: one process (`LocalBus`), the worker processes of one machine (`ProcessBus`), or several
+machines through a redis-server (`RedisBus`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Bus",
+    "BusStats",
+    "Deliver",
+    "Envelope",
+    "Kind",
+    "Policy",
+    "OPCODE_TEXT",
+    "OPCODE_BINARY",
+]
+
+log = logging.getLogger("lowmemws.bus")
+
+Kind = Literal["topic", "user", "broadcast"]
+Policy = Literal["drop", "close", "latest"]
+
+#: OPCODE_TEXT is the RFC 6455 section 5.2 opcode of a text frame.
+OPCODE_TEXT = 1
+#: OPCODE_BINARY is the RFC 6455 section 5.2 opcode of a binary frame.
+OPCODE_BINARY = 2
+
+_KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast")
+_POLICIES: tuple[Policy, ...] = ("drop", "close", "latest")
+_WIRE_VERSION = 1
+_HEAD = struct.Struct(">BBB")  # version, kind | policy << 2, opcode
+_TOPIC_LEN = struct.Struct(">H")
+_USER_TAG = struct.Struct(">Q")
+_MAX_TOPIC_BYTES = 0xFFFF
+_MAX_USER_TAG = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Envelope is one published message on its way to every node of a deployment.
+
+    ``kind`` says who receives it on each node: the members of topic ``key`` (a str), the
+    connections tagged with user ``key`` (an int in 0..2**64-1, the C slot's 64-bit user tag),
+    or every connection (``key`` is None). ``opcode`` is the RFC 6455 section 5.2 data opcode
+    (1 text, 2 binary); ``policy`` is the slow-consumer policy of issue 4 ("drop", "close" or
+    "latest"). The payload is owned by the envelope (bytes, never a borrowed view).
+    """
+
+    kind: Kind
+    key: str | int | None
+    opcode: int
+    payload: bytes
+    policy: Policy = "drop"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"Envelope: unknown kind {self.kind!r}")
+        if self.policy not in _POLICIES:
+            raise ValueError(f"Envelope: unknown policy {self.policy!r}")
+        if self.opcode not in (OPCODE_TEXT, OPCODE_BINARY):
+            raise ValueError(f"Envelope: opcode must be 1 or 2, not {self.opcode!r}")
+        if not isinstance(self.payload, bytes):
+            raise TypeError("Envelope: payload must be bytes")
+        _check_key(self.kind, self.key)
+
+    @classmethod
+    def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
+        """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary."""
+        opcode, payload = _frame_data(data)
+        return cls("topic", topic, opcode, payload, policy)
+
+    @classmethod
+    def for_user(cls, user_tag: int, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
+        """for_user builds the envelope of ``send_to_user(user_tag, data)``."""
+        opcode, payload = _frame_data(data)
+        return cls("user", user_tag, opcode, payload, policy)
+
+    @classmethod
+    def for_all(cls, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
+        """for_all builds the envelope of ``broadcast(data)``."""
+        opcode, payload = _frame_data(data)
+        return cls("broadcast", None, opcode, payload, policy)
+
+    def encode(self) -> bytes:
+        """encode returns the compact wire form: 3 header bytes, the key, then the payload.
+
+        The key is a 2-byte length and UTF-8 for a topic, 8 bytes big-endian for a user tag,
+        and absent for a broadcast; the payload runs to the end, so it needs no length.
+        """
+        flags = _KINDS.index(self.kind) | _POLICIES.index(self.policy) << 2
+        head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
+        if self.kind == "topic":
+            assert isinstance(self.key, str)
+            name = self.key.encode()
+            return b"".join((head, _TOPIC_LEN.pack(len(name)), name, self.payload))
+        if self.kind == "user":
+            assert isinstance(self.key, int)
+            return b"".join((head, _USER_TAG.pack(self.key), self.payload))
+        return head + self.payload
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> Envelope:
+        """decode parses the output of `encode`; malformed input raises ValueError, never more."""
+        view = memoryview(data)
+        if len(view) < _HEAD.size:
+            raise ValueError("Envelope.decode: truncated header")
+        version, flags, opcode = _HEAD.unpack_from(view)
+        if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 >= len(_POLICIES):
+            raise ValueError("Envelope.decode: unknown version or flags")
+        kind, policy = _KINDS[flags & 3], _POLICIES[flags >> 2]
+        key, offset = _decode_key(kind, view, _HEAD.size)
+        return cls(kind, key, opcode, bytes(view[offset:]), policy)
+
+
+def _frame_data(data: str | bytes) -> tuple[int, bytes]:
+    if isinstance(data, str):
+        return OPCODE_TEXT, data.encode()
+    return OPCODE_BINARY, bytes(data)
+
+
+def _check_key(kind: Kind, key: object) -> None:
+    if kind == "topic":
+        if not isinstance(key, str) or len(key.encode()) > _MAX_TOPIC_BYTES:
+            raise ValueError("Envelope: a topic key is a str of at most 65535 UTF-8 bytes")
+    elif kind == "user":
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= _MAX_USER_TAG:
+            raise ValueError("Envelope: a user key is an int in 0..2**64-1")
+    elif key is not None:
+        raise ValueError("Envelope: a broadcast has no key")
+
+
+def _decode_key(kind: Kind, view: memoryview, offset: int) -> tuple[str | int | None, int]:
+    try:
+        if kind == "topic":
+            (length,) = _TOPIC_LEN.unpack_from(view, offset)
+            start = offset + _TOPIC_LEN.size
+            if start + length > len(view):
+                raise ValueError("Envelope.decode: truncated topic")
+            return str(view[start : start + length], "utf-8"), start + length
+        if kind == "user":
+            (tag,) = _USER_TAG.unpack_from(view, offset)
+            return int(tag), offset + _USER_TAG.size
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"Envelope.decode: bad key: {exc}") from None
+    return None, offset
+
+
+#: Deliver is a node's delivery callback: it fans one envelope out to the node's connections.
+#: It must be thread-safe; buses call it from their own threads.
+Deliver = Callable[[Envelope], None]
+
+
+@dataclass
+class BusStats:
+    """BusStats holds the counters of one bus in one process, for the metrics endpoint.
+
+    Counters only grow; ``buffered`` and ``buffered_bytes`` are gauges. ``published``: envelopes
+    accepted by publish(); ``refused``: publish() calls that raised BusUnavailable;
+    ``delivered``: envelopes handed to this node's deliver; ``deliver_errors``: deliver raised
+    (logged, delivery goes on); ``relayed``: envelopes a ProcessBus parent passed on;
+    ``dropped``: envelopes given up after being accepted (a ProcessBus worker queue overflow,
+    a RedisBus buffer still full at close); ``missed``: envelopes of other nodes known lost
+    (a RedisBus sequence gap); ``duplicates``: re-sent envelopes recognised and skipped;
+    ``malformed``: undecodable input; ``disconnects``/``reconnects``: links lost and regained.
+    """
+
+    published: int = 0
+    refused: int = 0
+    delivered: int = 0
+    deliver_errors: int = 0
+    relayed: int = 0
+    dropped: int = 0
+    missed: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    buffered: int = 0
+    buffered_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """add increments counter ``name`` by ``amount`` (negative for the gauges only)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, int]:
+        """snapshot returns a consistent copy of every counter, keyed by name."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
+
+    def _reset_lock(self) -> None:
+        # After fork() the lock may have been held by a thread that no longer exists.
+        self._lock = threading.Lock()
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Bus is what a gateway needs from a message bus.
+
+    ``start(deliver)`` begins delivering every envelope of the deployment to this node;
+    ``publish(envelope)`` is callable from any thread and raises
+    `lowmemws.errors.BusUnavailable` when the bus cannot take the envelope (nothing was
+    delivered anywhere then, so a retry never duplicates); ``close()`` stops the bus.
+    """
+
+    stats: BusStats
+
+    def start(self, deliver: Deliver) -> None:
+        """start begins delivering to this node through ``deliver``."""
+
+    def publish(self, envelope: Envelope) -> None:
+        """publish sends ``envelope`` to every node, this one included."""
+
+    def close(self) -> None:
+        """close stops delivery and releases the bus's threads and sockets."""
+
+
+class BusBase:
+    """BusBase is the common part of the buses: the stats and the asyncio helper."""
+
+    stats: BusStats
+
+    def __init__(self) -> None:
+        self.stats = BusStats()
+        self._deliver: Deliver | None = None
+
+    def publish(self, envelope: Envelope) -> None:  # pragma: no cover - overridden
+        """publish sends ``envelope`` to every node; each bus overrides it."""
+        raise NotImplementedError
+
+    async def apublish(self, envelope: Envelope) -> None:
+        """apublish is `publish` for asyncio callers: it runs in the loop's default executor,
+        so a slow local fan-out never stalls the caller's event loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.publish, envelope)
+
+    def _deliver_safely(self, envelope: Envelope) -> None:
+        """Deliver from a bus thread: a failing callback is logged and counted, not fatal."""
+        deliver = self._deliver
+        if deliver is None:
+            return
+        try:
+            deliver(envelope)
+        except Exception:
+            self.stats.add("deliver_errors")
+            log.exception("lowmemws bus: deliver callback failed")
+        else:
+            self.stats.add("delivered")

@@ -1,0 +1,381 @@
+"""RedisBus: gateways on several machines share topics and users through a redis-server.
+
+Theory of operation. Every node (process) publishes to, and subscribes to, ONE channel,
+``channel_prefix + "bus"``, that carries whole encoded envelopes. One channel, not one per
+topic, because every node must see every user message and every broadcast anyway (no node
+knows where a user is connected), per-topic channels would need the hub to report each topic's
+first and last local subscriber, and one channel keeps one publisher's envelopes in the order
+it published them, whatever their kind. Sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7.0) is
+used when the server's version has it: in a cluster it keeps the traffic on the shard that
+owns the channel instead of broadcasting it over the cluster bus; elsewhere plain
+PUBLISH/SUBSCRIBE.
+
+Each message on the channel is ``origin node id (16 bytes) + sequence number (8 bytes) +
+Envelope.encode()``. A node delivers its own envelopes locally inside ``publish`` and skips
+them when Redis echoes them back, so no node gets an envelope twice. The sequence numbers let
+a receiver skip an envelope that a publisher re-sent after a broken connection (``duplicates``)
+and count the envelopes of another node that it never saw (``missed``).
+
+Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
+thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
+
+During a Redis outage (server down, network cut):
+- local delivery is unaffected: ``publish`` still delivers to this node at once;
+- publishes are kept in a bounded buffer (``max_buffered`` envelopes, ``max_buffered_bytes``);
+  when it is full ``publish`` raises BusUnavailable and delivers nothing, not even locally,
+  so a retry never duplicates (``refused`` counts it);
+- both links reconnect by themselves with exponential backoff and jitter (``backoff_base``
+  doubling up to ``backoff_cap``), counted in ``disconnects`` and ``reconnects``;
+- after reconnecting, the writer waits up to ``flush_grace`` seconds for as many subscribers
+  as the channel had before (the other nodes resubscribing), then sends the buffer in order;
+- envelopes that other nodes got into Redis while THIS node's subscription was down are not
+  received: pub/sub keeps no history. They are counted in ``missed`` once a later envelope of
+  the same node arrives. The grace wait above makes that rare when the server restarts, not
+  impossible (a node that needs longer than the grace to come back misses the flush).
+- an envelope still buffered when ``close`` gives up is counted in ``dropped``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import struct
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from ._bus_base import BusBase, Deliver, Envelope, log
+from .errors import BusUnavailable
+
+__all__ = ["RedisBus"]
+
+_MiB = 1024 * 1024
+_HEADER = struct.Struct(">16sQ")  # origin node id, sequence number
+_BATCH_MESSAGES = 512
+_BATCH_BYTES = _MiB
+_MAX_ORIGINS = 4096
+_IDLE_PING = 1.0
+
+
+class RedisBus(BusBase):
+    """RedisBus carries envelopes between nodes through a redis-server at ``url``.
+
+    Create it in the process that uses it (after any fork: its threads and sockets do not
+    survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
+    up. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the server's version.
+    See the module docstring for what happens during an outage.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel_prefix: str = "lowmemws:",
+        max_buffered: int = 10000,
+        max_buffered_bytes: int = 16 * _MiB,
+        sharded: bool | None = None,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 5.0,
+        flush_grace: float = 6.0,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise ImportError("RedisBus needs redis-py: pip install 'lowmemws[redis]'") from exc
+        self._redis: Any = redis
+        self._client_options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._url = url
+        #: channel is the one Redis channel that carries every envelope of the deployment.
+        self.channel = channel_prefix + "bus"
+        #: node_id identifies this node's envelopes on the channel.
+        self.node_id = os.urandom(16)
+        self._max_buffered = max_buffered
+        self._max_bytes = max_buffered_bytes
+        self._sharded = sharded
+        self._backoff = (backoff_base, backoff_cap)
+        self._flush_grace = flush_grace
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._mode_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._pub_ready = threading.Event()
+        self._sub_ready = threading.Event()
+        self._peers = 0
+        self._last_seq: OrderedDict[bytes, int] = OrderedDict()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def sharded(self) -> bool | None:
+        """sharded is True when the bus uses SPUBLISH/SSUBSCRIBE; None until first connected."""
+        return self._sharded
+
+    def start(self, deliver: Deliver) -> None:
+        """start connects in the background and begins delivering to ``deliver``."""
+        if self._threads:
+            raise RuntimeError("RedisBus.start: already started")
+        self._deliver = deliver
+        for name, target in (("pub", self._writer_loop), ("sub", self._subscriber_loop)):
+            thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """wait_ready waits until the publishing and the subscribing links are both up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in (self._pub_ready, self._sub_ready):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not event.wait(left):
+                return False
+        return True
+
+    def publish(self, envelope: Envelope) -> None:
+        """publish queues ``envelope`` for the other nodes, then delivers it to this node.
+
+        It never waits for the network. It raises BusUnavailable, delivering nothing, before
+        start, after close, and while the outage buffer is full.
+        """
+        data = envelope.encode()
+        with self._cond:
+            refusal = self._refusal(len(data))
+            if refusal is None:
+                self._seq += 1
+                message = _HEADER.pack(self.node_id, self._seq) + data
+                self._queue.append(message)
+                self._queued_bytes += len(message)
+                self._cond.notify()
+        if refusal is not None:
+            self.stats.add("refused")
+            raise BusUnavailable(refusal)
+        self.stats.add("published")
+        self.stats.add("buffered")
+        self.stats.add("buffered_bytes", len(message))
+        self._deliver_safely(envelope)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """close stops taking publishes, gives the writer up to ``timeout`` seconds to send
+        what is buffered (the rest is counted in ``dropped``) and stops both threads."""
+        self._closing.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _refusal(self, size: int) -> str | None:
+        if self._deliver is None or self._closing.is_set():
+            return "RedisBus is not started or is closed"
+        if len(self._queue) >= self._max_buffered:
+            return f"RedisBus buffer full ({len(self._queue)} envelopes): Redis unreachable?"
+        if self._queued_bytes + size + _HEADER.size > self._max_bytes:
+            return f"RedisBus buffer full ({self._queued_bytes} bytes): Redis unreachable?"
+        return None
+
+    def _writer_loop(self) -> None:
+        client = self._client()
+        first = True
+        while self._connect(client, first):
+            self._pub_ready.set()
+            if not first:
+                self._await_peers(client)
+            first = False
+            try:
+                self._drain(client)
+                break
+            except self._errors as exc:
+                self._link_lost("publish", exc)
+                self._pub_ready.clear()
+        self._pub_ready.clear()
+        self._drop_leftovers()
+        client.close()
+
+    def _drain(self, client: Any) -> None:
+        """Send the queue in batches until closing; raises when the link breaks."""
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                client.ping()
+                continue
+            self._send(client, batch)
+
+    def _next_batch(self) -> list[bytes] | None:
+        with self._cond:
+            if not self._queue and not self._closing.is_set():
+                self._cond.wait(_IDLE_PING)
+            if not self._queue:
+                return None if self._closing.is_set() else []
+            batch: list[bytes] = []
+            size = 0
+            for message in itertools.islice(self._queue, _BATCH_MESSAGES):
+                if batch and size + len(message) > _BATCH_BYTES:
+                    break
+                batch.append(message)
+                size += len(message)
+            return batch
+
+    def _send(self, client: Any, batch: list[bytes]) -> None:
+        command = "SPUBLISH" if self._sharded else "PUBLISH"
+        pipe = client.pipeline(transaction=False)
+        for message in batch:
+            pipe.execute_command(command, self.channel, message)
+        receivers = pipe.execute()
+        size = 0
+        with self._cond:
+            for _ in batch:
+                size += len(self._queue.popleft())
+            self._queued_bytes -= size
+        self.stats.add("buffered", -len(batch))
+        self.stats.add("buffered_bytes", -size)
+        self._peers = max(int(n) for n in receivers)
+
+    def _await_peers(self, client: Any) -> None:
+        """After an outage, give the other nodes time to resubscribe before flushing."""
+        deadline = time.monotonic() + self._flush_grace
+        while time.monotonic() < deadline and not self._closing.is_set():
+            if self._subscribers(client) >= self._peers:
+                return
+            time.sleep(0.05)
+
+    def _subscribers(self, client: Any) -> int:
+        sub = "SHARDNUMSUB" if self._sharded else "NUMSUB"
+        reply = client.execute_command("PUBSUB", sub, self.channel)
+        flat = (
+            list(itertools.chain.from_iterable(reply))
+            if reply and isinstance(reply[0], tuple)
+            else reply
+        )
+        return int(flat[1]) if len(flat) > 1 else 0
+
+    def _drop_leftovers(self) -> None:
+        with self._cond:
+            left, size = len(self._queue), self._queued_bytes
+            self._queue.clear()
+            self._queued_bytes = 0
+        if left:
+            log.warning("lowmemws RedisBus: closed with %d envelopes unsent", left)
+            self.stats.add("dropped", left)
+            self.stats.add("buffered", -left)
+            self.stats.add("buffered_bytes", -size)
+
+    # -- subscribing -------------------------------------------------------------------------
+
+    def _subscriber_loop(self) -> None:
+        first = True
+        while not self._closing.is_set():
+            client = self._client(health_check_interval=5)
+            if not self._connect(client, first):
+                client.close()
+                break
+            first = False
+            pubsub = client.pubsub()
+            try:
+                self._listen(pubsub)
+            except self._errors as exc:
+                self._link_lost("subscribe", exc)
+            finally:
+                self._sub_ready.clear()
+                _quietly(pubsub.close)
+                _quietly(client.close)
+
+    def _listen(self, pubsub: Any) -> None:
+        if self._sharded:
+            pubsub.ssubscribe(self.channel)
+        else:
+            pubsub.subscribe(self.channel)
+        while not self._closing.is_set():
+            message = pubsub.get_message(timeout=0.5)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind in ("subscribe", "ssubscribe"):
+                self._sub_ready.set()
+            elif kind in ("message", "smessage"):
+                self._receive(message["data"])
+
+    def _receive(self, data: bytes) -> None:
+        if len(data) < _HEADER.size:
+            self.stats.add("malformed")
+            return
+        origin, seq = _HEADER.unpack_from(data)
+        if origin == self.node_id or not self._in_sequence(origin, seq):
+            return
+        try:
+            envelope = Envelope.decode(memoryview(data)[_HEADER.size :])
+        except ValueError:
+            self.stats.add("malformed")
+            return
+        self._deliver_safely(envelope)
+
+    def _in_sequence(self, origin: bytes, seq: int) -> bool:
+        """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""
+        last = self._last_seq.get(origin)
+        if last is not None:
+            if seq <= last:
+                self.stats.add("duplicates")
+                return False
+            if seq > last + 1:
+                self.stats.add("missed", seq - last - 1)
+        self._last_seq[origin] = seq
+        self._last_seq.move_to_end(origin)
+        if len(self._last_seq) > _MAX_ORIGINS:
+            self._last_seq.popitem(last=False)
+        return True
+
+    # -- links -------------------------------------------------------------------------------
+
+    def _client(self, **extra: Any) -> Any:
+        return self._redis.Redis.from_url(self._url, **self._client_options, **extra)
+
+    def _connect(self, client: Any, first: bool) -> bool:
+        """Ping until the server answers (backoff with jitter); False once closing."""
+        for attempt in itertools.count():
+            if self._closing.is_set():
+                return False
+            try:
+                client.ping()
+                self._detect_mode(client)
+            except self._errors:
+                base, cap = self._backoff
+                delay = min(cap, base * 2**attempt)
+                self._closing.wait(random.uniform(delay / 2, delay))
+                continue
+            if not first:
+                self.stats.add("reconnects")
+                log.info("lowmemws RedisBus: reconnected (%d attempts)", attempt + 1)
+            return True
+        return False  # pragma: no cover - the loop above never ends by itself
+
+    def _detect_mode(self, client: Any) -> None:
+        with self._mode_lock:
+            if self._sharded is None:
+                version = str(client.info("server").get("redis_version", "0"))
+                self._sharded = int(version.split(".")[0]) >= 7
+
+    def _link_lost(self, link: str, exc: BaseException) -> None:
+        if self._closing.is_set():
+            return
+        self.stats.add("disconnects")
+        log.warning("lowmemws RedisBus: %s link lost: %s", link, exc)
+
+
+def _quietly(action: Any) -> None:
+    try:
+        action()
+    except Exception:
+        pass
