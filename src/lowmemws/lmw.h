@@ -218,6 +218,7 @@ typedef struct {
     uint32_t read_buffers;        /* pooled read buffers */
     uint64_t spill_budget;        /* all spill allocations together */
     uint64_t write_limit;         /* pending output per connection */
+    uint64_t write_budget;        /* pending output of all connections together */
     uint32_t handshake_timeout_ms;
     uint32_t ping_interval_ms;    /* 0 disables pings */
     uint32_t ping_timeout_ms;
@@ -292,8 +293,12 @@ void lmw_listen_stop(lmw_server *s);
 
 /* lmw_poll waits up to timeout_ms, does the WebSocket work it can do in C (accept,
  * handshakes without hooks, frames, pongs, closes, pending sends, the sweep) and
- * returns up to max events for Python. It first releases what the previous call lent. */
-int lmw_poll(lmw_server *s, int timeout_ms, lmw_event *out, int max);
+ * returns the number of events for Python, stored at *out (owned by the server, valid
+ * until the next call). At most max UPGRADE/HTTP/MESSAGE events are made per call (the
+ * rest of the input waits, parsed on the next call); CLOSED and WAKE events are never
+ * held back. It first releases what the previous call lent, and answers an upgrade or
+ * HTTP request that Python left unanswered with 500. */
+int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max);
 
 /* lmw_wake makes a concurrent or the next lmw_poll return LMW_EV_WAKE. Thread-safe. */
 int lmw_wake(lmw_server *s);
@@ -319,17 +324,19 @@ uint32_t lmw_connection_count(lmw_server *s);
 lmw_stats *lmw_server_stats(lmw_server *s);
 
 /* ------------------------------------------------------------------------------------
- * Hub (_hub.c): membership and fan-out. Topics are numbered by Python (1..2^32-1).
+ * Hub (_hub.c): membership and fan-out. A topic is a 64-bit id that Python derives from
+ * the topic name with a keyed hash, so a topic costs no Python object; 0 is not a topic.
  * ---------------------------------------------------------------------------------- */
 
-int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint32_t topic);
-int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint32_t topic);
-uint32_t lmw_topic_size(lmw_server *s, uint32_t topic);
+int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
+int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
+uint32_t lmw_topic_size(lmw_server *s, uint64_t topic);
+uint32_t lmw_topic_count(lmw_server *s);
 
 /* Fan-out: the frame is built once and written to every member in one loop. Each
  * returns the number of connections the frame was sent or queued to; dropped and closed
  * members are counted in lmw_stats.dropped. */
-int64_t lmw_publish(lmw_server *s, uint32_t topic, int opcode, const uint8_t *data,
+int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data,
                     size_t len, int policy);
 int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
                       size_t len, int policy);

@@ -1,0 +1,178 @@
+/* _runtime.h - private structures shared by _server.c (slots, loop, I/O) and _hub.c
+ * (membership, fan-out). Not part of the cffi interface.
+ *
+ * Per-connection state has one home: lmw_slot, indexed by fd, 32 bytes. Everything
+ * else a connection may need (pending input, a message being assembled, pending output)
+ * lives in an lmw_ext that exists only while it is needed, so an idle connection costs
+ * its slot, its hub entries and nothing else in user space.
+ */
+#ifndef LMW_RUNTIME_H
+#define LMW_RUNTIME_H
+
+#include <pthread.h>
+#include <sys/types.h>
+
+#include "lmw.h"
+
+/* Slot states. The state machine is written down at the top of _server.c. */
+enum {
+    ST_FREE = 0,
+    ST_HEAD,         /* reading the request head */
+    ST_HTTP_BODY,    /* reading a plain HTTP request body */
+    ST_UPGRADE_WAIT, /* UPGRADE event handed to Python, not answered yet */
+    ST_HTTP_WAIT,    /* HTTP event handed to Python, not answered yet */
+    ST_OPEN,         /* WebSocket open */
+    ST_CLOSING,      /* our close frame sent; waiting for the peer's close */
+    ST_LINGER,       /* we are done; output flushing, then discard input until EOF */
+};
+
+/* Slot flags. */
+enum {
+    F_WANT_OUT = 1 << 0,   /* EPOLLOUT armed */
+    F_PAUSED = 1 << 1,     /* EPOLLIN removed by lmw_pause_reading */
+    F_BUDGET = 1 << 2,     /* EPOLLIN removed while the spill budget is short */
+    F_PING_OUT = 1 << 3,   /* a heartbeat ping is unanswered */
+    F_CLOSE_SENT = 1 << 4, /* our close frame is queued or sent */
+    F_SHUT_WR = 1 << 5,    /* shutdown(SHUT_WR) once output drains */
+    F_BACKLOG = 1 << 6,    /* unparsed input waits in ext->in (event array was full) */
+    F_EPOLL_IN = 1 << 7,   /* EPOLLIN currently in the interest set */
+};
+
+typedef struct lmw_slot {
+    uint32_t gen;       /* bumped when the fd is freed: stale handles never match */
+    uint8_t state;
+    uint8_t flags;
+    uint16_t close_code; /* close code received or sent, for the CLOSED event */
+    uint32_t tick;      /* last activity, in ticks of 100 ms */
+    uint32_t first_sub; /* hub: first membership node of this fd, 0 = none */
+    uint64_t user_tag;  /* 0 = none */
+    uint32_t user_next; /* hub: next fd + 1 in the same user bucket, 0 = end */
+    uint32_t ext;       /* index + 1 into the ext table, 0 = none */
+} lmw_slot;
+
+/* One pending output frame (or the rest of one). */
+typedef struct lmw_out {
+    struct lmw_out *next;
+    uint64_t topic;     /* for the LATEST policy, 0 otherwise */
+    uint32_t len;
+    uint32_t sent;
+    uint8_t control;
+    uint8_t data[];
+} lmw_out;
+
+typedef struct lmw_ext {
+    /* pending input: an incomplete head, body or frame */
+    uint8_t *in;
+    uint32_t in_len;
+    uint32_t in_cap;
+    uint32_t in_checked;    /* payload bytes of the pending frame already unmasked+checked */
+    uint32_t head_scanned;  /* lmw_request.scanned for a partial head */
+    /* a fragmented message being assembled */
+    uint8_t *msg;
+    uint64_t msg_len;
+    uint64_t msg_cap;
+    lmw_message_state ms;
+    /* pending output */
+    lmw_out *out_head;
+    lmw_out *out_tail;
+    uint64_t out_bytes;
+} lmw_ext;
+
+/* An upgrade handed to Python: the key still points into this batch's read buffer. */
+typedef struct lmw_upgrade_pending {
+    int fd;
+    uint32_t gen;
+    const uint8_t *key;
+    uint32_t key_len;
+} lmw_upgrade_pending;
+
+/* Memory lent to Python with an event, freed by the next lmw_poll. */
+typedef struct {
+    void *ptr;
+    uint64_t size;
+} lmw_lent;
+
+typedef struct {
+    uint64_t id;
+    uint32_t head;   /* first node, 0 = none */
+    uint32_t count;
+} lmw_topic;
+
+typedef struct {
+    uint32_t fd;
+    uint32_t topic;  /* index into topics */
+    uint32_t tnext, tprev;
+    uint32_t fnext;  /* next node of the same fd; free-list link when free */
+} lmw_node;
+
+struct lmw_server {
+    pthread_mutex_t lock;
+    lmw_config cfg;
+    lmw_stats *stats;
+    lmw_stats own_stats;
+    int epfd;
+    int wakefd;
+    int listeners[8];
+    int nlisteners;
+    int listening;        /* listeners in the epoll set */
+    int stopped;          /* lmw_listen_stop called */
+    /* slots */
+    lmw_slot *slots;
+    uint32_t nslots;      /* table size (RLIMIT_NOFILE) */
+    uint32_t max_fd_seen;
+    uint32_t now;         /* current tick */
+    uint32_t last_sweep;
+    /* ext table */
+    lmw_ext **exts;
+    uint32_t nexts, cap_exts;
+    uint32_t *free_exts;
+    uint32_t nfree_exts, cap_free_exts;
+    /* read buffers: a bump arena over read_buffers pooled blocks */
+    uint8_t **pool;
+    uint32_t pool_next;   /* next block to take */
+    uint32_t pool_off;    /* used bytes of the current block */
+    /* memory lent to Python until the next poll */
+    lmw_lent *lent;
+    uint32_t nlent, cap_lent;
+    /* events being filled by the current poll */
+    lmw_event *ev;
+    int nev, cap_ev;
+    int nwork, maxwork;   /* UPGRADE/HTTP/MESSAGE events so far, and the cap */
+    lmw_request *reqs;    /* request views for this batch's events (cap_reqs >= maxwork) */
+    int cap_reqs;
+    lmw_upgrade_pending *ups;
+    int nups;
+    /* CLOSED events made outside lmw_poll (by sends on other threads) wait here */
+    lmw_event *closed;
+    uint32_t nclosed, cap_closed;
+    int emfile;           /* accept4 hit the fd limit: accepting waits for a close */
+    /* fds with unparsed input (the event array filled up) or paused for budget */
+    int *backlog;
+    uint32_t nbacklog, cap_backlog;
+    int *budget_paused;
+    uint32_t nbudget_paused, cap_budget_paused;
+    int wake_pending;
+    /* hub */
+    lmw_node *nodes;
+    uint32_t nnodes, cap_nodes, free_node;
+    lmw_topic *topics;
+    uint32_t ntopics, cap_topics, free_topic;
+    uint32_t *topic_index; /* open addressing: topic index + 1, 0 empty */
+    uint32_t topic_index_mask;
+    uint32_t topics_live;
+    uint32_t *user_buckets;
+    uint32_t user_mask;
+};
+
+/* Shared between _server.c and _hub.c (all called with s->lock held). */
+lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen);
+int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
+               int policy);
+void lmw__fail(lmw_server *s, int fd, int code);
+void lmw__hub_forget(lmw_server *s, int fd);
+void lmw__hub_user_add(lmw_server *s, int fd);
+void lmw__hub_user_remove(lmw_server *s, int fd);
+void lmw__hub_init(lmw_server *s);
+void lmw__hub_free(lmw_server *s);
+
+#endif

@@ -1,0 +1,98 @@
+"""Config: every cap and timeout of a gateway, with the defaults the README's limits table lists."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._native import ffi
+
+Policy = Literal["drop", "close", "latest"]
+POLICIES: dict[str, int] = {"drop": 0, "close": 1, "latest": 2}
+
+#: File descriptors kept free for listeners, logs, the bus and the interpreter.
+FD_HEADROOM = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    """Config holds every limit of a gateway; memory is bounded by these, never by clients.
+
+    Sizes are bytes, times seconds. Reaching a limit has one documented outcome each (see
+    the README's "Limits and defaults").
+    """
+
+    max_connections: int | None = None
+    """Open connections plus handshakes per process; None: RLIMIT_NOFILE minus headroom."""
+    max_handshakes: int = 4096
+    """Request heads being read at once; at the cap new connections wait in the backlog."""
+    max_head: int = 8192
+    """Request head cap: a longer head gets HTTP 431."""
+    max_http_body: int = 64 * 1024
+    """Plain HTTP request body cap: a longer Content-Length gets HTTP 413."""
+    max_message_size: int = 1 << 20
+    """WebSocket message cap: a longer message closes the connection with 1009."""
+    read_buffer_size: int = 64 * 1024
+    """Bytes per pooled read buffer."""
+    read_buffers: int = 16
+    """Pooled read buffers; when all are lent out, reading waits for the next loop turn."""
+    spill_budget: int = 8 << 20
+    """All incomplete input together; past 3/4 idle sockets stop being read, past it 1013."""
+    write_limit: int = 256 * 1024
+    """Pending output per connection before the write policy applies."""
+    write_budget: int = 64 << 20
+    """Pending output of all connections together before the write policy applies."""
+    write_policy: Literal["drop", "close"] = "drop"
+    """conn.send past the limit: "drop" the message (counted) or "close" with 1008."""
+    handshake_timeout: float = 10.0
+    """A head (and body) must arrive within this time, else HTTP 408."""
+    ping_interval: float = 30.0
+    """Idle connections get a ping after this long; 0 disables heartbeats."""
+    ping_timeout: float = 10.0
+    """A connection silent this long after a ping is dropped (close code 1006)."""
+    close_timeout: float = 5.0
+    """Deadline for the peer's answer to our close frame, and for lingering closes."""
+    accept_batch: int = 64
+    """accept4 calls per readable listener per loop turn."""
+    workers: int = 0
+    """Threads running on_message; 0 runs it inline on the loop thread."""
+    worker_queue: int = 1024
+    """Messages waiting for a worker; when full, reading stops (nothing is dropped)."""
+    max_events: int = 512
+    """Messages, upgrades and HTTP requests handed to Python per loop turn."""
+    origins: tuple[str, ...] | None = None
+    """Allowed Origin values; None allows any. Others get HTTP 403."""
+    subprotocols: tuple[str, ...] = field(default_factory=tuple)
+    """Subprotocols offered, in order of preference (RFC 6455 section 4.2.2)."""
+    shutdown_timeout: float = 5.0
+    """On SIGTERM/SIGINT: how long to wait for clients to answer close 1001."""
+
+    def resolved_max_connections(self) -> int:
+        """resolved_max_connections returns max_connections, deriving it from RLIMIT_NOFILE."""
+        if self.max_connections is not None:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(1, soft - FD_HEADROOM)
+
+    def to_c(self, auto_upgrade: bool) -> Any:
+        """to_c returns a filled lmw_config for the C runtime."""
+        c = ffi.new("lmw_config *")
+        c.max_connections = self.resolved_max_connections()
+        c.max_handshakes = self.max_handshakes
+        c.max_head = self.max_head
+        c.max_http_body = self.max_http_body
+        c.max_message = self.max_message_size
+        c.read_buffer_size = self.read_buffer_size
+        c.read_buffers = self.read_buffers
+        c.spill_budget = self.spill_budget
+        c.write_limit = self.write_limit
+        c.write_budget = self.write_budget
+        c.handshake_timeout_ms = int(self.handshake_timeout * 1000)
+        c.ping_interval_ms = int(self.ping_interval * 1000)
+        c.ping_timeout_ms = int(self.ping_timeout * 1000)
+        c.close_timeout_ms = int(self.close_timeout * 1000)
+        c.accept_batch = self.accept_batch
+        c.write_policy = POLICIES[self.write_policy]
+        c.auto_upgrade = 1 if auto_upgrade else 0
+        return c

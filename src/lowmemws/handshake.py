@@ -1,0 +1,226 @@
+"""The application's view of a request, and its answers: Accept, Reject, Response.
+
+RFC 6455 section 4.2 (the opening handshake) and RFC 7230 (HTTP/1.1 messages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ._native import ffi, lib
+
+_KNOWN_HEADERS: dict[str, int] = {
+    "host": lib.LMW_H_HOST,
+    "upgrade": lib.LMW_H_UPGRADE,
+    "connection": lib.LMW_H_CONNECTION,
+    "sec-websocket-key": lib.LMW_H_SEC_WEBSOCKET_KEY,
+    "sec-websocket-version": lib.LMW_H_SEC_WEBSOCKET_VERSION,
+    "sec-websocket-protocol": lib.LMW_H_SEC_WEBSOCKET_PROTOCOL,
+    "sec-websocket-extensions": lib.LMW_H_SEC_WEBSOCKET_EXTENSIONS,
+    "origin": lib.LMW_H_ORIGIN,
+    "cookie": lib.LMW_H_COOKIE,
+    "authorization": lib.LMW_H_AUTHORIZATION,
+    "content-length": lib.LMW_H_CONTENT_LENGTH,
+    "transfer-encoding": lib.LMW_H_TRANSFER_ENCODING,
+}
+
+#: Statuses with a response built once at start-up (lmw_reject_response).
+REJECT_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505})
+
+
+class Request:
+    """Request is a zero-copy view of a request head in a pooled read buffer.
+
+    BORROWED: a Request is valid only during the hook it is passed to (on_connect,
+    on_http). Its strings are decoded on access; keep what you need (``str`` values are
+    copies) and never the Request itself: afterwards every access raises RuntimeError.
+    """
+
+    __slots__ = ("_buf", "_req", "_head_len", "_valid", "_body_len")
+
+    def __init__(self, data: Any, head_len: int, req: Any, body_len: int = 0) -> None:
+        self._buf = ffi.buffer(data, head_len + body_len)
+        self._req = req
+        self._head_len = head_len
+        self._body_len = body_len
+        self._valid = True
+
+    def _check(self) -> None:
+        if not self._valid:
+            raise RuntimeError(
+                "lowmemws: a Request is valid only during the hook it was passed to; "
+                "copy what you need (its str values) before returning"
+            )
+
+    def _text(self, span: Any) -> str:
+        return self._buf[span.off : span.off + span.len].decode("latin-1")
+
+    def _invalidate(self) -> None:
+        self._valid = False
+        self._buf = None
+        self._req = None
+
+    @property
+    def method(self) -> str:
+        """method is the request method, e.g. "GET"."""
+        self._check()
+        return self._text(self._req.method)
+
+    @property
+    def path(self) -> str:
+        """path is the request target up to '?', e.g. "/ws"."""
+        self._check()
+        return self._text(self._req.path)
+
+    @property
+    def query(self) -> str:
+        """query is the raw query string after '?', or ""."""
+        self._check()
+        return self._text(self._req.query)
+
+    @property
+    def params(self) -> dict[str, str]:
+        """params is the query string decoded into a dict (last value wins)."""
+        return dict(parse_qsl(self.query, keep_blank_values=True))
+
+    def header(self, name: str) -> str | None:
+        """header returns the value of the header called name (case-insensitive), or None.
+
+        For a repeated header other than the WebSocket ones, the first value is returned.
+        """
+        self._check()
+        lname = name.lower()
+        known = _KNOWN_HEADERS.get(lname)
+        if known is not None:
+            if not (self._req.present >> known) & 1:
+                return None
+            return self._text(self._req.headers[known])
+        for key, value in self.headers():
+            if key.lower() == lname:
+                return value
+        return None
+
+    def headers(self) -> Iterator[tuple[str, str]]:
+        """headers yields every (name, value) pair in the order received."""
+        self._check()
+        pos = ffi.new("uint32_t *", 0)
+        name = ffi.new("lmw_span *")
+        value = ffi.new("lmw_span *")
+        data = ffi.from_buffer(self._buf)
+        while lib.lmw_header_next(data, self._head_len, pos, name, value):
+            yield self._text(name), self._text(value)
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        """cookies is the Cookie header decoded into a dict; malformed cookies are skipped."""
+        raw = self.header("cookie")
+        if not raw:
+            return {}
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(raw)
+        except CookieError:
+            return {}
+        return {key: morsel.value for key, morsel in jar.items()}
+
+    @property
+    def subprotocols(self) -> list[str]:
+        """subprotocols lists the Sec-WebSocket-Protocol values the client offered."""
+        raw = self.header("sec-websocket-protocol") or ""
+        return [p.strip() for p in raw.split(",") if p.strip()]
+
+    @property
+    def body(self) -> bytes:
+        """body is a copy of the request body (plain HTTP requests; b"" for upgrades)."""
+        self._check()
+        return self._buf[self._head_len : self._head_len + self._body_len]
+
+    def __repr__(self) -> str:
+        if not self._valid:
+            return "<Request (expired)>"
+        return f"<Request {self.method} {self.path}>"
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Accept answers on_connect: upgrade the connection.
+
+    user: a 64-bit user tag (0 = none) for send_to_user; topics: topic names to subscribe
+    to; subprotocol: the Sec-WebSocket-Protocol to confirm (one the client offered).
+    """
+
+    user: int = 0
+    topics: tuple[str, ...] = ()
+    subprotocol: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.user < 1 << 64:
+            raise ValueError("Accept.user must be a 64-bit unsigned integer")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Reject answers on_connect with an HTTP status and no upgrade.
+
+    status must be one of the responses built at start-up: 400, 401, 403, 404, 405, 408,
+    413, 426, 431, 500, 501, 503, 505.
+    """
+
+    status: int = 403
+
+    def __post_init__(self) -> None:
+        if self.status not in REJECT_STATUSES:
+            raise ValueError(f"Reject status must be one of {sorted(REJECT_STATUSES)}")
+
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@dataclass(frozen=True)
+class Response:
+    """Response answers on_http: status, body and headers; the connection closes after it."""
+
+    status: int = 200
+    body: bytes | str = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """encode returns the complete HTTP/1.1 response."""
+        body = self.body.encode("utf-8") if isinstance(self.body, str) else self.body
+        reason = _REASONS.get(self.status, "Status")
+        lines = [
+            f"HTTP/1.1 {self.status} {reason}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        for key, value in self.headers.items():
+            if "\r" in key or "\n" in key or "\r" in value or "\n" in value:
+                raise ValueError("header names and values may not contain CR or LF")
+            lines.append(f"{key}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -1,0 +1,79 @@
+"""Prometheus text exposition of the runtime counters (no dependency needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ._native import ffi
+
+#: lmw_stats.closes[i] counts this close code; the last slot counts every other code.
+CLOSE_CODES: tuple[str, ...] = (
+    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1013",
+    "other",
+)  # fmt: skip
+DROP_REASONS: tuple[str, ...] = ("write_limit", "closed", "latest", "worker_queue")
+
+_GAUGES = {
+    "connections": "Open WebSocket connections.",
+    "handshakes": "Request heads being read.",
+    "buffer_pool_in_use": "Pooled read buffers lent out in the current loop turn.",
+    "worker_queue_depth": "Messages waiting for a worker thread.",
+    "spill_bytes": "Bytes held for incomplete input.",
+    "pending_write_bytes": "Bytes queued for slow readers.",
+    "accept_paused": "1 while accepting is paused at a cap.",
+}
+_COUNTERS = {
+    "handshakes_total": "Completed WebSocket upgrades.",
+    "rejects_total": "Requests answered with an HTTP error.",
+    "http_requests_total": "Plain HTTP requests.",
+    "frames_sent_total": "WebSocket frames sent or queued.",
+    "messages_received_total": "WebSocket messages received.",
+}
+
+
+def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
+    """snapshot sums lmw_stats structs (one per worker process) into a dict."""
+    total: dict[str, Any] = {name: 0 for name in (*_GAUGES, *_COUNTERS)}
+    total["closes"] = dict.fromkeys(CLOSE_CODES, 0)
+    total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
+    total["processes"] = 0
+    for st in stats:
+        if st.pid == 0:
+            continue
+        total["processes"] += 1
+        for name in (*_GAUGES, *_COUNTERS):
+            total[name] += getattr(st, name)
+        for i, code in enumerate(CLOSE_CODES):
+            total["closes"][code] += st.closes[i]
+        for i, reason in enumerate(DROP_REASONS):
+            total["dropped"][reason] += st.dropped[i]
+    return total
+
+
+def render(stats: Iterable[Any], extra: dict[str, int] | None = None) -> str:
+    """render returns the Prometheus text format (version 0.0.4) for the summed stats."""
+    snap = snapshot(stats)
+    out: list[str] = []
+    for name, help_text in _GAUGES.items():
+        out += [f"# HELP lowmemws_{name} {help_text}", f"# TYPE lowmemws_{name} gauge"]
+        out.append(f"lowmemws_{name} {snap[name]}")
+    for name, help_text in _COUNTERS.items():
+        out += [f"# HELP lowmemws_{name} {help_text}", f"# TYPE lowmemws_{name} counter"]
+        out.append(f"lowmemws_{name} {snap[name]}")
+    out += ["# HELP lowmemws_closes_total Closed connections by close code.",
+            "# TYPE lowmemws_closes_total counter"]  # fmt: skip
+    for code, value in snap["closes"].items():
+        out.append(f'lowmemws_closes_total{{code="{code}"}} {value}')
+    out += ["# HELP lowmemws_dropped_messages_total Messages not delivered, by reason.",
+            "# TYPE lowmemws_dropped_messages_total counter"]  # fmt: skip
+    for reason, value in snap["dropped"].items():
+        out.append(f'lowmemws_dropped_messages_total{{reason="{reason}"}} {value}')
+    out += ["# HELP lowmemws_processes Worker processes reporting.",
+            "# TYPE lowmemws_processes gauge", f"lowmemws_processes {snap['processes']}"]  # fmt: skip
+    for name, value in (extra or {}).items():
+        out += [f"# TYPE lowmemws_{name} counter", f"lowmemws_{name} {value}"]
+    return "\n".join(out) + "\n"
+
+
+STATS_SIZE: int = ffi.sizeof("lmw_stats")
