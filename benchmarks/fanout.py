@@ -1,0 +1,153 @@
+"""fanout: one 256-byte message to N subscribers, per server, against the raw floor, in one run.
+
+For each server (and the floor): one fresh process, N subscriber connections from load-client
+processes (which read and count every frame), and a control connection. A round asks the server
+to publish K messages of SIZE bytes to topic "all" with its library's natural fan-out
+(lowmemws ``gw.publish``, websockets ``broadcast()``, a loop over aiohttp / picows
+connections); server CPU (utime + stime, /proc/PID/stat) is read before the request and after
+every client has received all K * N frames. Figures per round: frames per CPU-second (= per
+core) and CPU microseconds per frame; median and spread over R rounds; wall-clock frames/s is
+shown for reference only (the clients share the 2 cores).
+
+The floor is ``servers/floor_server.py``: a plain Python loop of non-blocking ``socket.send()``
+of the same pre-built frame over the same number of loopback sockets, measured the same way,
+with lowmemws's ratio to it.
+
+    python benchmarks/fanout.py [--connections 19000] [--messages 20] [--rounds 5] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import procstats
+from loadclients import ControlClient, LoadClients
+from serverctl import ALL_SERVERS, Server, usable, version
+
+
+def measure(
+    name: str, connections: int, messages: int, rounds: int, size: int, log: Any = print
+) -> dict[str, Any]:
+    """measure runs the fan-out experiment on one server (see the module docstring)."""
+    per_frame, wall_rate, written = [], [], 0
+    with Server(name) as srv, LoadClients(srv.host, srv.port, connections) as lc:
+        opened = lc.open()
+        control = ControlClient(srv.host, srv.port)
+        control.publish(1, size)  # warm-up round, not measured
+        lc.wait_frames(1)
+        for i in range(rounds):
+            lc.reset()
+            time.sleep(0.3)
+            before, t0 = procstats.cpu_ticks(srv.pid), time.monotonic()
+            written = control.publish(messages, size)
+            got = lc.wait_frames(messages)
+            used = procstats.cpu_ticks(srv.pid) - before
+            wall = time.monotonic() - t0
+            frames = got["frames"]
+            per_frame.append(procstats.ticks_to_us(used) / max(1, frames))
+            wall_rate.append(frames / wall)
+            log(
+                f"  {name}: round {i + 1}: {frames:,}/{got['target']:,} frames, "
+                f"{per_frame[-1]:.2f} us CPU each"
+            )
+        control.close()
+        lc.close()
+    s = procstats.spread(per_frame)
+    return {
+        "server": name,
+        "version": version(name),
+        "connections": opened["opened"],
+        "messages": messages,
+        "size": size,
+        "written_last_round": written,
+        "us_per_frame": s,
+        "frames_per_cpu_s": 1e6 / s["median"] if s["median"] else None,
+        "wall_frames_per_s": procstats.spread(wall_rate),
+    }
+
+
+def run(
+    servers: list[str],
+    connections: int,
+    messages: int,
+    rounds: int,
+    size: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """run measures the floor and every usable server in turn."""
+    rows, skipped = [], {}
+    for name in ["floor", *servers]:
+        ok, why = usable(name)
+        if not ok:
+            log(f"  {name}: skipped ({why})")
+            skipped[name] = why
+            continue
+        try:
+            rows.append(measure(name, connections, messages, rounds, size, log))
+        except Exception as exc:  # a broken server must not hide the others' figures
+            log(f"  {name}: failed ({exc})")
+            skipped[name] = f"failed: {exc}"
+    floor = next((r for r in rows if r["server"] == "floor"), None)
+    for r in rows:
+        if floor and r["frames_per_cpu_s"] and floor["frames_per_cpu_s"]:
+            r["ratio_to_floor"] = r["frames_per_cpu_s"] / floor["frames_per_cpu_s"]
+    return {
+        "connections": connections,
+        "messages": messages,
+        "rounds": rounds,
+        "size": size,
+        "floor": "plain Python loop of non-blocking socket.send() (servers/floor_server.py)",
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """render formats one run as a Markdown table, a row per server (the floor first)."""
+    rows = []
+    for r in result["rows"]:
+        s = r["us_per_frame"]
+        label = "floor: Python send() loop" if r["server"] == "floor" else r["server"]
+        rows.append(
+            [
+                f"{label} {r['version']}".replace(" -", ""),
+                f"{r['connections']:,}",
+                f"{r['frames_per_cpu_s']:,.0f}",
+                f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
+                f"{r.get('ratio_to_floor', 0):.2f}",
+                f"{r['wall_frames_per_s']['median']:,.0f}",
+            ]
+        )
+    headers = [
+        "server",
+        "subscribers",
+        "frames per CPU-s",
+        "CPU us/frame (min-max)",
+        "x floor",
+        "wall frames/s",
+    ]
+    return procstats.table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--connections", type=int, default=19_000)
+    p.add_argument("--messages", type=int, default=20, help="messages per round (K)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--servers", default=",".join(ALL_SERVERS))
+    p.add_argument("--json", help="also write the figures to this file")
+    a = p.parse_args(argv)
+    result = run(a.servers.split(","), min(a.connections, 19_000), a.messages, a.rounds, a.size)
+    print(render(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
