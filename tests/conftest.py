@@ -7,11 +7,11 @@ by PID at teardown (SIGTERM, then SIGKILL after a timeout).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
-from support.servers import ServerProcess, start_cli_server, start_echo_server
+from support.servers import ServerProcess, StartServer, start_cli_server, start_echo_server
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +33,6 @@ def echo_server(echo_process: ServerProcess) -> tuple[str, int]:
             f"{echo_process.output()}"
         )
     return echo_process.host, echo_process.port
-
-
-StartServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 ECHO_CMD_ENV = "LOWMEMWS_ECHO_CMD"
@@ -174,3 +174,7 @@ def start_echo_server(
 ) -> ServerProcess:
     """start_echo_server starts the configured echo server (see echo_command) and waits."""
     return start_cli_server(echo_command(), extra_args, host=host, ready_timeout=ready_timeout)
+
+
+StartServer = Callable[..., ServerProcess]
+"""StartServer is the type of the start_server fixture: (command, extra_args) -> server."""
