@@ -24,7 +24,9 @@
 #define LMW_LIKELY(x) __builtin_expect(!!(x), 1)
 #define LMW_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
+#if !defined(__SSE2__)
 static const uint64_t ONES = 0x0101010101010101ULL;
+#endif
 static const uint64_t HIGHS = 0x8080808080808080ULL;
 
 static inline uint64_t load64(const uint8_t *p)
@@ -70,27 +72,57 @@ static inline int is_ows(uint8_t c) { return c == ' ' || c == '\t'; }
 
 static inline uint8_t lower(uint8_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
 
-/* value_chars_ok reports whether s[0..n) holds only field-value characters. Eight bytes
- * at a time: a word is clean when no byte is below 0x20 and none is 0x7F; only a word
- * that is not (a tab, say) is looked at byte by byte. */
-static int value_chars_ok(const uint8_t *s, size_t n)
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* find_lf returns the index of the first LF in s[i..end), or end. Sixteen bytes per
+ * step where SSE2 exists; never reads at or past end. */
+static inline size_t find_lf(const uint8_t *s, size_t i, size_t end)
 {
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+#if defined(__SSE2__)
+    const __m128i lf = _mm_set1_epi8('\n');
+    for (; i + 16 <= end; i += 16) {
+        unsigned m = (unsigned)_mm_movemask_epi8(
+            _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i)), lf));
+        if (m)
+            return i + (size_t)__builtin_ctz(m);
+    }
+#endif
+    const uint8_t *p = memchr(s + i, '\n', end - i);
+    return p ? (size_t)(p - s) : end;
+}
+
+/* find_ctl returns the index of the first byte in s[i..end) that is a control
+ * character (below 0x20, or DEL), or end. In a field value the first one must be the
+ * CR of the line's CRLF (or a tab); anything else makes the line invalid. */
+static inline size_t find_ctl(const uint8_t *s, size_t i, size_t end)
+{
+#if defined(__SSE2__)
+    const __m128i below = _mm_set1_epi8(0x1F), del = _mm_set1_epi8(0x7F);
+    const __m128i zero = _mm_setzero_si128();
+    for (; i + 16 <= end; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i ctl = _mm_or_si128(_mm_cmpeq_epi8(_mm_subs_epu8(x, below), zero),
+                                   _mm_cmpeq_epi8(x, del));
+        unsigned m = (unsigned)_mm_movemask_epi8(ctl);
+        if (m)
+            return i + (size_t)__builtin_ctz(m);
+    }
+#else
+    for (; i + 8 <= end; i += 8) {
         uint64_t w = load64(s + i);
         uint64_t low = (w - ONES * 0x20) & ~w & HIGHS;
-        uint64_t del = w ^ (ONES * 0x7F);
-        del = (del - ONES) & ~del & HIGHS;
-        if (LMW_UNLIKELY(low | del)) {
-            for (size_t k = i; k < i + 8; k++)
-                if (!(char_class[s[k]] & C_VALUE))
-                    return 0;
-        }
+        uint64_t d = w ^ (ONES * 0x7F);
+        d = (d - ONES) & ~d & HIGHS;
+        if (low | d)
+            break;
     }
-    for (; i < n; i++)
-        if (!(char_class[s[i]] & C_VALUE))
-            return 0;
-    return 1;
+#endif
+    for (; i < end; i++)
+        if (s[i] < 0x20 || s[i] == 0x7F)
+            return i;
+    return end;
 }
 
 static int span_of_class(const uint8_t *s, size_t n, uint8_t cls)
@@ -123,10 +155,9 @@ static int64_t find_head_end(const uint8_t *buf, size_t limit, lmw_request *req)
 {
     size_t i = req->scanned <= limit ? req->scanned : limit;
     while (i < limit) {
-        const uint8_t *lf = memchr(buf + i, '\n', limit - i);
-        if (lf == NULL)
+        size_t at = find_lf(buf, i, limit);
+        if (at == limit)
             break;
-        size_t at = (size_t)(lf - buf);
         if (at == 0 || buf[at - 1] != '\r')
             return -1;
         if (at >= 3 && buf[at - 2] == '\n' && buf[at - 3] == '\r')
@@ -261,20 +292,29 @@ static int parse_request_line(const uint8_t *buf, size_t n, lmw_request *req)
     return 0;
 }
 
-/* parse_header_line records one "name: value" line (without its CRLF) at buf[s..e). */
-static int parse_header_line(const uint8_t *buf, size_t s, size_t e, lmw_request *req,
-                             uint8_t *tokens)
+/* parse_header_line records the "name: value" line that starts at buf[s] and stores
+ * the index just past its CRLF in *next. Returns 0 or an HTTP status. */
+static int parse_header_line(const uint8_t *buf, size_t s, size_t head_len, size_t *next,
+                             lmw_request *req, uint8_t *tokens)
 {
     if (is_ows(buf[s]))
         return 400; /* obs-fold (RFC 7230 3.2.4) */
     size_t c = s;
-    while (c < e && (char_class[buf[c]] & C_TCHAR))
+    while (char_class[buf[c]] & C_TCHAR)
         c++;
-    if (c == s || c >= e || buf[c] != ':')
-        return 400; /* no name, or whitespace before the colon */
-    size_t vs = c + 1, ve = e;
-    if (!value_chars_ok(buf + vs, ve - vs))
-        return 400;
+    if (c == s || buf[c] != ':')
+        return 400; /* no name, a bad name character, or whitespace before the colon */
+    size_t ve = c + 1;
+    for (;;) {
+        ve = find_ctl(buf, ve, head_len);
+        if (buf[ve] != '\t')
+            break;
+        ve++;
+    }
+    if (buf[ve] != '\r' || buf[ve + 1] != '\n')
+        return 400; /* a control character or a bare CR */
+    *next = ve + 2;
+    size_t vs = c + 1;
     while (vs < ve && is_ows(buf[vs]))
         vs++;
     while (ve > vs && is_ows(buf[ve - 1]))
@@ -320,20 +360,16 @@ static int check_upgrade(const uint8_t *buf, const lmw_request *req, uint8_t tok
 /* parse_head parses a complete head of head_len bytes once. Returns 0 or a status. */
 static int parse_head(const uint8_t *buf, size_t head_len, lmw_request *req)
 {
-    const uint8_t *lf = memchr(buf, '\n', head_len);
-    size_t line_end = (size_t)(lf - buf) - 1; /* every LF follows a CR */
+    size_t line_end = find_lf(buf, 0, head_len) - 1; /* every LF follows a CR */
     int status = parse_request_line(buf, line_end, req);
     if (status)
         return status;
     uint8_t tokens = 0;
     size_t s = line_end + 2;
     while (s < head_len - 2) {
-        lf = memchr(buf + s, '\n', head_len - s);
-        size_t e = (size_t)(lf - buf) - 1;
-        status = parse_header_line(buf, s, e, req, &tokens);
+        status = parse_header_line(buf, s, head_len, &s, req, &tokens);
         if (status)
             return status;
-        s = e + 2;
     }
     if (req->present & (1u << LMW_H_TRANSFER_ENCODING))
         return 501;
