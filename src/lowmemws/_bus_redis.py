@@ -145,9 +145,12 @@ class RedisBus(BusBase):
         """publish queues ``envelope`` for the other nodes, then delivers it to this node.
 
         It never waits for the network. It raises BusUnavailable, delivering nothing, before
-        start, after close, and while the outage buffer is full.
+        start, after close, and while the outage buffer is full; ValueError for an envelope
+        larger than the whole buffer.
         """
         data = envelope.encode()
+        if len(data) + _HEADER.size > self._max_bytes:
+            raise ValueError(f"RedisBus.publish: {len(data)} bytes > max_buffered_bytes")
         with self._cond:
             refusal = self._refusal(len(data))
             if refusal is None:
@@ -299,7 +302,7 @@ class RedisBus(BusBase):
         else:
             pubsub.subscribe(self.channel)
         while not self._closing.is_set():
-            message = pubsub.get_message(timeout=0.5)
+            message = pubsub.get_message(timeout=0.25)
             if message is None:
                 continue
             kind = message["type"]
