@@ -58,8 +58,8 @@ PAYLOADS = [
 
 def burst() -> list[str | bytes]:
     """burst returns 20 messages, text and binary alternating, 0 B to 64 KiB (~330 KB)."""
-    sizes = (0, 1, 7, 125, 126, 127, 200, 1000, 4096, 10_000)
-    sizes += (65535, 65536, 3, 70_000, 15, 300, 2048, 9, 65_000, 1)
+    sizes = [0, 1, 7, 125, 126, 127, 200, 1000, 4096, 10_000]
+    sizes += [65535, 65536, 3, 70_000, 15, 300, 2048, 9, 65_000, 1]
     return [payload("text" if i % 2 else "binary", size) for i, size in enumerate(sizes)]
 
 
@@ -126,7 +126,7 @@ def receive(client: websocket.WebSocket) -> str | bytes:
     """receive returns the next message, str for a text frame and bytes for a binary one."""
     opcode, data = client.recv_data()
     if opcode == websocket.ABNF.OPCODE_TEXT:
-        return data.decode("utf-8")
+        return bytes(data).decode("utf-8")
     assert opcode == websocket.ABNF.OPCODE_BINARY, f"unexpected opcode {opcode}"
     return bytes(data)
 

@@ -18,7 +18,6 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Event,
-    Message,
     Ping,
     Pong,
     RejectConnection,
@@ -52,7 +51,10 @@ class WsprotoClient:
 
     def send_message(self, data: str | bytes) -> None:
         """send_message sends one message: str as a text message, bytes as a binary one."""
-        self._send(Message(data=data))
+        if isinstance(data, str):
+            self._send(TextMessage(data=data))
+        else:
+            self._send(BytesMessage(data=data))
 
     def send_ping(self, payload: bytes) -> None:
         """send_ping sends a ping frame with payload (at most 125 bytes, RFC 6455 5.5)."""
