@@ -356,6 +356,34 @@ def test_process_bus_workers_notice_the_parent_going_away(reap: list[int]) -> No
     assert results(children) == [(True, True, 1)] * 3
 
 
+def test_process_bus_workers_notice_a_killed_parent() -> None:
+    report_r, report_w = os.pipe()
+    supervisor = os.fork()
+    if supervisor == 0:  # a parent of its own, killed below with its workers still running
+        try:
+            bus = ProcessBus(workers=2)
+            for i in range(2):
+                if os.fork() == 0:
+                    try:
+                        bus.attach_worker(i)
+                        bus.start(lambda envelope: None)
+                        os.write(report_w, b"r")
+                        gone = bus.parent_gone.wait(DEADLINE)
+                        os.write(report_w, b"g" if gone and bus.stats.disconnects == 1 else b"x")
+                    finally:
+                        os._exit(0)
+            bus.attach_parent()
+            time.sleep(DEADLINE)
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb", buffering=0) as reports:
+        assert reports.read(1) + reports.read(1) == b"rr"
+        os.kill(supervisor, signal.SIGKILL)
+        os.waitpid(supervisor, 0)
+        assert reports.read(1) + reports.read(1) == b"gg"
+
+
 def test_process_bus_refuses_before_attach_and_oversized_envelopes() -> None:
     bus = ProcessBus(workers=1, max_message=1000)
     with pytest.raises(BusUnavailable):
