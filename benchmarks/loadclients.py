@@ -317,8 +317,9 @@ class Worker:
                 remaining -= 1
             self.poll(0.05)
             retry = self.failed - failed0
-            if retry and not remaining:
-                # Refused or reset by a full backlog: try again, bounded by the deadline.
+            if retry and not remaining and self.failed <= count:
+                # Refused or reset by a full backlog: try again, bounded by the deadline and
+                # by ``count`` failures in all (a dead server is not retried for minutes).
                 remaining, failed0 = retry, self.failed
         opened = len(self.open_conns())
         return {
@@ -481,7 +482,7 @@ class LoadClients:
         """all sends the same command to every worker."""
         return self.command([dict(cmd)] * len(self.procs))
 
-    def open(self, window: int = 128, timeout: float = 300.0) -> dict[str, Any]:
+    def open(self, window: int = 128, timeout: float = 180.0) -> dict[str, Any]:
         """open opens the connections (window = total handshakes in flight)."""
         each = max(1, window // len(self.procs))
         replies = self.command(

@@ -1,0 +1,141 @@
+"""scale: how many idle connections lowmemws holds on this machine, and what each one costs.
+
+lowmemws runs with P SO_REUSEPORT worker processes (``Gateway(processes=P)``, via
+``servers/lowmemws_server.py --processes P``), since one process may hold at most 20,000 file
+descriptors. Load-client processes (at most 18,000 connections each, each on its own source
+address 127.0.0.2, 127.0.0.3, ...) open N connections and leave them idle for a while; then
+every connection is pinged and must answer. Reported: connections held, time to open them,
+server CPU while opening, user-space bytes per connection over the whole server process tree
+(RSS sum and PSS sum, idle minus before), kernel memory (Slab, SUnreclaim, TCP pages; both
+ends of each loopback connection), pongs received after the idle period, and the tree's RSS
+after everything closed.
+
+    python benchmarks/scale.py --connections 1000000 --processes 56   # the headline run
+    python benchmarks/scale.py --connections 50000 --processes 4      # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import procstats
+from loadclients import LoadClients
+from serverctl import Server, version
+
+PER_CLIENT_PROCESS = 18_000
+
+
+def settled_tree(pid: int, timeout: float) -> dict[str, int]:
+    """settled_tree waits for the tree's RSS sum to stop moving, then returns its memory."""
+    procstats.wait_settled(lambda: procstats.tree_memory(pid)["rss"], timeout=timeout)
+    return procstats.tree_memory(pid)
+
+
+def run(
+    connections: int, processes: int, idle: float, window: int, log: Any = print
+) -> dict[str, Any]:
+    """run holds ``connections`` idle connections on lowmemws (see the module docstring)."""
+    if connections > processes * 19_000:
+        raise SystemExit(f"{connections:,} connections need more than {processes} processes")
+    extra = ("--processes", str(processes))
+    with Server("lowmemws", extra=extra, timeout=120) as srv:
+        time.sleep(1.0)
+        before = settled_tree(srv.pid, timeout=20)
+        kernel0 = procstats.kernel_memory()
+        log(
+            f"  lowmemws: {before['processes']} processes, "
+            f"{before['rss'] / 1048576:.0f} MiB RSS in all; opening {connections:,}"
+        )
+        with LoadClients(srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS) as lc:
+            cpu0, t0 = procstats.tree_cpu_ticks(srv.pid), time.monotonic()
+            opened = lc.open(window=window, timeout=1800)
+            open_wall = time.monotonic() - t0
+            open_cpu = procstats.tree_cpu_ticks(srv.pid) - cpu0
+            log(f"  lowmemws: {opened['opened']:,} open in {open_wall:.0f} s; idle {idle:.0f} s")
+            time.sleep(idle)
+            held = settled_tree(srv.pid, timeout=60)
+            kernel1 = procstats.kernel_memory()
+            ping = lc.ping(timeout=600)
+            log(f"  lowmemws: {ping['answered']:,}/{ping['asked']:,} answered a ping")
+            lc.close(timeout=600)
+        after = settled_tree(srv.pid, timeout=60)
+    n = max(1, opened["opened"])
+    return {
+        "server": "lowmemws",
+        "version": version("lowmemws"),
+        "processes": processes,
+        "client_processes": len(lc.counts),
+        "wanted": connections,
+        "connections": opened["opened"],
+        "open_seconds": open_wall,
+        "open_cpu_us_per_conn": procstats.ticks_to_us(open_cpu) / n,
+        "idle_seconds": idle,
+        "ping": ping,
+        "tree_before": before,
+        "tree_idle": held,
+        "tree_after": after,
+        "rss_bytes_per_conn": (held["rss"] - before["rss"]) / n,
+        "pss_bytes_per_conn": (held["pss"] - before["pss"]) / n,
+        "kernel_before": kernel0,
+        "kernel_idle": kernel1,
+        "kernel_slab_per_conn": (kernel1["slab"] - kernel0["slab"]) / n,
+        "kernel_sunreclaim_per_conn": (kernel1["sunreclaim"] - kernel0["sunreclaim"]) / n,
+        "kernel_total_bytes": (kernel1["slab"] - kernel0["slab"])
+        + (kernel1["tcp_mem"] - kernel0["tcp_mem"]),
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    """render formats one scale run as a two-column Markdown table."""
+    mib = 1048576
+    rows = [
+        ["connections held", f"{r['connections']:,} of {r['wanted']:,}"],
+        ["server processes / client processes", f"{r['processes']} / {r['client_processes']}"],
+        ["time to open", f"{r['open_seconds']:.0f} s"],
+        ["server CPU per connection opened", f"{r['open_cpu_us_per_conn']:.1f} us"],
+        [
+            "user-space bytes/conn (RSS sum, PSS sum)",
+            f"{r['rss_bytes_per_conn']:,.0f}, {r['pss_bytes_per_conn']:,.0f}",
+        ],
+        [
+            "tree RSS before / idle / after",
+            f"{r['tree_before']['rss'] / mib:,.0f} / {r['tree_idle']['rss'] / mib:,.0f} / "
+            f"{r['tree_after']['rss'] / mib:,.0f} MiB",
+        ],
+        [
+            "tree PSS before / idle / after",
+            f"{r['tree_before']['pss'] / mib:,.0f} / {r['tree_idle']['pss'] / mib:,.0f} / "
+            f"{r['tree_after']['pss'] / mib:,.0f} MiB",
+        ],
+        ["kernel slab per connection (both ends)", f"{r['kernel_slab_per_conn']:,.0f} B"],
+        ["kernel memory added in all", f"{r['kernel_total_bytes'] / mib:,.0f} MiB"],
+        [
+            f"answered a ping after {r['idle_seconds']:.0f} s idle",
+            f"{r['ping']['answered']:,} of {r['ping']['asked']:,}",
+        ],
+    ]
+    return procstats.table(["figure", f"lowmemws {r['version']}"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--connections", type=int, default=50_000)
+    p.add_argument("--processes", type=int, default=0, help="default: 1 per 18,000 connections")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds idle before the ping")
+    p.add_argument("--window", type=int, default=512, help="handshakes in flight in all")
+    p.add_argument("--json", help="also write the figures to this file")
+    a = p.parse_args(argv)
+    processes = a.processes or max(1, -(-a.connections // 18_000))
+    result = run(a.connections, processes, a.idle, a.window)
+    print(render(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
