@@ -24,7 +24,19 @@ enum {
     ST_OPEN,         /* WebSocket open */
     ST_CLOSING,      /* our close frame sent; waiting for the peer's close */
     ST_LINGER,       /* we are done; output flushing, then discard input until EOF */
+    ST_DEFERRED,     /* open, input stopped: a close waits until Python has answered
+                        the messages read just before it (see defer_end) */
 };
+
+/* What a deferred connection does at the next lmw_poll. */
+enum { DEFER_FAIL = 1, DEFER_CLOSE_REPLY = 2 };
+
+typedef struct {
+    int fd;
+    uint32_t gen;
+    uint16_t code;
+    uint8_t what;
+} lmw_deferred;
 
 /* Slot flags. */
 enum {
@@ -146,6 +158,8 @@ struct lmw_server {
     lmw_event *closed;
     uint32_t nclosed, cap_closed;
     int emfile;           /* accept4 hit the fd limit: accepting waits for a close */
+    lmw_deferred *deferred;
+    uint32_t ndeferred, cap_deferred;
     /* fds with unparsed input (the event array filled up) or paused for budget */
     int *backlog;
     uint32_t nbacklog, cap_backlog;

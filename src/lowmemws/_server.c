@@ -31,6 +31,8 @@
  *   OPEN --peer's close--> LINGER (our close echoed)
  *   OPEN --lmw_close, sweep, shutdown--> CLOSING --peer's close or deadline--> FREE
  *   OPEN --protocol error--> LINGER (close frame with the error code)
+ *   OPEN --protocol error or peer's close right after a message in the same read-->
+ *        DEFERRED --next lmw_poll, once Python has answered that message--> LINGER
  *   LINGER: output drains, then shutdown(SHUT_WR); input is discarded until EOF or the
  *           close deadline, so the peer reads our last bytes instead of a reset.
  *   any --EOF, socket error--> FREE (gen + 1: every handle to the fd goes stale)
@@ -196,7 +198,9 @@ static int is_handshake_state(uint8_t st) {
     return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT;
 }
 
-static int is_open_state(uint8_t st) { return st == ST_OPEN || st == ST_CLOSING; }
+static int is_open_state(uint8_t st) {
+    return st == ST_OPEN || st == ST_CLOSING || st == ST_DEFERRED;
+}
 
 /* conn_free closes the fd and forgets everything about the connection. */
 static void conn_free(lmw_server *s, int fd, uint16_t code) {
@@ -328,6 +332,8 @@ static int send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const u
     }
     lmw_out **at = &x->out_head;
     if ((*at)->sent > 0) at = &(*at)->next; /* never split a frame on the wire */
+    if (opcode == LMW_OP_CLOSE) /* data queued before a close must arrive before it */
+        while (*at) at = &(*at)->next;
     while (*at && (*at)->control) {
         if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {
             lmw_out *o = out_new(frame, flen, 1, 0);
@@ -406,7 +412,7 @@ static void flush_out(lmw_server *s, int fd, lmw_slot *sl) {
 int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
                int policy) {
     lmw_slot *sl = &s->slots[fd];
-    if (sl->state != ST_OPEN) return -1;
+    if (sl->state != ST_OPEN && sl->state != ST_DEFERRED) return -1;
     lmw_ext *x = ext_of(s, sl);
     if (x && x->out_head) {
         if (topic && policy == LMW_POLICY_LATEST) {
@@ -640,6 +646,55 @@ static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8
     s->stats->messages_received_total++;
 }
 
+/* answer_close echoes the peer's close code (RFC 6455 section 5.5.1) and lingers. */
+static void answer_close(lmw_server *s, int fd, lmw_slot *sl, uint16_t code) {
+    sl->close_code = code;
+    sl->flags |= F_CLOSE_SENT;
+    uint8_t echo[2] = {(uint8_t)(code >> 8), (uint8_t)code};
+    if (send_control(s, fd, sl, LMW_OP_CLOSE, echo, code == 1005 ? 0 : 2) < 0) return;
+    start_linger(s, fd, sl);
+}
+
+/* message_waiting reports whether this batch holds a message of fd for Python. */
+static int message_waiting(lmw_server *s, int fd, uint32_t gen) {
+    for (int i = s->nev - 1; i >= 0; i--)
+        if (s->ev[i].type == LMW_EV_MESSAGE && s->ev[i].fd == fd && s->ev[i].gen == gen)
+            return 1;
+    return 0;
+}
+
+/* end_after_batch ends the connection (fail with code, or answer the peer's close) once
+ * Python has handled the messages read before the close, so that its replies to them
+ * reach the peer first; with no such message it ends it now. */
+static void end_after_batch(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code) {
+    if (sl->state == ST_OPEN && message_waiting(s, fd, sl->gen) &&
+        grow((void **)&s->deferred, &s->cap_deferred, s->ndeferred + 1, sizeof(lmw_deferred)) ==
+            0) {
+        s->deferred[s->ndeferred++] =
+            (lmw_deferred){.fd = fd, .gen = sl->gen, .code = (uint16_t)code, .what = what};
+        sl->state = ST_DEFERRED;
+        return;
+    }
+    if (what == DEFER_FAIL)
+        lmw__fail(s, fd, code);
+    else
+        answer_close(s, fd, sl, (uint16_t)code);
+}
+
+static void run_deferred(lmw_server *s) {
+    for (uint32_t i = 0; i < s->ndeferred; i++) {
+        lmw_deferred *d = &s->deferred[i];
+        lmw_slot *sl = lmw__slot(s, d->fd, d->gen);
+        if (!sl || sl->state != ST_DEFERRED) continue;
+        sl->state = ST_OPEN;
+        if (d->what == DEFER_FAIL)
+            lmw__fail(s, d->fd, d->code);
+        else
+            answer_close(s, d->fd, sl, d->code);
+    }
+    s->ndeferred = 0;
+}
+
 /* on_control handles ping, pong and close. Returns 1 when input processing must stop. */
 static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, uint8_t *p) {
     size_t n = (size_t)f->payload_len;
@@ -651,18 +706,14 @@ static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, u
     uint16_t code = 0;
     int err = lmw_parse_close(p, n, &code);
     if (err) {
-        lmw__fail(s, fd, err);
+        end_after_batch(s, fd, sl, DEFER_FAIL, err);
         return 1;
     }
     if (sl->flags & F_CLOSE_SENT) { /* the answer to our close: done */
         conn_free(s, fd, 0);
         return 1;
     }
-    sl->close_code = code;
-    sl->flags |= F_CLOSE_SENT;
-    uint8_t echo[2] = {(uint8_t)(code >> 8), (uint8_t)code};
-    if (send_control(s, fd, sl, LMW_OP_CLOSE, echo, code == 1005 ? 0 : 2) < 0) return 1;
-    start_linger(s, fd, sl);
+    end_after_batch(s, fd, sl, DEFER_CLOSE_REPLY, code);
     return 1;
 }
 
@@ -733,7 +784,8 @@ static void process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, si
         }
         lmw_frame f;
         int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
-        if (r == LMW_ERROR) return lmw__fail(s, fd, f.close_code ? f.close_code : 1002);
+        if (r == LMW_ERROR)
+            return end_after_batch(s, fd, sl, DEFER_FAIL, f.close_code ? f.close_code : 1002);
         if (r == LMW_INCOMPLETE) {
             if (spill(s, fd, sl, buf + off, len - off, len - off) < 0)
                 return lmw__fail(s, fd, 1013);
@@ -746,7 +798,7 @@ static void process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, si
         int fragmented = ms->opcode != 0;
         if (!progress) {
             int code = control ? 0 : lmw_message_frame(ms, &f, s->cfg.max_message);
-            if (code) return lmw__fail(s, fd, code);
+            if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
         }
         size_t avail = len - off - f.header_len;
         if (avail > f.payload_len) avail = (size_t)f.payload_len;
@@ -756,7 +808,7 @@ static void process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, si
             lmw_unmask(p + done, avail - done, f.mask, done);
             if (!control && sl->state == ST_OPEN) {
                 int code = lmw_message_payload(ms, p + done, avail - done);
-                if (code) return lmw__fail(s, fd, code);
+                if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
             }
         }
         progress = 0;
@@ -784,7 +836,7 @@ static void process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, si
             }
             if (on_data(s, fd, sl, ms, &f, p, fragmented)) return;
             int code = lmw_message_frame_end(ms, f.fin);
-            if (code) return lmw__fail(s, fd, code);
+            if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
         }
     }
     ext_trim(s, sl);
@@ -822,7 +874,8 @@ static void on_readable(lmw_server *s, int fd, lmw_slot *sl) {
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) conn_free(s, fd, 0);
         return;
     }
-    if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT) return;
+    if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
+        return;
     int holding = x && (x->in || x->msg);
     if (!holding && s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3) {
         /* the budget is short: this socket waits in the kernel until spills drain */
@@ -1090,6 +1143,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         return LMW_ERROR;
     }
     s->now = now_tick();
+    run_deferred(s);
     drain_closed(s);
     run_backlog(s);
     resume_budget_paused(s);
@@ -1196,7 +1250,7 @@ int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *dat
     int r = LMW_ERROR;
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    if (sl && sl->state == ST_OPEN) {
+    if (sl && (sl->state == ST_OPEN || sl->state == ST_DEFERRED)) {
         uint8_t hdr[10];
         int hl = lmw_build_header(hdr, 1, opcode, len);
         lmw_ext *x = ext_of(s, sl);
@@ -1366,6 +1420,7 @@ void lmw_server_free(lmw_server *s) {
     free(s->closed);
     free(s->backlog);
     free(s->budget_paused);
+    free(s->deferred);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }

@@ -37,8 +37,9 @@ class Config:
     """Bytes per pooled read buffer."""
     read_buffers: int = 16
     """Pooled read buffers; when all are lent out, reading waits for the next loop turn."""
-    spill_budget: int = 8 << 20
-    """All incomplete input together; past 3/4 idle sockets stop being read, past it 1013."""
+    spill_budget: int | None = None
+    """All incomplete input together; past 3/4 idle sockets stop being read, past it 1013.
+    None: 8 MiB, or twice max_message_size when that is more (one message must fit)."""
     write_limit: int = 256 * 1024
     """Pending output per connection before the write policy applies."""
     write_budget: int = 64 << 20
@@ -75,6 +76,12 @@ class Config:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         return max(1, soft - FD_HEADROOM)
 
+    def resolved_spill_budget(self) -> int:
+        """resolved_spill_budget returns spill_budget, deriving it from max_message_size."""
+        if self.spill_budget is not None:
+            return self.spill_budget
+        return max(8 << 20, 2 * self.max_message_size + self.read_buffer_size)
+
     def to_c(self, auto_upgrade: bool) -> Any:
         """to_c returns a filled lmw_config for the C runtime."""
         c = ffi.new("lmw_config *")
@@ -85,7 +92,7 @@ class Config:
         c.max_message = self.max_message_size
         c.read_buffer_size = self.read_buffer_size
         c.read_buffers = self.read_buffers
-        c.spill_budget = self.spill_budget
+        c.spill_budget = self.resolved_spill_budget()
         c.write_limit = self.write_limit
         c.write_budget = self.write_budget
         c.handshake_timeout_ms = int(self.handshake_timeout * 1000)

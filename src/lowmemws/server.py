@@ -31,6 +31,7 @@ log = logging.getLogger("lowmemws")
 ConnectHook = Callable[[Request], "Accept | Reject | None"]
 MessageHook = Callable[[Connection, "str | bytes"], None]
 CloseHook = Callable[[Connection, int], None]
+OpenHook = Callable[[Connection], None]
 HttpHook = Callable[[Request], "Response | None"]
 
 _POLL_MS = 250
@@ -42,6 +43,7 @@ class Gateway:
     Hooks (set with the decorators or by assignment):
       on_connect(request) -> Accept | Reject | None: authorise an upgrade (None accepts);
           the request is a borrowed view, valid only during the call.
+      on_open(conn): the connection is open (the 101 is sent): send a greeting here.
       on_message(conn, message): a complete message, str for text, bytes for binary.
       on_close(conn, code): a connection ended (1006 when no close frame was received).
       on_http(request) -> Response | None: a plain HTTP request on the same port; None
@@ -69,6 +71,7 @@ class Gateway:
         self.on_connect_hook: ConnectHook | None = None
         self.on_message_hook: MessageHook | None = None
         self.on_close_hook: CloseHook | None = None
+        self.on_open_hook: OpenHook | None = None
         self.on_http_hook: HttpHook | None = None
         self._bus: Bus | None = bus
         self._topic_key = os.urandom(16)
@@ -95,6 +98,11 @@ class Gateway:
     def on_message(self, fn: MessageHook) -> MessageHook:
         """on_message registers the message hook (decorator)."""
         self.on_message_hook = fn
+        return fn
+
+    def on_open(self, fn: OpenHook) -> OpenHook:
+        """on_open registers the hook called once a connection is open (decorator)."""
+        self.on_open_hook = fn
         return fn
 
     def on_close(self, fn: CloseHook) -> CloseHook:
@@ -277,6 +285,7 @@ class Gateway:
     def _make_server(self, stats: Any) -> None:
         auto = (
             self.on_connect_hook is None
+            and self.on_open_hook is None
             and self.config.origins is None
             and not self.config.subprotocols
         )
@@ -413,6 +422,8 @@ class Gateway:
             return
         for topic in accept.topics:
             lib.lmw_subscribe(self._server, e.fd, e.gen, self.topic_id(topic))
+        if self.on_open_hook is not None:
+            self.on_open_hook(Connection(self, e.fd, e.gen, accept.user))
 
     def _decide(self, request: Request) -> Accept | Reject | None:
         origins = self.config.origins
