@@ -132,7 +132,7 @@ static uint32_t node_alloc(lmw_server *s) {
         s->free_node = s->nodes[n].fnext;
         return n;
     }
-    if (s->nnodes == s->cap_nodes) {
+    if (s->nnodes >= s->cap_nodes) {
         uint32_t cap = s->cap_nodes ? s->cap_nodes * 2 : 1024;
         lmw_node *n = realloc(s->nodes, sizeof(lmw_node) * cap);
         if (!n) return 0;
