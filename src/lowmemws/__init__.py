@@ -1,12 +1,8 @@
 """lowmemws: a WebSocket gateway where an idle connection costs tens of bytes.
 
-    gateway = lowmemws.Gateway("127.0.0.1", 8080)
-
-    @gateway.on_connect
-    def auth(request):                 # a borrowed view: valid only during the call
-        return lowmemws.Accept(user=42, topics=("news",))
-
-    gateway.run()                      # publish("news", ...) from any thread
+A Gateway holds the connections; hooks decide (on_connect returns Accept(user=..,
+topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish,
+send_to_user and broadcast work from any thread. See the README for an example.
 """
 
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus

@@ -48,7 +48,7 @@ class Connection:
         server = self._gateway._server
         if server is None:
             return False
-        return lib.lmw_send(server, self.fd, self.gen, opcode, payload, len(payload)) > 0
+        return bool(lib.lmw_send(server, self.fd, self.gen, opcode, payload, len(payload)) > 0)
 
     def close(self, code: int = 1000, reason: str = "") -> bool:
         """close starts the closing handshake with code and reason (RFC 6455 section 7).
@@ -64,7 +64,7 @@ class Connection:
         server = self._gateway._server
         if server is None:
             return False
-        return lib.lmw_close(server, self.fd, self.gen, code, raw, len(raw)) == 0
+        return bool(lib.lmw_close(server, self.fd, self.gen, code, raw, len(raw)) == 0)
 
     def subscribe(self, topic: str) -> bool:
         """subscribe adds this connection to topic; it leaves it when it closes."""

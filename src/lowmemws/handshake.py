@@ -57,7 +57,7 @@ class Request:
             )
 
     def _text(self, span: Any) -> str:
-        return self._buf[span.off : span.off + span.len].decode("latin-1")
+        return str(self._buf[span.off : span.off + span.len].decode("latin-1"))
 
     def _invalidate(self) -> None:
         self._valid = False
@@ -137,7 +137,7 @@ class Request:
     def body(self) -> bytes:
         """body is a copy of the request body (plain HTTP requests; b"" for upgrades)."""
         self._check()
-        return self._buf[self._head_len : self._head_len + self._body_len]
+        return bytes(self._buf[self._head_len : self._head_len + self._body_len])
 
     def __repr__(self) -> str:
         if not self._valid:

@@ -69,8 +69,11 @@ def render(stats: Iterable[Any], extra: dict[str, int] | None = None) -> str:
             "# TYPE lowmemws_dropped_messages_total counter"]  # fmt: skip
     for reason, value in snap["dropped"].items():
         out.append(f'lowmemws_dropped_messages_total{{reason="{reason}"}} {value}')
-    out += ["# HELP lowmemws_processes Worker processes reporting.",
-            "# TYPE lowmemws_processes gauge", f"lowmemws_processes {snap['processes']}"]  # fmt: skip
+    out += [
+        "# HELP lowmemws_processes Worker processes reporting.",
+        "# TYPE lowmemws_processes gauge",
+        f"lowmemws_processes {snap['processes']}",
+    ]
     for name, value in (extra or {}).items():
         out += [f"# TYPE lowmemws_{name} counter", f"lowmemws_{name} {value}"]
     return "\n".join(out) + "\n"

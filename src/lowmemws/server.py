@@ -126,13 +126,13 @@ class Gateway:
         """subscribe adds conn to topic (no Python object is kept per member)."""
         if self._server is None:
             return False
-        return lib.lmw_subscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) >= 0
+        return bool(lib.lmw_subscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) >= 0)
 
     def unsubscribe(self, conn: Connection, topic: str) -> bool:
         """unsubscribe removes conn from topic; True if it was a member."""
         if self._server is None:
             return False
-        return lib.lmw_unsubscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) > 0
+        return bool(lib.lmw_unsubscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) > 0)
 
     def topic_size(self, topic: str) -> int:
         """topic_size is the number of members of topic in this process."""
@@ -169,6 +169,9 @@ class Gateway:
             return self.deliver(envelope)
         bus.publish(envelope)
         return 0
+
+    def _deliver_from_bus(self, envelope: Envelope) -> None:
+        self.deliver(envelope)
 
     def deliver(self, envelope: Envelope) -> int:
         """deliver fans an envelope out to this process's connections (the bus callback)."""
@@ -262,7 +265,7 @@ class Gateway:
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
-        self._bus.start(self.deliver)
+        self._bus.start(self._deliver_from_bus)
 
     def _bind(self, reuse_port: bool) -> list[socket.socket]:
         socks = []
@@ -532,7 +535,7 @@ class Gateway:
         self._listeners = self._bind(reuse_port=True)
         self._make_server(self._stats_views[index])
         assert self._bus is not None
-        self._bus.start(self.deliver)
+        self._bus.start(self._deliver_from_bus)
         self._install_signals()
         lib.lmw_server_stats(self._server).pid = os.getpid()
         self._serve()
