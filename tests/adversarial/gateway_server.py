@@ -1,0 +1,65 @@
+"""An echo gateway with chosen Config values, started by the adversarial tests as a child.
+
+``python gateway_server.py --host H --port P --config '{"handshake_timeout": 1.0, ...}'``
+builds ``lowmemws.Gateway(config=lowmemws.Config(**config))`` that echoes every message and
+prints ``listening on ws://H:P`` once it accepts connections (the contract of
+tests/support/servers.py). Plain HTTP on the same port:
+
+- ``POST /echo``: answers 200 with the request body;
+- ``POST /broadcast?policy=drop|close``: sends the body as a binary message to every open
+  connection and answers with the number reached;
+- ``GET /stats``: the runtime counters as JSON (``Gateway.stats()``);
+- anything else: the built-in ``/healthz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+import lowmemws
+from lowmemws.handshake import Request, Response
+
+
+def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.Gateway:
+    """build_gateway returns the echo gateway with its HTTP hook (not started)."""
+    gateway = lowmemws.Gateway(host, port, config=lowmemws.Config(**config))  # type: ignore[arg-type]
+
+    @gateway.on_message
+    def echo(conn: lowmemws.Connection, message: str | bytes) -> None:
+        conn.send(message)
+
+    @gateway.on_http
+    def http(request: Request) -> Response | None:
+        if request.method == "POST" and request.path == "/echo":
+            return Response(200, request.body, content_type="application/octet-stream")
+        if request.method == "POST" and request.path == "/broadcast":
+            policy = request.params.get("policy", "drop")
+            reached = gateway.broadcast(request.body, policy=policy)  # type: ignore[arg-type]
+            return Response(200, str(reached))
+        if request.method == "GET" and request.path == "/stats":
+            return Response(200, json.dumps(gateway.stats()), content_type="application/json")
+        return None
+
+    return gateway
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--config", default="{}", help="Config keyword arguments as JSON")
+    args = parser.parse_args()
+    gateway = build_gateway(args.host, args.port, json.loads(args.config))
+
+    def announce() -> None:
+        if gateway.wait_ready(60):
+            print(f"listening on ws://{args.host}:{gateway.port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    gateway.run()
+
+
+if __name__ == "__main__":
+    main()
