@@ -1,0 +1,343 @@
+"""mailnotify: "you have new mail" notifications over WebSocket, the lowmemws demo.
+
+    python examples/mailnotify.py [--host H] [--port P] [--secret S] [--processes N] [--redis URL]
+
+Open http://127.0.0.1:8080/, sign in with any name, then send that name a mail:
+
+    curl -H "Authorization: Bearer $SECRET" -d '{"to":"alice","from":"bob","subject":"hi"}' \\
+        http://127.0.0.1:8080/mail
+
+Endpoints (errors are short JSON objects: {"error": "..."}):
+  GET  /            the page
+  POST /login       form field ``user``; sets the cookie ``session=USER:TOKEN``
+  GET  /session     {"user": U} for a valid session cookie, else 401
+  POST /logout      clears the cookie
+  GET  /ws          the WebSocket; credentials from ?user=U&token=T or the session cookie
+  POST /mail        Bearer SECRET; {"to": U, "from": F, "subject": X} -> 202
+  POST /mail/self   session cookie; {"subject": X}: a test mail to yourself -> 202
+  POST /broadcast   Bearer SECRET; any JSON object, sent to every connection as is -> 202
+  GET  /healthz, GET /metrics   built into lowmemws
+
+A token is the hex HMAC-SHA256 of the user name keyed with the secret, so every process and
+node that shares the secret checks it without a session store. A user's connections carry a
+64-bit tag derived from the name (no per-connection Python object, no per-user topic), and
+``send_to_user`` reaches them on every process (``--processes``) and node (``--redis``).
+
+Unread counts live in Redis with ``--redis`` (they survive restarts and are shared by nodes);
+otherwise in a small table of shared memory that the worker processes of one machine share
+(lost when the demo stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import mmap
+import multiprocessing
+import re
+import secrets
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import lowmemws
+
+PAGE = Path(__file__).with_name("mailnotify_page.html")
+MAX_BODY = 16 * 1024
+MAX_FIELD = 200
+USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+JSON_TYPE = "application/json"
+
+log = logging.getLogger("mailnotify")
+
+
+# -- identities ---------------------------------------------------------------------------
+
+
+def token_for(secret: str, user: str) -> str:
+    """token_for is the user's token: lowercase hex HMAC-SHA256 of the name, keyed by secret."""
+    return hmac.new(secret.encode(), user.encode(), hashlib.sha256).hexdigest()
+
+
+def user_tag(user: str) -> int:
+    """user_tag maps a name to the 64-bit tag its connections carry (same on every node)."""
+    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") or 1
+
+
+# -- unread counts ------------------------------------------------------------------------
+
+
+class Counts(Protocol):
+    """Counts keeps the number of unread mails per user."""
+
+    def get(self, user: str) -> int: ...
+
+    def incr(self, user: str) -> int: ...
+
+
+class SharedCounts:
+    """SharedCounts is a fixed hash table of (tag, count) in shared anonymous memory.
+
+    Created before the gateway forks its workers, so they all see one table; a lock shared
+    the same way makes each increment atomic. Pages are touched only as users get mail.
+    """
+
+    SLOT = struct.Struct("<QQ")
+
+    def __init__(self, slots: int = 1 << 16) -> None:
+        self.slots = slots
+        self.table = mmap.mmap(-1, slots * self.SLOT.size)
+        self.lock = multiprocessing.get_context("fork").Lock()
+
+    def _find(self, tag: int) -> int:
+        """_find returns the offset of tag's slot or of the empty slot where it belongs."""
+        index = tag % self.slots
+        for _ in range(self.slots):
+            offset = index * self.SLOT.size
+            found, _count = self.SLOT.unpack_from(self.table, offset)
+            if found in (tag, 0):
+                return offset
+            index = (index + 1) % self.slots
+        raise RuntimeError("the unread table is full")
+
+    def get(self, user: str) -> int:
+        tag = user_tag(user)
+        with self.lock:
+            found, count = self.SLOT.unpack_from(self.table, self._find(tag))
+        return int(count) if found == tag else 0
+
+    def incr(self, user: str) -> int:
+        tag = user_tag(user)
+        with self.lock:
+            offset = self._find(tag)
+            _found, count = self.SLOT.unpack_from(self.table, offset)
+            self.SLOT.pack_into(self.table, offset, tag, count + 1)
+        return int(count) + 1
+
+
+class RedisCounts:
+    """RedisCounts keeps the counts in Redis: ``mailnotify:unread:<user>``."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def get(self, user: str) -> int:
+        return int(self.client.get(f"mailnotify:unread:{user}") or 0)
+
+    def incr(self, user: str) -> int:
+        return int(self.client.incr(f"mailnotify:unread:{user}"))
+
+
+# -- HTTP helpers -------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """HttpError ends a request with status and a short JSON error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def json_response(status: int, value: object, headers: dict[str, str] | None = None) -> Any:
+    return lowmemws.Response(
+        status, json.dumps(value), content_type=JSON_TYPE, headers=headers or {}
+    )
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """json_object parses a request body that must be one JSON object."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(400, "body is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise HttpError(400, "body must be a JSON object")
+    return value
+
+
+def text_field(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD:
+        raise HttpError(400, f'"{name}" must be a string of 1 to {MAX_FIELD} characters')
+    return value
+
+
+def user_field(value: object) -> str:
+    if not isinstance(value, str) or not USER_NAME.fullmatch(value):
+        raise HttpError(400, "user names are 1-64 of A-Z a-z 0-9 . _ @ -")
+    return value
+
+
+# -- the demo -----------------------------------------------------------------------------
+
+
+class MailNotify:
+    """MailNotify wires the demo's hooks into a lowmemws Gateway."""
+
+    def __init__(self, gateway: lowmemws.Gateway, secret: str, counts: Counts) -> None:
+        self.gateway = gateway
+        self.secret = secret
+        self.counts = counts
+        self.page = PAGE.read_bytes()
+        self.greetings: dict[int, str] = {}  # tag -> hello, from on_connect to on_open
+        self.routes: dict[tuple[str, str], Callable[[lowmemws.Request], Any]] = {
+            ("GET", "/"): self.serve_page,
+            ("POST", "/login"): self.login,
+            ("GET", "/session"): self.session,
+            ("POST", "/logout"): self.logout,
+            ("POST", "/mail"): self.mail,
+            ("POST", "/mail/self"): self.mail_self,
+            ("POST", "/broadcast"): self.broadcast,
+        }
+        gateway.on_connect(self.on_connect)
+        gateway.on_open(self.on_open)
+        gateway.on_http(self.on_http)
+
+    # authentication
+
+    def valid(self, user: str | None, token: str | None) -> bool:
+        if not user or not token or not USER_NAME.fullmatch(user):
+            return False
+        return hmac.compare_digest(token.encode(), token_for(self.secret, user).encode())
+
+    def session_user(self, request: lowmemws.Request) -> str | None:
+        """session_user is the user of a valid ``session=USER:TOKEN`` cookie, else None."""
+        user, _, token = request.cookies.get("session", "").rpartition(":")
+        return user if self.valid(user, token) else None
+
+    def require_secret(self, request: lowmemws.Request) -> None:
+        expected = f"Bearer {self.secret}"
+        if not hmac.compare_digest(
+            (request.header("authorization") or "").encode(), expected.encode()
+        ):
+            raise HttpError(401, "wrong or missing Authorization: Bearer <secret>")
+
+    # WebSocket
+
+    def on_connect(self, request: lowmemws.Request) -> lowmemws.Accept | lowmemws.Reject:
+        if request.path != "/ws":
+            return lowmemws.Reject(404)
+        params = request.params
+        user: str | None = params.get("user")
+        if not self.valid(user, params.get("token")):
+            user = self.session_user(request)
+        if user is None:
+            return lowmemws.Reject(401)
+        try:
+            unread = self.counts.get(user)
+        except Exception:
+            log.exception("mailnotify: cannot read the unread count")
+            return lowmemws.Reject(503)
+        tag = user_tag(user)
+        self.greetings[tag] = json.dumps({"type": "hello", "user": user, "unread": unread})
+        return lowmemws.Accept(user=tag)
+
+    def on_open(self, conn: lowmemws.Connection) -> None:
+        hello = self.greetings.pop(conn.user, None)
+        if hello is not None:
+            conn.send(hello)
+
+    # plain HTTP
+
+    def on_http(self, request: lowmemws.Request) -> Any:
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            if any(path == request.path for _method, path in self.routes):
+                return json_response(405, {"error": "method not allowed"})
+            return None  # /healthz, /metrics, else 404
+        try:
+            if len(request.body) > MAX_BODY:
+                raise HttpError(413, f"body is larger than {MAX_BODY} bytes")
+            return handler(request)
+        except HttpError as exc:
+            return json_response(exc.status, {"error": str(exc)})
+        except lowmemws.BusUnavailable:
+            return json_response(503, {"error": "the message bus is unavailable"})
+
+    def serve_page(self, request: lowmemws.Request) -> Any:
+        return lowmemws.Response(200, self.page, content_type="text/html; charset=utf-8")
+
+    def login(self, request: lowmemws.Request) -> Any:
+        form = dict(parse_qsl(request.body.decode("utf-8", "replace")))
+        user = user_field(form.get("user", "").strip())
+        cookie = f"session={user}:{token_for(self.secret, user)}; Path=/; HttpOnly; SameSite=Strict"
+        return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
+
+    def session(self, request: lowmemws.Request) -> Any:
+        user = self.session_user(request)
+        if user is None:
+            raise HttpError(401, "not signed in")
+        return json_response(200, {"user": user})
+
+    def logout(self, request: lowmemws.Request) -> Any:
+        cookie = "session=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+        return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
+
+    def mail(self, request: lowmemws.Request) -> Any:
+        self.require_secret(request)
+        body = json_object(request.body)
+        to = user_field(body.get("to"))
+        return self.deliver(to, text_field(body, "from"), text_field(body, "subject"))
+
+    def mail_self(self, request: lowmemws.Request) -> Any:
+        user = self.session_user(request)
+        if user is None:
+            raise HttpError(401, "not signed in")
+        return self.deliver(user, user, text_field(json_object(request.body), "subject"))
+
+    def deliver(self, to: str, sender: str, subject: str) -> Any:
+        """deliver counts the mail and notifies every connection of ``to``, everywhere."""
+        unread = self.counts.incr(to)
+        note = {"type": "mail", "from": sender, "subject": subject, "unread": unread}
+        self.gateway.send_to_user(user_tag(to), json.dumps(note))
+        return json_response(202, {"unread": unread})
+
+    def broadcast(self, request: lowmemws.Request) -> Any:
+        self.require_secret(request)
+        body = request.body
+        json_object(body)
+        self.gateway.broadcast(body.decode("utf-8"))  # text frame, the very bytes received
+        return json_response(202, {"ok": True})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="lowmemws mail-notification demo")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--secret", default=None, help="default: a random one, printed")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument(
+        "--redis", default=None, metavar="URL", help="e.g. redis://127.0.0.1:6379/0"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+
+    secret = args.secret or secrets.token_hex(16)
+    counts: Counts = RedisCounts(args.redis) if args.redis else SharedCounts()
+    bus = lowmemws.RedisBus(args.redis) if args.redis else None
+    config = lowmemws.Config(max_http_body=4 * MAX_BODY)
+    gateway = lowmemws.Gateway(
+        args.host, args.port, processes=args.processes, config=config, bus=bus
+    )
+    MailNotify(gateway, secret, counts)
+
+    def announce() -> None:
+        if gateway.wait_ready(60):
+            print(f"secret: {secret}", flush=True)
+            print(f"listening on http://{args.host}:{gateway.port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    gateway.run()
+
+
+if __name__ == "__main__":
+    main()
