@@ -331,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     MailNotify(gateway, secret, counts)
 
     def announce() -> None:
-        if gateway.wait_ready(60):
+        ready = gateway.wait_ready(60)
+        if bus is not None and args.processes == 1:
+            ready = ready and bus.wait_ready(10)  # the Redis links are up too
+        if ready:
             print(f"secret: {secret}", flush=True)
             print(f"listening on http://{args.host}:{gateway.port}", flush=True)
 
