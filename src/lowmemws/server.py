@@ -337,6 +337,9 @@ class Gateway:
                     self._dispatch(events[0], n)
                 if self._held:
                     self._release_held()
+                if self._pool is not None:  # the gauge falls as workers catch up, too
+                    depth = self._pool.depth + len(self._held)
+                    lib.lmw_server_stats(server).worker_queue_depth = depth
             self._shutdown(events)
         finally:
             if self._pool is not None:
