@@ -19,6 +19,7 @@ from pathlib import Path
 from support.servers import ServerProcess, start_cli_server
 from support.wsproto_client import WsprotoClient
 
+MiB = 1 << 20
 SERVER_SCRIPT = Path(__file__).with_name("gateway_server.py")
 WAIT = 10.0  # bounds every wait on the server; not a performance figure
 MASK = b"\x37\xfa\x21\x3d"
@@ -214,7 +215,7 @@ def close_code(sock: socket.socket, timeout: float = WAIT) -> int | None:
         opcode, _, payload = got
         if opcode == 8:
             return struct.unpack("!H", payload[:2])[0] if payload else 1005
-    
+
 
 def read_message(sock: socket.socket, timeout: float = WAIT) -> tuple[int, bytes]:
     """read_message returns (opcode, payload) of the next whole data message."""
@@ -294,3 +295,49 @@ class Control:
 
     def close(self) -> None:
         self.client.sock.close()
+
+
+#: Small caps and short deadlines so every limit is reached in well under a second or two.
+SMALL_LIMITS: dict[str, object] = {
+    "handshake_timeout": 1.0,
+    "close_timeout": 1.0,
+    "max_head": 2048,
+    "max_http_body": 4096,
+    "max_message_size": 1 * MiB,
+    "spill_budget": 8 * MiB,
+}
+
+#: What the attacks of one test may add to the server's RSS over its warmed-up figure: the
+#: spill budget (8 MiB) and the read pool (16 x 64 KiB) plus allocator slack.
+RSS_MARGIN = 24 * MiB
+
+
+class Guarded:
+    """Guarded is a running gateway, its control client and its RSS bound.
+
+    still_serving() is what every adversarial test ends with: the control client's echo
+    works and the server's RSS is within RSS_MARGIN of its figure after warm-up.
+    """
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.control = Control(server)
+        self.control.echo_ok()
+        self.baseline = rss_bytes(server.pid)
+        self.peak = self.baseline
+
+    def rss(self) -> int:
+        """rss is the server's RSS now (and updates the peak seen)."""
+        now = rss_bytes(self.server.pid)
+        self.peak = max(self.peak, now)
+        return now
+
+    def still_serving(self) -> None:
+        """still_serving asserts the control echo and the RSS bound."""
+        assert self.server.proc.poll() is None, f"server died:\n{self.server.output()}"
+        self.control.echo_ok()
+        rss = self.rss()
+        assert rss <= self.baseline + RSS_MARGIN, (
+            f"server RSS {rss / MiB:.1f} MiB, over {self.baseline / MiB:.1f} MiB + "
+            f"{RSS_MARGIN / MiB:.0f} MiB"
+        )

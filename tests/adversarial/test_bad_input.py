@@ -1,21 +1,24 @@
 """One test per bad input: each gets its specific outcome, read from the wire, while a
-control client's echo keeps working and the server's RSS stays within conftest.RSS_MARGIN
+control client's echo keeps working and the server's RSS stays within adversary.RSS_MARGIN
 of its warmed-up figure.
 
-The gateway runs with conftest.SMALL_LIMITS: handshake_timeout 1 s, max_head 2048 B,
+The gateway runs with adversary.SMALL_LIMITS: handshake_timeout 1 s, max_head 2048 B,
 max_http_body 4096 B, max_message_size 1 MiB, spill_budget 8 MiB. HTTP answers are RFC 7231
 and RFC 6585 statuses; close codes are RFC 6455 section 7.4.1.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
 
 import pytest
 from adversary import (
-    WAIT,
+    SMALL_LIMITS,
+    Guarded,
+    MiB,
     close_code,
     close_payload,
     connect,
@@ -28,7 +31,6 @@ from adversary import (
     upgrade_head,
     wait_for,
 )
-from conftest import MiB, SMALL_LIMITS, Guarded
 
 TEXT, BINARY, CLOSE, PING, PONG, CONT = 1, 2, 8, 9, 10, 0
 HANDSHAKE_TIMEOUT = float(SMALL_LIMITS["handshake_timeout"])  # type: ignore[arg-type]
@@ -73,37 +75,41 @@ def test_slowloris_head_gets_408_after_the_handshake_deadline(guarded: Guarded) 
     guarded.still_serving()
 
 
+def trickle_until_answered(sock: socket.socket, data: bytes) -> float:
+    """trickle_until_answered sends data a byte every 200 ms until the server answers (or
+    closes) and returns the seconds from the first byte to the answer; the bytes never all
+    go, and the wait is capped at twice the deadline plus the sweep slack."""
+    started = time.monotonic()
+    limit = started + 2 * HANDSHAKE_TIMEOUT + 2 * SWEEP_SLACK
+    for byte in data:
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        if readable or time.monotonic() > limit:
+            break
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    select.select([sock], [], [], max(limit - time.monotonic(), 0))
+    return time.monotonic() - started
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="handshake_timeout is an idle timer: every read in HEAD/HTTP_BODY resets the "
+    "slot tick (on_readable), so a client trickling a byte a second is never answered 408",
+)
 def test_slowloris_trickling_a_byte_at_a_time_still_gets_408_at_the_deadline(
     guarded: Guarded,
 ) -> None:
     """A head that keeps arriving, one byte every 200 ms, must still be complete within
-    handshake_timeout (a deadline, not an idle timer), else a client holds its slot for
-    max_head x 200 ms."""
+    handshake_timeout (a deadline, not an idle timer), else one client holds a handshake
+    slot for max_head x 200 ms (7 minutes here, 27 with the defaults)."""
     head = upgrade_head(guarded.server, extra="X-Slow: " + "a" * 200 + "\r\n")
     with connect(guarded.server) as sock:
-        started = time.monotonic()
-        deadline = started + HANDSHAKE_TIMEOUT + SWEEP_SLACK + 1.0
-        for byte in head[:-2]:
-            if time.monotonic() > deadline:
-                break
-            try:
-                sock.sendall(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            time.sleep(0.2)
-            sock.setblocking(False)
-            try:
-                if sock.recv(1, socket.MSG_PEEK):
-                    break
-            except BlockingIOError:
-                pass
-            finally:
-                sock.setblocking(True)
-        sock.settimeout(WAIT)
+        waited = trickle_until_answered(sock, head[:-2])
         status, _, _ = http_answer(sock)
-        waited = time.monotonic() - started
     assert status == 408
-    assert waited <= HANDSHAKE_TIMEOUT + SWEEP_SLACK + 0.5
+    assert waited <= HANDSHAKE_TIMEOUT + SWEEP_SLACK
     guarded.still_serving()
 
 
@@ -420,19 +426,19 @@ def test_slow_post_body_gets_408_after_the_deadline(guarded: Guarded) -> None:
     guarded.still_serving()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="handshake_timeout is an idle timer: every read in HEAD/HTTP_BODY resets the "
+    "slot tick (on_readable), so a client trickling a byte a second is never answered 408",
+)
 def test_slow_post_body_trickled_still_gets_408_at_the_deadline(guarded: Guarded) -> None:
     """A body that keeps coming, a byte every 200 ms, is still bound by the deadline."""
     with connect(guarded.server) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n")
-        started = time.monotonic()
-        while time.monotonic() - started < HANDSHAKE_TIMEOUT + SWEEP_SLACK + 1.0:
-            try:
-                sock.sendall(b"b")
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            time.sleep(0.2)
+        waited = trickle_until_answered(sock, b"b" * 200)
         status, _, _ = http_answer(sock)
     assert status == 408
+    assert waited <= HANDSHAKE_TIMEOUT + SWEEP_SLACK
     guarded.still_serving()
 
 
