@@ -35,6 +35,12 @@ OpenHook = Callable[[Connection], None]
 HttpHook = Callable[[Request], "Response | None"]
 
 _POLL_MS = 250
+_TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
+_EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
+_EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
+_EV_HTTP = int(lib.LMW_EV_HTTP)
+_EV_CLOSED = int(lib.LMW_EV_CLOSED)
+_ACCEPT = Accept()
 
 
 class Gateway:
@@ -75,6 +81,7 @@ class Gateway:
         self.on_http_hook: HttpHook | None = None
         self._bus: Bus | None = bus
         self._topic_key = os.urandom(16)
+        self._topic_ids: dict[str, int] = {}
         self._server: Any = None
         self._stats_views: list[Any] = []
         self._stats_map: mmap.mmap | None = None
@@ -119,8 +126,15 @@ class Gateway:
 
     def topic_id(self, topic: str) -> int:
         """topic_id is the 64-bit id the C hub knows topic by (a keyed BLAKE2b hash)."""
+        known = self._topic_ids.get(topic)
+        if known is not None:
+            return known
         digest = hashlib.blake2b(topic.encode("utf-8"), digest_size=8, key=self._topic_key)
-        return int.from_bytes(digest.digest(), "little") or 1
+        topic_id = int.from_bytes(digest.digest(), "little") or 1
+        if len(self._topic_ids) >= _TOPIC_CACHE:
+            self._topic_ids.clear()
+        self._topic_ids[topic] = topic_id
+        return topic_id
 
     def subscribe(self, conn: Connection, topic: str) -> bool:
         """subscribe adds conn to topic (no Python object is kept per member)."""
@@ -365,14 +379,14 @@ class Gateway:
             e = ev[i]
             kind = e.type
             try:
-                if kind == lib.LMW_EV_MESSAGE:
+                if kind == _EV_MESSAGE:
                     if not closing:
                         self._on_message_event(e)
-                elif kind == lib.LMW_EV_UPGRADE:
+                elif kind == _EV_UPGRADE:
                     self._on_upgrade_event(e)
-                elif kind == lib.LMW_EV_HTTP:
+                elif kind == _EV_HTTP:
                     self._on_http_event(e)
-                elif kind == lib.LMW_EV_CLOSED:
+                elif kind == _EV_CLOSED:
                     if self.on_close_hook is not None:
                         self.on_close_hook(Connection(self, e.fd, e.gen, e.user_tag), e.code)
             except Exception:
@@ -422,8 +436,8 @@ class Gateway:
         if isinstance(decision, Reject):
             lib.lmw_reject(self._server, e.fd, e.gen, decision.status)
             return
-        accept = decision if isinstance(decision, Accept) else Accept()
-        proto = (accept.subprotocol or "").encode("latin-1")
+        accept = decision if decision is not None else _ACCEPT
+        proto = accept.subprotocol.encode("latin-1") if accept.subprotocol else b""
         if lib.lmw_upgrade_accept(self._server, e.fd, e.gen, proto, len(proto), accept.user):
             return
         for topic in accept.topics:
@@ -436,9 +450,16 @@ class Gateway:
         if origins is not None and request.header("origin") not in origins:
             return Reject(403)
         decision = self.on_connect_hook(request) if self.on_connect_hook is not None else None
-        if isinstance(decision, Reject):
+        if decision is None:
+            accept = _ACCEPT
+        elif isinstance(decision, Reject):
             return decision
-        accept = decision if isinstance(decision, Accept) else Accept()
+        elif isinstance(decision, Accept):
+            accept = decision
+        else:
+            raise TypeError("on_connect must return Accept, Reject or None")
+        if accept.subprotocol is None and not self.config.subprotocols:
+            return accept
         offered = request.subprotocols
         if accept.subprotocol is not None:
             if accept.subprotocol not in offered:
