@@ -1,0 +1,171 @@
+"""Crowd: many raw client sockets driven by one epoll loop in the test process.
+
+Used by the abuse tests to open thousands of connections at once, upgrade them, send on all
+and read from all without a thread per socket. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable
+
+from adversary import WAIT, WireError, rss_bytes, upgrade_head
+
+from support.servers import ServerProcess
+
+#: Source addresses clients bind to, in turn: each has its own ephemeral port range.
+SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+
+
+class Crowd:
+    """Crowd is n TCP connections to server, opened at once with non-blocking connects."""
+
+    def __init__(
+        self,
+        server: ServerProcess,
+        n: int,
+        *,
+        source: str = SOURCES[0],
+        rcvbuf: int = 0,
+        hello: bytes = b"",
+    ) -> None:
+        """hello, when given, is sent on each socket as soon as its connect completes."""
+        self.server = server
+        self.hello = hello
+        self.socks: list[socket.socket] = []
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            sock.bind((source, 0))
+            code = sock.connect_ex((server.host, server.port))
+            if code not in (0, errno.EINPROGRESS):
+                sock.close()
+                raise WireError(f"connect failed: {errno.errorcode.get(code, code)}")
+            self.socks.append(sock)
+        self._wait_connected()
+
+    def _wait_connected(self, timeout: float = 3 * WAIT) -> None:
+        pending = {s.fileno(): s for s in self.socks}
+        with select.epoll() as ep:
+            for fd in pending:
+                ep.register(fd, select.EPOLLOUT)
+            deadline = time.monotonic() + timeout
+            while pending:
+                if time.monotonic() > deadline:
+                    raise WireError(f"{len(pending)} connects still pending")
+                for fd, _ in ep.poll(0.5):
+                    sock = pending.pop(fd)
+                    ep.unregister(fd)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise WireError(f"connect failed: {errno.errorcode.get(code, code)}")
+                    if self.hello and sock.send(self.hello) != len(self.hello):
+                        raise WireError("the kernel took part of a small send")
+
+    def send_all(self, data: bytes) -> None:
+        """send_all sends data on every socket (small data: the kernel takes it at once)."""
+        for sock in self.socks:
+            if sock.send(data) != len(data):
+                raise WireError("the kernel took part of a small send")
+
+    def read_all(
+        self, until: bytes | int | None, timeout: float = 3 * WAIT
+    ) -> dict[socket.socket, bytes]:
+        """read_all reads every socket until it holds the marker bytes (until is bytes), that
+        many bytes (int), or EOF (None); returns what each one read."""
+        got = {s: b"" for s in self.socks}
+        pending = {s.fileno(): s for s in self.socks}
+
+        def done(sock: socket.socket, data: bytes, eof: bool) -> bool:
+            if eof or until is None:
+                return eof
+            if isinstance(until, int):
+                return len(data) >= until
+            return until in data
+
+        with select.epoll() as ep:
+            for fd in pending:
+                ep.register(fd, select.EPOLLIN)
+            deadline = time.monotonic() + timeout
+            while pending:
+                if time.monotonic() > deadline:
+                    raise WireError(f"{len(pending)} sockets did not finish reading")
+                for fd, _ in ep.poll(0.5):
+                    sock = pending[fd]
+                    try:
+                        chunk = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        chunk = b""
+                    got[sock] += chunk
+                    if done(sock, got[sock], not chunk):
+                        del pending[fd]
+                        ep.unregister(fd)
+        return got
+
+    def upgrade(self) -> None:
+        """upgrade sends an upgrade head on every socket (unless hello was one) and checks
+        every 101."""
+        if not self.hello.startswith(b"GET "):
+            self.send_all(upgrade_head(self.server))
+        answers = self.read_all(b"\r\n\r\n")
+        refused = [a for a in answers.values() if not a.startswith(b"HTTP/1.1 101 ")]
+        if refused:
+            raise WireError(f"{len(refused)} upgrades refused, e.g. {refused[0][:80]!r}")
+        extra = [a for a in answers.values() if not a.endswith(b"\r\n\r\n")]
+        if extra:
+            raise WireError("bytes after the 101 before anything was sent")
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+
+    def __enter__(self) -> Crowd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PeakRss:
+    """PeakRss samples a process's RSS every few milliseconds in a thread; peak is the most."""
+
+    def __init__(self, pid: int, every: float = 0.002) -> None:
+        self.pid = pid
+        self.every = every
+        self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+
+def statuses(answers: Iterable[bytes]) -> dict[int, int]:
+    """statuses counts the HTTP status codes of answers (0 for an answer without one)."""
+    counts: dict[int, int] = {}
+    for answer in answers:
+        parts = answer.split(b" ", 2)
+        ok = len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1].isdigit()
+        code = int(parts[1]) if ok else 0
+        counts[code] = counts.get(code, 0) + 1
+    return counts
