@@ -56,6 +56,10 @@ fuzz-smoke: sysdeps
 fuzz: sysdeps
 	$(MAKE) -C fuzz run SECONDS=600
 
+compliance: build
+	bash compliance/setup.sh
+	$(PY) compliance/run.py
+
 bench: build
 	$(PIP) install -e '.[test,bench]'
 	$(PY) -m pytest -q benchmarks/test_codec_bench.py --benchmark-enable --benchmark-columns=min,median,mean,ops

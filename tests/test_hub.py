@@ -452,12 +452,6 @@ def test_slow_consumer_latest_policy_keeps_only_the_newest(
     assert slow.recv() == "unread=31"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _server.c lmw__write drops a 'latest' message outright when the client is "
-    "over its write limit and has no pending message of that topic to replace, so the "
-    "client never learns the newest state",
-)
 def test_latest_policy_delivers_the_newest_state_even_past_the_write_limit(
     make_server: Callable[..., Server],
 ) -> None:

@@ -431,7 +431,10 @@ int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t
                 return 1;
             }
         }
-        if (x->out_bytes + len > s->cfg.write_limit ||
+        /* LATEST keeps one pending frame per topic even past the connection's limit, so
+         * the client always learns the newest state; only the global budget bounds it. */
+        int latest = topic && policy == LMW_POLICY_LATEST;
+        if ((!latest && x->out_bytes + len > s->cfg.write_limit) ||
             s->stats->pending_write_bytes + len > s->cfg.write_budget) {
             if (policy == LMW_POLICY_CLOSE) {
                 s->stats->dropped[LMW_DROP_CLOSED]++;
