@@ -73,8 +73,12 @@ def user_tag(user: str) -> int:
 # -- unread counts ------------------------------------------------------------------------
 
 
+class StoreUnavailable(Exception):
+    """StoreUnavailable: the unread counts cannot be read or changed right now."""
+
+
 class Counts(Protocol):
-    """Counts keeps the number of unread mails per user."""
+    """Counts keeps the number of unread mails per user; errors raise StoreUnavailable."""
 
     def get(self, user: str) -> int: ...
 
@@ -104,7 +108,7 @@ class SharedCounts:
             if found in (tag, 0):
                 return offset
             index = (index + 1) % self.slots
-        raise RuntimeError("the unread table is full")
+        raise StoreUnavailable("the unread table is full")
 
     def get(self, user: str) -> int:
         tag = user_tag(user)
@@ -128,12 +132,19 @@ class RedisCounts:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.errors = (redis.RedisError, OSError)
 
     def get(self, user: str) -> int:
-        return int(self.client.get(f"mailnotify:unread:{user}") or 0)
+        try:
+            return int(self.client.get(f"mailnotify:unread:{user}") or 0)
+        except self.errors as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def incr(self, user: str) -> int:
-        return int(self.client.incr(f"mailnotify:unread:{user}"))
+        try:
+            return int(self.client.incr(f"mailnotify:unread:{user}"))
+        except self.errors as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
 
 # -- HTTP helpers -------------------------------------------------------------------------
@@ -147,7 +158,9 @@ class HttpError(Exception):
         self.status = status
 
 
-def json_response(status: int, value: object, headers: dict[str, str] | None = None) -> Any:
+def json_response(
+    status: int, value: object, headers: dict[str, str] | None = None
+) -> lowmemws.Response:
     return lowmemws.Response(
         status, json.dumps(value), content_type=JSON_TYPE, headers=headers or {}
     )
@@ -189,7 +202,7 @@ class MailNotify:
         self.counts = counts
         self.page = PAGE.read_bytes()
         self.greetings: dict[int, str] = {}  # tag -> hello, from on_connect to on_open
-        self.routes: dict[tuple[str, str], Callable[[lowmemws.Request], Any]] = {
+        self.routes: dict[tuple[str, str], Callable[[lowmemws.Request], lowmemws.Response]] = {
             ("GET", "/"): self.serve_page,
             ("POST", "/login"): self.login,
             ("GET", "/session"): self.session,
@@ -234,8 +247,8 @@ class MailNotify:
             return lowmemws.Reject(401)
         try:
             unread = self.counts.get(user)
-        except Exception:
-            log.exception("mailnotify: cannot read the unread count")
+        except StoreUnavailable as exc:
+            log.warning("mailnotify: cannot read the unread count: %s", exc)
             return lowmemws.Reject(503)
         tag = user_tag(user)
         self.greetings[tag] = json.dumps({"type": "hello", "user": user, "unread": unread})
@@ -248,7 +261,7 @@ class MailNotify:
 
     # plain HTTP
 
-    def on_http(self, request: lowmemws.Request) -> Any:
+    def on_http(self, request: lowmemws.Request) -> lowmemws.Response | None:
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             if any(path == request.path for _method, path in self.routes):
@@ -260,48 +273,48 @@ class MailNotify:
             return handler(request)
         except HttpError as exc:
             return json_response(exc.status, {"error": str(exc)})
-        except lowmemws.BusUnavailable:
-            return json_response(503, {"error": "the message bus is unavailable"})
+        except (lowmemws.BusUnavailable, StoreUnavailable):
+            return json_response(503, {"error": "try again later"})
 
-    def serve_page(self, request: lowmemws.Request) -> Any:
+    def serve_page(self, request: lowmemws.Request) -> lowmemws.Response:
         return lowmemws.Response(200, self.page, content_type="text/html; charset=utf-8")
 
-    def login(self, request: lowmemws.Request) -> Any:
+    def login(self, request: lowmemws.Request) -> lowmemws.Response:
         form = dict(parse_qsl(request.body.decode("utf-8", "replace")))
         user = user_field(form.get("user", "").strip())
         cookie = f"session={user}:{token_for(self.secret, user)}; Path=/; HttpOnly; SameSite=Strict"
         return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
 
-    def session(self, request: lowmemws.Request) -> Any:
+    def session(self, request: lowmemws.Request) -> lowmemws.Response:
         user = self.session_user(request)
         if user is None:
             raise HttpError(401, "not signed in")
         return json_response(200, {"user": user})
 
-    def logout(self, request: lowmemws.Request) -> Any:
+    def logout(self, request: lowmemws.Request) -> lowmemws.Response:
         cookie = "session=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
         return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
 
-    def mail(self, request: lowmemws.Request) -> Any:
+    def mail(self, request: lowmemws.Request) -> lowmemws.Response:
         self.require_secret(request)
         body = json_object(request.body)
         to = user_field(body.get("to"))
         return self.deliver(to, text_field(body, "from"), text_field(body, "subject"))
 
-    def mail_self(self, request: lowmemws.Request) -> Any:
+    def mail_self(self, request: lowmemws.Request) -> lowmemws.Response:
         user = self.session_user(request)
         if user is None:
             raise HttpError(401, "not signed in")
         return self.deliver(user, user, text_field(json_object(request.body), "subject"))
 
-    def deliver(self, to: str, sender: str, subject: str) -> Any:
+    def deliver(self, to: str, sender: str, subject: str) -> lowmemws.Response:
         """deliver counts the mail and notifies every connection of ``to``, everywhere."""
         unread = self.counts.incr(to)
         note = {"type": "mail", "from": sender, "subject": subject, "unread": unread}
         self.gateway.send_to_user(user_tag(to), json.dumps(note))
         return json_response(202, {"unread": unread})
 
-    def broadcast(self, request: lowmemws.Request) -> Any:
+    def broadcast(self, request: lowmemws.Request) -> lowmemws.Response:
         self.require_secret(request)
         body = request.body
         json_object(body)
