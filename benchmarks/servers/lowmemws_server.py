@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from common import is_subscriber, parse_args, publish_request, ready
 
 import lowmemws
@@ -27,7 +29,10 @@ def main() -> None:
         written = sum(gw.publish("all", payload) for _ in range(count))
         conn.send(f"done {written}")
 
-    ready(args.host, args.port)
+    # The ready line waits until every worker process listens (run() blocks this thread).
+    waiter = threading.Thread(target=lambda: gw.wait_ready(120) and ready(args.host, args.port))
+    waiter.daemon = True
+    waiter.start()
     gw.run()
 
 
