@@ -17,8 +17,12 @@ from adversary import WAIT, WireError, rss_bytes, upgrade_head
 
 from support.servers import ServerProcess
 
-#: Source addresses clients bind to, in turn: each has its own ephemeral port range.
-SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+#: Source address groups clients bind to: a crowd spreads its sockets over its group, and
+#: each address has its own ephemeral ports (the machine may hold many TIME_WAIT sockets).
+SOURCES = tuple(tuple(f"127.0.{group}.{host}" for host in range(2, 10)) for group in range(1, 5))
+#: Linux IP_BIND_ADDRESS_NO_PORT: bind the address only, pick the port at connect time for
+#: the full 4-tuple (so ports in TIME_WAIT towards other servers stay usable).
+IP_BIND_ADDRESS_NO_PORT = 24
 
 
 class Crowd:
@@ -29,7 +33,7 @@ class Crowd:
         server: ServerProcess,
         n: int,
         *,
-        source: str = SOURCES[0],
+        sources: tuple[str, ...] = SOURCES[0],
         rcvbuf: int = 0,
         hello: bytes = b"",
     ) -> None:
@@ -37,12 +41,13 @@ class Crowd:
         self.server = server
         self.hello = hello
         self.socks: list[socket.socket] = []
-        for _ in range(n):
+        for i in range(n):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             if rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.setblocking(False)
-            sock.bind((source, 0))
+            sock.bind((sources[i % len(sources)], 0))
             code = sock.connect_ex((server.host, server.port))
             if code not in (0, errno.EINPROGRESS):
                 sock.close()

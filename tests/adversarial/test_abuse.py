@@ -3,7 +3,7 @@ broadcast, everyone sending at once, a connection storm. Each keeps a control cl
 and the server's RSS bounded; counts and waits are bounded so the file runs in well under a
 minute on two cores.
 
-Clients bind to 127.0.0.2 and up (crowd.SOURCES) so thousands of them never run out of
+Clients bind to 127.0.x.2-9 (crowd.SOURCES), so thousands of them never run out of
 ephemeral ports on one source address.
 """
 
@@ -66,7 +66,7 @@ def stat(server: ServerProcess, name: str) -> int:
 
 def test_thousands_of_silent_connections_get_408_and_cost_no_buffers(abused: Guarded) -> None:
     before = abused.rss()
-    with Crowd(abused.server, SILENT, source=SOURCES[0]) as crowd:
+    with Crowd(abused.server, SILENT, sources=SOURCES[0]) as crowd:
         wait_for(lambda: stat(abused.server, "handshakes") >= SILENT, what="all accepted")
         held = abused.rss()
         abused.control.echo_ok()  # served while the silent ones are held
@@ -79,7 +79,7 @@ def test_thousands_of_silent_connections_get_408_and_cost_no_buffers(abused: Gua
 
 
 def test_every_client_sending_1_kib_at_once_gets_its_echo(abused: Guarded) -> None:
-    with Crowd(abused.server, BURST, source=SOURCES[1]) as crowd:
+    with Crowd(abused.server, BURST, sources=SOURCES[1]) as crowd:
         crowd.upgrade()
         messages = {s: os.urandom(1020) + i.to_bytes(4, "big") for i, s in enumerate(crowd.socks)}
         echo_len = len(frame(2, b"x" * 1024, mask=None))
@@ -117,7 +117,7 @@ def test_connection_storm_keeps_the_control_client_served(abused: Guarded) -> No
         head = upgrade_head(abused.server)
         with PeakRss(abused.server.pid) as peak:
             before = peak.peak
-            with Crowd(abused.server, STORM, source=SOURCES[2], hello=head) as crowd:
+            with Crowd(abused.server, STORM, sources=SOURCES[2], hello=head) as crowd:
                 crowd.upgrade()
                 assert stat(abused.server, "connections") == STORM + 2
                 during = len(echoes)
@@ -175,8 +175,8 @@ def test_a_client_that_never_reads_does_not_hold_back_a_broadcast(policy: str) -
     ]
     try:
         with (
-            Crowd(server, 50, source=SOURCES[3]) as readers,
-            Crowd(server, 1, source=SOURCES[3], rcvbuf=4096) as lazy,
+            Crowd(server, 50, sources=SOURCES[3]) as readers,
+            Crowd(server, 1, sources=SOURCES[3], rcvbuf=4096) as lazy,
         ):
             readers.upgrade()
             lazy.upgrade()
