@@ -1,5 +1,7 @@
 """Only here because cffi_modules cannot be declared in pyproject.toml."""
 
+import sys
+
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -17,6 +19,9 @@ class BuildExtWithClearError(build_ext):
                 "'apt-get install gcc python3-dev', then install again." % (exc,)
             ) from exc
 
+
+if not sys.platform.startswith("linux"):
+    raise SystemExit("lowmemws runs on Linux only: its runtime is built on epoll, accept4 and eventfd.")
 
 setup(
     cffi_modules=["src/lowmemws/_build_native.py:ffibuilder"],

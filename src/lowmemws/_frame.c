@@ -133,15 +133,96 @@ static int span_of_class(const uint8_t *s, size_t n, uint8_t cls)
     return 1;
 }
 
-/* eq_lower compares s (n bytes) with a lowercase literal, ignoring ASCII case. */
-static int eq_lower(const uint8_t *s, size_t n, const char *lit, size_t lit_len)
+/* scan_name returns the index of the first byte in s[i..end) that is not a token
+ * character, or end. Header names are letters, digits and '-' nearly always: where
+ * SSE2 exists, sixteen bytes per step are checked against those three ranges and only
+ * a byte outside them is looked up in char_class. */
+static inline size_t scan_name(const uint8_t *s, size_t i, size_t end)
 {
-    if (n != lit_len)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (lower(s[i]) != (uint8_t)lit[i])
-            return 0;
-    return 1;
+#if defined(__SSE2__)
+    const __m128i case_bit = _mm_set1_epi8(0x20), dash = _mm_set1_epi8('-');
+    const __m128i a_1 = _mm_set1_epi8('a' - 1), z_1 = _mm_set1_epi8('z' + 1);
+    const __m128i d0_1 = _mm_set1_epi8('0' - 1), d9_1 = _mm_set1_epi8('9' + 1);
+    while (i + 16 <= end) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i l = _mm_or_si128(x, case_bit); /* bytes >= 0x80 stay negative */
+        __m128i ok = _mm_and_si128(_mm_cmpgt_epi8(l, a_1), _mm_cmplt_epi8(l, z_1));
+        ok = _mm_or_si128(ok, _mm_and_si128(_mm_cmpgt_epi8(x, d0_1), _mm_cmplt_epi8(x, d9_1)));
+        ok = _mm_or_si128(ok, _mm_cmpeq_epi8(x, dash));
+        unsigned m = ~(unsigned)_mm_movemask_epi8(ok) & 0xFFFF;
+        if (m == 0) {
+            i += 16;
+            continue;
+        }
+        i += (size_t)__builtin_ctz(m);
+        if (!(char_class[s[i]] & C_TCHAR))
+            return i;
+        i++; /* a rarer token character such as '_' */
+    }
+#endif
+    while (i < end && (char_class[s[i]] & C_TCHAR))
+        i++;
+    return i;
+}
+
+/* scan_vchar returns the index of the first byte in s[i..end) that is not a VCHAR
+ * (0x21..0x7E), or end: the end of a request-target. */
+static inline size_t scan_vchar(const uint8_t *s, size_t i, size_t end)
+{
+#if defined(__SSE2__)
+    const __m128i sp = _mm_set1_epi8(0x20), del = _mm_set1_epi8(0x7F);
+    for (; i + 16 <= end; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i ok = _mm_and_si128(_mm_cmpgt_epi8(x, sp), _mm_cmplt_epi8(x, del));
+        unsigned m = ~(unsigned)_mm_movemask_epi8(ok) & 0xFFFF;
+        if (m)
+            return i + (size_t)__builtin_ctz(m);
+    }
+#endif
+    while (i < end && (char_class[s[i]] & C_TARGET))
+        i++;
+    return i;
+}
+
+static inline uint32_t load32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Case folding a word at a time: OR-ing 0x20 into every byte maps 'A'..'Z' to
+ * 'a'..'z'. Among token characters (a header name) and for a literal of lowercase
+ * letters and '-', it maps nothing else onto a letter or '-', so comparing folded words
+ * with the literal is an exact case-insensitive comparison. */
+#define FOLD32 0x20202020u
+#define FOLD64 0x2020202020202020ULL
+
+static inline uint32_t lit32(const char *s)
+{
+    uint32_t v;
+    memcpy(&v, s, 4);
+    return v;
+}
+
+static inline uint64_t lit64(const char *s)
+{
+    uint64_t v;
+    memcpy(&v, s, 8);
+    return v;
+}
+
+/* folded_is reports whether the n bytes at p (n >= 4, the length of lit) equal the
+ * lowercase literal lit, ignoring case: whole words, the last one overlapping. */
+static inline int folded_is(const uint8_t *p, size_t n, const char *lit)
+{
+    if (n < 8)
+        return ((load32(p) | FOLD32) == lit32(lit)) &
+               ((load32(p + n - 4) | FOLD32) == lit32(lit + n - 4));
+    uint64_t d = (load64(p + n - 8) | FOLD64) ^ lit64(lit + n - 8);
+    for (size_t k = 0; k + 8 < n; k += 8)
+        d |= (load64(p + k) | FOLD64) ^ lit64(lit + k);
+    return d == 0;
 }
 
 /* ------------------------------------------------------------------------------------
@@ -176,37 +257,37 @@ static int fail(lmw_request *req, int status)
     return LMW_ERROR;
 }
 
-static int known_header(const uint8_t *name, size_t n)
+/* known_header maps a header name (token characters) to LMW_H_*, or -1: its length
+ * picks at most two candidates, folded word compares settle it. */
+static inline int known_header(const uint8_t *p, size_t n)
 {
     switch (n) {
     case 4:
-        return eq_lower(name, n, "host", 4) ? LMW_H_HOST : -1;
+        return folded_is(p, 4, "host") ? LMW_H_HOST : -1;
     case 6:
-        if (eq_lower(name, n, "origin", 6))
-            return LMW_H_ORIGIN;
-        return eq_lower(name, n, "cookie", 6) ? LMW_H_COOKIE : -1;
+        if ((p[0] | 0x20) == 'c')
+            return folded_is(p, 6, "cookie") ? LMW_H_COOKIE : -1;
+        return folded_is(p, 6, "origin") ? LMW_H_ORIGIN : -1;
     case 7:
-        return eq_lower(name, n, "upgrade", 7) ? LMW_H_UPGRADE : -1;
+        return folded_is(p, 7, "upgrade") ? LMW_H_UPGRADE : -1;
     case 10:
-        return eq_lower(name, n, "connection", 10) ? LMW_H_CONNECTION : -1;
+        return folded_is(p, 10, "connection") ? LMW_H_CONNECTION : -1;
     case 13:
-        return eq_lower(name, n, "authorization", 13) ? LMW_H_AUTHORIZATION : -1;
+        return folded_is(p, 13, "authorization") ? LMW_H_AUTHORIZATION : -1;
     case 14:
-        return eq_lower(name, n, "content-length", 14) ? LMW_H_CONTENT_LENGTH : -1;
+        return folded_is(p, 14, "content-length") ? LMW_H_CONTENT_LENGTH : -1;
     case 17:
-        if (eq_lower(name, n, "sec-websocket-key", 17))
-            return LMW_H_SEC_WEBSOCKET_KEY;
-        return eq_lower(name, n, "transfer-encoding", 17) ? LMW_H_TRANSFER_ENCODING : -1;
+        if ((p[0] | 0x20) == 's')
+            return folded_is(p, 17, "sec-websocket-key") ? LMW_H_SEC_WEBSOCKET_KEY : -1;
+        return folded_is(p, 17, "transfer-encoding") ? LMW_H_TRANSFER_ENCODING : -1;
     case 21:
-        return eq_lower(name, n, "sec-websocket-version", 21) ? LMW_H_SEC_WEBSOCKET_VERSION
-                                                                : -1;
+        return folded_is(p, 21, "sec-websocket-version") ? LMW_H_SEC_WEBSOCKET_VERSION : -1;
     case 22:
-        return eq_lower(name, n, "sec-websocket-protocol", 22) ? LMW_H_SEC_WEBSOCKET_PROTOCOL
-                                                                 : -1;
+        return folded_is(p, 22, "sec-websocket-protocol") ? LMW_H_SEC_WEBSOCKET_PROTOCOL
+                                                           : -1;
     case 24:
-        return eq_lower(name, n, "sec-websocket-extensions", 24)
-                   ? LMW_H_SEC_WEBSOCKET_EXTENSIONS
-                   : -1;
+        return folded_is(p, 24, "sec-websocket-extensions") ? LMW_H_SEC_WEBSOCKET_EXTENSIONS
+                                                             : -1;
     default:
         return -1;
     }
@@ -232,20 +313,10 @@ static int parse_content_length(const uint8_t *s, size_t n, uint64_t *out)
     return 1;
 }
 
-static int base64_value(uint8_t c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
+/* The base64 alphabet (RFC 4648 section 4). */
+static const uint8_t base64_char[256] = {
+    ['A' ... 'Z'] = 1, ['a' ... 'z'] = 1, ['0' ... '9'] = 1, ['+'] = 1, ['/'] = 1,
+};
 
 /* key_ok: RFC 6455 4.2.1 item 5, base64 (RFC 4648 section 4) of exactly 16 bytes,
  * which is 22 alphabet characters and "==". */
@@ -253,89 +324,122 @@ static int key_ok(const uint8_t *s, size_t n)
 {
     if (n != 24 || s[22] != '=' || s[23] != '=')
         return 0;
+    unsigned ok = 1;
     for (size_t i = 0; i < 22; i++)
-        if (base64_value(s[i]) < 0)
-            return 0;
-    return 1;
+        ok &= base64_char[s[i]];
+    return (int)ok;
 }
 
-/* parse_request_line fills method, target, path, query and minor_version from the
- * first line (without its CRLF). Returns 0 or an HTTP status. */
-static int parse_request_line(const uint8_t *buf, size_t n, lmw_request *req)
+/* token_has is lmw_token_list_has for a lowercase letters-only token, with a shortcut
+ * for the usual case of a value that is exactly the token. */
+static inline int token_has(const uint8_t *v, size_t n, const char *token, size_t token_len)
 {
-    size_t i = 0;
-    while (i < n && (char_class[buf[i]] & C_TCHAR))
-        i++;
-    if (i == 0 || i >= n || buf[i] != ' ')
-        return 400;
+    if (n == token_len && folded_is(v, n, token))
+        return 1;
+    return lmw_token_list_has(v, n, (const uint8_t *)token, token_len);
+}
+
+/* parse_request_line parses the request line at the start of buf[0..end) and returns
+ * the index just past its CRLF, or 0 with *status set (400 or 505) when the line is not
+ * valid or not complete within end. */
+static inline size_t parse_request_line(const uint8_t *buf, size_t end, lmw_request *req,
+                                        int *status)
+{
+    *status = 400;
+    size_t i;
+    if (LMW_LIKELY(end >= 4 && load32(buf) == lit32("GET ")))
+        i = 3;
+    else {
+        i = 0;
+        while (i < end && (char_class[buf[i]] & C_TCHAR))
+            i++;
+        if (i == 0 || i >= end || buf[i] != ' ')
+            return 0;
+    }
     req->method = (lmw_span){0, (uint32_t)i};
     size_t t = ++i;
-    while (i < n && (char_class[buf[i]] & C_TARGET))
-        i++;
-    if (i == t || i >= n || buf[i] != ' ')
-        return 400;
+    i = scan_vchar(buf, i, end);
+    if (i == t || i >= end || buf[i] != ' ')
+        return 0;
     req->target = (lmw_span){(uint32_t)t, (uint32_t)(i - t)};
     const uint8_t *q = memchr(buf + t, '?', i - t);
     size_t path_end = q ? (size_t)(q - buf) : i;
     req->path = (lmw_span){(uint32_t)t, (uint32_t)(path_end - t)};
-    if (q)
-        req->query = (lmw_span){(uint32_t)(path_end + 1), (uint32_t)(i - path_end - 1)};
-    else
-        req->query = (lmw_span){(uint32_t)i, 0};
+    req->query = q ? (lmw_span){(uint32_t)(path_end + 1), (uint32_t)(i - path_end - 1)}
+                   : (lmw_span){(uint32_t)i, 0};
+    /* "HTTP/" DIGIT "." DIGIT CRLF */
     const uint8_t *v = buf + i + 1;
-    if (n - i - 1 != 8 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' || v[5] < '0' ||
-        v[5] > '9' || v[7] < '0' || v[7] > '9')
-        return 400;
-    if (v[5] != '1' || v[7] > '1')
-        return 505;
+    if (end - i - 1 < 10 || memcmp(v, "HTTP/", 5) != 0 || v[6] != '.' ||
+        (uint8_t)(v[5] - '0') > 9 || (uint8_t)(v[7] - '0') > 9 || v[8] != '\r' ||
+        v[9] != '\n')
+        return 0;
+    if (v[5] != '1' || v[7] > '1') {
+        *status = 505;
+        return 0;
+    }
     req->minor_version = (uint8_t)(v[7] - '0');
-    return 0;
+    return i + 11;
 }
 
-/* parse_header_line records the "name: value" line that starts at buf[s] and stores
- * the index just past its CRLF in *next. Returns 0 or an HTTP status. */
-static int parse_header_line(const uint8_t *buf, size_t s, size_t head_len, size_t *next,
-                             lmw_request *req, uint8_t *tokens)
+/* parse_lines parses a head in one pass over buf[0..end): the request line, then one
+ * header line after another, each line's end found while its value is scanned, up to
+ * the empty line. Returns the head length, or 0 with *status set (400 or 505) and *stop
+ * at the start of the first line that is not valid or not complete within end. Every
+ * line before *stop ends in CRLF and is not empty. */
+static size_t parse_lines(const uint8_t *buf, size_t end, lmw_request *req, int *status,
+                          size_t *stop, uint8_t *tokens)
 {
-    if (is_ows(buf[s]))
-        return 400; /* obs-fold (RFC 7230 3.2.4) */
-    size_t c = s;
-    while (char_class[buf[c]] & C_TCHAR)
-        c++;
-    if (c == s || buf[c] != ':')
-        return 400; /* no name, a bad name character, or whitespace before the colon */
-    size_t ve = c + 1;
-    for (;;) {
-        ve = find_ctl(buf, ve, head_len);
-        if (buf[ve] != '\t')
-            break;
-        ve++;
-    }
-    if (buf[ve] != '\r' || buf[ve + 1] != '\n')
-        return 400; /* a control character or a bare CR */
-    *next = ve + 2;
-    size_t vs = c + 1;
-    while (vs < ve && is_ows(buf[vs]))
-        vs++;
-    while (ve > vs && is_ows(buf[ve - 1]))
-        ve--;
-    req->header_count++;
-    int h = known_header(buf + s, c - s);
-    if (h < 0)
+    *stop = 0;
+    size_t s = parse_request_line(buf, end, req, status);
+    if (s == 0)
         return 0;
-    uint32_t bit = 1u << h;
-    if (req->present & bit & SINGLETONS)
-        return 400;
-    if (h == LMW_H_UPGRADE && lmw_token_list_has(buf + vs, ve - vs, (const uint8_t *)"websocket", 9))
-        *tokens |= 1;
-    if (h == LMW_H_CONNECTION && lmw_token_list_has(buf + vs, ve - vs, (const uint8_t *)"upgrade", 7))
-        *tokens |= 2;
-    if (h == LMW_H_CONTENT_LENGTH && !parse_content_length(buf + vs, ve - vs, &req->content_length))
-        return 400;
-    if (!(req->present & bit))
-        req->headers[h] = (lmw_span){(uint32_t)vs, (uint32_t)(ve - vs)};
-    req->present |= bit;
-    return 0;
+    *status = 400;
+    for (;;) {
+        *stop = s;
+        if (s + 1 >= end)
+            return 0;
+        if (buf[s] == '\r')
+            return buf[s + 1] == '\n' ? s + 2 : 0;
+        /* name: a token then ':' (no whitespace before the colon; a leading SP or HTAB
+         * is obs-fold, RFC 7230 3.2.4) */
+        size_t c = scan_name(buf, s, end);
+        if (c == s || c >= end || buf[c] != ':')
+            return 0;
+        size_t vs = c + 1;
+        while (vs < end && is_ows(buf[vs]))
+            vs++;
+        /* value: up to the first control character but HTAB, which must be CR LF */
+        size_t ve = vs;
+        for (;;) {
+            ve = find_ctl(buf, ve, end);
+            if (ve >= end || buf[ve] != '\t')
+                break;
+            ve++;
+        }
+        if (ve + 1 >= end || buf[ve] != '\r' || buf[ve + 1] != '\n')
+            return 0;
+        size_t next = ve + 2;
+        while (ve > vs && is_ows(buf[ve - 1]))
+            ve--;
+        req->header_count++;
+        int h = known_header(buf + s, c - s);
+        if (h >= 0) {
+            uint32_t bit = 1u << h;
+            if (req->present & bit & SINGLETONS)
+                return 0;
+            if (h == LMW_H_UPGRADE && token_has(buf + vs, ve - vs, "websocket", 9))
+                *tokens |= 1;
+            else if (h == LMW_H_CONNECTION && token_has(buf + vs, ve - vs, "upgrade", 7))
+                *tokens |= 2;
+            else if (h == LMW_H_CONTENT_LENGTH &&
+                     !parse_content_length(buf + vs, ve - vs, &req->content_length))
+                return 0;
+            if (!(req->present & bit))
+                req->headers[h] = (lmw_span){(uint32_t)vs, (uint32_t)(ve - vs)};
+            req->present |= bit;
+        }
+        s = next;
+    }
 }
 
 /* check_upgrade applies RFC 6455 4.2.1 to a request that asked for websocket. */
@@ -357,20 +461,10 @@ static int check_upgrade(const uint8_t *buf, const lmw_request *req, uint8_t tok
     return 0;
 }
 
-/* parse_head parses a complete head of head_len bytes once. Returns 0 or a status. */
-static int parse_head(const uint8_t *buf, size_t head_len, lmw_request *req)
+/* finish_head applies the checks that need the whole head and sets req->kind.
+ * Returns 0 or a status. */
+static int finish_head(const uint8_t *buf, lmw_request *req, uint8_t tokens)
 {
-    size_t line_end = find_lf(buf, 0, head_len) - 1; /* every LF follows a CR */
-    int status = parse_request_line(buf, line_end, req);
-    if (status)
-        return status;
-    uint8_t tokens = 0;
-    size_t s = line_end + 2;
-    while (s < head_len - 2) {
-        status = parse_header_line(buf, s, head_len, &s, req, &tokens);
-        if (status)
-            return status;
-    }
     if (req->present & (1u << LMW_H_TRANSFER_ENCODING))
         return 501;
     if (req->minor_version == 1 && !(req->present & (1u << LMW_H_HOST)))
@@ -379,28 +473,57 @@ static int parse_head(const uint8_t *buf, size_t head_len, lmw_request *req)
         req->kind = LMW_KIND_HTTP;
         return 0;
     }
-    status = check_upgrade(buf, req, tokens);
+    int status = check_upgrade(buf, req, tokens);
     if (status)
         return status;
     req->kind = LMW_KIND_UPGRADE;
     return 0;
 }
 
+/* lmw_parse_request has two routes to the same outcome.
+ *   First call (scanned == 0), the usual case of a head that arrives whole: parse_lines
+ *   runs over everything received, finding each line end while it parses the line, so
+ *   the bytes are read once. If it stops before the empty line (a bad line, or the head
+ *   is not complete yet), the search for CRLF CRLF takes over at the start of the line
+ *   where it stopped (the lines before it are known to end in CRLF) and decides between
+ *   400 (bare LF), 431, LMW_INCOMPLETE, and the line's own status.
+ *   Later calls (scanned > 0): the search resumes at scanned, and once the head is
+ *   complete parse_lines runs over it exactly once.
+ * Either way a line's status depends only on its bytes up to its LF, so both routes
+ * (and every split of the input) end the same way. */
 int lmw_parse_request(const uint8_t *buf, size_t len, size_t max_head, lmw_request *req)
 {
     if (max_head > UINT32_MAX - 1)
         max_head = UINT32_MAX - 1;
     size_t limit = len < max_head ? len : max_head;
-    int64_t head_len = find_head_end(buf, limit, req);
-    if (head_len < 0)
-        return fail(req, 400);
-    if (head_len == 0)
-        return len >= max_head ? fail(req, 431) : LMW_INCOMPLETE;
-    uint32_t scanned = req->scanned;
+    uint32_t scanned = req->scanned, resume = scanned;
+    int status = 400;
+    uint8_t tokens = 0;
+    size_t stop, head_len;
     memset(req, 0, sizeof *req);
+    if (scanned == 0) {
+        head_len = parse_lines(buf, limit, req, &status, &stop, &tokens);
+        if (LMW_LIKELY(head_len > 0))
+            goto complete;
+        memset(req, 0, sizeof *req);
+        resume = (uint32_t)stop;
+    }
+    req->scanned = resume;
+    int64_t found = find_head_end(buf, limit, req);
+    if (found == 0)
+        return len >= max_head ? fail(req, 431) : LMW_INCOMPLETE;
     req->scanned = scanned;
+    if (found < 0)
+        return fail(req, 400);
+    /* complete: parse it once (again, on the cold path where the first pass stopped) */
+    req->head_len = (uint32_t)found;
+    tokens = 0;
+    head_len = parse_lines(buf, (size_t)found, req, &status, &stop, &tokens);
+    if (head_len != (size_t)found)
+        return fail(req, status);
+complete:
     req->head_len = (uint32_t)head_len;
-    int status = parse_head(buf, (size_t)head_len, req);
+    status = finish_head(buf, req, tokens);
     if (status) {
         req->kind = 0;
         return fail(req, status);

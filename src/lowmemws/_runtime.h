@@ -160,6 +160,11 @@ struct lmw_server {
     int emfile;           /* accept4 hit the fd limit: accepting waits for a close */
     lmw_deferred *deferred;
     uint32_t ndeferred, cap_deferred;
+    /* per-address counts, only when cfg.max_per_ip is set (see _server.c, peers) */
+    struct lmw_peer *peers;
+    uint32_t peer_mask;
+    uint64_t *peer_of_fd;  /* 2 words per fd: the address counted for it */
+    uint8_t *peer_counted; /* 1 when fd's address is in the table */
     /* fds with unparsed input (the event array filled up) or paused for budget */
     int *backlog;
     uint32_t nbacklog, cap_backlog;

@@ -46,6 +46,8 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -104,6 +106,8 @@ static lmw_event *push_event(lmw_server *s) {
     memset(e, 0, sizeof(*e));
     return e;
 }
+
+static void peer_remove(lmw_server *s, int fd);
 
 /* ---------------------------------------------------------------- slots and exts */
 
@@ -223,6 +227,7 @@ static void conn_free(lmw_server *s, int fd, uint16_t code) {
     }
     lmw__hub_forget(s, fd);
     ext_drop(s, sl);
+    peer_remove(s, fd);
     sl->gen++;
     sl->state = ST_FREE;
     sl->flags = 0;
@@ -953,6 +958,73 @@ static void on_readable(lmw_server *s, int fd, lmw_slot *sl) {
     }
 }
 
+/* ---------------------------------------------------------------- per-address cap */
+
+/* An open-addressing table from client address (IPv4 mapped into IPv6) to the number of
+ * its connections and handshakes; allocated only when max_per_ip is set. */
+typedef struct lmw_peer {
+    uint64_t hi, lo;
+    uint32_t count;
+    uint32_t pad;
+} lmw_peer;
+
+static int peer_key(const struct sockaddr_storage *ss, uint64_t *hi, uint64_t *lo) {
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+        *hi = 0;
+        *lo = 0xffff00000000ull | ntohl(in->sin_addr.s_addr);
+        return 0;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        memcpy(hi, in6->sin6_addr.s6_addr, 8);
+        memcpy(lo, in6->sin6_addr.s6_addr + 8, 8);
+        return 0;
+    }
+    return -1;
+}
+
+static uint32_t peer_home(lmw_server *s, uint64_t hi, uint64_t lo) {
+    uint64_t h = (hi * 0x9e3779b97f4a7c15ull) ^ (lo * 0xc2b2ae3d27d4eb4full);
+    return (uint32_t)(h >> 32) & s->peer_mask;
+}
+
+/* peer_add counts one more connection from ss for fd; returns the new count (0 if
+ * untracked). The address is remembered per fd: after a reset, getpeername fails. */
+static uint32_t peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss) {
+    uint64_t hi, lo;
+    if (!s->peers || peer_key(ss, &hi, &lo) < 0) return 0;
+    s->peer_of_fd[2 * fd] = hi;
+    s->peer_of_fd[2 * fd + 1] = lo;
+    s->peer_counted[fd] = 1;
+    for (uint32_t i = peer_home(s, hi, lo);; i = (i + 1) & s->peer_mask) {
+        lmw_peer *p = &s->peers[i];
+        if (p->count && (p->hi != hi || p->lo != lo)) continue;
+        p->hi = hi;
+        p->lo = lo;
+        return ++p->count;
+    }
+}
+
+static void peer_remove(lmw_server *s, int fd) {
+    if (!s->peers || !s->peer_counted[fd]) return;
+    uint64_t hi = s->peer_of_fd[2 * fd], lo = s->peer_of_fd[2 * fd + 1];
+    s->peer_counted[fd] = 0;
+    uint32_t mask = s->peer_mask, i = peer_home(s, hi, lo);
+    while (s->peers[i].count && (s->peers[i].hi != hi || s->peers[i].lo != lo))
+        i = (i + 1) & mask;
+    if (!s->peers[i].count || --s->peers[i].count) return;
+    /* backward-shift deletion keeps every probe chain unbroken */
+    for (uint32_t j = (i + 1) & mask; s->peers[j].count; j = (j + 1) & mask) {
+        uint32_t home = peer_home(s, s->peers[j].hi, s->peers[j].lo);
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (stays) continue;
+        s->peers[i] = s->peers[j];
+        s->peers[j].count = 0;
+        i = j;
+    }
+}
+
 /* ---------------------------------------------------------------- accept */
 
 static int is_listener(lmw_server *s, int fd) {
@@ -979,7 +1051,9 @@ static int accepting_allowed(lmw_server *s) {
 
 static void accept_batch(lmw_server *s, int lfd) {
     for (uint32_t i = 0; i < s->cfg.accept_batch && accepting_allowed(s); i++) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage peer;
+        socklen_t peer_len = sizeof peer;
+        int fd = accept4(lfd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE) s->emfile = 1;
             return;
@@ -1002,6 +1076,8 @@ static void accept_batch(lmw_server *s, int lfd) {
             continue;
         }
         s->stats->handshakes++;
+        if (s->peers && peer_add(s, fd, &peer) > s->cfg.max_per_ip)
+            reject(s, fd, sl, 503); /* this address holds its share: 503, then close */
     }
 }
 
@@ -1389,6 +1465,18 @@ lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats) {
     s->nslots = (uint32_t)n;
     s->slots = calloc(s->nslots, sizeof(lmw_slot)); /* untouched pages cost nothing */
     s->pool = calloc(s->cfg.read_buffers, sizeof(uint8_t *));
+    if (s->cfg.max_per_ip) {
+        uint32_t size = 64;
+        while (size < 2 * s->nslots) size <<= 1;
+        s->peer_mask = size - 1;
+        s->peers = calloc(size, sizeof(lmw_peer)); /* untouched pages cost nothing */
+        s->peer_of_fd = calloc(2 * (size_t)s->nslots, sizeof(uint64_t));
+        s->peer_counted = calloc(s->nslots, 1);
+        if (!s->peer_of_fd || !s->peer_counted) {
+            free(s->peers);
+            s->peers = NULL;
+        }
+    }
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (!s->slots || !s->pool || s->epfd < 0 || s->wakefd < 0) {
@@ -1424,6 +1512,9 @@ void lmw_server_free(lmw_server *s) {
     free(s->backlog);
     free(s->budget_paused);
     free(s->deferred);
+    free(s->peers);
+    free(s->peer_of_fd);
+    free(s->peer_counted);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }

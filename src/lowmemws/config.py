@@ -56,6 +56,8 @@ class Config:
     """Deadline for the peer's answer to our close frame, and for lingering closes."""
     accept_batch: int = 64
     """accept4 calls per readable listener per loop turn."""
+    max_per_ip: int = 0
+    """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
     workers: int = 0
     """Threads running on_message; 0 runs it inline on the loop thread."""
     worker_queue: int = 1024
@@ -100,6 +102,7 @@ class Config:
         c.ping_timeout_ms = int(self.ping_timeout * 1000)
         c.close_timeout_ms = int(self.close_timeout * 1000)
         c.accept_batch = self.accept_batch
+        c.max_per_ip = self.max_per_ip
         c.write_policy = POLICIES[self.write_policy]
         c.auto_upgrade = 1 if auto_upgrade else 0
         return c

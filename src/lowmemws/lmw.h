@@ -224,9 +224,10 @@ typedef struct {
     uint32_t ping_timeout_ms;
     uint32_t close_timeout_ms;
     uint32_t accept_batch;        /* accept4 calls per readable listener */
+    uint32_t max_per_ip;          /* connections + handshakes per client address; 0 = no cap */
     uint8_t write_policy;         /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
     uint8_t auto_upgrade;         /* 1: complete upgrades in C, no UPGRADE event */
-    uint8_t pad[6];
+    uint8_t pad[2];
 } lmw_config;
 
 /* Counters, in a struct so several worker processes can keep theirs in one shared
