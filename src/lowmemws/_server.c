@@ -1049,6 +1049,21 @@ static int accepting_allowed(lmw_server *s) {
            s->stats->handshakes < s->cfg.max_handshakes;
 }
 
+/* slot_open starts a connection on fd: state HEAD, in the epoll set. */
+static int slot_open(lmw_server *s, int fd) {
+    if (fd < 0 || (uint32_t)fd >= s->nslots || s->slots[fd].state != ST_FREE) return LMW_ERROR;
+    lmw_slot *sl = &s->slots[fd];
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return LMW_ERROR;
+    sl->state = ST_HEAD;
+    sl->flags = F_EPOLL_IN;
+    sl->tick = s->now;
+    sl->close_code = 0;
+    if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
+    s->stats->handshakes++;
+    return 0;
+}
+
 static void accept_batch(lmw_server *s, int lfd) {
     for (uint32_t i = 0; i < s->cfg.accept_batch && accepting_allowed(s); i++) {
         struct sockaddr_storage peer;
@@ -1058,27 +1073,21 @@ static void accept_batch(lmw_server *s, int lfd) {
             if (errno == EMFILE || errno == ENFILE) s->emfile = 1;
             return;
         }
-        if ((uint32_t)fd >= s->nslots) {
+        if (slot_open(s, fd) < 0) {
             close(fd);
             continue;
         }
-        lmw_slot *sl = &s->slots[fd];
-        sl->state = ST_HEAD;
-        sl->flags = F_EPOLL_IN;
-        sl->tick = s->now;
-        sl->close_code = 0;
-        if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
-        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            sl->state = ST_FREE;
-            sl->gen++;
-            close(fd);
-            continue;
-        }
-        s->stats->handshakes++;
         if (s->peers && peer_add(s, fd, &peer) > s->cfg.max_per_ip)
-            reject(s, fd, sl, 503); /* this address holds its share: 503, then close */
+            reject(s, fd, &s->slots[fd], 503); /* this address holds its share: 503, close */
     }
+}
+
+int lmw_adopt(lmw_server *s, int fd) {
+    pthread_mutex_lock(&s->lock);
+    int r = slot_open(s, fd);
+    pthread_mutex_unlock(&s->lock);
+    if (r == 0) lmw_wake(s);
+    return r;
 }
 
 /* ---------------------------------------------------------------- sweep */

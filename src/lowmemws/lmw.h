@@ -289,6 +289,11 @@ void lmw_server_free(lmw_server *s);
 /* lmw_listen_add takes a bound, listening, non-blocking socket fd. */
 int lmw_listen_add(lmw_server *s, int fd);
 
+/* lmw_adopt takes an already connected, non-blocking stream socket as a new connection
+ * whose request head is still to be read, as if accepted (for socketpairs: tests, fuzzing,
+ * hand-offs). Returns 0, or LMW_ERROR (fd out of range or in use). */
+int lmw_adopt(lmw_server *s, int fd);
+
 /* lmw_listen_stop stops accepting for good (shutdown). */
 void lmw_listen_stop(lmw_server *s);
 
