@@ -93,7 +93,10 @@ def render(r: dict[str, Any]) -> str:
     mib = 1048576
     rows = [
         ["connections held", f"{r['connections']:,} of {r['wanted']:,}"],
-        ["server processes / client processes", f"{r['processes']} / {r['client_processes']}"],
+        [
+            "server worker processes / load-client processes",
+            f"{r['processes']} / {r['client_processes']}",
+        ],
         ["time to open", f"{r['open_seconds']:.0f} s"],
         ["server CPU per connection opened", f"{r['open_cpu_us_per_conn']:.1f} us"],
         [
