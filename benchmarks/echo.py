@@ -40,6 +40,7 @@ def measure(
             rates, per_msg = [], []
             for _ in range(rounds):
                 time.sleep(0.2)
+                procstats.wait_idle(srv.pid)
                 before = procstats.cpu_ticks(srv.pid)
                 got = lc.echo(size, seconds, connections)
                 used = procstats.cpu_ticks(srv.pid) - before

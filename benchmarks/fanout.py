@@ -41,6 +41,7 @@ def measure(
         for i in range(rounds):
             lc.reset()
             time.sleep(0.3)
+            procstats.wait_idle(srv.pid)
             before, t0 = procstats.cpu_ticks(srv.pid), time.monotonic()
             written = control.publish(messages, size)
             got = lc.wait_frames(messages)

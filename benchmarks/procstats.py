@@ -154,6 +154,22 @@ def wait_settled(
         time.sleep(interval)
 
 
+def wait_idle(pid: int, *, interval: float = 0.3, timeout: float = 15.0) -> None:
+    """wait_idle waits until a process uses at most one clock tick per ``interval``.
+
+    Run before a measured window, so clean-up left over from the previous round (closing
+    thousands of connections, garbage collection) is not charged to the next one.
+    """
+    deadline = time.monotonic() + timeout
+    last = cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = cpu_ticks(pid)
+        if now - last <= 1:
+            return
+        last = now
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """spread summarises repeated measurements: median, min, max and the count."""
     return {

@@ -31,6 +31,7 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
         for i in range(rounds):
             with LoadClients(srv.host, srv.port, connections) as lc:
                 time.sleep(1.0)  # the client processes start; the server is idle again
+                procstats.wait_idle(srv.pid)
                 before = procstats.cpu_ticks(srv.pid)
                 opened = lc.open()
                 used = procstats.cpu_ticks(srv.pid) - before
