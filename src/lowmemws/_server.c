@@ -412,6 +412,22 @@ static void flush_out(lmw_server *s, int fd, lmw_slot *sl) {
     ext_trim(s, sl);
 }
 
+/* drop_unsent discards queued frames not yet begun (a frame partly on the wire stays): a
+ * client closed for being too slow gets its close frame next, not after all it missed. */
+static void drop_unsent(lmw_server *s, lmw_ext *x) {
+    lmw_out **at = &x->out_head;
+    if (*at && (*at)->sent) at = &(*at)->next;
+    while (*at) {
+        lmw_out *o = *at;
+        *at = o->next;
+        x->out_bytes -= o->len;
+        s->stats->pending_write_bytes -= o->len;
+        free(o);
+    }
+    x->out_tail = NULL;
+    for (lmw_out *o = x->out_head; o; o = o->next) x->out_tail = o;
+}
+
 /* lmw__write sends a complete data frame (fan-out and lmw_send), applying the write
  * limit and policy. Returns 1 sent or queued, 0 dropped, -1 connection gone. */
 int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
@@ -443,6 +459,7 @@ int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t
             s->stats->pending_write_bytes + len > s->cfg.write_budget) {
             if (policy == LMW_POLICY_CLOSE) {
                 s->stats->dropped[LMW_DROP_CLOSED]++;
+                drop_unsent(s, x);
                 lmw__fail(s, fd, 1008);
                 return 0;
             }
@@ -912,8 +929,7 @@ static void on_readable(lmw_server *s, int fd, lmw_slot *sl) {
         while (n < 0 && errno == EINTR);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
         if (n <= 0) return conn_free(s, fd, 0);
-        x->in_len += (uint32_t)n;
-        sl->tick = s->now;
+        x->in_len += (uint32_t)n; /* a handshake keeps its accept tick: a deadline */
         buf = x->in;
         size_t len = x->in_len;
         if (sl->state == ST_HTTP_BODY && len < x->in_cap) return;
@@ -937,8 +953,10 @@ static void on_readable(lmw_server *s, int fd, lmw_slot *sl) {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
     if (n <= 0) return conn_free(s, fd, 0);
     commit_read_space(s, pending + (size_t)n);
-    sl->tick = s->now;
-    sl->flags &= ~F_PING_OUT;
+    if (!is_handshake_state(sl->state)) { /* a handshake keeps its accept tick: a deadline */
+        sl->tick = s->now;
+        sl->flags &= ~F_PING_OUT;
+    }
     uint32_t progress = 0;
     if (pending) {
         progress = x->in_checked;
@@ -1347,6 +1365,7 @@ int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *dat
              s->stats->pending_write_bytes + len + hl > s->cfg.write_budget)) {
             if (s->cfg.write_policy == LMW_POLICY_CLOSE) {
                 s->stats->dropped[LMW_DROP_CLOSED]++;
+                drop_unsent(s, x);
                 lmw__fail(s, fd, 1008);
             } else {
                 s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;

@@ -93,11 +93,6 @@ def trickle_until_answered(sock: socket.socket, data: bytes) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handshake_timeout is an idle timer: every read in HEAD/HTTP_BODY resets the "
-    "slot tick (on_readable), so a client trickling a byte a second is never answered 408",
-)
 def test_slowloris_trickling_a_byte_at_a_time_still_gets_408_at_the_deadline(
     guarded: Guarded,
 ) -> None:
@@ -426,11 +421,6 @@ def test_slow_post_body_gets_408_after_the_deadline(guarded: Guarded) -> None:
     guarded.still_serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handshake_timeout is an idle timer: every read in HEAD/HTTP_BODY resets the "
-    "slot tick (on_readable), so a client trickling a byte a second is never answered 408",
-)
 def test_slow_post_body_trickled_still_gets_408_at_the_deadline(guarded: Guarded) -> None:
     """A body that keeps coming, a byte every 200 ms, is still bound by the deadline."""
     with connect(guarded.server) as sock:
