@@ -358,11 +358,6 @@ def test_two_demo_processes_share_a_redis_server(
     wait_unread(browser, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisBus draws its node id in __init__, so forked workers share it and each skips "
-    "the others' envelopes as its own echo (library fix pending: a fresh id per process)",
-)
 def test_two_processes_on_redis_deliver_mail_from_either_worker(demo: Demo, redis_url: str) -> None:
     server = demo("--processes", "2", "--redis", redis_url)
     clients = [ws_client(server, "gus") for _ in range(8)]

@@ -127,6 +127,10 @@ class RedisBus(BusBase):
         if self._threads:
             raise RuntimeError("RedisBus.start: already started")
         self._deliver = deliver
+        # A node is the process that starts the bus: a bus made before a fork and started
+        # in each worker must give every worker its own id, or they skip each other's
+        # envelopes as their own echo.
+        self.node_id = os.urandom(16)
         for name, target in (("pub", self._writer_loop), ("sub", self._subscriber_loop)):
             thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
             self._threads.append(thread)
