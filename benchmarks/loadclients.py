@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 A benchmark needs tens of thousands (up to a million) of real WebSocket connections without the
 clients costing more than the servers they measure. Each *worker* is a separate Python process
-(so each stays under the 20,000 open-files limit) that owns one source address (127.0.0.2,
-127.0.0.3, ...; bound before connect with IP_BIND_ADDRESS_NO_PORT, so ephemeral ports are chosen
-per 4-tuple and never run out). A worker uses raw non-blocking sockets and one epoll:
+(so each stays under the 20,000 open-files limit) that owns its own source addresses
+(127.0.0.2, 127.0.0.3, ...; bound before connect with IP_BIND_ADDRESS_NO_PORT, so ephemeral
+ports are chosen per 4-tuple and never run out), used in turn, at most SOURCE_SPAN connections
+each: the kernel's search for a free ephemeral port slows down sharply as one source address
+fills its port range (36,000 connections from two addresses took 12 s, from ten 2 s).
+A worker uses raw non-blocking sockets and one epoll:
 
 - ``open``: connects with a bounded number of handshakes in flight, sends a valid Upgrade
   (``GET /ws?user=N``, a fresh Sec-WebSocket-Key, optionally offering permessage-deflate),
@@ -42,6 +45,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 MASK = b"\x37\xfa\x21\x3d"
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 RECV_SIZE = 65536
+SOURCE_SPAN = 4_000
 
 CONNECTING, HANDSHAKE, OPEN, CLOSING = range(4)
 
@@ -110,8 +114,10 @@ class Conn:
 class Worker:
     """Worker holds one process's share of the connections (see the module docstring)."""
 
-    def __init__(self, host: str, port: int, source: str, user_base: int, deflate: bool) -> None:
-        self.host, self.port, self.source = host, port, source
+    def __init__(
+        self, host: str, port: int, sources: list[str], user_base: int, deflate: bool
+    ) -> None:
+        self.host, self.port, self.sources = host, port, sources
         self.user_base, self.deflate = user_base, deflate
         self.ep = select.epoll()
         self.conns: dict[int, Conn] = {}
@@ -132,7 +138,7 @@ class Worker:
     def connect_one(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((self.source, 0))
+        sock.bind((self.sources[self.next_user % len(self.sources)], 0))
         sock.setblocking(False)
         err = sock.connect_ex((self.host, self.port))
         if err not in (0, errno.EINPROGRESS):
@@ -440,11 +446,13 @@ class LoadClients:
     ) -> None:
         global _next_source
         count = max(min_workers, -(-total // per_worker))
+        self.counts = [total // count + (1 if i < total % count else 0) for i in range(count)]
+        spans = [max(1, -(-n // SOURCE_SPAN)) for n in self.counts]
         if first_source is None:
             # Fresh source addresses for every client group in this run: no 4-tuple left in
             # TIME_WAIT by an earlier group can collide with a new connection.
-            first_source, _next_source = _next_source, (_next_source + count) % 60_000
-        self.counts = [total // count + (1 if i < total % count else 0) for i in range(count)]
+            first_source = _next_source
+            _next_source = (first_source + sum(spans)) % 60_000
         self.procs: list[subprocess.Popen[bytes]] = []
         for i in range(count):
             args = [
@@ -454,8 +462,10 @@ class LoadClients:
                 host,
                 "--port",
                 str(port),
-                "--source",
-                source_address(first_source + i),
+                "--sources",
+                ",".join(
+                    source_address(first_source + sum(spans[:i]) + j) for j in range(spans[i])
+                ),
                 "--user-base",
                 str((1 << 40) + i * 1_000_000),
             ]
@@ -594,12 +604,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description="one load-client worker (see the module docstring)")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--source", required=True)
+    p.add_argument("--sources", required=True, help="comma-separated source addresses")
     p.add_argument("--user-base", type=int, default=1 << 40)
     p.add_argument("--deflate", action="store_true")
     a = p.parse_args()
     try:
-        Worker(a.host, a.port, a.source, a.user_base, a.deflate).serve()
+        Worker(a.host, a.port, a.sources.split(","), a.user_base, a.deflate).serve()
     except KeyboardInterrupt:
         pass
 

@@ -146,11 +146,11 @@ def plot(record: dict[str, Any], path: str) -> None:
         rows = record["echo"]["rows"]
         for j, size in enumerate(("256", "8192")):
             xs = [i + (j - 0.5) * 0.4 for i in range(len(rows))]
-            ys = [r["sizes"][size]["messages_per_s"]["median"] for r in rows]
+            ys = [r["sizes"][size]["us_per_message"]["median"] for r in rows]
             a_echo.bar(xs, ys, 0.4, label=f"{size} B")
         a_echo.set_xticks(range(len(rows)), [r["server"] for r in rows])
         a_echo.legend()
-    a_echo.set_title("echo, 100 connections: messages/s")
+    a_echo.set_title("echo, 100 connections: server CPU us per message")
     fig.suptitle(f"lowmemws benchmarks, {record['timestamp']}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
