@@ -10,6 +10,7 @@ scale run is separate (``--scale-connections 1000000``, or run ``scale.py`` and 
 read when present) because it takes minutes and most of the machine.
 
     python benchmarks/run_all.py [--quick] [--servers a,b] [--scale-connections N]
+    python benchmarks/run_all.py --render benchmarks/results/<timestamp>.json  # re-render only
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             10.0 if a.quick else 30.0,
             512,
         )
-    headline = a.scale_record or os.path.join(RESULTS, "scale-headline.json")
+    add_headline(record, a.scale_record)
+    return record
+
+
+def add_headline(record: dict[str, Any], path: str | None) -> None:
+    """add_headline attaches the separately run scale record (the million run) if present."""
+    headline = path or os.path.join(RESULTS, "scale-headline.json")
     if os.path.exists(headline):
         with open(headline) as f:
             record["scale_headline"] = json.load(f)
-    return record
 
 
 def ok(section: Any) -> bool:
@@ -260,14 +266,23 @@ def main(argv: list[str] | None = None) -> None:
         help="a scale.py --json file (default: results/scale-headline.json, the million run)",
     )
     p.add_argument("--no-markdown", action="store_true", help="do not rewrite BENCHMARKS.md")
+    p.add_argument(
+        "--render", metavar="RECORD", help="measure nothing: re-render a results/*.json record"
+    )
     a = p.parse_args(argv)
-    record = run(a)
-    os.makedirs(RESULTS, exist_ok=True)
-    stamp = record["timestamp"].replace(":", "")
-    record["timestamp"] = stamp
-    json_path = os.path.join(RESULTS, f"{stamp}.json")
-    with open(json_path, "w") as f:
-        json.dump(record, f, indent=1)
+    if a.render:
+        with open(a.render) as f:
+            record = json.load(f)
+        add_headline(record, a.scale_record)
+        stamp, json_path = record["timestamp"], a.render
+    else:
+        record = run(a)
+        os.makedirs(RESULTS, exist_ok=True)
+        stamp = record["timestamp"].replace(":", "")
+        record["timestamp"] = stamp
+        json_path = os.path.join(RESULTS, f"{stamp}.json")
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)
     png = os.path.join(RESULTS, f"{stamp}.png")
     plot(record, png)
     text = markdown(record, png)
