@@ -243,15 +243,25 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "100 connections, one binary message in flight each, the same Python client for every "
         "server; messages/s is wall clock, CPU is the server's.",
     )
-    for key, title in (("scale", "Scale (quick run)"), ("scale_headline", "Scale (headline)")):
+    scale_notes = {
+        "scale": ("Scale (quick run, in this run)", "`run_all.py --scale-connections N`"),
+        "scale_headline": (
+            "Scale (headline, run separately)",
+            "`python benchmarks/scale.py --connections 1000000 --processes 56 --window 2048 "
+            "--json benchmarks/results/scale-headline.json`",
+        ),
+    }
+    for key, (title, command) in scale_notes.items():
         if key in record:
             lines += section(
                 title,
                 record,
                 key,
                 scale.render,
-                "lowmemws alone, SO_REUSEPORT worker processes; bytes per connection over the "
-                "whole server process tree.",
+                f"{command}: lowmemws alone with SO_REUSEPORT worker processes, load clients "
+                "spread over many processes and source addresses. Bytes per connection over the "
+                "whole server process tree (RSS sums count shared pages once per process; PSS "
+                "splits them); kernel memory covers both ends of each loopback connection.",
             )
     return "\n".join(lines).rstrip() + "\n"
 
