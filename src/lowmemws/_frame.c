@@ -155,7 +155,7 @@ static inline size_t scan_name(const uint8_t *s, size_t i, size_t end)
             continue;
         }
         i += (size_t)__builtin_ctz(m);
-        if (!(char_class[s[i]] & C_TCHAR))
+        if (LMW_LIKELY(s[i] == ':') || !(char_class[s[i]] & C_TCHAR))
             return i;
         i++; /* a rarer token character such as '_' */
     }
@@ -597,42 +597,81 @@ typedef struct {
 
 static inline uint32_t rol32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
 
-static void sha1_block(uint32_t h[5], const uint8_t *p)
+static inline uint32_t load_be32(const uint8_t *p)
 {
-    uint32_t w[80];
-    for (int t = 0; t < 16; t++)
-        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 |
-               (uint32_t)p[4 * t + 2] << 8 | p[4 * t + 3];
-    for (int t = 16; t < 80; t++)
-        w[t] = rol32(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The four round functions and constants of FIPS 180-4 section 4.1.1; F1 and F3 in
+ * forms that need fewer operations than the textbook ones (same values). */
+#define SHA1_F1(b, c, d) ((d) ^ ((b) & ((c) ^ (d))))
+#define SHA1_F2(b, c, d) ((b) ^ (c) ^ (d))
+#define SHA1_F3(b, c, d) (((b) & (c)) | ((d) & ((b) | (c))))
+#define SHA1_K1 0x5A827999u
+#define SHA1_K2 0x6ED9EBA1u
+#define SHA1_K3 0x8F1BBCDCu
+#define SHA1_K4 0xCA62C1D6u
+
+/* The message schedule lives in a 16-word ring: W(t) for t >= 16 replaces w[t % 16]. */
+#define SHA1_W(t)                                                                        \
+    (w[(t)&15] = rol32(w[((t) + 13) & 15] ^ w[((t) + 8) & 15] ^ w[((t) + 2) & 15] ^ w[(t)&15], \
+                       1))
+
+/* One round with the variables renamed instead of moved: the caller rotates the
+ * argument order, so five consecutive rounds bring the names back to a, b, c, d, e. */
+#define SHA1_R(a, b, c, d, e, f, k, wt)                                                  \
+    do {                                                                                 \
+        e += rol32(a, 5) + f(b, c, d) + (k) + (wt);                                      \
+        b = rol32(b, 30);                                                                \
+    } while (0)
+
+#define SHA1_R5(t, f, k, W)                                                              \
+    SHA1_R(a, b, c, d, e, f, k, W(t));                                                   \
+    SHA1_R(e, a, b, c, d, f, k, W((t) + 1));                                             \
+    SHA1_R(d, e, a, b, c, f, k, W((t) + 2));                                             \
+    SHA1_R(c, d, e, a, b, f, k, W((t) + 3));                                             \
+    SHA1_R(b, c, d, e, a, f, k, W((t) + 4))
+
+#define SHA1_W0(t) w[t]
+
+/* sha1_compress runs the 80 rounds, fully unrolled, on the 16 message words w (which
+ * it overwrites with the schedule) and adds the result into h. */
+static inline void sha1_compress(uint32_t h[5], uint32_t w[16])
+{
     uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
-    for (int t = 0; t < 80; t++) {
-        uint32_t f, k;
-        if (t < 20) {
-            f = (b & c) | (~b & d);
-            k = 0x5A827999;
-        } else if (t < 40) {
-            f = b ^ c ^ d;
-            k = 0x6ED9EBA1;
-        } else if (t < 60) {
-            f = (b & c) | (b & d) | (c & d);
-            k = 0x8F1BBCDC;
-        } else {
-            f = b ^ c ^ d;
-            k = 0xCA62C1D6;
-        }
-        uint32_t tmp = rol32(a, 5) + f + e + k + w[t];
-        e = d;
-        d = c;
-        c = rol32(b, 30);
-        b = a;
-        a = tmp;
-    }
+    SHA1_R5(0, SHA1_F1, SHA1_K1, SHA1_W0);
+    SHA1_R5(5, SHA1_F1, SHA1_K1, SHA1_W0);
+    SHA1_R5(10, SHA1_F1, SHA1_K1, SHA1_W0);
+    SHA1_R(a, b, c, d, e, SHA1_F1, SHA1_K1, w[15]);
+    SHA1_R(e, a, b, c, d, SHA1_F1, SHA1_K1, SHA1_W(16));
+    SHA1_R(d, e, a, b, c, SHA1_F1, SHA1_K1, SHA1_W(17));
+    SHA1_R(c, d, e, a, b, SHA1_F1, SHA1_K1, SHA1_W(18));
+    SHA1_R(b, c, d, e, a, SHA1_F1, SHA1_K1, SHA1_W(19));
+    SHA1_R5(20, SHA1_F2, SHA1_K2, SHA1_W);
+    SHA1_R5(25, SHA1_F2, SHA1_K2, SHA1_W);
+    SHA1_R5(30, SHA1_F2, SHA1_K2, SHA1_W);
+    SHA1_R5(35, SHA1_F2, SHA1_K2, SHA1_W);
+    SHA1_R5(40, SHA1_F3, SHA1_K3, SHA1_W);
+    SHA1_R5(45, SHA1_F3, SHA1_K3, SHA1_W);
+    SHA1_R5(50, SHA1_F3, SHA1_K3, SHA1_W);
+    SHA1_R5(55, SHA1_F3, SHA1_K3, SHA1_W);
+    SHA1_R5(60, SHA1_F2, SHA1_K4, SHA1_W);
+    SHA1_R5(65, SHA1_F2, SHA1_K4, SHA1_W);
+    SHA1_R5(70, SHA1_F2, SHA1_K4, SHA1_W);
+    SHA1_R5(75, SHA1_F2, SHA1_K4, SHA1_W);
     h[0] += a;
     h[1] += b;
     h[2] += c;
     h[3] += d;
     h[4] += e;
+}
+
+static void sha1_block(uint32_t h[5], const uint8_t *p)
+{
+    uint32_t w[16];
+    for (int t = 0; t < 16; t++)
+        w[t] = load_be32(p + 4 * t);
+    sha1_compress(h, w);
 }
 
 static void sha1_init(sha1_ctx *c)
@@ -705,8 +744,38 @@ static void base64_encode(const uint8_t *in, size_t n, uint8_t *out)
 
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
+/* The GUID as big-endian words: bytes 24..59 of the message when the key has the usual
+ * 24 characters. */
+static const uint32_t ws_guid_words[9] = {0x32353845, 0x41464135, 0x2D453931, 0x342D3437,
+                                          0x44412D39, 0x3543412D, 0x43354142, 0x30444338,
+                                          0x35423131};
+
 void lmw_accept_key(const uint8_t *key, size_t key_len, uint8_t *out28)
 {
+    if (LMW_LIKELY(key_len == 24)) {
+        /* 24 + 36 = 60 bytes: the first block is the key, the GUID and the 0x80 that
+         * starts the padding; the second holds only the length, 480 bits. */
+        uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+        uint32_t w[16];
+        for (int t = 0; t < 6; t++)
+            w[t] = load_be32(key + 4 * t);
+        for (int t = 0; t < 9; t++)
+            w[6 + t] = ws_guid_words[t];
+        w[15] = 0x80000000u;
+        sha1_compress(h, w);
+        memset(w, 0, sizeof w);
+        w[15] = 60 * 8;
+        sha1_compress(h, w);
+        uint8_t digest[20];
+        for (int i = 0; i < 5; i++) {
+            digest[4 * i] = (uint8_t)(h[i] >> 24);
+            digest[4 * i + 1] = (uint8_t)(h[i] >> 16);
+            digest[4 * i + 2] = (uint8_t)(h[i] >> 8);
+            digest[4 * i + 3] = (uint8_t)h[i];
+        }
+        base64_encode(digest, 20, out28);
+        return;
+    }
     sha1_ctx c;
     uint8_t digest[20];
     sha1_init(&c);
