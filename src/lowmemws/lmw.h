@@ -72,17 +72,31 @@ typedef struct {
 /* lmw_parse_request parses an HTTP/1.x request head in place.
  * Returns head_len (> 0) when the head is complete and acceptable, LMW_INCOMPLETE when
  * more bytes are needed (len < max_head), LMW_ERROR with req->status set otherwise:
- *   400 malformed line or header, obs-fold, bare LF, missing Host, duplicate Host /
- *       Content-Length / Sec-WebSocket-Key / Sec-WebSocket-Version, bad Content-Length,
- *       Sec-WebSocket-Key that does not decode to 16 bytes, websocket Upgrade without
- *       an "upgrade" token in Connection;
+ *   400 malformed line or header, obs-fold, bare LF, an empty line before the request
+ *       line (RFC 7230 3.5 allows skipping it; we do not), a request-target with a byte
+ *       outside VCHAR (space, control or non-ASCII: percent-encode it), missing Host
+ *       (HTTP/1.1), duplicate Host / Content-Length / Sec-WebSocket-Key /
+ *       Sec-WebSocket-Version, bad Content-Length (it must be 1 to 19 ASCII digits: no
+ *       sign, no inner whitespace, no comma list), Sec-WebSocket-Key that does not
+ *       decode to 16 bytes, websocket Upgrade without an "upgrade" token in Connection;
  *   405 a WebSocket upgrade whose method is not GET;
  *   426 a WebSocket upgrade with a missing or unsupported Sec-WebSocket-Version;
  *   431 no complete head within max_head bytes;
  *   501 Transfer-Encoding on a request (bodies must use Content-Length);
  *   505 a version other than HTTP/1.0 or HTTP/1.1 (a WebSocket upgrade needs 1.1).
  * Line endings must be CRLF (RFC 7230 section 3.5 allows, but does not require,
- * accepting a bare LF; we refuse it with 400 to leave no room for request smuggling). */
+ * accepting a bare LF; we refuse it with 400 to leave no room for request smuggling).
+ * Repeated header fields: a duplicate of the four above is 400; any other known header
+ * keeps the span of its first occurrence in req->headers (all occurrences count in
+ * header_count and are seen by lmw_header_next). The "websocket" token of Upgrade and
+ * the "upgrade" token of Connection are looked for in every occurrence of the field,
+ * as if they were one comma-separated list (RFC 7230 3.2.2).
+ * Errors are reported only once they are certain: a bad line in a head that is not
+ * complete yet gives LMW_INCOMPLETE until the blank line (then its status) or a bare LF
+ * (400) arrives, or 431; so any split of the same bytes over calls ends the same way.
+ * On the first call (scanned == 0) the head is parsed in the same pass that finds its
+ * end; on later calls the search resumes at scanned and the parse runs once when the
+ * head is complete, so no byte is searched twice however the head is split. */
 int lmw_parse_request(const uint8_t *buf, size_t len, size_t max_head, lmw_request *req);
 
 /* lmw_header_next iterates the header fields of a head accepted by lmw_parse_request.
@@ -107,7 +121,12 @@ int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
 
 /* lmw_reject_response returns a response built once at start-up for status (400, 401,
  * 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505), with Connection: close, or
- * NULL for another status. The 426 response carries Sec-WebSocket-Version: 13. */
+ * NULL for another status. Each has Content-Type: text/plain; charset=utf-8, a
+ * Content-Length and a body of the reason phrase and a newline. Extra headers:
+ *   405 Allow: GET;
+ *   426 Sec-WebSocket-Version: 13 and Upgrade: websocket, with "Connection: close,
+ *       Upgrade" (RFC 6455 4.4, RFC 7230 6.7);
+ *   503 Retry-After: 1. */
 const uint8_t *lmw_reject_response(int status, size_t *len);
 
 /* ------------------------------------------------------------------------------------
@@ -153,7 +172,10 @@ void lmw_unmask(uint8_t *p, size_t n, const uint8_t *mask, size_t phase);
 /* lmw_utf8_check validates n bytes continuing from *state. Returns -1 when every byte
  * is valid so far (the message may still end inside a character: check *state ==
  * LMW_UTF8_ACCEPT at the end), or the offset of the first invalid byte. Overlong forms,
- * surrogates (U+D800..U+DFFF) and code points above U+10FFFF are invalid. */
+ * surrogates (U+D800..U+DFFF) and code points above U+10FFFF are invalid.
+ * The error is sticky: after an invalid byte *state is 0xFFFFFFFF and stays so, every
+ * later call with n > 0 returns 0 (n == 0 returns -1 but the state is still not
+ * LMW_UTF8_ACCEPT); set *state = 0 to start over. */
 int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n);
 
 /* lmw_message_state follows one connection's message across frames: fragmentation
@@ -172,12 +194,15 @@ typedef struct {
 int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_message);
 
 /* lmw_message_payload validates n unmasked payload bytes of the current data frame.
- * Returns 0 or 1007 (invalid UTF-8 in a text message, at the first bad byte). */
+ * Returns 0 or 1007 (invalid UTF-8 in a text message, at the first bad byte).
+ * Data frames only (opcode 0-2): the payload of a control frame that arrives between
+ * two fragments must not be passed here, or it would be checked as part of the text. */
 int lmw_message_payload(lmw_message_state *m, const uint8_t *p, size_t n);
 
 /* lmw_message_frame_end is called after the whole payload of a data frame.
  * With fin set it returns 1007 if the text ends inside a character, else 0, and resets
- * the state for the next message. */
+ * the state for the next message. Data frames only: a control frame always has fin
+ * set, so calling this for one would end a fragmented message in progress. */
 int lmw_message_frame_end(lmw_message_state *m, int fin);
 
 /* lmw_build_header writes an unmasked server frame header (2, 4 or 10 bytes) for a
