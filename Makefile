@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE := $(wildcard src/lowmemws/*.c src/lowmemws/*.h) src/lowmemws/_build_native.py setup.py pyproject.toml
-FUZZ_SECONDS ?= 20
+FUZZ_SECONDS ?= 8
 
 .PHONY: all build demo test lint typecheck pytest sysdeps fuzz fuzz-smoke bench compliance clean
 
@@ -49,12 +49,13 @@ pytest: build
 
 test: sysdeps build lint typecheck fuzz-smoke pytest
 
-# Fuzzing: libFuzzer on the C parsers, with AddressSanitizer and UBSan.
+# Fuzzing with AddressSanitizer and UBSan: libFuzzer on the C parsers and atheris on every
+# C entry point (7 targets): the smoke run gives each FUZZ_SECONDS, `make fuzz` 10 minutes.
 fuzz-smoke: sysdeps
-	$(MAKE) -C fuzz run SECONDS=$(FUZZ_SECONDS)
+	$(MAKE) -C fuzz run SECONDS=$(FUZZ_SECONDS) PYTHON=$(PYTHON)
 
 fuzz: sysdeps
-	$(MAKE) -C fuzz run SECONDS=600
+	$(MAKE) -C fuzz run SECONDS=600 PYTHON=$(PYTHON)
 
 compliance: build
 	bash compliance/setup.sh

@@ -10,6 +10,7 @@ it lies inside Python's reported error span.
 from __future__ import annotations
 
 import sys
+from itertools import pairwise
 
 from _harness import native, run
 
@@ -65,7 +66,7 @@ def test_one_input(data: bytes) -> None:
     state = ffi.new("uint32_t *", 0)
     buf = ffi.from_buffer(text) if text else ffi.NULL
     bad = -1
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in pairwise(bounds):
         r = lib.lmw_utf8_check(state, buf + a if text else buf, b - a)
         assert r == -1 or 0 <= r < b - a, (r, a, b)
         if r >= 0:
