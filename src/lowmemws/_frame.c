@@ -7,10 +7,14 @@
  *   socket; the only globals are read-only tables and the reject responses, which are
  *   string literals assembled by the compiler.
  *
- *   The request parser works in two steps. The search for the blank line that ends the
- *   head is resumable (lmw_request.scanned), so a client that trickles its head a byte
- *   at a time costs one pass over its bytes, not one pass per byte. The structured parse
- *   then runs exactly once, over a head known to be complete.
+ *   The request parser reads a head that arrives whole in a single pass: each line's
+ *   end is found while the line is parsed (SSE2 scans sixteen bytes at a time where the
+ *   target has it, with a portable fallback), and known header names are recognised by
+ *   length and whole-word compares. When that pass stops short of the blank line, and on
+ *   every later call, the search for the blank line takes over; it is resumable
+ *   (lmw_request.scanned), so a client that trickles its head a byte at a time costs one
+ *   pass over its bytes, not one pass per byte, and the structured parse then runs once,
+ *   over a head known to be complete. Both routes give the same outcome.
  *
  *   Frames are parsed one header at a time; payloads are unmasked in place eight bytes
  *   per step and validated as UTF-8 by an incremental validator whose whole state fits
@@ -313,10 +317,12 @@ static int parse_content_length(const uint8_t *s, size_t n, uint64_t *out)
     return 1;
 }
 
+#if !defined(__SSE2__)
 /* The base64 alphabet (RFC 4648 section 4). */
 static const uint8_t base64_char[256] = {
     ['A' ... 'Z'] = 1, ['a' ... 'z'] = 1, ['0' ... '9'] = 1, ['+'] = 1, ['/'] = 1,
 };
+#endif
 
 /* key_ok: RFC 6455 4.2.1 item 5, base64 (RFC 4648 section 4) of exactly 16 bytes,
  * which is 22 alphabet characters and "==". */
@@ -324,18 +330,43 @@ static int key_ok(const uint8_t *s, size_t n)
 {
     if (n != 24 || s[22] != '=' || s[23] != '=')
         return 0;
+#if defined(__SSE2__)
+    /* bytes 0..15 and 6..21: letters, digits, '+' and '/' (signed compares: bytes
+     * from 0x80 on are negative and fall outside every range) */
+    const __m128i case_bit = _mm_set1_epi8(0x20);
+    const __m128i a_1 = _mm_set1_epi8('a' - 1), z_1 = _mm_set1_epi8('z' + 1);
+    const __m128i d0_1 = _mm_set1_epi8('0' - 1), d9_1 = _mm_set1_epi8('9' + 1);
+    const __m128i plus = _mm_set1_epi8('+'), slash = _mm_set1_epi8('/');
+    unsigned bad = 0;
+    for (int at = 0; at <= 6; at += 6) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + at));
+        __m128i l = _mm_or_si128(x, case_bit);
+        __m128i ok = _mm_and_si128(_mm_cmpgt_epi8(l, a_1), _mm_cmplt_epi8(l, z_1));
+        ok = _mm_or_si128(ok, _mm_and_si128(_mm_cmpgt_epi8(x, d0_1), _mm_cmplt_epi8(x, d9_1)));
+        ok = _mm_or_si128(ok, _mm_or_si128(_mm_cmpeq_epi8(x, plus), _mm_cmpeq_epi8(x, slash)));
+        bad |= ~(unsigned)_mm_movemask_epi8(ok) & 0xFFFF;
+    }
+    return bad == 0;
+#else
     unsigned ok = 1;
     for (size_t i = 0; i < 22; i++)
         ok &= base64_char[s[i]];
     return (int)ok;
+#endif
 }
 
-/* token_has is lmw_token_list_has for a lowercase letters-only token, with a shortcut
- * for the usual case of a value that is exactly the token. */
+/* token_has is lmw_token_list_has for a lowercase letters-only token (at least 4) in a
+ * trimmed value, with shortcuts for the usual places of the token: the whole value
+ * ("Upgrade"), or its last item ("keep-alive, Upgrade"). */
 static inline int token_has(const uint8_t *v, size_t n, const char *token, size_t token_len)
 {
-    if (n == token_len && folded_is(v, n, token))
-        return 1;
+    if (n >= token_len && folded_is(v + n - token_len, token_len, token)) {
+        size_t j = n - token_len;
+        while (j > 0 && is_ows(v[j - 1]))
+            j--;
+        if (j == 0 || v[j - 1] == ',')
+            return 1;
+    }
     return lmw_token_list_has(v, n, (const uint8_t *)token, token_len);
 }
 
