@@ -221,8 +221,8 @@ static inline uint64_t lit64(const char *s)
 static inline int folded_is(const uint8_t *p, size_t n, const char *lit)
 {
     if (n < 8)
-        return ((load32(p) | FOLD32) == lit32(lit)) &
-               ((load32(p + n - 4) | FOLD32) == lit32(lit + n - 4));
+        return (((load32(p) | FOLD32) ^ lit32(lit)) |
+                ((load32(p + n - 4) | FOLD32) ^ lit32(lit + n - 4))) == 0;
     uint64_t d = (load64(p + n - 8) | FOLD64) ^ lit64(lit + n - 8);
     for (size_t k = 0; k + 8 < n; k += 8)
         d |= (load64(p + k) | FOLD64) ^ lit64(lit + k);
