@@ -10,6 +10,7 @@
 #define LMW_RUNTIME_H
 
 #include <pthread.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include "lmw.h"
@@ -104,6 +105,13 @@ typedef struct {
     uint64_t size;
 } lmw_lent;
 
+/* One client address of the per-address cap and its connections + handshakes. */
+typedef struct lmw_peer {
+    uint64_t hi, lo;
+    uint32_t count;
+    uint32_t pad;
+} lmw_peer;
+
 typedef struct {
     uint64_t id;
     uint32_t head;   /* first node, 0 = none */
@@ -193,5 +201,36 @@ void lmw__hub_user_add(lmw_server *s, int fd);
 void lmw__hub_user_remove(lmw_server *s, int fd);
 void lmw__hub_init(lmw_server *s);
 void lmw__hub_free(lmw_server *s);
+
+/* Internal functions shared by the runtime files (all called with s->lock held). */
+#define MIN_READ_SPACE 2048
+/* _conn.c */
+int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem);
+void lmw__lend(lmw_server *s, void *ptr, uint64_t size);
+lmw_event *lmw__push_event(lmw_server *s);
+lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl);
+lmw_ext *lmw__ext_get(lmw_server *s, lmw_slot *sl);
+void lmw__in_free(lmw_server *s, lmw_ext *x);
+void lmw__msg_free(lmw_server *s, lmw_ext *x);
+void lmw__ext_trim(lmw_server *s, lmw_slot *sl);
+void lmw__set_interest(lmw_server *s, int fd, lmw_slot *sl, int out_changed);
+int lmw__is_handshake_state(uint8_t st);
+int lmw__is_open_state(uint8_t st);
+void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
+uint32_t lmw__peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss);
+/* _output.c */
+int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen, int control, uint64_t topic);
+int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, size_t n);
+void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl);
+void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
+void lmw__drop_unsent(lmw_server *s, lmw_ext *x);
+/* _input.c */
+void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);
+void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status);
+int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len, const uint8_t *proto, size_t proto_len, uint64_t user_tag);
+void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len);
+void lmw__run_deferred(lmw_server *s);
+void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len, uint32_t progress);
+void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl);
 
 #endif

@@ -1,0 +1,273 @@
+/* _output.c - sending: straight to the kernel, queueing only what it does not take.
+ *
+ * A frame goes out with one sendmsg; the unsent rest is copied into an lmw_out chunk on
+ * the connection's ext and EPOLLOUT is armed until the queue drains. Control frames go
+ * ahead of queued data (never inside a frame already partly written), except close,
+ * which follows what was queued before it. Limits and policies are applied here.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_runtime.h"
+
+/* ---------------------------------------------------------------- output */
+
+static lmw_out *out_new(const uint8_t *data, size_t len, int control, uint64_t topic) {
+    lmw_out *o = malloc(sizeof(lmw_out) + len);
+    if (!o) return NULL;
+    o->next = NULL;
+    o->topic = topic;
+    o->len = (uint32_t)len;
+    o->sent = 0;
+    o->control = (uint8_t)control;
+    memcpy(o->data, data, len);
+    return o;
+}
+
+static void out_append(lmw_server *s, lmw_ext *x, lmw_out *o) {
+    if (x->out_tail)
+        x->out_tail->next = o;
+    else
+        x->out_head = o;
+    x->out_tail = o;
+    x->out_bytes += o->len;
+    s->stats->pending_write_bytes += o->len;
+}
+
+static void arm_out(lmw_server *s, int fd, lmw_slot *sl) {
+    if (!(sl->flags & F_WANT_OUT)) {
+        sl->flags |= F_WANT_OUT;
+        lmw__set_interest(s, fd, sl, 1);
+    }
+}
+
+/* send_now writes what the kernel takes; returns bytes written, or -1 if the socket is
+ * dead (the caller frees the connection). */
+static ssize_t send_now(int fd, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen) {
+    struct iovec iov[2] = {{(void *)a, alen}, {(void *)b, blen}};
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = blen ? 2 : 1};
+    ssize_t n;
+    do n = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    return n;
+}
+
+/* queue_rest keeps the unsent part of a frame (a, b concatenated, from offset done). */
+static int queue_rest(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                      const uint8_t *b, size_t blen, size_t done, int control, uint64_t topic) {
+    lmw_ext *x = lmw__ext_get(s, sl);
+    size_t total = alen + blen;
+    lmw_out *o = x ? malloc(sizeof(lmw_out) + total) : NULL;
+    if (!o) return -1;
+    o->next = NULL;
+    o->topic = topic;
+    o->len = (uint32_t)total;
+    o->sent = (uint32_t)done;
+    o->control = (uint8_t)control;
+    memcpy(o->data, a, alen);
+    if (blen) memcpy(o->data + alen, b, blen);
+    out_append(s, x, o);
+    arm_out(s, fd, sl);
+    return 0;
+}
+
+/* write_raw sends header a + payload b, queueing what the kernel does not take.
+ * Returns 1, or -1 when the connection died (already freed). */
+int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                     const uint8_t *b, size_t blen, int control, uint64_t topic) {
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (!x || !x->out_head) {
+        ssize_t n = send_now(fd, a, alen, b, blen);
+        if (n < 0) {
+            lmw__conn_free(s, fd, 1006);
+            return -1;
+        }
+        if ((size_t)n == alen + blen) return 1;
+        if (queue_rest(s, fd, sl, a, alen, b, blen, (size_t)n, control, topic) < 0) {
+            lmw__conn_free(s, fd, 1006);
+            return -1;
+        }
+        return 1;
+    }
+    return queue_rest(s, fd, sl, a, alen, b, blen, 0, control, topic) < 0 ? -1 : 1;
+}
+
+/* send_control sends a control frame ahead of queued data frames (but never inside a
+ * frame already partly written). A pong that is still queued is replaced by the newest
+ * one: RFC 6455 section 5.5.3 allows answering only the most recent ping. */
+int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
+                        size_t n) {
+    uint8_t frame[10 + 125];
+    int hl = lmw_build_header(frame, 1, opcode, n);
+    if (n) memcpy(frame + hl, p, n);
+    size_t flen = (size_t)hl + n;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (!x || !x->out_head) {
+        int r = lmw__write_raw(s, fd, sl, frame, flen, NULL, 0, 1, 0);
+        if (r > 0) s->stats->frames_sent_total++;
+        return r;
+    }
+    lmw_out **at = &x->out_head;
+    if ((*at)->sent > 0) at = &(*at)->next; /* never split a frame on the wire */
+    if (opcode == LMW_OP_CLOSE) /* data queued before a close must arrive before it */
+        while (*at) at = &(*at)->next;
+    while (*at && (*at)->control) {
+        if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {
+            lmw_out *o = out_new(frame, flen, 1, 0);
+            if (!o) return -1;
+            lmw_out *old = *at;
+            o->next = old->next;
+            if (x->out_tail == old) x->out_tail = o;
+            *at = o;
+            x->out_bytes += flen - old->len;
+            s->stats->pending_write_bytes += flen - old->len;
+            free(old);
+            return 1;
+        }
+        at = &(*at)->next;
+    }
+    lmw_out *o = out_new(frame, flen, 1, 0);
+    if (!o) return -1;
+    o->next = *at;
+    *at = o;
+    if (!o->next) x->out_tail = o;
+    x->out_bytes += flen;
+    s->stats->pending_write_bytes += flen;
+    s->stats->frames_sent_total++;
+    arm_out(s, fd, sl);
+    return 1;
+}
+
+void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl) {
+    lmw_ext *x = lmw__ext_of(s, sl);
+    sl->state = ST_LINGER;
+    sl->tick = s->now;
+    if (x) {
+        lmw__in_free(s, x);
+        lmw__msg_free(s, x);
+        x->ms.opcode = 0;
+        x->head_scanned = 0;
+    }
+    if (x && x->out_head) {
+        sl->flags |= F_SHUT_WR;
+    } else {
+        shutdown(fd, SHUT_WR);
+        lmw__ext_trim(s, sl);
+    }
+    sl->flags &= ~(F_PAUSED | F_BUDGET);
+    lmw__set_interest(s, fd, sl, 0);
+}
+
+void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
+    lmw_ext *x = lmw__ext_of(s, sl);
+    while (x && x->out_head) {
+        lmw_out *o = x->out_head;
+        ssize_t n = send_now(fd, o->data + o->sent, o->len - o->sent, NULL, 0);
+        if (n < 0) {
+            lmw__conn_free(s, fd, 1006);
+            return;
+        }
+        o->sent += (uint32_t)n;
+        if (o->sent < o->len) return; /* EPOLLOUT stays armed */
+        x->out_head = o->next;
+        if (!x->out_head) x->out_tail = NULL;
+        x->out_bytes -= o->len;
+        s->stats->pending_write_bytes -= o->len;
+        free(o);
+    }
+    sl->flags &= ~F_WANT_OUT;
+    if (sl->flags & F_SHUT_WR) {
+        sl->flags &= ~F_SHUT_WR;
+        shutdown(fd, SHUT_WR);
+    }
+    lmw__set_interest(s, fd, sl, 1);
+    lmw__ext_trim(s, sl);
+}
+
+/* drop_unsent discards queued frames not yet begun (a frame partly on the wire stays): a
+ * client closed for being too slow gets its close frame next, not after all it missed. */
+void lmw__drop_unsent(lmw_server *s, lmw_ext *x) {
+    lmw_out **at = &x->out_head;
+    if (*at && (*at)->sent) at = &(*at)->next;
+    while (*at) {
+        lmw_out *o = *at;
+        *at = o->next;
+        x->out_bytes -= o->len;
+        s->stats->pending_write_bytes -= o->len;
+        free(o);
+    }
+    x->out_tail = NULL;
+    for (lmw_out *o = x->out_head; o; o = o->next) x->out_tail = o;
+}
+
+/* lmw__write sends a complete data frame (fan-out and lmw_send), applying the write
+ * limit and policy. Returns 1 sent or queued, 0 dropped, -1 connection gone. */
+int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
+               int policy) {
+    lmw_slot *sl = &s->slots[fd];
+    if (sl->state != ST_OPEN && sl->state != ST_DEFERRED) return -1;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (x && x->out_head) {
+        if (topic && policy == LMW_POLICY_LATEST) {
+            for (lmw_out **at = &x->out_head; *at; at = &(*at)->next) {
+                lmw_out *old = *at;
+                if (old->topic != topic || old->sent) continue;
+                lmw_out *o = out_new(frame, len, 0, topic);
+                if (!o) return 0;
+                o->next = old->next;
+                if (x->out_tail == old) x->out_tail = o;
+                *at = o;
+                x->out_bytes += len - old->len;
+                s->stats->pending_write_bytes += len - old->len;
+                free(old);
+                s->stats->dropped[LMW_DROP_LATEST]++;
+                return 1;
+            }
+        }
+        /* LATEST keeps one pending frame per topic even past the connection's limit, so
+         * the client always learns the newest state; only the global budget bounds it. */
+        int latest = topic && policy == LMW_POLICY_LATEST;
+        if ((!latest && x->out_bytes + len > s->cfg.write_limit) ||
+            s->stats->pending_write_bytes + len > s->cfg.write_budget) {
+            if (policy == LMW_POLICY_CLOSE) {
+                s->stats->dropped[LMW_DROP_CLOSED]++;
+                lmw__drop_unsent(s, x);
+                lmw__fail(s, fd, 1008);
+                return 0;
+            }
+            s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
+            return 0;
+        }
+    }
+    int r = lmw__write_raw(s, fd, sl, frame, len, NULL, 0, 0, topic);
+    if (r > 0) s->stats->frames_sent_total++;
+    return r;
+}
+
+/* lmw__fail fails the connection (RFC 6455 section 7.1.7): a close frame with code, then
+ * the TCP connection is closed once it drains. */
+void lmw__fail(lmw_server *s, int fd, int code) {
+    lmw_slot *sl = &s->slots[fd];
+    if (sl->state == ST_OPEN || sl->state == ST_CLOSING) {
+        if (!(sl->flags & F_CLOSE_SENT)) {
+            uint8_t payload[2] = {(uint8_t)(code >> 8), (uint8_t)code};
+            sl->flags |= F_CLOSE_SENT;
+            if (lmw__send_control(s, fd, sl, LMW_OP_CLOSE, payload, 2) < 0) return;
+        }
+        if (sl->state == ST_OPEN) sl->close_code = (uint16_t)code;
+        lmw__start_linger(s, fd, sl);
+    }
+}
+
