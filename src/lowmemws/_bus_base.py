@@ -175,7 +175,8 @@ class BusStats:
     ``dropped``: envelopes given up after being accepted (a ProcessBus worker queue overflow,
     a RedisBus buffer still full at close); ``missed``: envelopes of other nodes known lost
     (a RedisBus sequence gap); ``duplicates``: re-sent envelopes recognised and skipped;
-    ``malformed``: undecodable input; ``disconnects``/``reconnects``: links lost and regained.
+    ``malformed``: undecodable input; ``disconnects``/``reconnects``: links lost and regained;
+    ``peers`` (a gauge): subscribers a RedisBus last saw on its channel, itself included.
     """
 
     published: int = 0
@@ -191,12 +192,18 @@ class BusStats:
     reconnects: int = 0
     buffered: int = 0
     buffered_bytes: int = 0
+    peers: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, amount: int = 1) -> None:
         """add increments counter ``name`` by ``amount`` (negative for the gauges only)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def set(self, name: str, value: int) -> None:
+        """set sets gauge ``name`` to ``value``."""
+        with self._lock:
+            setattr(self, name, value)
 
     def snapshot(self) -> dict[str, int]:
         """snapshot returns a consistent copy of every counter, keyed by name."""

@@ -197,7 +197,9 @@ class RedisBus(BusBase):
         first = True
         while self._connect(client, first):
             self._pub_ready.set()
-            if not first:
+            if first:
+                self._learn_peers(client)
+            else:
                 self._await_peers(client)
             first = False
             try:
@@ -217,7 +219,9 @@ class RedisBus(BusBase):
             if batch is None:
                 return
             if not batch:
-                client.ping()
+                # idle: learn how many subscribers the channel has (also a liveness check),
+                # so a flush after an outage waits for them even if this node sent nothing
+                self._learn_peers(client)
                 continue
             self._send(client, batch)
 
@@ -250,6 +254,11 @@ class RedisBus(BusBase):
         self.stats.add("buffered", -len(batch))
         self.stats.add("buffered_bytes", -size)
         self._peers = max(int(n) for n in receivers)
+        self.stats.set("peers", self._peers)
+
+    def _learn_peers(self, client: Any) -> None:
+        self._peers = self._subscribers(client)
+        self.stats.set("peers", self._peers)
 
     def _await_peers(self, client: Any) -> None:
         """After an outage, give the other nodes time to resubscribe before flushing."""

@@ -51,7 +51,15 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     return total
 
 
-def render(stats: Iterable[Any], extra: dict[str, int] | None = None) -> str:
+#: Bus figures that are gauges (the rest are counters).
+BUS_GAUGES = frozenset({"buffered", "buffered_bytes", "peers"})
+
+
+def render(
+    stats: Iterable[Any],
+    extra: dict[str, int] | None = None,
+    extra_gauges: dict[str, int] | None = None,
+) -> str:
     """render returns the Prometheus text format (version 0.0.4) for the summed stats."""
     snap = snapshot(stats)
     out: list[str] = []
@@ -76,6 +84,8 @@ def render(stats: Iterable[Any], extra: dict[str, int] | None = None) -> str:
     ]
     for name, value in (extra or {}).items():
         out += [f"# TYPE lowmemws_{name} counter", f"lowmemws_{name} {value}"]
+    for name, value in (extra_gauges or {}).items():
+        out += [f"# TYPE lowmemws_{name} gauge", f"lowmemws_{name} {value}"]
     return "\n".join(out) + "\n"
 
 

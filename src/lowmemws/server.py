@@ -216,11 +216,16 @@ class Gateway:
 
     def metrics_text(self) -> str:
         """metrics_text is the Prometheus text of every worker process's counters."""
-        extra: dict[str, int] = {}
+        counters: dict[str, int] = {}
+        gauges: dict[str, int] = {}
         bus_stats = getattr(self._bus, "stats", None)
         if bus_stats is not None and hasattr(bus_stats, "snapshot"):
-            extra = {f"bus_{k}_total": v for k, v in bus_stats.snapshot().items()}
-        return metrics.render(self._stats_views, extra)
+            for name, value in bus_stats.snapshot().items():
+                if name in metrics.BUS_GAUGES:
+                    gauges[f"bus_{name}"] = value
+                else:
+                    counters[f"bus_{name}_total"] = value
+        return metrics.render(self._stats_views, counters, gauges)
 
     @property
     def connection_count(self) -> int:
@@ -360,6 +365,8 @@ class Gateway:
                 self._pool.stop()
             for sock in self._listeners:
                 sock.close()
+            if self._bus is not None:  # the gateway's bus ends with it (buffered: counted)
+                self._bus.close()
 
     def _shutdown(self, events: Any) -> None:
         """_shutdown: stop accepting, close every client with 1001, wait a bounded time."""
