@@ -278,10 +278,9 @@ static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, u
 }
 
 /* on_data handles the unmasked payload of a complete data frame. */
-static int on_data(lmw_server *s, int fd, lmw_slot *sl, lmw_message_state *ms,
-                   const lmw_frame *f, uint8_t *p, int fragmented) {
+static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_frame *f,
+                   uint8_t *p, int fragmented) {
     uint64_t n = f->payload_len;
-    int opcode = ms->opcode ? ms->opcode : f->opcode;
     if (!fragmented && f->fin) {
         deliver(s, fd, sl, opcode, p, n);
         return 0;
@@ -394,9 +393,12 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
                 x->ms = local;
                 ms = &x->ms;
             }
-            if (on_data(s, fd, sl, ms, &f, p, fragmented)) return;
+            /* the message's end is checked (UTF-8 complete, section 8.1) before it is
+             * delivered: an invalid message never reaches the application */
+            int opcode = ms->opcode ? ms->opcode : f.opcode;
             int code = lmw_message_frame_end(ms, f.fin);
             if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
+            if (on_data(s, fd, sl, opcode, &f, p, fragmented)) return;
         }
     }
     lmw__ext_trim(s, sl);
