@@ -19,11 +19,17 @@ PUBLISH_PREFIX = "!publish "
 
 
 def parse_args(description: str) -> argparse.Namespace:
-    """parse_args reads --host and --port (and --processes for lowmemws)."""
+    """parse_args reads --host and --port (and --processes, --ping-interval for lowmemws)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--processes", type=int, default=1)
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=None,
+        help="lowmemws heartbeat interval (scale.py only; default: the library's)",
+    )
     return p.parse_args()
 
 

@@ -11,7 +11,10 @@ import lowmemws
 
 def main() -> None:
     args = parse_args(__doc__)
-    gw = lowmemws.Gateway(host=args.host, port=args.port, processes=args.processes)
+    config = lowmemws.Config()
+    if args.ping_interval is not None:
+        config = lowmemws.Config(ping_interval=args.ping_interval)
+    gw = lowmemws.Gateway(host=args.host, port=args.port, processes=args.processes, config=config)
 
     @gw.on_connect
     def on_connect(request: lowmemws.Request) -> lowmemws.Accept:
