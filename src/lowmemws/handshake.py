@@ -40,10 +40,10 @@ class Request:
     copies) and never the Request itself: afterwards every access raises RuntimeError.
     """
 
-    __slots__ = ("_buf", "_req", "_head_len", "_valid", "_body_len")
+    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len")
 
     def __init__(self, data: Any, head_len: int, req: Any, body_len: int = 0) -> None:
-        self._buf = ffi.buffer(data, head_len + body_len)
+        self._data = ffi.cast("char *", data)
         self._req = req
         self._head_len = head_len
         self._body_len = body_len
@@ -57,11 +57,11 @@ class Request:
             )
 
     def _text(self, span: Any) -> str:
-        return str(self._buf[span.off : span.off + span.len].decode("latin-1"))
+        return str(ffi.unpack(self._data + span.off, span.len).decode("latin-1"))
 
     def _invalidate(self) -> None:
         self._valid = False
-        self._buf = None
+        self._data = None
         self._req = None
 
     @property
@@ -85,7 +85,15 @@ class Request:
     @property
     def params(self) -> dict[str, str]:
         """params is the query string decoded into a dict (last value wins)."""
-        return dict(parse_qsl(self.query, keep_blank_values=True))
+        query = self.query
+        if "%" in query or "+" in query:
+            return dict(parse_qsl(query, keep_blank_values=True))
+        params = {}
+        for pair in query.split("&"):  # the common case, without escapes: a quick split
+            if pair:
+                key, _, value = pair.partition("=")
+                params[key] = value
+        return params
 
     def header(self, name: str) -> str | None:
         """header returns the value of the header called name (case-insensitive), or None.
@@ -110,7 +118,7 @@ class Request:
         pos = ffi.new("uint32_t *", 0)
         name = ffi.new("lmw_span *")
         value = ffi.new("lmw_span *")
-        data = ffi.from_buffer(self._buf)
+        data = ffi.cast("uint8_t *", self._data)
         while lib.lmw_header_next(data, self._head_len, pos, name, value):
             yield self._text(name), self._text(value)
 
@@ -137,7 +145,7 @@ class Request:
     def body(self) -> bytes:
         """body is a copy of the request body (plain HTTP requests; b"" for upgrades)."""
         self._check()
-        return bytes(self._buf[self._head_len : self._head_len + self._body_len])
+        return bytes(ffi.unpack(self._data + self._head_len, self._body_len))
 
     def __repr__(self) -> str:
         if not self._valid:
@@ -145,24 +153,39 @@ class Request:
         return f"<Request {self.method} {self.path}>"
 
 
-@dataclass(frozen=True)
 class Accept:
     """Accept answers on_connect: upgrade the connection.
 
     user: a 64-bit user tag (0 = none) for send_to_user; topics: topic names to subscribe
     to; subprotocol: the Sec-WebSocket-Protocol to confirm (one the client offered).
+    One is made per upgrade, so it is a plain slotted class: cheap to build.
     """
 
-    user: int = 0
-    topics: tuple[str, ...] = ()
-    subprotocol: str | None = None
+    __slots__ = ("user", "topics", "subprotocol")
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.user < 1 << 64:
+    def __init__(
+        self, user: int = 0, topics: tuple[str, ...] = (), subprotocol: str | None = None
+    ) -> None:
+        if user < 0 or user >> 64:
             raise ValueError("Accept.user must be a 64-bit unsigned integer")
+        self.user = user
+        self.topics = topics
+        self.subprotocol = subprotocol
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Accept) and (self.user, self.topics, self.subprotocol) == (
+            other.user,
+            other.topics,
+            other.subprotocol,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.user, self.topics, self.subprotocol))
+
+    def __repr__(self) -> str:
+        return f"Accept(user={self.user}, topics={self.topics!r}, subprotocol={self.subprotocol!r})"
 
 
-@dataclass(frozen=True)
 class Reject:
     """Reject answers on_connect with an HTTP status and no upgrade.
 
@@ -170,11 +193,21 @@ class Reject:
     413, 426, 431, 500, 501, 503, 505.
     """
 
-    status: int = 403
+    __slots__ = ("status",)
 
-    def __post_init__(self) -> None:
-        if self.status not in REJECT_STATUSES:
+    def __init__(self, status: int = 403) -> None:
+        if status not in REJECT_STATUSES:
             raise ValueError(f"Reject status must be one of {sorted(REJECT_STATUSES)}")
+        self.status = status
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reject) and self.status == other.status
+
+    def __hash__(self) -> int:
+        return hash(self.status)
+
+    def __repr__(self) -> str:
+        return f"Reject({self.status})"
 
 
 _REASONS = {
