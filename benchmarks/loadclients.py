@@ -545,12 +545,16 @@ class LoadClients:
         """stop ends the workers (closing stdin ends them; kill by PID after a grace period)."""
         for proc in self.procs:
             if proc.stdin:
-                proc.stdin.close()
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
-                proc.wait(10)
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.kill()  # still busy in a command: its PID, after one shared grace period
                 proc.wait()
 
     def __enter__(self) -> LoadClients:
