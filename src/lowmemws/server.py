@@ -403,7 +403,7 @@ class Gateway:
         hook = self.on_message_hook
         if hook is None:
             return
-        raw = ffi.buffer(e.data, e.len)[:]
+        raw = ffi.unpack(ffi.cast("char *", e.data), e.len)
         message: str | bytes = raw.decode("utf-8") if e.opcode == 1 else raw
         conn = Connection(self, e.fd, e.gen, e.user_tag)
         if self._pool is None:
