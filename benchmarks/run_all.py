@@ -193,7 +193,8 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "to one topic per connection, fan-out through the library's natural broadcast. Memory "
         "is RSS from /proc/PID/status, CPU is utime + stime from /proc/PID/stat; the load "
         "clients (`benchmarks/loadclients.py`) are separate processes on source addresses "
-        "127.0.0.2, 127.0.0.3, ...",
+        "127.0.0.2, 127.0.0.3, ..., and answer every ping (websockets pings each connection "
+        "every 20 s by default).",
         "",
         f"![benchmarks](benchmarks/results/{os.path.basename(png)})",
         "",
@@ -230,7 +231,8 @@ def markdown(record: dict[str, Any], png: str) -> str:
         record,
         "fanout",
         fanout.render,
-        "One 256-byte binary message published K times to every subscriber; server CPU until "
+        "One 256-byte binary message published K times (K = 20 by default, 5 rounds) to every "
+        "subscriber; server CPU until "
         "every client has read every frame. The floor is a plain Python loop of non-blocking "
         "`socket.send()` of the same frame over the same number of loopback sockets "
         "(`servers/floor_server.py`), measured the same way in the same run.",
@@ -241,7 +243,8 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "echo",
         echo.render,
         "100 connections, one binary message in flight each, the same Python client for every "
-        "server; messages/s is wall clock, CPU is the server's.",
+        "server; messages/s is wall clock, CPU is the server's. The Python client is the "
+        "bottleneck for the faster servers, so compare CPU per message.",
     )
     scale_notes = {
         "scale": ("Scale (quick run, in this run)", "`run_all.py --scale-connections N`"),
