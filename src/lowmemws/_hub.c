@@ -275,58 +275,52 @@ static void frame_end(uint8_t *stack, uint8_t *f) {
     if (f != stack) free(f);
 }
 
-int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data,
-                    size_t len, int policy) {
+enum { TO_TOPIC, TO_USER, TO_ALL };
+
+/* fan_out writes one frame, built once, to every member of a topic, every connection of
+ * a user, or every open connection; it returns how many took it (sent or queued). */
+static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const uint8_t *data,
+                       size_t len, int policy) {
     uint8_t stack[STACK_FRAME];
     size_t flen;
     uint8_t *f = frame_begin(stack, opcode, data, len, &flen);
     if (!f) return LMW_ERROR;
     int64_t sent = 0;
     pthread_mutex_lock(&s->lock);
-    uint32_t t = topic_find(s, topic);
-    for (uint32_t n = t ? s->topics[t - 1].head : 0, next; n; n = next) {
-        next = s->nodes[n].tnext; /* a failed write may free n, never next */
-        if (lmw__write(s, (int)s->nodes[n].fd, f, flen, topic, policy) > 0) sent++;
+    if (to == TO_TOPIC) {
+        uint32_t t = topic_find(s, key);
+        for (uint32_t n = t ? s->topics[t - 1].head : 0, next; n; n = next) {
+            next = s->nodes[n].tnext; /* a failed write may free n, never next */
+            sent += lmw__write(s, (int)s->nodes[n].fd, f, flen, key, policy) > 0;
+        }
+    } else if (to == TO_USER) {
+        uint64_t latest_key = key | (1ull << 63); /* LATEST per user, apart from topics */
+        for (uint32_t at = s->user_buckets[mix(key) & s->user_mask], next; at; at = next) {
+            lmw_slot *sl = &s->slots[at - 1];
+            next = sl->user_next;
+            if (sl->user_tag == key)
+                sent += lmw__write(s, (int)at - 1, f, flen, latest_key, policy) > 0;
+        }
+    } else {
+        for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++)
+            if (s->slots[fd].state == ST_OPEN)
+                sent += lmw__write(s, (int)fd, f, flen, UINT64_MAX, policy) > 0;
     }
     pthread_mutex_unlock(&s->lock);
     frame_end(stack, f);
     return sent;
+}
+
+int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data,
+                    size_t len, int policy) {
+    return fan_out(s, TO_TOPIC, topic, opcode, data, len, policy);
 }
 
 int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
                       size_t len, int policy) {
-    if (!user_tag) return 0;
-    uint8_t stack[STACK_FRAME];
-    size_t flen;
-    uint8_t *f = frame_begin(stack, opcode, data, len, &flen);
-    if (!f) return LMW_ERROR;
-    int64_t sent = 0;
-    uint64_t latest_key = user_tag | (1ull << 63); /* LATEST per user, apart from topics */
-    pthread_mutex_lock(&s->lock);
-    for (uint32_t at = s->user_buckets[mix(user_tag) & s->user_mask], next; at; at = next) {
-        lmw_slot *sl = &s->slots[at - 1];
-        next = sl->user_next;
-        if (sl->user_tag == user_tag &&
-            lmw__write(s, (int)at - 1, f, flen, latest_key, policy) > 0)
-            sent++;
-    }
-    pthread_mutex_unlock(&s->lock);
-    frame_end(stack, f);
-    return sent;
+    return user_tag ? fan_out(s, TO_USER, user_tag, opcode, data, len, policy) : 0;
 }
 
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy) {
-    uint8_t stack[STACK_FRAME];
-    size_t flen;
-    uint8_t *f = frame_begin(stack, opcode, data, len, &flen);
-    if (!f) return LMW_ERROR;
-    int64_t sent = 0;
-    pthread_mutex_lock(&s->lock);
-    for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++)
-        if (s->slots[fd].state == ST_OPEN &&
-            lmw__write(s, (int)fd, f, flen, UINT64_MAX, policy) > 0)
-            sent++;
-    pthread_mutex_unlock(&s->lock);
-    frame_end(stack, f);
-    return sent;
+    return fan_out(s, TO_ALL, 0, opcode, data, len, policy);
 }

@@ -114,6 +114,21 @@ int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key
     return 0;
 }
 
+/* request_event hands a complete head (and body) to Python with its request view; both
+ * stay valid until the next lmw_poll. */
+static void request_event(lmw_server *s, int fd, lmw_slot *sl, uint8_t type,
+                          const uint8_t *buf, size_t len, const lmw_request *req) {
+    lmw_event *e = lmw__push_event(s);
+    if (!e) return lmw__reject(s, fd, sl, 500);
+    s->reqs[s->nwork] = *req;
+    e->type = type;
+    e->fd = fd;
+    e->gen = sl->gen;
+    e->data = buf;
+    e->len = len;
+    e->request = &s->reqs[s->nwork++];
+}
+
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len) {
     lmw_ext *x = lmw__ext_of(s, sl);
     lmw_request req;
@@ -145,16 +160,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
         }
         s->stats->http_requests_total++;
         sl->state = ST_HTTP_WAIT;
-        s->reqs[s->nwork] = req;
-        lmw_event *e = lmw__push_event(s);
-        if (!e) return lmw__reject(s, fd, sl, 500);
-        e->type = LMW_EV_HTTP;
-        e->fd = fd;
-        e->gen = sl->gen;
-        e->data = buf;
-        e->len = total;
-        e->request = &s->reqs[s->nwork++];
-        return;
+        return request_event(s, fd, sl, LMW_EV_HTTP, buf, total, &req);
     }
     const uint8_t *key = buf + req.headers[LMW_H_SEC_WEBSOCKET_KEY].off;
     size_t key_len = req.headers[LMW_H_SEC_WEBSOCKET_KEY].len;
@@ -173,20 +179,12 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
             return lmw__reject(s, fd, sl, 503);
     }
     sl->state = ST_UPGRADE_WAIT;
-    s->reqs[s->nwork] = req;
     lmw_upgrade_pending *u = &s->ups[s->nups++];
     u->fd = fd;
     u->gen = sl->gen;
     u->key = key;
     u->key_len = (uint32_t)key_len;
-    lmw_event *e = lmw__push_event(s);
-    if (!e) return lmw__reject(s, fd, sl, 500);
-    e->type = LMW_EV_UPGRADE;
-    e->fd = fd;
-    e->gen = sl->gen;
-    e->data = buf;
-    e->len = head_len;
-    e->request = &s->reqs[s->nwork++];
+    request_event(s, fd, sl, LMW_EV_UPGRADE, buf, head_len, &req);
 }
 
 /* ---------------------------------------------------------------- frames */
