@@ -103,8 +103,7 @@ class Clients:
 
 
 def settled(pid: int, timeout: float = 30.0) -> int:
-    procstats.wait_settled(lambda: procstats.memory(pid)["rss"], timeout=timeout)
-    return procstats.memory(pid)["rss"]
+    return procstats.settled_memory(pid, timeout)["rss"]
 
 
 def measure(connections: int) -> dict[str, float]:

@@ -14,13 +14,13 @@ spread over R rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import procstats
+import report
 from loadclients import LoadClients
-from serverctl import ALL_SERVERS, Server, usable, version
+from serverctl import Server, version
 
 
 def measure(
@@ -47,8 +47,8 @@ def measure(
                 rates.append(got["messages"] / got["seconds"])
                 per_msg.append(procstats.ticks_to_us(used) / max(1, got["messages"]))
             figures[str(size)] = {
-                "messages_per_s": procstats.spread(rates),
-                "us_per_message": procstats.spread(per_msg),
+                "messages_per_s": report.spread(rates),
+                "us_per_message": report.spread(per_msg),
             }
             log(
                 f"  {name}: {size} B: {figures[str(size)]['messages_per_s']['median']:,.0f} "
@@ -67,18 +67,9 @@ def run(
     log: Any = print,
 ) -> dict[str, Any]:
     """run measures every usable server in turn."""
-    rows, skipped = [], {}
-    for name in servers:
-        ok, why = usable(name)
-        if not ok:
-            log(f"  {name}: skipped ({why})")
-            skipped[name] = why
-            continue
-        try:
-            rows.append(measure(name, connections, sizes, seconds, rounds, log))
-        except Exception as exc:  # a broken server must not hide the others' figures
-            log(f"  {name}: failed ({exc})")
-            skipped[name] = f"failed: {exc}"
+    rows, skipped = report.each_server(
+        servers, lambda name: measure(name, connections, sizes, seconds, rounds, log), log
+    )
     return {
         "connections": connections,
         "sizes": sizes,
@@ -99,30 +90,28 @@ def render(result: dict[str, Any]) -> str:
                 [
                     f"{r['server']} {r['version']}",
                     f"{int(size):,} B",
-                    f"{m['median']:,.0f} ({m['min']:,.0f}-{m['max']:,.0f})",
-                    f"{u['median']:.1f} ({u['min']:.1f}-{u['max']:.1f})",
+                    report.median_range(m, ",.0f"),
+                    report.median_range(u, ".1f"),
                 ]
             )
     headers = ["server", "message", "messages/s (min-max)", "server CPU us/message (min-max)"]
-    return procstats.table(headers, rows)
+    return report.table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = report.parser(__doc__)
     p.add_argument("--connections", type=int, default=100)
     p.add_argument("--sizes", default="256,8192")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--servers", default=",".join(ALL_SERVERS))
-    p.add_argument("--json", help="also write the figures to this file")
-    a = p.parse_args(argv)
+    report.add_servers(p)
+    return report.main(p, argv, run_args, render)
+
+
+def run_args(a: argparse.Namespace) -> dict[str, Any]:
+    """run_args runs with the figures given on the command line."""
     sizes = [int(s) for s in a.sizes.split(",")]
-    result = run(a.servers.split(","), a.connections, sizes, a.seconds, a.rounds)
-    print(render(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return run(a.servers.split(","), a.connections, sizes, a.seconds, a.rounds)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ with lowmemws's ratio to it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import procstats
+import report
 from loadclients import ControlClient, LoadClients
-from serverctl import ALL_SERVERS, Server, usable, version
+from serverctl import Server, version
 
 
 def measure(
@@ -56,7 +56,7 @@ def measure(
             )
         control.close()
         lc.close()
-    s = procstats.spread(per_frame)
+    s = report.spread(per_frame)
     return {
         "server": name,
         "version": version(name),
@@ -66,7 +66,7 @@ def measure(
         "written_last_round": written,
         "us_per_frame": s,
         "frames_per_cpu_s": 1e6 / s["median"] if s["median"] else None,
-        "wall_frames_per_s": procstats.spread(wall_rate),
+        "wall_frames_per_s": report.spread(wall_rate),
     }
 
 
@@ -79,18 +79,11 @@ def run(
     log: Any = print,
 ) -> dict[str, Any]:
     """run measures the floor and every usable server in turn."""
-    rows, skipped = [], {}
-    for name in ["floor", *servers]:
-        ok, why = usable(name)
-        if not ok:
-            log(f"  {name}: skipped ({why})")
-            skipped[name] = why
-            continue
-        try:
-            rows.append(measure(name, connections, messages, rounds, size, log))
-        except Exception as exc:  # a broken server must not hide the others' figures
-            log(f"  {name}: failed ({exc})")
-            skipped[name] = f"failed: {exc}"
+    rows, skipped = report.each_server(
+        ["floor", *servers],
+        lambda name: measure(name, connections, messages, rounds, size, log),
+        log,
+    )
     floor = next((r for r in rows if r["server"] == "floor"), None)
     for r in rows:
         if floor and r["frames_per_cpu_s"] and floor["frames_per_cpu_s"]:
@@ -117,7 +110,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{label} {r['version']}".replace(" -", ""),
                 f"{r['connections']:,}",
                 f"{r['frames_per_cpu_s']:,.0f}",
-                f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
+                report.median_range(s, ".2f"),
                 f"{r.get('ratio_to_floor', 0):.2f}",
                 f"{r['wall_frames_per_s']['median']:,.0f}",
             ]
@@ -130,24 +123,23 @@ def render(result: dict[str, Any]) -> str:
         "x floor",
         "wall frames/s",
     ]
-    return procstats.table(headers, rows)
+    return report.table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = report.parser(__doc__)
     p.add_argument("--connections", type=int, default=19_000)
     p.add_argument("--messages", type=int, default=20, help="messages per round (K)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--servers", default=",".join(ALL_SERVERS))
-    p.add_argument("--json", help="also write the figures to this file")
-    a = p.parse_args(argv)
-    result = run(a.servers.split(","), min(a.connections, 19_000), a.messages, a.rounds, a.size)
-    print(render(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    report.add_servers(p)
+    return report.main(p, argv, run_args, render)
+
+
+def run_args(a: argparse.Namespace) -> dict[str, Any]:
+    """run_args runs with the figures given on the command line."""
+    connections = min(a.connections, 19_000)
+    return run(a.servers.split(","), connections, a.messages, a.rounds, a.size)
 
 
 if __name__ == "__main__":

@@ -16,43 +16,37 @@ loopback connection, since the load clients run on the same kernel.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
 import procstats
+import report
 from loadclients import LoadClients
-from serverctl import ALL_SERVERS, Server, usable, version
+from serverctl import Server, version
 
 WARMUP_CONNECTIONS = 500
-
-
-def settled_memory(pid: int, timeout: float = 30.0) -> dict[str, int]:
-    """settled_memory waits for RSS to stop moving, then returns RSS and RssAnon."""
-    procstats.wait_settled(lambda: procstats.memory(pid)["rss"], timeout=timeout)
-    return procstats.memory(pid)
 
 
 def measure(name: str, connections: int, deflate: bool, log: Any = print) -> dict[str, Any]:
     """measure runs the idle-memory experiment on one server (see the module docstring)."""
     with Server(name) as srv:
         time.sleep(0.5)
-        raw = settled_memory(srv.pid, timeout=10)
+        raw = procstats.settled_memory(srv.pid, timeout=10)
         with LoadClients(srv.host, srv.port, WARMUP_CONNECTIONS, deflate=deflate) as lc:
             lc.open()
             lc.ping()
             lc.close()
-        warm = settled_memory(srv.pid, timeout=15)
+        warm = procstats.settled_memory(srv.pid, timeout=15)
         kernel0 = procstats.kernel_memory()
         with LoadClients(srv.host, srv.port, connections, deflate=deflate) as lc:
             opened = lc.open()
             log(f"  {name}: {opened['opened']:,} open in {opened['seconds']:.1f} s; settling")
-            idle = settled_memory(srv.pid, timeout=60)
+            idle = procstats.settled_memory(srv.pid, timeout=60)
             kernel1 = procstats.kernel_memory()
             ping = lc.ping()
             closed = lc.close()
-        after = settled_memory(srv.pid, timeout=30)
+        after = procstats.settled_memory(srv.pid, timeout=30)
         alive = srv.alive()
     n = max(1, opened["opened"])
     return {
@@ -85,19 +79,12 @@ def measure(name: str, connections: int, deflate: bool, log: Any = print) -> dic
 
 def run(servers: list[str], connections: int, deflate: bool, log: Any = print) -> dict[str, Any]:
     """run measures every usable server in turn; unusable ones are listed with the reason."""
-    rows, skipped = [], {}
-    for name in servers:
-        ok, why = usable(name)
-        if not ok:
-            log(f"  {name}: skipped ({why})")
-            skipped[name] = why
-            continue
+
+    def measure_one(name: str) -> dict[str, Any]:
         log(f"  {name}: measuring {connections:,} idle connections (deflate offered: {deflate})")
-        try:
-            rows.append(measure(name, connections, deflate, log))
-        except Exception as exc:  # a broken server must not hide the others' figures
-            log(f"  {name}: failed ({exc})")
-            skipped[name] = f"failed: {exc}"
+        return measure(name, connections, deflate, log)
+
+    rows, skipped = report.each_server(servers, measure_one, log)
     return {"connections": connections, "deflate": deflate, "rows": rows, "skipped": skipped}
 
 
@@ -142,24 +129,22 @@ def render(result: dict[str, Any]) -> str:
         "deflate",
         "pings answered",
     ]
-    return procstats.table(headers, rows)
+    return report.table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = report.parser(__doc__)
     p.add_argument("--connections", type=int, default=19_000)
-    p.add_argument("--servers", default=",".join(ALL_SERVERS))
+    report.add_servers(p)
     p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
-    p.add_argument("--json", help="also write the figures to this file")
-    a = p.parse_args(argv)
+    return report.main(p, argv, run_args, render)
+
+
+def run_args(a: argparse.Namespace) -> dict[str, Any]:
+    """run_args runs with the figures given on the command line."""
     if a.connections > 19_000:
         sys.exit("at most 19,000 connections: one server process has 20,000 file descriptors")
-    result = run(a.servers.split(","), a.connections, a.deflate)
-    print(render(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return run(a.servers.split(","), a.connections, a.deflate)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ benchmark machine is shared and noisy.
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -154,6 +153,18 @@ def wait_settled(
         time.sleep(interval)
 
 
+def settled_memory(pid: int, timeout: float = 30.0) -> dict[str, int]:
+    """settled_memory waits for a process's RSS to stop moving, then returns its memory."""
+    wait_settled(lambda: memory(pid)["rss"], timeout=timeout)
+    return memory(pid)
+
+
+def settled_tree_memory(pid: int, timeout: float = 30.0) -> dict[str, int]:
+    """settled_tree_memory waits for a tree's RSS sum to stop moving, then returns its memory."""
+    wait_settled(lambda: tree_memory(pid)["rss"], timeout=timeout)
+    return tree_memory(pid)
+
+
 def wait_idle(pid: int, *, interval: float = 0.3, timeout: float = 15.0) -> None:
     """wait_idle waits until a process uses at most one clock tick per ``interval``.
 
@@ -168,26 +179,3 @@ def wait_idle(pid: int, *, interval: float = 0.3, timeout: float = 15.0) -> None
         if now - last <= 1:
             return
         last = now
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """spread summarises repeated measurements: median, min, max and the count."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def fmt_int(value: float) -> str:
-    """fmt_int formats a number with thousands separators."""
-    return f"{value:,.0f}"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """table renders a Markdown table (also readable on a terminal)."""
-    rows = [[str(c) for c in r] for r in rows]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)

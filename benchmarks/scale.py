@@ -24,21 +24,15 @@ dropped (1006) during the opening. So the scale run sets ``--ping-interval`` (de
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import procstats
+import report
 from loadclients import LoadClients
 from serverctl import Server, version
 
 PER_CLIENT_PROCESS = 18_000
-
-
-def settled_tree(pid: int, timeout: float) -> dict[str, int]:
-    """settled_tree waits for the tree's RSS sum to stop moving, then returns its memory."""
-    procstats.wait_settled(lambda: procstats.tree_memory(pid)["rss"], timeout=timeout)
-    return procstats.tree_memory(pid)
 
 
 def run(
@@ -55,7 +49,7 @@ def run(
     extra = ("--processes", str(processes), "--ping-interval", str(ping_interval))
     with Server("lowmemws", extra=extra, timeout=120) as srv:
         time.sleep(1.0)
-        before = settled_tree(srv.pid, timeout=20)
+        before = procstats.settled_tree_memory(srv.pid, timeout=20)
         kernel0 = procstats.kernel_memory()
         log(
             f"  lowmemws: {before['processes']} processes, "
@@ -68,12 +62,12 @@ def run(
             open_cpu = procstats.tree_cpu_ticks(srv.pid) - cpu0
             log(f"  lowmemws: {opened['opened']:,} open in {open_wall:.0f} s; idle {idle:.0f} s")
             time.sleep(idle)
-            held = settled_tree(srv.pid, timeout=60)
+            held = procstats.settled_tree_memory(srv.pid, timeout=60)
             kernel1 = procstats.kernel_memory()
             ping = lc.ping(timeout=600)
             log(f"  lowmemws: {ping['answered']:,}/{ping['asked']:,} answered a ping")
             lc.close(timeout=600)
-        after = settled_tree(srv.pid, timeout=60)
+        after = procstats.settled_tree_memory(srv.pid, timeout=60)
     n = max(1, opened["opened"])
     return {
         "server": "lowmemws",
@@ -136,25 +130,23 @@ def render(r: dict[str, Any]) -> str:
             f"{r['ping']['answered']:,} of {r['ping']['asked']:,}",
         ],
     ]
-    return procstats.table(["figure", f"lowmemws {r['version']}"], rows)
+    return report.table(["figure", f"lowmemws {r['version']}"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = report.parser(__doc__)
     p.add_argument("--connections", type=int, default=50_000)
     p.add_argument("--processes", type=int, default=0, help="default: 1 per 18,000 connections")
     p.add_argument("--idle", type=float, default=30.0, help="seconds idle before the ping")
     p.add_argument("--window", type=int, default=512, help="handshakes in flight in all")
     p.add_argument("--ping-interval", type=float, default=600.0, help="lowmemws heartbeat (s)")
-    p.add_argument("--json", help="also write the figures to this file")
-    a = p.parse_args(argv)
+    return report.main(p, argv, run_args, render)
+
+
+def run_args(a: argparse.Namespace) -> dict[str, Any]:
+    """run_args runs with the figures given on the command line."""
     processes = a.processes or max(1, -(-a.connections // 18_000))
-    result = run(a.connections, processes, a.idle, a.window, ping_interval=a.ping_interval)
-    print(render(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return run(a.connections, processes, a.idle, a.window, ping_interval=a.ping_interval)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ implied upgrades per second per core (1e6 / that).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import procstats
+import report
 from loadclients import LoadClients
-from serverctl import ALL_SERVERS, Server, usable, version
+from serverctl import Server, version
 
 
 def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
                 f"{per_upgrade[-1]:.1f} us CPU each"
             )
             time.sleep(1.0)
-    s = procstats.spread(per_upgrade)
+    s = report.spread(per_upgrade)
     return {
         "server": name,
         "version": version(name),
@@ -53,24 +53,15 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
         "upgrades": opened_total,
         "us_per_upgrade": s,
         "upgrades_per_s_per_core": 1e6 / s["median"] if s["median"] else None,
-        "open_seconds": procstats.spread(open_seconds),
+        "open_seconds": report.spread(open_seconds),
     }
 
 
 def run(servers: list[str], connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
     """run measures every usable server in turn."""
-    rows, skipped = [], {}
-    for name in servers:
-        ok, why = usable(name)
-        if not ok:
-            log(f"  {name}: skipped ({why})")
-            skipped[name] = why
-            continue
-        try:
-            rows.append(measure(name, connections, rounds, log))
-        except Exception as exc:  # a broken server must not hide the others' figures
-            log(f"  {name}: failed ({exc})")
-            skipped[name] = f"failed: {exc}"
+    rows, skipped = report.each_server(
+        servers, lambda name: measure(name, connections, rounds, log), log
+    )
     return {"connections": connections, "rounds": rounds, "rows": rows, "skipped": skipped}
 
 
@@ -83,28 +74,26 @@ def render(result: dict[str, Any]) -> str:
             [
                 f"{r['server']} {r['version']}",
                 f"{r['upgrades']:,}",
-                f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})",
+                report.median_range(s, ".1f"),
                 f"{r['upgrades_per_s_per_core']:,.0f}",
                 f"{r['open_seconds']['median']:.1f}",
             ]
         )
     headers = ["server", "upgrades", "CPU us/upgrade (min-max)", "upgrades/s/core", "wall s/round"]
-    return procstats.table(headers, rows)
+    return report.table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = report.parser(__doc__)
     p.add_argument("--connections", type=int, default=19_000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--servers", default=",".join(ALL_SERVERS))
-    p.add_argument("--json", help="also write the figures to this file")
-    a = p.parse_args(argv)
-    result = run(a.servers.split(","), min(a.connections, 19_000), a.rounds)
-    print(render(result))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    report.add_servers(p)
+    return report.main(p, argv, run_args, render)
+
+
+def run_args(a: argparse.Namespace) -> dict[str, Any]:
+    """run_args runs with the figures given on the command line."""
+    return run(a.servers.split(","), min(a.connections, 19_000), a.rounds)
 
 
 if __name__ == "__main__":
