@@ -309,7 +309,8 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
     if (n) memcpy(x->msg + x->msg_len, p, n);
     x->msg_len += n;
     if (f->fin) {
-        deliver(s, fd, sl, opcode, x->msg, x->msg_len);
+        static const uint8_t empty[1];
+        deliver(s, fd, sl, opcode, x->msg ? x->msg : empty, x->msg_len); /* never NULL */
         s->stats->spill_bytes -= x->msg_cap;
         lmw__lend(s, x->msg, 0);
         x->msg = NULL;
