@@ -1,4 +1,5 @@
-"""Shared fixtures: the echo server as a child process, and a factory for any CLI server.
+"""Shared fixtures: the echo server as a child process, a factory for any CLI server, a
+factory for in-process Gateways, and a guarded page for the no-over-read tests.
 
 The echo server command comes from $LOWMEMWS_ECHO_CMD (default ``<python> -m lowmemws echo``),
 see tests/support/servers.py. Every server listens on 127.0.0.1 on a free port and is stopped
@@ -7,10 +8,12 @@ by PID at teardown (SIGTERM, then SIGKILL after a timeout).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from lowmemws import Config, Gateway
+from support.guarded_page import GuardedPage
 from support.servers import ServerProcess, StartServer, start_cli_server, start_echo_server
 
 
@@ -48,3 +51,29 @@ def start_server() -> Iterator[StartServer]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded() -> GuardedPage:
+    """guarded is a GuardedPage shared by a module's no-over-read tests.
+
+    The adversarial tests have a fixture of the same name of their own (a guarded gateway,
+    tests/adversarial/conftest.py), which overrides this one in that folder.
+    """
+    return GuardedPage()
+
+
+@pytest.fixture
+def make_gateway() -> Iterator[Callable[..., Gateway]]:
+    """make_gateway(config, hosts) is a Gateway in this process on a free port (127.0.0.1 by
+    default); start() it after setting hooks. Every one made is stopped at teardown."""
+    made: list[Gateway] = []
+
+    def make(config: Config | None = None, hosts: str | tuple[str, ...] = "127.0.0.1") -> Gateway:
+        gateway = Gateway(hosts, 0, config=config or Config())
+        made.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in made:
+        gateway.stop(timeout=10)

@@ -30,17 +30,13 @@ from lowmemws.bus import (
     ProcessBus,
     RedisBus,
 )
+from support import waiting
 
 DEADLINE = 20.0
 FENCE = Envelope.for_topic("fence", b"")
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+wait_until = waiting.waiter(DEADLINE)
 
 
 # -- Envelope ---------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from collections.abc import Iterator
 
@@ -44,6 +42,7 @@ from lowmemws.codec import (
     unmask,
 )
 from lowmemws.errors import ProtocolError
+from support.guarded_page import GuardedPage
 
 MASK = bytes.fromhex("37fa213d")
 
@@ -506,29 +505,6 @@ def test_fragments_and_close_built_here_parse_in_wsproto() -> None:
 # ---------------------------------------------------------------------------------------
 # No over-read: input placed right before a PROT_NONE page
 # ---------------------------------------------------------------------------------------
-
-
-class GuardedPage:
-    """GuardedPage holds bytes that end exactly where an unreadable page begins."""
-
-    def __init__(self) -> None:
-        self.page = mmap.PAGESIZE
-        self.map = mmap.mmap(-1, 2 * self.page)
-        self.base = ffi.from_buffer(self.map)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        addr = int(ffi.cast("uintptr_t", self.base)) + self.page
-        assert libc.mprotect(addr, self.page, 0) == 0  # PROT_NONE
-
-    def place(self, data: bytes) -> object:
-        start = self.page - len(data)
-        self.map[start : self.page] = data
-        return self.base + start
-
-
-@pytest.fixture(scope="module")
-def guarded() -> GuardedPage:
-    return GuardedPage()
 
 
 def test_frame_parser_never_reads_past_the_input(guarded: GuardedPage) -> None:

@@ -7,8 +7,6 @@ wsproto is the independent reference peer.
 from __future__ import annotations
 
 import base64
-import ctypes
-import mmap
 import re
 
 import pytest
@@ -29,6 +27,7 @@ from lowmemws.codec import (
     reject_response,
 )
 from lowmemws.errors import HandshakeError
+from support.guarded_page import GuardedPage
 
 # RFC 6455 section 1.2, the sample client handshake.
 RFC_REQUEST = (
@@ -523,30 +522,6 @@ def test_wsproto_client_rejects_a_wrong_accept_key() -> None:
 # ---------------------------------------------------------------------------------------
 # No over-read: input placed right before a PROT_NONE page
 # ---------------------------------------------------------------------------------------
-
-
-class GuardedPage:
-    """GuardedPage holds bytes that end exactly where an unreadable page begins."""
-
-    def __init__(self) -> None:
-        self.page = mmap.PAGESIZE
-        self.map = mmap.mmap(-1, 2 * self.page)
-        self.base = ffi.from_buffer(self.map)
-        libc = ctypes.CDLL(None, use_errno=True)
-        addr = int(ffi.cast("uintptr_t", self.base)) + self.page
-        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        assert libc.mprotect(addr, self.page, 0) == 0  # PROT_NONE
-
-    def place(self, data: bytes) -> object:
-        """place copies data to the end of the readable page and returns a pointer to it."""
-        start = self.page - len(data)
-        self.map[start : self.page] = data
-        return self.base + start
-
-
-@pytest.fixture(scope="module")
-def guarded() -> GuardedPage:
-    return GuardedPage()
 
 
 def test_request_parser_never_reads_past_the_input(guarded: GuardedPage) -> None:

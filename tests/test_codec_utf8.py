@@ -7,15 +7,13 @@ completed into text Python accepts, while one more byte makes that impossible.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowmemws._native import ffi, lib
 from lowmemws.codec import Utf8Validator, validate_utf8
+from support.guarded_page import GuardedPage
 
 
 def python_valid(data: bytes) -> bool:
@@ -199,17 +197,11 @@ def test_state_carries_through_the_c_api() -> None:
 
 
 def test_validator_never_reads_past_the_input() -> None:
-    page = mmap.PAGESIZE
-    region = mmap.mmap(-1, 2 * page)
-    base = ffi.from_buffer(region)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    assert libc.mprotect(int(ffi.cast("uintptr_t", base)) + page, page, 0) == 0  # PROT_NONE
+    guarded = GuardedPage()
     samples = [b"a" * n for n in range(70)] + ["é€😀".encode() * 3, b"x" * 33 + b"\xe2\x82"]
     for data in samples:
         for cut in range(len(data) + 1):
             piece = data[:cut]
-            region[page - len(piece) : page] = piece
             state = ffi.new("uint32_t *", 0)
-            result = lib.lmw_utf8_check(state, base + (page - len(piece)), len(piece))
+            result = lib.lmw_utf8_check(state, guarded.place(piece), len(piece))
             assert result == -1

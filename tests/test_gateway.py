@@ -16,39 +16,21 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Reject, Request, Response
+from support import waiting
+from support.wire import read_until
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def make_gateway() -> Iterator[Callable[..., Gateway]]:
-    """make_gateway(config) is a Gateway on a free port; start() it after setting hooks."""
-    made: list[Gateway] = []
-
-    def make(config: Config | None = None) -> Gateway:
-        gateway = Gateway("127.0.0.1", 0, config=config or Config())
-        made.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in made:
-        gateway.stop(timeout=10)
+wait_until = waiting.waiter(DEADLINE)
 
 
 class RawResponse:
@@ -80,12 +62,7 @@ def raw_upgrade(port: int, target: str = "/", extra: dict[str, str] | None = Non
     request += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     sock.sendall(request.encode("latin-1"))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
+    head = read_until(sock, b"\r\n\r\n")
     response = RawResponse(head.split(b"\r\n\r\n", 1)[0], sock)
     if response.status == 101:
         expected = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()

@@ -21,17 +21,13 @@ import pytest
 import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Request
+from support import waiting
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 SMALL_RCVBUF = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+wait_until = waiting.waiter(DEADLINE)
 
 
 class Server:
@@ -41,8 +37,8 @@ class Server:
     connection is remembered by its user tag in ``opened`` (a list per tag), in open order.
     """
 
-    def __init__(self, config: Config | None = None) -> None:
-        self.gateway = Gateway("127.0.0.1", 0, config=config or Config())
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
         self.opened: dict[int, list[Connection]] = {}
         self.closed: list[tuple[Connection, int]] = []
         self.lock = threading.Lock()
@@ -85,13 +81,13 @@ class Server:
 
 
 @pytest.fixture
-def make_server() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
+def make_server(make_gateway: Callable[..., Gateway]) -> Iterator[Callable[..., Server]]:
+    """make_server(config) is a Server on make_gateway's Gateway; its clients are shut down at
+    teardown, before the Gateway is stopped."""
     clients: list[websocket.WebSocket] = []
 
     def make(config: Config | None = None) -> Server:
-        server = Server(config)
-        servers.append(server)
+        server = Server(make_gateway(config))
         original = server.connect
 
         def connect(*args: Any, **kwargs: Any) -> websocket.WebSocket:
@@ -105,8 +101,6 @@ def make_server() -> Iterator[Callable[..., Server]]:
     yield make
     for client in clients:
         client.shutdown()
-    for server in servers:
-        server.gateway.stop(timeout=10)
 
 
 def nothing_pending(client: websocket.WebSocket, wait: float = 0.3) -> bool:

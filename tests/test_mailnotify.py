@@ -26,6 +26,7 @@ import pytest
 from support.chromium import Chromium, find_chromium
 from support.ci import skip_or_fail
 from support.servers import LOOPBACK, ServerProcess, free_port
+from support.wire import read_until
 from support.wsproto_client import WsprotoClient
 from test_bus import RedisServer, require_redis
 
@@ -131,12 +132,7 @@ def upgrade_status(server: ServerProcess, target: str, extra: str = "") -> str:
     )
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.sendall(head.encode())
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_until(sock, b"\r\n")
     return answer.split(b"\r\n", 1)[0].decode()
 
 

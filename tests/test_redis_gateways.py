@@ -14,7 +14,6 @@ import http.client
 import re
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import websocket
 
 from lowmemws.metrics import BUS_GAUGES
+from support import waiting
 from support.servers import ServerProcess, StartServer
 from test_bus import RedisServer, redis_server  # noqa: F401  (the fixture is used by name)
 
@@ -122,12 +122,7 @@ def bus_counter(node: ServerProcess, name: str) -> int:
     return int(match.group(1))
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+wait_until = waiting.waiter(DEADLINE, interval=0.05)
 
 
 def test_a_publish_on_one_node_reaches_clients_on_the_other(

@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import websocket
 
 import lowmemws
+from support.wire import read_until
+
+MakeGateway = Callable[..., lowmemws.Gateway]
 
 
 def _status_line(sock: socket.socket) -> bytes:
     sock.settimeout(5)
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        data += chunk
+    data = read_until(sock, b"\r\n", chunk=256)
     return data.split(b"\r\n", 1)[0]
 
 
-def _echo_gateway(config: lowmemws.Config | None = None, hosts: tuple[str, ...] = ("127.0.0.1",)):
-    gw = lowmemws.Gateway(hosts, 0, config=config)
+@pytest.fixture
+def echo_gateway(make_gateway: MakeGateway) -> MakeGateway:
+    """echo_gateway(config, hosts) is a started make_gateway Gateway echoing every message."""
 
-    @gw.on_message
-    def echo(conn: lowmemws.Connection, message: str | bytes) -> None:
-        conn.send(message)
+    def start(
+        config: lowmemws.Config | None = None, hosts: tuple[str, ...] = ("127.0.0.1",)
+    ) -> lowmemws.Gateway:
+        gw = make_gateway(config, hosts)
 
-    return gw.start()
+        @gw.on_message
+        def echo(conn: lowmemws.Connection, message: str | bytes) -> None:
+            conn.send(message)
+
+        return gw.start()
+
+    return start
 
 
 def _has_ipv6_loopback() -> bool:
@@ -41,56 +48,51 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
-def test_a_gateway_serves_ipv4_and_ipv6_on_the_same_port() -> None:
+def test_a_gateway_serves_ipv4_and_ipv6_on_the_same_port(echo_gateway: MakeGateway) -> None:
     if not _has_ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback (::1)")
-    gw = _echo_gateway(hosts=("127.0.0.1", "::1"))
-    try:
-        for url in (f"ws://127.0.0.1:{gw.port}/", f"ws://[::1]:{gw.port}/"):
-            ws = websocket.create_connection(url, timeout=5)
-            ws.send("over " + url)
-            assert ws.recv() == "over " + url
-            ws.close()
-    finally:
-        gw.stop()
+    gw = echo_gateway(hosts=("127.0.0.1", "::1"))
+    for url in (f"ws://127.0.0.1:{gw.port}/", f"ws://[::1]:{gw.port}/"):
+        ws = websocket.create_connection(url, timeout=5)
+        ws.send("over " + url)
+        assert ws.recv() == "over " + url
+        ws.close()
 
 
-def test_the_per_address_cap_answers_503_and_frees_its_share_on_close() -> None:
-    gw = _echo_gateway(lowmemws.Config(max_per_ip=3))
-    try:
-        held = [websocket.create_connection(f"ws://127.0.0.1:{gw.port}/") for _ in range(3)]
-        extra = socket.create_connection(("127.0.0.1", gw.port))
-        assert _status_line(extra) == b"HTTP/1.1 503 Service Unavailable"
-        extra.close()
-        held[0].send("still served")
-        assert held[0].recv() == "still served"
-        for ws in held:
-            ws.close()
-        deadline = time.monotonic() + 5
-        while gw.stats()["connections"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        again = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
-        again.send("served again")
-        assert again.recv() == "served again"
-        again.close()
-    finally:
-        gw.stop()
+def test_the_per_address_cap_answers_503_and_frees_its_share_on_close(
+    echo_gateway: MakeGateway,
+) -> None:
+    gw = echo_gateway(lowmemws.Config(max_per_ip=3))
+    held = [websocket.create_connection(f"ws://127.0.0.1:{gw.port}/") for _ in range(3)]
+    extra = socket.create_connection(("127.0.0.1", gw.port))
+    assert _status_line(extra) == b"HTTP/1.1 503 Service Unavailable"
+    extra.close()
+    held[0].send("still served")
+    assert held[0].recv() == "still served"
+    for ws in held:
+        ws.close()
+    deadline = time.monotonic() + 5
+    while gw.stats()["connections"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
+    again.send("served again")
+    assert again.recv() == "served again"
+    again.close()
 
 
-def test_the_connection_cap_leaves_new_clients_waiting_in_the_backlog() -> None:
-    gw = _echo_gateway(lowmemws.Config(max_connections=2))
-    try:
-        first = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
-        second = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
-        waiting = socket.create_connection(("127.0.0.1", gw.port))
-        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        waiting.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            waiting.recv(64)  # accepted by the kernel, not by the server: it waits
-        assert gw.stats()["accept_paused"] == 1
-        first.close()
-        assert _status_line(waiting) == b"HTTP/1.1 200 OK"  # served once a slot frees
-        second.close()
-        waiting.close()
-    finally:
-        gw.stop()
+def test_the_connection_cap_leaves_new_clients_waiting_in_the_backlog(
+    echo_gateway: MakeGateway,
+) -> None:
+    gw = echo_gateway(lowmemws.Config(max_connections=2))
+    first = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
+    second = websocket.create_connection(f"ws://127.0.0.1:{gw.port}/")
+    waiting = socket.create_connection(("127.0.0.1", gw.port))
+    waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    waiting.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        waiting.recv(64)  # accepted by the kernel, not by the server: it waits
+    assert gw.stats()["accept_paused"] == 1
+    first.close()
+    assert _status_line(waiting) == b"HTTP/1.1 200 OK"  # served once a slot frees
+    second.close()
+    waiting.close()
