@@ -8,15 +8,19 @@ bounded by a timeout so a misbehaving server fails a test instead of hanging it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from support.servers import ServerProcess, start_cli_server
+from support.waiting import wait_until
+from support.wire import read_until
 from support.wsproto_client import WsprotoClient
 
 MiB = 1 << 20
@@ -77,15 +81,7 @@ def upgrade_head(
 
 def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 16) -> bytes:
     """recv_until reads until marker has arrived (or EOF); returns all bytes read."""
-    data = b""
-    deadline = time.monotonic() + WAIT
-    while marker not in data and len(data) < limit:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return read_until(sock, marker, limit=limit, timeout=WAIT)
 
 
 def open_websocket(server: ServerProcess, source: str | None = None) -> socket.socket:
@@ -269,11 +265,7 @@ def server_stats(server: ServerProcess) -> dict[str, object]:
 def wait_for(predicate: object, timeout: float = WAIT, what: str = "condition") -> None:
     """wait_for polls predicate() every 50 ms until it is true; WireError on timeout."""
     assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise WireError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(predicate, what, timeout, interval=0.05, error=WireError)
 
 
 class Control:
@@ -341,3 +333,16 @@ class Guarded:
             f"server RSS {rss / MiB:.1f} MiB, over {self.baseline / MiB:.1f} MiB + "
             f"{RSS_MARGIN / MiB:.0f} MiB"
         )
+
+
+@contextlib.contextmanager
+def guarded_gateway(config: dict[str, object]) -> Iterator[Guarded]:
+    """guarded_gateway starts a gateway with Config(**config) and yields it as Guarded; at the
+    end its control client is closed and the server stopped."""
+    server = start_gateway(config)
+    try:
+        rig = Guarded(server)
+        yield rig
+        rig.control.close()
+    finally:
+        server.stop()

@@ -7,16 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from adversary import SMALL_LIMITS, Guarded, start_gateway
+from adversary import SMALL_LIMITS, Guarded, guarded_gateway
 
 
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[Guarded]:
     """guarded is one small-limits gateway shared by a module, with its control client."""
-    server = start_gateway(SMALL_LIMITS)
-    try:
-        rig = Guarded(server)
+    with guarded_gateway(SMALL_LIMITS) as rig:
         yield rig
-        rig.control.close()
-    finally:
-        server.stop()

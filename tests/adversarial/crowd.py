@@ -11,7 +11,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from adversary import WAIT, WireError, rss_bytes, upgrade_head
 
@@ -23,6 +23,29 @@ SOURCES = tuple(tuple(f"127.0.{group}.{host}" for host in range(2, 10)) for grou
 #: Linux IP_BIND_ADDRESS_NO_PORT: bind the address only, pick the port at connect time for
 #: the full 4-tuple (so ports in TIME_WAIT towards other servers stay usable).
 IP_BIND_ADDRESS_NO_PORT = 24
+
+
+def each_ready(
+    socks: list[socket.socket],
+    event: int,
+    ready: Callable[[socket.socket], bool],
+    timeout: float,
+    unfinished: str,
+) -> None:
+    """each_ready calls ready(sock) whenever a socket is ready for the epoll event, until it
+    has returned True for every socket; WireError("<count> <unfinished>") after timeout."""
+    pending = {s.fileno(): s for s in socks}
+    with select.epoll() as ep:
+        for fd in pending:
+            ep.register(fd, event)
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise WireError(f"{len(pending)} {unfinished}")
+            for fd, _ in ep.poll(0.5):
+                if ready(pending[fd]):
+                    del pending[fd]
+                    ep.unregister(fd)
 
 
 class Crowd:
@@ -56,22 +79,15 @@ class Crowd:
         self._wait_connected()
 
     def _wait_connected(self, timeout: float = 3 * WAIT) -> None:
-        pending = {s.fileno(): s for s in self.socks}
-        with select.epoll() as ep:
-            for fd in pending:
-                ep.register(fd, select.EPOLLOUT)
-            deadline = time.monotonic() + timeout
-            while pending:
-                if time.monotonic() > deadline:
-                    raise WireError(f"{len(pending)} connects still pending")
-                for fd, _ in ep.poll(0.5):
-                    sock = pending.pop(fd)
-                    ep.unregister(fd)
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if code:
-                        raise WireError(f"connect failed: {errno.errorcode.get(code, code)}")
-                    if self.hello and sock.send(self.hello) != len(self.hello):
-                        raise WireError("the kernel took part of a small send")
+        def connected(sock: socket.socket) -> bool:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise WireError(f"connect failed: {errno.errorcode.get(code, code)}")
+            if self.hello and sock.send(self.hello) != len(self.hello):
+                raise WireError("the kernel took part of a small send")
+            return True
+
+        each_ready(self.socks, select.EPOLLOUT, connected, timeout, "connects still pending")
 
     def send_all(self, data: bytes) -> None:
         """send_all sends data on every socket (small data: the kernel takes it at once)."""
@@ -85,7 +101,6 @@ class Crowd:
         """read_all reads every socket until it holds the marker bytes (until is bytes), that
         many bytes (int), or EOF (None); returns what each one read."""
         got = {s: b"" for s in self.socks}
-        pending = {s.fileno(): s for s in self.socks}
 
         def done(sock: socket.socket, data: bytes, eof: bool) -> bool:
             if eof or until is None:
@@ -94,25 +109,17 @@ class Crowd:
                 return len(data) >= until
             return until in data
 
-        with select.epoll() as ep:
-            for fd in pending:
-                ep.register(fd, select.EPOLLIN)
-            deadline = time.monotonic() + timeout
-            while pending:
-                if time.monotonic() > deadline:
-                    raise WireError(f"{len(pending)} sockets did not finish reading")
-                for fd, _ in ep.poll(0.5):
-                    sock = pending[fd]
-                    try:
-                        chunk = sock.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    except ConnectionResetError:
-                        chunk = b""
-                    got[sock] += chunk
-                    if done(sock, got[sock], not chunk):
-                        del pending[fd]
-                        ep.unregister(fd)
+        def read(sock: socket.socket) -> bool:
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                chunk = b""
+            got[sock] += chunk
+            return done(sock, got[sock], not chunk)
+
+        each_ready(self.socks, select.EPOLLIN, read, timeout, "sockets did not finish reading")
         return got
 
     def upgrade(self) -> None:

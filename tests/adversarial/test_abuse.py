@@ -23,6 +23,7 @@ from adversary import (
     ServerFrames,
     connect,
     frame,
+    guarded_gateway,
     http_answer,
     server_stats,
     start_gateway,
@@ -49,13 +50,8 @@ STORM_RSS_BOUND = 16 * MiB  # 19,000 upgrades at once: slots, pool, queued 101s
 
 @pytest.fixture(scope="module")
 def abused() -> object:
-    server = start_gateway(ABUSE_LIMITS)
-    try:
-        rig = Guarded(server)
+    with guarded_gateway(ABUSE_LIMITS) as rig:
         yield rig
-        rig.control.close()
-    finally:
-        server.stop()
 
 
 def stat(server: ServerProcess, name: str) -> int:

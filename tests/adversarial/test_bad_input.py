@@ -61,15 +61,21 @@ def expect_close(guarded: Guarded, data: bytes, code: int) -> None:
         assert connection_ends(sock)
 
 
+def timed_answer(guarded: Guarded, data: bytes) -> tuple[int, float]:
+    """timed_answer sends data on a new connection and returns the HTTP status of the
+    answer and the seconds from the send to the answer."""
+    with connect(guarded.server) as sock:
+        sock.sendall(data)
+        started = time.monotonic()
+        status, _, _ = http_answer(sock)
+        return status, time.monotonic() - started
+
+
 # ------------------------------------------------------------------ handshake
 
 
 def test_slowloris_head_gets_408_after_the_handshake_deadline(guarded: Guarded) -> None:
-    with connect(guarded.server) as sock:
-        sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\n")
-        started = time.monotonic()
-        status, _, _ = http_answer(sock)
-        waited = time.monotonic() - started
+    status, waited = timed_answer(guarded, b"GET /chat HTTP/1.1\r\nHost: x\r\n")
     assert status == 408
     assert HANDSHAKE_TIMEOUT - 0.2 <= waited <= HANDSHAKE_TIMEOUT + SWEEP_SLACK
     guarded.still_serving()
@@ -411,11 +417,8 @@ def test_rst_in_the_middle_of_a_frame_is_survived(guarded: Guarded) -> None:
 
 
 def test_slow_post_body_gets_408_after_the_deadline(guarded: Guarded) -> None:
-    with connect(guarded.server) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
-        started = time.monotonic()
-        status, _, _ = http_answer(sock)
-        waited = time.monotonic() - started
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    status, waited = timed_answer(guarded, head + b"0123456789")
     assert status == 408
     assert HANDSHAKE_TIMEOUT - 0.2 <= waited <= HANDSHAKE_TIMEOUT + SWEEP_SLACK
     guarded.still_serving()
