@@ -8,13 +8,13 @@ client with 1001 (going away, RFC 6455 7.4.1) and exits with status 0.
 from __future__ import annotations
 
 import http.client
-import struct
 import subprocess
 
 import pytest
 import websocket
 
 from support.servers import ServerProcess, StartServer, echo_command
+from support.ws_close import expect_close_frames
 from support.wsproto_client import WsprotoClient
 
 EXIT_TIMEOUT = 15.0  # bounds the wait, it is not a performance figure
@@ -77,11 +77,7 @@ def test_sigterm_closes_clients_with_1001(start_server: StartServer, processes: 
         raw.send_message(b"hello raw")
         assert raw.receive_message() == b"hello raw"
         server.terminate()
-        for client in clients:
-            frame = client.recv_frame()
-            assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
-            assert struct.unpack("!H", frame.data[:2])[0] == 1001
-            client.send_close(1001)
+        expect_close_frames(clients, 1001)
         assert raw.wait_for_close(EXIT_TIMEOUT).code == 1001
     finally:
         for client in clients:

@@ -13,18 +13,18 @@ import http.client
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import websocket
 
+from support import waiting
 from support.servers import ServerProcess, StartServer
+from support.ws_close import expect_close_frames
 
 DEADLINE = 20.0  # bounds every wait; not a performance figure
 
@@ -62,12 +62,7 @@ SERVER = textwrap.dedent(
 )
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+wait_until = waiting.waiter(DEADLINE, interval=0.05)
 
 
 @pytest.fixture
@@ -207,11 +202,7 @@ def test_sigterm_closes_every_client_with_1001_and_exits_0(
     by_worker = one_on_each_worker(server, clients, "")
     workers = set(by_worker)
     server.terminate()
-    for client in clients:
-        frame = client.recv_frame()
-        assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
-        assert struct.unpack("!H", frame.data[:2])[0] == 1001
-        client.send_close(1001)
+    expect_close_frames(clients, 1001)
     try:
         assert server.proc.wait(DEADLINE) == 0
     except subprocess.TimeoutExpired:

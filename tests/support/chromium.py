@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -30,10 +31,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import websocket
+
+from support.processes import end_process
 
 CHROMIUM_ENV = "LOWMEMWS_CHROMIUM"
 """CHROMIUM_ENV names an environment variable that overrides the browser executable."""
@@ -80,7 +82,7 @@ def find_chromium() -> str | None:
     return None
 
 
-class Chromium:
+class Chromium(contextlib.AbstractContextManager["Chromium"]):
     """Chromium is one headless browser process with one page open.
 
     It is started by the constructor and must be closed (``close`` or a ``with`` block), which
@@ -280,22 +282,8 @@ class Chromium:
             except (websocket.WebSocketException, OSError):
                 pass
             self._ws = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        end_process(self.proc, timeout)
         shutil.rmtree(self.profile_dir, ignore_errors=True)
 
-    def __enter__(self) -> Chromium:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

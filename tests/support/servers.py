@@ -13,6 +13,7 @@ by default it is ``<this interpreter> -m lowmemws echo``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shlex
 import signal
@@ -22,7 +23,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
+
+from support.processes import end_process
 
 ECHO_CMD_ENV = "LOWMEMWS_ECHO_CMD"
 LOOPBACK = "127.0.0.1"
@@ -50,7 +52,7 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(probe.getsockname()[1])
 
 
-class ServerProcess:
+class ServerProcess(contextlib.AbstractContextManager["ServerProcess"]):
     """ServerProcess is a running CLI server: its Popen, address and the output it printed.
 
     Standard output and standard error are merged and drained by a thread for the whole life
@@ -119,24 +121,11 @@ class ServerProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """stop ends the server: SIGTERM, then SIGKILL after timeout; returns its exit code."""
-        self.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+        end_process(self.proc, timeout)
         self._reader.join(timeout)
         return self.proc.returncode
 
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

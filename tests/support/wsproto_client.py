@@ -8,9 +8,9 @@ sees exactly what an application would.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from types import TracebackType
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -32,7 +32,7 @@ class WsprotoClientError(RuntimeError):
     """WsprotoClientError: the handshake was refused, the peer went away, or a wait timed out."""
 
 
-class WsprotoClient:
+class WsprotoClient(contextlib.AbstractContextManager["WsprotoClient"]):
     """WsprotoClient is one client connection, opened (handshake done) by the constructor."""
 
     def __init__(self, host: str, port: int, path: str = "/", timeout: float = 10.0) -> None:
@@ -127,13 +127,5 @@ class WsprotoClient:
                 self.sock.close()
                 return event
 
-    def __enter__(self) -> WsprotoClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.sock.close()
