@@ -41,31 +41,23 @@ wait_until = waiting.waiter(DEADLINE)
 
 # -- Envelope ---------------------------------------------------------------------------------
 
+
+def envelopes_of(kind: str, keys: st.SearchStrategy[Any]) -> st.SearchStrategy[Envelope]:
+    """envelopes_of builds Envelopes of one kind, with keys drawn from keys."""
+    return st.builds(
+        Envelope,
+        kind=st.just(kind),
+        key=keys,
+        opcode=st.sampled_from([1, 2]),
+        payload=st.binary(max_size=300),
+        policy=st.sampled_from(["drop", "close", "latest"]),
+    )
+
+
 envelopes = st.one_of(
-    st.builds(
-        Envelope,
-        kind=st.just("topic"),
-        key=st.text(max_size=40),
-        opcode=st.sampled_from([1, 2]),
-        payload=st.binary(max_size=300),
-        policy=st.sampled_from(["drop", "close", "latest"]),
-    ),
-    st.builds(
-        Envelope,
-        kind=st.just("user"),
-        key=st.integers(0, 2**64 - 1),
-        opcode=st.sampled_from([1, 2]),
-        payload=st.binary(max_size=300),
-        policy=st.sampled_from(["drop", "close", "latest"]),
-    ),
-    st.builds(
-        Envelope,
-        kind=st.just("broadcast"),
-        key=st.none(),
-        opcode=st.sampled_from([1, 2]),
-        payload=st.binary(max_size=300),
-        policy=st.sampled_from(["drop", "close", "latest"]),
-    ),
+    envelopes_of("topic", st.text(max_size=40)),
+    envelopes_of("user", st.integers(0, 2**64 - 1)),
+    envelopes_of("broadcast", st.none()),
 )
 
 

@@ -363,6 +363,19 @@ def make_backlogged(server: Server, user: int, full: bool = True) -> list[bytes]
     raise AssertionError("the slow client never got past the write limit")
 
 
+def slow_and_fast(
+    make_server: Callable[..., Server], topic: str, full: bool = True
+) -> tuple[Server, websocket.WebSocket, websocket.WebSocket, list[bytes]]:
+    """slow_and_fast starts a server with WRITE_LIMIT and subscribes user 1 (slow: a small
+    receive buffer, backlogged with make_backlogged) and user 2 (fast) to topic; returns the
+    server, the slow and the fast client, and the filler sent or queued to the slow one."""
+    server = make_server(Config(write_limit=WRITE_LIMIT))
+    server.start()
+    slow = server.connect(user=1, topics=(topic,), sockopt=SMALL_RCVBUF)
+    fast = server.connect(user=2, topics=(topic,))
+    return server, slow, fast, make_backlogged(server, 1, full)
+
+
 def drain(client: websocket.WebSocket) -> Iterator[websocket.ABNF]:
     """drain yields the frames the client receives until it closes or stays silent."""
     while True:
@@ -379,12 +392,8 @@ def drain(client: websocket.WebSocket) -> Iterator[websocket.ABNF]:
 
 
 def test_slow_consumer_drop_policy(make_server: Callable[..., Server]) -> None:
-    server = make_server(Config(write_limit=WRITE_LIMIT))
-    server.start()
+    server, slow, fast, filler = slow_and_fast(make_server, "news")
     gw = server.gateway
-    slow = server.connect(user=1, topics=("news",), sockopt=SMALL_RCVBUF)
-    fast = server.connect(user=2, topics=("news",))
-    filler = make_backlogged(server, 1)
     dropped = gw.stats()["dropped"]["write_limit"]
 
     for n in range(50):
@@ -401,12 +410,8 @@ def test_slow_consumer_drop_policy(make_server: Callable[..., Server]) -> None:
 
 
 def test_slow_consumer_close_policy(make_server: Callable[..., Server]) -> None:
-    server = make_server(Config(write_limit=WRITE_LIMIT))
-    server.start()
+    server, slow, fast, filler = slow_and_fast(make_server, "news")
     gw = server.gateway
-    slow = server.connect(user=1, topics=("news",), sockopt=SMALL_RCVBUF)
-    fast = server.connect(user=2, topics=("news",))
-    filler = make_backlogged(server, 1)
     closed_before = gw.stats()["dropped"]["closed"]
 
     assert gw.publish("news", "must arrive or close", policy="close") == 1
@@ -430,12 +435,9 @@ def test_slow_consumer_close_policy(make_server: Callable[..., Server]) -> None:
 def test_slow_consumer_latest_policy_keeps_only_the_newest(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server(Config(write_limit=WRITE_LIMIT))
-    server.start()
+    # the slow one behind, with room left
+    server, slow, fast, filler = slow_and_fast(make_server, "unread", full=False)
     gw = server.gateway
-    slow = server.connect(user=1, topics=("unread",), sockopt=SMALL_RCVBUF)
-    fast = server.connect(user=2, topics=("unread",))
-    filler = make_backlogged(server, 1, full=False)  # behind, with room left
     replaced = gw.stats()["dropped"]["latest"]
 
     for count in range(1, 31):
