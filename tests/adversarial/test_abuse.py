@@ -229,6 +229,7 @@ def test_a_client_that_never_reads_does_not_hold_back_a_broadcast(policy: str) -
                     assert (opcode, fin, len(payload)) == (2, True, BROADCAST_SIZE)
                     got.append(int.from_bytes(payload[:4], "big"))
                 assert got == list(range(len(got))) and len(got) < BROADCASTS
+                lazy.socks[0].close()  # a client ends the TCP connection after the close frame
                 wait_for(lambda: stat(server, "connections") == 50, what="the slow one closed")
                 assert server_stats(server)["closes"]["1008"] == 1  # type: ignore[index]
     finally:
