@@ -40,7 +40,7 @@
 static void peer_remove(lmw_server *s, int fd);
 
 static const int CLOSE_CODES[LMW_CLOSE_CODES - 1] = {1000, 1001, 1002, 1003, 1005, 1006,
-                                                      1007, 1008, 1009, 1011, 1013};
+                                                     1007, 1008, 1009, 1011, 1013};
 
 int lmw_close_code_index(int code) {
     for (int i = 0; i < LMW_CLOSE_CODES - 1; i++)
@@ -92,9 +92,7 @@ lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen) {
     return sl;
 }
 
-lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl) {
-    return sl->ext ? s->exts[sl->ext - 1] : NULL;
-}
+lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl) { return sl->ext ? s->exts[sl->ext - 1] : NULL; }
 
 lmw_ext *lmw__ext_get(lmw_server *s, lmw_slot *sl) {
     if (sl->ext) return s->exts[sl->ext - 1];
@@ -146,7 +144,8 @@ static void ext_drop(lmw_server *s, lmw_slot *sl) {
     lmw__msg_free(s, x);
     out_free_all(s, x);
     s->exts[sl->ext - 1] = NULL;
-    if (lmw__grow((void **)&s->free_exts, &s->cap_free_exts, s->nfree_exts + 1, sizeof(uint32_t)) == 0)
+    if (lmw__grow((void **)&s->free_exts, &s->cap_free_exts, s->nfree_exts + 1, sizeof(uint32_t)) ==
+        0)
         s->free_exts[s->nfree_exts++] = sl->ext - 1;
     free(x);
     sl->ext = 0;
@@ -189,7 +188,8 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
         uint16_t c = code ? code : sl->close_code;
         s->stats->connections--;
         s->stats->closes[lmw_close_code_index(c)]++;
-        if (lmw__grow((void **)&s->closed, &s->cap_closed, s->nclosed + 1, sizeof(lmw_event)) == 0) {
+        if (lmw__grow((void **)&s->closed, &s->cap_closed, s->nclosed + 1, sizeof(lmw_event)) ==
+            0) {
             lmw_event *e = &s->closed[s->nclosed++];
             memset(e, 0, sizeof(*e));
             e->type = LMW_EV_CLOSED;
@@ -259,8 +259,7 @@ static void peer_remove(lmw_server *s, int fd) {
     uint64_t hi = s->peer_of_fd[2 * fd], lo = s->peer_of_fd[2 * fd + 1];
     s->peer_counted[fd] = 0;
     uint32_t mask = s->peer_mask, i = peer_home(s, hi, lo);
-    while (s->peers[i].count && (s->peers[i].hi != hi || s->peers[i].lo != lo))
-        i = (i + 1) & mask;
+    while (s->peers[i].count && (s->peers[i].hi != hi || s->peers[i].lo != lo)) i = (i + 1) & mask;
     if (!s->peers[i].count || --s->peers[i].count) return;
     /* backward-shift deletion keeps every probe chain unbroken */
     for (uint32_t j = (i + 1) & mask; s->peers[j].count; j = (j + 1) & mask) {
@@ -272,4 +271,3 @@ static void peer_remove(lmw_server *s, int fd) {
         i = j;
     }
 }
-

@@ -209,8 +209,8 @@ int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic) {
         goto out;
     }
     lmw_topic *tp = &s->topics[t - 1];
-    s->nodes[n] = (lmw_node){.fd = (uint32_t)fd, .topic = t, .tnext = tp->head, .tprev = 0,
-                             .fnext = sl->first_sub};
+    s->nodes[n] = (lmw_node){
+        .fd = (uint32_t)fd, .topic = t, .tnext = tp->head, .tprev = 0, .fnext = sl->first_sub};
     if (tp->head) s->nodes[tp->head].tprev = n;
     tp->head = n;
     tp->count++;
@@ -311,13 +311,13 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
     return sent;
 }
 
-int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data,
-                    size_t len, int policy) {
+int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
+                    int policy) {
     return fan_out(s, TO_TOPIC, topic, opcode, data, len, policy);
 }
 
-int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
-                      size_t len, int policy) {
+int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data, size_t len,
+                      int policy) {
     return user_tag ? fan_out(s, TO_USER, user_tag, opcode, data, len, policy) : 0;
 }
 

@@ -90,12 +90,8 @@ void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status) {
     lmw__start_linger(s, fd, sl);
 }
 
-void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
-                           uint32_t progress);
-
-int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key,
-                           size_t key_len, const uint8_t *proto, size_t proto_len,
-                           uint64_t user_tag) {
+int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                         const uint8_t *proto, size_t proto_len, uint64_t user_tag) {
     uint8_t resp[512];
     int n = lmw_build_101(key, key_len, proto, proto_len, resp, sizeof resp);
     if (n < 0) {
@@ -116,8 +112,8 @@ int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key
 
 /* request_event hands a complete head (and body) to Python with its request view; both
  * stay valid until the next lmw_poll. */
-static void request_event(lmw_server *s, int fd, lmw_slot *sl, uint8_t type,
-                          const uint8_t *buf, size_t len, const lmw_request *req) {
+static void request_event(lmw_server *s, int fd, lmw_slot *sl, uint8_t type, const uint8_t *buf,
+                          size_t len, const lmw_request *req) {
     lmw_event *e = lmw__push_event(s);
     if (!e) return lmw__reject(s, fd, sl, 500);
     s->reqs[s->nwork] = *req;
@@ -189,8 +185,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
 
 /* ---------------------------------------------------------------- frames */
 
-static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
-                    uint64_t n) {
+static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, uint64_t n) {
     lmw_event *e = lmw__push_event(s);
     if (!e) return;
     e->type = LMW_EV_MESSAGE;
@@ -216,8 +211,7 @@ static void answer_close(lmw_server *s, int fd, lmw_slot *sl, uint16_t code) {
 /* message_waiting reports whether this batch holds a message of fd for Python. */
 static int message_waiting(lmw_server *s, int fd, uint32_t gen) {
     for (int i = s->nev - 1; i >= 0; i--)
-        if (s->ev[i].type == LMW_EV_MESSAGE && s->ev[i].fd == fd && s->ev[i].gen == gen)
-            return 1;
+        if (s->ev[i].type == LMW_EV_MESSAGE && s->ev[i].fd == fd && s->ev[i].gen == gen) return 1;
     return 0;
 }
 
@@ -226,8 +220,8 @@ static int message_waiting(lmw_server *s, int fd, uint32_t gen) {
  * reach the peer first; with no such message it ends it now. */
 static void end_after_batch(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code) {
     if (sl->state == ST_OPEN && message_waiting(s, fd, sl->gen) &&
-        lmw__grow((void **)&s->deferred, &s->cap_deferred, s->ndeferred + 1, sizeof(lmw_deferred)) ==
-            0) {
+        lmw__grow((void **)&s->deferred, &s->cap_deferred, s->ndeferred + 1,
+                  sizeof(lmw_deferred)) == 0) {
         s->deferred[s->ndeferred++] =
             (lmw_deferred){.fd = fd, .gen = sl->gen, .code = (uint16_t)code, .what = what};
         sl->state = ST_DEFERRED;
@@ -276,8 +270,8 @@ static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, u
 }
 
 /* on_data handles the unmasked payload of a complete data frame. */
-static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_frame *f,
-                   uint8_t *p, int fragmented) {
+static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_frame *f, uint8_t *p,
+                   int fragmented) {
     uint64_t n = f->payload_len;
     if (!fragmented && f->fin) {
         deliver(s, fd, sl, opcode, p, n);
@@ -323,7 +317,7 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
  * frame already partly handled on an earlier read: 0 = nothing, else 1 + the payload
  * bytes already unmasked and checked (its header was checked then too). */
 void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
-                           uint32_t progress) {
+                         uint32_t progress) {
     lmw_ext *x = lmw__ext_of(s, sl);
     lmw_message_state local = {0};
     lmw_message_state *ms = x ? &x->ms : &local;
@@ -373,8 +367,7 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
         if (avail < f.payload_len) { /* the payload is still arriving */
             uint64_t total = f.header_len + f.payload_len;
             size_t cap = total > s->cfg.read_buffer_size / 2 ? (size_t)total : len - off;
-            if (spill(s, fd, sl, buf + off, len - off, cap) < 0)
-                return lmw__fail(s, fd, 1013);
+            if (spill(s, fd, sl, buf + off, len - off, cap) < 0) return lmw__fail(s, fd, 1013);
             x = lmw__ext_of(s, sl);
             x->in_checked = (uint32_t)(1 + avail);
             if (ms == &local) x->ms = local;
@@ -441,7 +434,7 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
     if (!holding && s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3) {
         /* the budget is short: this socket waits in the kernel until spills drain */
         if (lmw__grow((void **)&s->budget_paused, &s->cap_budget_paused, s->nbudget_paused + 1,
-                 sizeof(int)) < 0)
+                      sizeof(int)) < 0)
             return;
         s->budget_paused[s->nbudget_paused++] = fd;
         sl->flags |= F_BUDGET;
@@ -511,4 +504,3 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
         return lmw__process_frames(s, fd, sl, buf, len, progress);
     }
 }
-

@@ -86,7 +86,7 @@ static int queue_rest(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, siz
 /* write_raw sends header a + payload b, queueing what the kernel does not take.
  * Returns 1, or -1 when the connection died (already freed). */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
-                     const uint8_t *b, size_t blen, int control, uint64_t topic) {
+                   const uint8_t *b, size_t blen, int control, uint64_t topic) {
     lmw_ext *x = lmw__ext_of(s, sl);
     if (!x || !x->out_head) {
         ssize_t n = send_now(fd, a, alen, b, blen);
@@ -107,8 +107,7 @@ int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t
 /* send_control sends a control frame ahead of queued data frames (but never inside a
  * frame already partly written). A pong that is still queued is replaced by the newest
  * one: RFC 6455 section 5.5.3 allows answering only the most recent ping. */
-int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
-                        size_t n) {
+int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, size_t n) {
     uint8_t frame[10 + 125];
     int hl = lmw_build_header(frame, 1, opcode, n);
     if (n) memcpy(frame + hl, p, n);
@@ -121,7 +120,7 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
     }
     lmw_out **at = &x->out_head;
     if ((*at)->sent > 0) at = &(*at)->next; /* never split a frame on the wire */
-    if (opcode == LMW_OP_CLOSE) /* data queued before a close must arrive before it */
+    if (opcode == LMW_OP_CLOSE)             /* data queued before a close must arrive before it */
         while (*at) at = &(*at)->next;
     while (*at && (*at)->control) {
         if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {
@@ -270,4 +269,3 @@ void lmw__fail(lmw_server *s, int fd, int code) {
         lmw__start_linger(s, fd, sl);
     }
 }
-

@@ -52,21 +52,21 @@ enum {
 };
 
 typedef struct lmw_slot {
-    uint32_t gen;       /* bumped when the fd is freed: stale handles never match */
+    uint32_t gen; /* bumped when the fd is freed: stale handles never match */
     uint8_t state;
     uint8_t flags;
     uint16_t close_code; /* close code received or sent, for the CLOSED event */
-    uint32_t tick;      /* last activity, in ticks of 100 ms */
-    uint32_t first_sub; /* hub: first membership node of this fd, 0 = none */
-    uint64_t user_tag;  /* 0 = none */
-    uint32_t user_next; /* hub: next fd + 1 in the same user bucket, 0 = end */
-    uint32_t ext;       /* index + 1 into the ext table, 0 = none */
+    uint32_t tick;       /* last activity, in ticks of 100 ms */
+    uint32_t first_sub;  /* hub: first membership node of this fd, 0 = none */
+    uint64_t user_tag;   /* 0 = none */
+    uint32_t user_next;  /* hub: next fd + 1 in the same user bucket, 0 = end */
+    uint32_t ext;        /* index + 1 into the ext table, 0 = none */
 } lmw_slot;
 
 /* One pending output frame (or the rest of one). */
 typedef struct lmw_out {
     struct lmw_out *next;
-    uint64_t topic;     /* for the LATEST policy, 0 otherwise */
+    uint64_t topic; /* for the LATEST policy, 0 otherwise */
     uint32_t len;
     uint32_t sent;
     uint8_t control;
@@ -78,8 +78,8 @@ typedef struct lmw_ext {
     uint8_t *in;
     uint32_t in_len;
     uint32_t in_cap;
-    uint32_t in_checked;    /* payload bytes of the pending frame already unmasked+checked */
-    uint32_t head_scanned;  /* lmw_request.scanned for a partial head */
+    uint32_t in_checked;   /* payload bytes of the pending frame already unmasked+checked */
+    uint32_t head_scanned; /* lmw_request.scanned for a partial head */
     /* a fragmented message being assembled */
     uint8_t *msg;
     uint64_t msg_len;
@@ -114,15 +114,15 @@ typedef struct lmw_peer {
 
 typedef struct {
     uint64_t id;
-    uint32_t head;   /* first node, 0 = none */
+    uint32_t head; /* first node, 0 = none */
     uint32_t count;
 } lmw_topic;
 
 typedef struct {
     uint32_t fd;
-    uint32_t topic;  /* index into topics */
+    uint32_t topic; /* index into topics */
     uint32_t tnext, tprev;
-    uint32_t fnext;  /* next node of the same fd; free-list link when free */
+    uint32_t fnext; /* next node of the same fd; free-list link when free */
 } lmw_node;
 
 struct lmw_server {
@@ -134,13 +134,13 @@ struct lmw_server {
     int wakefd;
     int listeners[8];
     int nlisteners;
-    int listening;        /* listeners in the epoll set */
-    int stopped;          /* lmw_listen_stop called */
+    int listening; /* listeners in the epoll set */
+    int stopped;   /* lmw_listen_stop called */
     /* slots */
     lmw_slot *slots;
-    uint32_t nslots;      /* table size (RLIMIT_NOFILE) */
+    uint32_t nslots; /* table size (RLIMIT_NOFILE) */
     uint32_t max_fd_seen;
-    uint32_t now;         /* current tick */
+    uint32_t now; /* current tick */
     uint32_t last_sweep;
     /* ext table */
     lmw_ext **exts;
@@ -149,23 +149,23 @@ struct lmw_server {
     uint32_t nfree_exts, cap_free_exts;
     /* read buffers: a bump arena over read_buffers pooled blocks */
     uint8_t **pool;
-    uint32_t pool_next;   /* next block to take */
-    uint32_t pool_off;    /* used bytes of the current block */
+    uint32_t pool_next; /* next block to take */
+    uint32_t pool_off;  /* used bytes of the current block */
     /* memory lent to Python until the next poll */
     lmw_lent *lent;
     uint32_t nlent, cap_lent;
     /* events being filled by the current poll */
     lmw_event *ev;
     int nev, cap_ev;
-    int nwork, maxwork;   /* UPGRADE/HTTP/MESSAGE events so far, and the cap */
-    lmw_request *reqs;    /* request views for this batch's events (cap_reqs >= maxwork) */
+    int nwork, maxwork; /* UPGRADE/HTTP/MESSAGE events so far, and the cap */
+    lmw_request *reqs;  /* request views for this batch's events (cap_reqs >= maxwork) */
     int cap_reqs;
     lmw_upgrade_pending *ups;
     int nups;
     /* CLOSED events made outside lmw_poll (by sends on other threads) wait here */
     lmw_event *closed;
     uint32_t nclosed, cap_closed;
-    int emfile;           /* accept4 hit the fd limit: accepting waits for a close */
+    int emfile; /* accept4 hit the fd limit: accepting waits for a close */
     lmw_deferred *deferred;
     uint32_t ndeferred, cap_deferred;
     /* per-address counts, only when cfg.max_per_ip is set (see _server.c, peers) */
@@ -193,8 +193,7 @@ struct lmw_server {
 
 /* Shared between _server.c and _hub.c (all called with s->lock held). */
 lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen);
-int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
-               int policy);
+int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic, int policy);
 void lmw__fail(lmw_server *s, int fd, int code);
 void lmw__hub_forget(lmw_server *s, int fd);
 void lmw__hub_user_add(lmw_server *s, int fd);
@@ -219,7 +218,8 @@ int lmw__is_open_state(uint8_t st);
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
 uint32_t lmw__peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss);
 /* _output.c */
-int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen, const uint8_t *b, size_t blen, int control, uint64_t topic);
+int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                   const uint8_t *b, size_t blen, int control, uint64_t topic);
 int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, size_t n);
 void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
@@ -227,10 +227,12 @@ void lmw__drop_unsent(lmw_server *s, lmw_ext *x);
 /* _input.c */
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status);
-int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len, const uint8_t *proto, size_t proto_len, uint64_t user_tag);
+int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                         const uint8_t *proto, size_t proto_len, uint64_t user_tag);
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len);
 void lmw__run_deferred(lmw_server *s);
-void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len, uint32_t progress);
+void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
+                         uint32_t progress);
 void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl);
 
 #endif

@@ -323,7 +323,7 @@ int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *proto
             lmw_upgrade_pending *u = &s->ups[i];
             if (u->fd != fd || u->gen != gen) continue;
             r = lmw__open_connection(s, fd, sl, u->key, u->key_len, protocol, protocol_len,
-                                user_tag);
+                                     user_tag);
             u->fd = -1;
             if (r == 0) {
                 lmw_ext *x = lmw__ext_of(s, sl);
