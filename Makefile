@@ -64,6 +64,7 @@ compliance: build
 bench: build
 	$(PIP) install -e '.[test,bench]'
 	$(PY) -m pytest -q benchmarks/test_codec_bench.py --benchmark-enable --benchmark-columns=min,median,mean,ops
+	$(PY) benchmarks/codec_bench.py --runs 9
 	$(PY) benchmarks/run_all.py
 
 clean:
