@@ -96,3 +96,36 @@ def test_the_connection_cap_leaves_new_clients_waiting_in_the_backlog(
     assert _status_line(waiting) == b"HTTP/1.1 200 OK"  # served once a slot frees
     second.close()
     waiting.close()
+
+
+def _raw_websocket(gw: lowmemws.Gateway) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+    return sock
+
+
+def test_a_message_trickled_past_its_deadline_is_closed_with_1008(
+    echo_gateway: MakeGateway,
+) -> None:
+    gw = echo_gateway(lowmemws.Config(message_timeout=1.0))
+    slow, quick = _raw_websocket(gw), _raw_websocket(gw)
+    slow.sendall(bytes([0x82, 0x80 | 126]) + (50_000).to_bytes(2, "big") + b"\x00" * 4)
+    slow.settimeout(0.2)
+    answer = b""
+    deadline = time.monotonic() + 10
+    while not answer and time.monotonic() < deadline:
+        slow.sendall(b"x")  # a byte at a time keeps the socket busy, not the message alive
+        try:
+            answer = slow.recv(16)
+        except TimeoutError:
+            pass
+    assert answer[:4] == bytes([0x88, 0x02]) + (1008).to_bytes(2, "big")
+    # a message that completes in time is not affected
+    quick.sendall(bytes([0x81, 0x82]) + b"\x00" * 4 + b"ok")
+    assert read_until(quick, b"ok").endswith(b"ok")
+    slow.close()
+    quick.close()

@@ -78,8 +78,9 @@ typedef struct lmw_ext {
     uint8_t *in;
     uint32_t in_len;
     uint32_t in_cap;
-    uint32_t in_checked;   /* payload bytes of the pending frame already unmasked+checked */
-    uint32_t head_scanned; /* lmw_request.scanned for a partial head */
+    uint32_t in_checked;    /* payload bytes of the pending frame already unmasked+checked */
+    uint32_t head_scanned;  /* lmw_request.scanned for a partial head */
+    uint32_t partial_since; /* tick a message was first seen incomplete by the sweep, 0: none */
     /* a fragmented message being assembled */
     uint8_t *msg;
     uint64_t msg_len;

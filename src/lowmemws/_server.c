@@ -117,11 +117,24 @@ int lmw_adopt(lmw_server *s, int fd) {
 
 /* ---------------------------------------------------------------- sweep */
 
+/* message_overdue: a message (or frame) begun is still incomplete after mt ticks. Seen by
+ * the once-a-second sweep, so the deadline holds to about a second. */
+static int message_overdue(lmw_server *s, lmw_slot *sl, uint32_t mt) {
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (!mt || !(x->in || x->msg)) {
+        x->partial_since = 0;
+        return 0;
+    }
+    if (!x->partial_since) x->partial_since = s->now ? s->now : 1;
+    return s->now - x->partial_since >= mt;
+}
+
 static void sweep(lmw_server *s) {
     uint32_t hs = ms_to_ticks(s->cfg.handshake_timeout_ms);
     uint32_t pi = ms_to_ticks(s->cfg.ping_interval_ms);
     uint32_t pt = ms_to_ticks(s->cfg.ping_timeout_ms);
     uint32_t ct = ms_to_ticks(s->cfg.close_timeout_ms);
+    uint32_t mt = ms_to_ticks(s->cfg.message_timeout_ms);
     static const uint8_t ping[2] = {0x89, 0x00};
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
@@ -132,6 +145,10 @@ static void sweep(lmw_server *s) {
             if (idle >= hs) lmw__reject(s, (int)fd, sl, 408);
             break;
         case ST_OPEN:
+            if (sl->ext && message_overdue(s, sl, mt)) {
+                lmw__fail(s, (int)fd, 1008); /* a message trickled past its deadline */
+                break;
+            }
             if (!s->cfg.ping_interval_ms) break;
             if (sl->flags & F_PING_OUT) {
                 if (idle >= pt) lmw__conn_free(s, (int)fd, 1006);

@@ -52,6 +52,9 @@ class Config:
     """Idle connections get a ping after this long; 0 disables heartbeats."""
     ping_timeout: float = 10.0
     """A connection silent this long after a ping is dropped (close code 1006)."""
+    message_timeout: float = 60.0
+    """A message (or frame) once begun must be complete within this time, else the
+    connection closes with 1008: a trickled message cannot hold its spill for ever; 0: off."""
     close_timeout: float = 5.0
     """Deadline for the peer's answer to our close frame, and for lingering closes."""
     accept_batch: int = 64
@@ -101,6 +104,7 @@ class Config:
         c.ping_interval_ms = int(self.ping_interval * 1000)
         c.ping_timeout_ms = int(self.ping_timeout * 1000)
         c.close_timeout_ms = int(self.close_timeout * 1000)
+        c.message_timeout_ms = int(self.message_timeout * 1000)
         c.accept_batch = self.accept_batch
         c.max_per_ip = self.max_per_ip
         c.write_policy = POLICIES[self.write_policy]

@@ -248,6 +248,7 @@ typedef struct {
     uint32_t ping_interval_ms;    /* 0 disables pings */
     uint32_t ping_timeout_ms;
     uint32_t close_timeout_ms;
+    uint32_t message_timeout_ms;  /* a begun message must be complete by then (1008); 0: off */
     uint32_t accept_batch;        /* accept4 calls per readable listener */
     uint32_t max_per_ip;          /* connections + handshakes per client address; 0 = no cap */
     uint8_t write_policy;         /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
