@@ -309,6 +309,20 @@ def test_apublish_from_asyncio(make_server: Callable[..., Server]) -> None:
     assert sorted(client.recv() for _ in range(20)) == sorted(f"m{n}" for n in range(20))
 
 
+def test_asend_to_user_and_abroadcast_from_asyncio(make_server: Callable[..., Server]) -> None:
+    server = make_server().start()
+    alice, bob = server.connect(user=7), server.connect(user=8)
+
+    async def main() -> tuple[int, int]:
+        to_alice = await server.gateway.asend_to_user(7, "for alice")
+        to_all = await server.gateway.abroadcast(b"for all")
+        return to_alice, to_all
+
+    assert asyncio.run(main()) == (1, 2)
+    assert alice.recv() == "for alice"
+    assert alice.recv() == bob.recv() == b"for all"
+
+
 def test_a_stale_handle_never_reaches_a_connection_that_reuses_its_fd(
     make_server: Callable[..., Server],
 ) -> None:

@@ -7,6 +7,7 @@ any thread; the C runtime serialises access with one lock.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import mmap
@@ -173,9 +174,15 @@ class Gateway:
 
     async def apublish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
         """apublish is publish for asyncio code: the bus may block, so it runs in a thread."""
-        import asyncio
-
         return await asyncio.to_thread(self.publish, topic, data, policy)
+
+    async def asend_to_user(self, user: int, data: str | bytes, policy: Policy = "drop") -> int:
+        """asend_to_user is send_to_user for asyncio code (run in a thread, like apublish)."""
+        return await asyncio.to_thread(self.send_to_user, user, data, policy)
+
+    async def abroadcast(self, data: str | bytes, policy: Policy = "drop") -> int:
+        """abroadcast is broadcast for asyncio code (run in a thread, like apublish)."""
+        return await asyncio.to_thread(self.broadcast, data, policy)
 
     def _publish(self, envelope: Envelope) -> int:
         bus = self._bus
