@@ -80,19 +80,19 @@ class Envelope:
     @classmethod
     def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
         """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary."""
-        opcode, payload = _frame_data(data)
+        opcode, payload = frame_data(data)
         return cls("topic", topic, opcode, payload, policy)
 
     @classmethod
     def for_user(cls, user_tag: int, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
         """for_user builds the envelope of ``send_to_user(user_tag, data)``."""
-        opcode, payload = _frame_data(data)
+        opcode, payload = frame_data(data)
         return cls("user", user_tag, opcode, payload, policy)
 
     @classmethod
     def for_all(cls, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
         """for_all builds the envelope of ``broadcast(data)``."""
-        opcode, payload = _frame_data(data)
+        opcode, payload = frame_data(data)
         return cls("broadcast", None, opcode, payload, policy)
 
     def encode(self) -> bytes:
@@ -126,9 +126,10 @@ class Envelope:
         return cls(kind, key, opcode, bytes(view[offset:]), policy)
 
 
-def _frame_data(data: str | bytes) -> tuple[int, bytes]:
+def frame_data(data: str | bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    """frame_data returns (opcode, payload): str is sent as text, bytes-like as binary."""
     if isinstance(data, str):
-        return OPCODE_TEXT, data.encode()
+        return OPCODE_TEXT, data.encode("utf-8")
     return OPCODE_BINARY, bytes(data)
 
 

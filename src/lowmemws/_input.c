@@ -398,38 +398,56 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
 
 /* ---------------------------------------------------------------- reading */
 
-static void read_large_frame(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
-    ssize_t n;
-    do n = recv(fd, x->in + x->in_len, x->in_cap - x->in_len, 0);
-    while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    if (n <= 0) return lmw__conn_free(s, fd, 1006);
-    sl->tick = s->now;
-    sl->flags &= ~F_PING_OUT;
+/* recv_some reads what is there: bytes read (> 0), 0 when nothing is ready now, -1 when
+ * the peer is gone (EOF or an error). */
+static ssize_t recv_some(int fd, uint8_t *p, size_t n) {
+    ssize_t r;
+    do r = recv(fd, p, n, 0);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    return r ? r : -1;
+}
+
+/* read_into_spill reads straight into a spill sized for a whole frame or HTTP request that
+ * is larger than half a read block. A frame's payload is checked as it arrives (UTF-8 fails
+ * fast); once complete, the spill is lent to Python with the event. */
+static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
+    ssize_t n = recv_some(fd, x->in + x->in_len, x->in_cap - x->in_len);
+    if (n == 0) return;
+    if (n < 0) return lmw__conn_free(s, fd, 0);
+    int handshake = lmw__is_handshake_state(sl->state);
+    if (!handshake) { /* a handshake keeps its accept tick: a deadline */
+        sl->tick = s->now;
+        sl->flags &= ~F_PING_OUT;
+    }
     uint8_t *buf = x->in;
     size_t len = x->in_len + (size_t)n;
     uint32_t progress = x->in_checked;
-    if (len == x->in_cap) { /* complete: the buffer goes to Python with the message */
-        s->stats->spill_bytes -= x->in_cap;
-        lmw__lend(s, buf, 0);
-        x->in = NULL;
-        x->in_len = x->in_cap = x->in_checked = 0;
+    if (len < x->in_cap) {
+        if (!handshake) return lmw__process_frames(s, fd, sl, buf, len, progress);
+        x->in_len = (uint32_t)len;
+        return;
     }
-    lmw__process_frames(s, fd, sl, buf, len, progress);
+    s->stats->spill_bytes -= x->in_cap;
+    lmw__lend(s, buf, 0);
+    x->in = NULL;
+    x->in_len = x->in_cap = x->in_checked = 0;
+    if (!handshake) return lmw__process_frames(s, fd, sl, buf, len, progress);
+    x->head_scanned = 0;
+    sl->state = ST_HEAD;
+    lmw__process_head(s, fd, sl, buf, len);
 }
 
 void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
     if (sl->state == ST_LINGER) {
         uint8_t sink[4096];
-        ssize_t n;
-        do n = recv(fd, sink, sizeof sink, 0);
-        while (n < 0 && errno == EINTR);
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) lmw__conn_free(s, fd, 0);
+        if (recv_some(fd, sink, sizeof sink) < 0) lmw__conn_free(s, fd, 0);
         return;
     }
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
+    if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
     int holding = x && (x->in || x->msg);
     if (!holding && s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3) {
         /* the budget is short: this socket waits in the kernel until spills drain */
@@ -441,46 +459,24 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
         lmw__set_interest(s, fd, sl, 0);
         return;
     }
-    if (x && x->in && x->in_cap > s->cfg.read_buffer_size / 2 && sl->state != ST_HEAD &&
-        sl->state != ST_HTTP_BODY)
-        return read_large_frame(s, fd, sl, x);
+    if (x && x->in && x->in_cap > s->cfg.read_buffer_size / 2 && sl->state != ST_HEAD)
+        return read_into_spill(s, fd, sl, x);
     size_t pending = x && x->in ? x->in_len : 0;
     size_t want = pending + MIN_READ_SPACE;
     if (sl->state == ST_HTTP_BODY && x && x->in_cap > want) want = x->in_cap;
+    if (want > s->cfg.read_buffer_size) /* a head longer than a read block (max_head allows) */
+        return lmw__reject(s, fd, sl, 431);
     uint8_t *buf;
     size_t cap;
-    if (want > s->cfg.read_buffer_size) {
-        /* a head or body that needs more than a read block (caps allow it): read into
-         * the spill directly */
-        if (!x || !x->in || x->in_len >= x->in_cap) return lmw__reject(s, fd, sl, 431);
-        ssize_t n;
-        do n = recv(fd, x->in + x->in_len, x->in_cap - x->in_len, 0);
-        while (n < 0 && errno == EINTR);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-        if (n <= 0) return lmw__conn_free(s, fd, 0);
-        x->in_len += (uint32_t)n; /* a handshake keeps its accept tick: a deadline */
-        buf = x->in;
-        size_t len = x->in_len;
-        if (sl->state == ST_HTTP_BODY && len < x->in_cap) return;
-        s->stats->spill_bytes -= x->in_cap;
-        lmw__lend(s, x->in, 0);
-        x->in = NULL;
-        x->in_len = x->in_cap = 0;
-        x->head_scanned = 0;
-        if (sl->state == ST_HTTP_BODY) sl->state = ST_HEAD;
-        return lmw__process_head(s, fd, sl, buf, len);
-    }
     if (take_read_space(s, want, &buf, &cap) < 0) return; /* next poll: epoll reports again */
     size_t room = cap - pending;
     if (sl->state == ST_HEAD && room > s->cfg.max_head + 1 - pending &&
         s->cfg.max_head + 1 > pending)
         room = s->cfg.max_head + 1 - pending; /* never read more head than the cap */
     if (pending) memcpy(buf, x->in, pending);
-    ssize_t n;
-    do n = recv(fd, buf + pending, room, 0);
-    while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    if (n <= 0) return lmw__conn_free(s, fd, 0);
+    ssize_t n = recv_some(fd, buf + pending, room);
+    if (n == 0) return;
+    if (n < 0) return lmw__conn_free(s, fd, 0);
     commit_read_space(s, pending + (size_t)n);
     if (!lmw__is_handshake_state(sl->state)) { /* a handshake keeps its accept tick: a deadline */
         sl->tick = s->now;

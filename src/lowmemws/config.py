@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from ._native import ffi
 
-Policy = Literal["drop", "close", "latest"]
 POLICIES: dict[str, int] = {"drop": 0, "close": 1, "latest": 2}
 
 #: File descriptors kept free for listeners, logs, the bus and the interpreter.

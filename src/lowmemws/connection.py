@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._native import ffi, lib
+from ._bus_base import frame_data
+from ._native import lib
 
 if TYPE_CHECKING:
     from .server import Gateway
-
-TEXT = 1
-BINARY = 2
-
-
-def frame_data(data: str | bytes | bytearray | memoryview) -> tuple[int, bytes]:
-    """frame_data returns (opcode, payload): str is sent as text, bytes-like as binary."""
-    if isinstance(data, str):
-        return TEXT, data.encode("utf-8")
-    return BINARY, bytes(data)
 
 
 class Connection:
@@ -90,4 +81,4 @@ class Connection:
         return f"<Connection fd={self.fd} gen={self.gen} user={self.user}>"
 
 
-__all__ = ["Connection", "frame_data", "TEXT", "BINARY", "ffi"]
+__all__ = ["Connection"]

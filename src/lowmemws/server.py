@@ -22,9 +22,9 @@ from typing import Any
 
 from . import metrics
 from ._native import ffi, lib
-from .bus import Bus, Envelope, LocalBus, ProcessBus
-from .config import POLICIES, Config, Policy
-from .connection import Connection, frame_data
+from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
+from .config import POLICIES, Config
+from .connection import Connection
 from .handshake import Accept, Reject, Request, Response
 
 log = logging.getLogger("lowmemws")
@@ -238,11 +238,6 @@ class Gateway:
     def connection_count(self) -> int:
         """connection_count is the number of open connections in this process."""
         return int(lib.lmw_connection_count(self._server)) if self._server is not None else 0
-
-    @property
-    def bound_port(self) -> int:
-        """bound_port is the port actually listened on (useful with port=0)."""
-        return self.port
 
     # ------------------------------------------------------------------ running
 
@@ -634,4 +629,4 @@ def serve(
     gateway.run()
 
 
-__all__ = ["Gateway", "serve", "frame_data"]
+__all__ = ["Gateway", "serve"]
