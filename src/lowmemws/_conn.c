@@ -22,17 +22,11 @@
  *   any --EOF, socket error--> FREE (gen + 1: every handle to the fd goes stale)
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "_runtime.h"
@@ -64,7 +58,8 @@ int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem) {
 void lmw__lend(lmw_server *s, void *ptr, uint64_t size) {
     if (!ptr) return;
     if (lmw__grow((void **)&s->lent, &s->cap_lent, s->nlent + 1, sizeof(lmw_lent)) < 0) {
-        /* cannot record it: leak nothing, but the event's data must stay valid; keep it */
+        /* out of memory: the event still points into it, so it is kept (leaked) rather
+         * than freed while Python may read it */
         return;
     }
     s->lent[s->nlent].ptr = ptr;
