@@ -24,6 +24,7 @@ import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Reject, Request, Response
 from support import waiting
+from support.metrics import metric_value
 from support.wire import read_until
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
@@ -294,10 +295,7 @@ def test_on_http_gets_the_body_and_falls_back_to_the_built_ins(
         client.close()
 
 
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} is missing from /metrics"
-    return float(match.group(1))
+metric = metric_value
 
 
 def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway]) -> None:

@@ -9,9 +9,7 @@ killed worker is restarted; SIGTERM closes every client with 1001 and the parent
 
 from __future__ import annotations
 
-import http.client
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import pytest
 import websocket
 
 from support import waiting
+from support.metrics import fetch_metrics, metric_value
 from support.servers import ServerProcess, StartServer
 from support.ws_close import expect_close_frames
 
@@ -92,20 +91,11 @@ def children(pid: int) -> set[int]:
 
 
 def metrics(server: ServerProcess) -> str:
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        response = connection.getresponse()
-        assert response.status == 200
-        return response.read().decode()
-    finally:
-        connection.close()
+    return fetch_metrics(server.host, server.port)
 
 
 def gauge(text: str, name: str) -> int:
-    match = re.search(rf"^{name} (\d+)$", text, re.M)
-    assert match, f"{name} missing from /metrics"
-    return int(match.group(1))
+    return int(metric_value(text, name))
 
 
 def connect(

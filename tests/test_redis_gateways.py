@@ -10,8 +10,6 @@ the outage arrives on the other node afterwards, in order (RedisBus buffers it).
 
 from __future__ import annotations
 
-import http.client
-import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ import websocket
 
 from lowmemws.metrics import BUS_GAUGES
 from support import waiting
+from support.metrics import fetch_metrics, metric_value
 from support.servers import ServerProcess, StartServer
 from test_bus import RedisServer, redis_server  # noqa: F401  (the fixture is used by name)
 
@@ -110,16 +109,8 @@ def clients() -> Iterator[Callable[..., websocket.WebSocket]]:
 
 
 def bus_counter(node: ServerProcess, name: str) -> int:
-    connection = http.client.HTTPConnection(node.host, node.port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
     metric = f"lowmemws_bus_{name}" if name in BUS_GAUGES else f"lowmemws_bus_{name}_total"
-    match = re.search(rf"^{metric} (\d+)$", text, re.M)
-    assert match, f"{metric} missing from /metrics"
-    return int(match.group(1))
+    return int(metric_value(fetch_metrics(node.host, node.port), metric))
 
 
 wait_until = waiting.waiter(DEADLINE, interval=0.05)
