@@ -55,16 +55,14 @@ int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem) {
     return 0;
 }
 
-void lmw__lend(lmw_server *s, void *ptr, uint64_t size) {
+void lmw__lend(lmw_server *s, void *ptr) {
     if (!ptr) return;
-    if (lmw__grow((void **)&s->lent, &s->cap_lent, s->nlent + 1, sizeof(lmw_lent)) < 0) {
+    if (lmw__grow((void **)&s->lent, &s->cap_lent, s->nlent + 1, sizeof(void *)) < 0) {
         /* out of memory: the event still points into it, so it is kept (leaked) rather
          * than freed while Python may read it */
         return;
     }
-    s->lent[s->nlent].ptr = ptr;
-    s->lent[s->nlent].size = size;
-    s->nlent++;
+    s->lent[s->nlent++] = ptr;
 }
 
 lmw_event *lmw__push_event(lmw_server *s) {
@@ -122,7 +120,8 @@ void lmw__in_free(lmw_server *s, lmw_ext *x) {
     free(x->in);
     s->stats->spill_bytes -= x->in_cap;
     x->in = NULL;
-    x->in_len = x->in_cap = x->in_checked = 0;
+    x->in_len = x->in_cap = x->in_want = x->in_checked = 0;
+    x->in_frame_begun = 0;
 }
 
 void lmw__msg_free(lmw_server *s, lmw_ext *x) {
@@ -170,9 +169,15 @@ int lmw__is_handshake_state(uint8_t st) {
     return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT;
 }
 
+/* lmw__is_open_state: a WebSocket connection that is open or closing (its frames are
+ * parsed, it is counted as a connection). */
 int lmw__is_open_state(uint8_t st) {
     return st == ST_OPEN || st == ST_CLOSING || st == ST_DEFERRED;
 }
+
+/* lmw__may_receive_data: data frames (sends, publishes, broadcasts) may be written. A
+ * DEFERRED connection is still open: its close waits for Python's replies to go first. */
+int lmw__may_receive_data(uint8_t st) { return st == ST_OPEN || st == ST_DEFERRED; }
 
 /* conn_free closes the fd and forgets everything about the connection. */
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
@@ -202,6 +207,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     sl->flags = 0;
     sl->close_code = 0;
     sl->user_tag = 0;
+    s->live--;
     close(fd);
     s->emfile = 0;
 }

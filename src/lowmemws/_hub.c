@@ -291,7 +291,8 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
         uint32_t t = topic_find(s, key);
         for (uint32_t n = t ? s->topics[t - 1].head : 0, next; n; n = next) {
             next = s->nodes[n].tnext; /* a failed write may free n, never next */
-            sent += lmw__write(s, (int)s->nodes[n].fd, f, flen, key, policy) > 0;
+            int fd = (int)s->nodes[n].fd;
+            sent += lmw__write_data(s, fd, &s->slots[fd], f, flen, NULL, 0, key, policy) > 0;
         }
     } else if (to == TO_USER) {
         uint64_t latest_key = key | (1ull << 63); /* LATEST per user, apart from topics */
@@ -299,12 +300,13 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
             lmw_slot *sl = &s->slots[at - 1];
             next = sl->user_next;
             if (sl->user_tag == key)
-                sent += lmw__write(s, (int)at - 1, f, flen, latest_key, policy) > 0;
+                sent += lmw__write_data(s, (int)at - 1, sl, f, flen, NULL, 0, latest_key, policy) > 0;
         }
     } else {
         for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++)
-            if (s->slots[fd].state == ST_OPEN)
-                sent += lmw__write(s, (int)fd, f, flen, UINT64_MAX, policy) > 0;
+            if (lmw__may_receive_data(s->slots[fd].state))
+                sent += lmw__write_data(s, (int)fd, &s->slots[fd], f, flen, NULL, 0, UINT64_MAX,
+                                        policy) > 0;
     }
     pthread_mutex_unlock(&s->lock);
     frame_end(stack, f);

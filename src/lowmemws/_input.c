@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include "_runtime.h"
@@ -41,25 +43,81 @@ static int take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *ca
 
 static void commit_read_space(lmw_server *s, size_t used) { s->pool_off += (uint32_t)used; }
 
-/* spill keeps n pending bytes in the connection's ext, in an allocation of cap >= n. */
-static int spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n, size_t cap) {
+/* ---------------------------------------------------------------- spills and the budget */
+
+/* A spill is "large" when the whole head + body or frame it waits for is more than half a
+ * read block: it is then read straight into, growing as bytes arrive (read_into_spill). */
+static int is_large(lmw_server *s, const lmw_ext *x) {
+    return x->in_want > s->cfg.read_buffer_size / 2;
+}
+
+/* budget_short: past 3/4 of the spill budget no socket starts a new spill; a socket with
+ * nothing pending is read only for what completes without one (read_complete). */
+static int budget_short(lmw_server *s) {
+    return s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3;
+}
+
+/* spill keeps the n pending bytes at p in the connection's ext, in an allocation of exactly
+ * n: the budget pays for bytes that arrived. want is the size of the whole head + body or
+ * frame once known (0: not yet). */
+static int spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n, uint64_t want) {
     lmw_ext *x = lmw__ext_get(s, sl);
     if (!x) return -1;
-    if (x->in == p) { /* already there (reading straight into a large frame) */
-        x->in_len = (uint32_t)n;
-        return 0;
+    if (x->in != p) {
+        if (s->stats->spill_bytes + n > s->cfg.spill_budget) return -1;
+        uint8_t *m = malloc(n ? n : 1);
+        if (!m) return -1;
+        memcpy(m, p, n);
+        lmw__in_free(s, x);
+        x->in = m;
+        x->in_cap = n;
+        s->stats->spill_bytes += n;
     }
-    if (cap < n) cap = n;
-    if (s->stats->spill_bytes + cap > s->cfg.spill_budget) return -1;
-    uint8_t *m = malloc(cap ? cap : 1);
-    if (!m) return -1;
-    memcpy(m, p, n);
-    lmw__in_free(s, x);
-    x->in = m;
-    x->in_len = (uint32_t)n;
-    x->in_cap = (uint32_t)cap;
-    s->stats->spill_bytes += cap;
+    x->in_len = n; /* else already there: reading straight into a large spill */
+    x->in_want = want;
+    x->in_checked = 0;
+    x->in_frame_begun = 0;
     return 0;
+}
+
+/* budget_pause takes fd off EPOLLIN until the spills drain below half the budget
+ * (lmw__resume_budget_paused): its bytes wait in the kernel. Listed once, however often
+ * it is reported again. */
+static void budget_pause(lmw_server *s, int fd, lmw_slot *sl) {
+    if (sl->flags & F_BUDGET) return;
+    if (lmw__grow((void **)&s->budget_paused, &s->cap_budget_paused, s->nbudget_paused + 1,
+                  sizeof(int)) < 0)
+        return; /* not listed: it stays readable and is tried again next poll */
+    s->budget_paused[s->nbudget_paused++] = fd;
+    sl->flags |= F_BUDGET;
+    lmw__set_interest(s, fd, sl, 0);
+}
+
+void lmw__resume_budget_paused(lmw_server *s) {
+    if (!s->nbudget_paused || s->stats->spill_bytes >= s->cfg.spill_budget / 2) return;
+    for (uint32_t i = 0; i < s->nbudget_paused; i++) {
+        int fd = s->budget_paused[i];
+        lmw_slot *sl = &s->slots[fd];
+        if (sl->state != ST_FREE && (sl->flags & F_BUDGET)) {
+            sl->flags &= ~F_BUDGET;
+            lmw__set_interest(s, fd, sl, 0);
+        }
+    }
+    s->nbudget_paused = 0;
+}
+
+/* take_spill hands the pending input to the caller: the spill is lent (freed by the next
+ * lmw_poll, events may point into it) and the ext forgets it. */
+static lmw_pending take_spill(lmw_server *s, lmw_ext *x) {
+    lmw_pending p = {.buf = x->in,
+                     .len = x->in_len,
+                     .progress = {.checked = x->in_checked, .begun = x->in_frame_begun}};
+    s->stats->spill_bytes -= x->in_cap;
+    lmw__lend(s, x->in);
+    x->in = NULL;
+    x->in_len = x->in_cap = x->in_want = x->in_checked = 0;
+    x->in_frame_begun = 0;
+    return p;
 }
 
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl) {
@@ -67,6 +125,14 @@ void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl) {
     if (lmw__grow((void **)&s->backlog, &s->cap_backlog, s->nbacklog + 1, sizeof(int)) < 0) return;
     s->backlog[s->nbacklog++] = fd;
     sl->flags |= F_BACKLOG;
+}
+
+/* keep_for_later spills the unparsed rest of a read when this poll's event array is full;
+ * the fd is parsed again, first thing, by the next lmw_poll (lmw__run_backlog). */
+static int keep_for_later(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n) {
+    if (spill(s, fd, sl, p, n, 0) < 0) return -1;
+    lmw__backlog_add(s, fd, sl);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- handshake */
@@ -124,7 +190,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     if (x) req.scanned = x->head_scanned;
     int r = lmw_parse_request(buf, len, s->cfg.max_head, &req);
     if (r == LMW_INCOMPLETE) {
-        if (spill(s, fd, sl, buf, len, len) < 0) return lmw__reject(s, fd, sl, 503);
+        if (spill(s, fd, sl, buf, len, 0) < 0) return lmw__reject(s, fd, sl, 503);
         lmw__ext_of(s, sl)->head_scanned = req.scanned ? req.scanned : 1;
         return;
     }
@@ -134,16 +200,14 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     if (req.kind == LMW_KIND_HTTP) {
         if (req.content_length > s->cfg.max_http_body) return lmw__reject(s, fd, sl, 413);
         size_t total = head_len + (size_t)req.content_length;
-        if (len < total) {
+        if (len < total) { /* the body is still arriving: the head is parsed again then */
             sl->state = ST_HTTP_BODY;
             if (spill(s, fd, sl, buf, len, total) < 0) return lmw__reject(s, fd, sl, 503);
             return;
         }
         if (s->nwork >= s->maxwork) { /* answer on the next poll */
-            if (spill(s, fd, sl, buf, len, len) < 0) return lmw__reject(s, fd, sl, 503);
-            lmw__ext_of(s, sl)->head_scanned = 0;
             sl->state = ST_HTTP_BODY;
-            lmw__backlog_add(s, fd, sl);
+            if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__reject(s, fd, sl, 503);
             return;
         }
         s->stats->http_requests_total++;
@@ -154,16 +218,16 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     size_t key_len = req.headers[LMW_H_SEC_WEBSOCKET_KEY].len;
     if (s->cfg.auto_upgrade) {
         if (lmw__open_connection(s, fd, sl, key, key_len, NULL, 0, 0) < 0) return;
-        if (len > head_len) lmw__process_frames(s, fd, sl, buf + head_len, len - head_len, 0);
+        if (len > head_len)
+            lmw__process_frames(s, fd, sl, buf + head_len, len - head_len, (lmw_progress){0});
         return;
     }
     if (s->nwork >= s->maxwork) {
-        if (spill(s, fd, sl, buf, len, len) < 0) return lmw__reject(s, fd, sl, 503);
-        lmw__backlog_add(s, fd, sl);
+        if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__reject(s, fd, sl, 503);
         return;
     }
     if (len > head_len) { /* a client that did not wait for the 101: keep its frames */
-        if (spill(s, fd, sl, buf + head_len, len - head_len, len - head_len) < 0)
+        if (spill(s, fd, sl, buf + head_len, len - head_len, 0) < 0)
             return lmw__reject(s, fd, sl, 503);
     }
     sl->state = ST_UPGRADE_WAIT;
@@ -298,73 +362,75 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
         static const uint8_t empty[1];
         deliver(s, fd, sl, opcode, x->msg ? x->msg : empty, x->msg_len); /* never NULL */
         s->stats->spill_bytes -= x->msg_cap;
-        lmw__lend(s, x->msg, 0);
+        lmw__lend(s, x->msg);
         x->msg = NULL;
         x->msg_len = x->msg_cap = 0;
     }
     return 0;
 }
 
-/* process_frames parses every complete frame in buf[0, len). progress describes a
- * frame already partly handled on an earlier read: 0 = nothing, else 1 + the payload
- * bytes already unmasked and checked (its header was checked then too). */
+/* keep_partial spills an incomplete frame (header or payload) at p; want is the whole
+ * frame once its header is known, done what of its payload was checked already. */
+static int keep_partial(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n,
+                        uint64_t want, lmw_progress done, const lmw_message_state *local) {
+    if (spill(s, fd, sl, p, n, want) < 0) return -1;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    x->in_checked = done.checked;
+    x->in_frame_begun = done.begun;
+    if (local) x->ms = *local;
+    return 0;
+}
+
+/* process_frames parses every complete frame in buf[0, len). done describes a frame at buf
+ * already partly handled on an earlier read (its header checked, done.checked payload
+ * bytes unmasked and checked). */
 void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
-                         uint32_t progress) {
+                         lmw_progress done) {
     lmw_ext *x = lmw__ext_of(s, sl);
     lmw_message_state local = {0};
     lmw_message_state *ms = x ? &x->ms : &local;
+    const lmw_message_state *keep_ms = x ? NULL : &local; /* state to keep with a spill */
     size_t off = 0;
     while (off < len) {
         if (sl->state != ST_OPEN && sl->state != ST_CLOSING) return;
-        if (s->nwork >= s->maxwork && !progress) {
-            /* the event array is full: keep the rest for the next poll */
-            if (spill(s, fd, sl, buf + off, len - off, len - off) < 0)
+        if (s->nwork >= s->maxwork && !done.begun) { /* the event array is full */
+            if (keep_partial(s, fd, sl, buf + off, len - off, 0, done, keep_ms) < 0)
                 return lmw__fail(s, fd, 1013);
-            x = lmw__ext_of(s, sl);
-            x->in_checked = 0;
-            if (ms == &local) x->ms = local;
-            lmw__backlog_add(s, fd, sl);
-            return;
+            return lmw__backlog_add(s, fd, sl);
         }
         lmw_frame f;
         int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
         if (r == LMW_ERROR)
             return end_after_batch(s, fd, sl, DEFER_FAIL, f.close_code ? f.close_code : 1002);
         if (r == LMW_INCOMPLETE) {
-            if (spill(s, fd, sl, buf + off, len - off, len - off) < 0)
+            if (keep_partial(s, fd, sl, buf + off, len - off, 0, done, keep_ms) < 0)
                 return lmw__fail(s, fd, 1013);
-            x = lmw__ext_of(s, sl);
-            x->in_checked = 0;
-            if (ms == &local) x->ms = local;
             return;
         }
         int control = f.opcode >= 8;
         int fragmented = ms->opcode != 0;
-        if (!progress) {
+        if (!done.begun) {
             int code = control ? 0 : lmw_message_frame(ms, &f, s->cfg.max_message);
             if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
         }
-        size_t avail = len - off - f.header_len;
-        if (avail > f.payload_len) avail = (size_t)f.payload_len;
+        uint64_t avail = len - off - f.header_len;
+        if (avail > f.payload_len) avail = f.payload_len;
         uint8_t *p = buf + off + f.header_len;
-        size_t done = progress ? progress - 1 : 0;
-        if (avail > done) {
-            lmw_unmask(p + done, avail - done, f.mask, done);
+        if (avail > done.checked) {
+            lmw_unmask(p + done.checked, avail - done.checked, f.mask, done.checked);
             if (!control && sl->state == ST_OPEN) {
-                int code = lmw_message_payload(ms, p + done, avail - done);
+                int code = lmw_message_payload(ms, p + done.checked, avail - done.checked);
                 if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
             }
         }
-        progress = 0;
         if (avail < f.payload_len) { /* the payload is still arriving */
-            uint64_t total = f.header_len + f.payload_len;
-            size_t cap = total > s->cfg.read_buffer_size / 2 ? (size_t)total : len - off;
-            if (spill(s, fd, sl, buf + off, len - off, cap) < 0) return lmw__fail(s, fd, 1013);
-            x = lmw__ext_of(s, sl);
-            x->in_checked = (uint32_t)(1 + avail);
-            if (ms == &local) x->ms = local;
+            lmw_progress now = {.checked = avail, .begun = 1};
+            if (keep_partial(s, fd, sl, buf + off, len - off, f.header_len + f.payload_len, now,
+                             keep_ms) < 0)
+                return lmw__fail(s, fd, 1013);
             return;
         }
+        done = (lmw_progress){0};
         off += f.header_len + (size_t)f.payload_len;
         if (control) {
             if (on_control(s, fd, sl, &f, p)) return;
@@ -376,6 +442,7 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
                 if (!x) return lmw__fail(s, fd, 1011);
                 x->ms = local;
                 ms = &x->ms;
+                keep_ms = NULL;
             }
             /* the message's end is checked (UTF-8 complete, section 8.1) before it is
              * delivered: an invalid message never reaches the application */
@@ -392,70 +459,157 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
 
 /* recv_some reads what is there: bytes read (> 0), 0 when nothing is ready now, -1 when
  * the peer is gone (EOF or an error). */
-static ssize_t recv_some(int fd, uint8_t *p, size_t n) {
+static ssize_t recv_some(int fd, uint8_t *p, size_t n, int flags) {
     ssize_t r;
-    do r = recv(fd, p, n, 0);
+    do r = recv(fd, p, n, flags);
     while (r < 0 && errno == EINTR);
     if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
     return r ? r : -1;
 }
 
-/* read_into_spill reads straight into a spill sized for a whole frame or HTTP request that
- * is larger than half a read block. A frame's payload is checked as it arrives (UTF-8 fails
- * fast); once complete, the spill is lent to Python with the event. */
-static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
-    ssize_t n = recv_some(fd, x->in + x->in_len, x->in_cap - x->in_len);
-    if (n == 0) return;
-    if (n < 0) return lmw__conn_free(s, fd, 0);
-    int handshake = lmw__is_handshake_state(sl->state);
-    if (!handshake) { /* a handshake keeps its accept tick: a deadline */
-        sl->tick = s->now;
-        sl->flags &= ~F_PING_OUT;
-    }
-    uint8_t *buf = x->in;
-    size_t len = x->in_len + (size_t)n;
-    uint32_t progress = x->in_checked;
-    if (len < x->in_cap) {
-        if (!handshake) return lmw__process_frames(s, fd, sl, buf, len, progress);
-        x->in_len = (uint32_t)len;
-        return;
-    }
-    s->stats->spill_bytes -= x->in_cap;
-    lmw__lend(s, buf, 0);
-    x->in = NULL;
-    x->in_len = x->in_cap = x->in_checked = 0;
-    if (!handshake) return lmw__process_frames(s, fd, sl, buf, len, progress);
-    x->head_scanned = 0;
-    sl->state = ST_HEAD;
-    lmw__process_head(s, fd, sl, buf, len);
+/* bytes_waiting is what the kernel holds unread for fd (FIONREAD): what has arrived. */
+uint64_t lmw__bytes_waiting(int fd) {
+    int n = 0;
+    return ioctl(fd, FIONREAD, &n) == 0 && n > 0 ? (uint64_t)n : 0;
 }
 
-void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
+/* peer_gone reports, without consuming anything, that fd is at EOF or in error. */
+static int peer_gone(int fd) {
+    uint8_t b;
+    return recv_some(fd, &b, 1, MSG_PEEK) < 0;
+}
+
+static void input_seen(lmw_server *s, lmw_slot *sl) {
+    if (sl->state != ST_OPEN) return; /* handshake and close deadlines count from their start */
+    sl->tick = s->now;
+    sl->flags &= ~F_PING_OUT;
+}
+
+/* grow_spill makes room in a large spill for the bytes the kernel holds now, at most up to
+ * the whole head + body or frame and never more than twice what has arrived. Large spills
+ * may use up to 3/4 of the budget; past that the socket waits in the kernel (0 returned). */
+static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
+    uint64_t waiting = lmw__bytes_waiting(fd);
+    if (x->in_cap - x->in_len >= waiting || x->in_cap == x->in_want) return 1;
+    uint64_t cap = x->in_len + waiting;
+    if (cap < 2 * x->in_len) cap = 2 * x->in_len; /* doubling: few reallocs, at most 2x */
+    if (cap > x->in_want) cap = x->in_want;
+    uint64_t more = cap - x->in_cap;
+    if (s->stats->spill_bytes + more > s->cfg.spill_budget / 4 * 3) {
+        budget_pause(s, fd, sl);
+        return 0;
+    }
+    uint8_t *m = realloc(x->in, cap);
+    if (!m) return -1;
+    x->in = m;
+    x->in_cap = cap;
+    s->stats->spill_bytes += more;
+    return 1;
+}
+
+/* read_into_spill reads the rest of a large head + body or frame straight into its spill. A
+ * frame's payload is checked as it arrives (UTF-8 fails fast); once complete, the spill is
+ * lent to Python with the event. */
+static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
+    int room = grow_spill(s, fd, sl, x);
+    if (room < 0 && sl->state == ST_OPEN) return lmw__fail(s, fd, 1011);
+    if (room < 0) return lmw__reject(s, fd, sl, 503);
+    if (room == 0) return;
+    if (x->in_cap == x->in_len) { /* nothing arrived: EOF or an error woke us */
+        if (peer_gone(fd)) lmw__conn_free(s, fd, 0);
+        return;
+    }
+    ssize_t n = recv_some(fd, x->in + x->in_len, x->in_cap - x->in_len, 0);
+    if (n == 0) return;
+    if (n < 0) return lmw__conn_free(s, fd, 0);
+    input_seen(s, sl);
+    x->in_len += (uint64_t)n;
+    int handshake = lmw__is_handshake_state(sl->state);
+    if (x->in_len < x->in_want) {
+        if (handshake) return;
+        lmw_progress done = {.checked = x->in_checked, .begun = x->in_frame_begun};
+        return lmw__process_frames(s, fd, sl, x->in, x->in_len, done);
+    }
+    lmw_pending p = take_spill(s, x);
+    if (!handshake) return lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);
+    x->head_scanned = 0;
+    sl->state = ST_HEAD;
+    lmw__process_head(s, fd, sl, p.buf, p.len);
+}
+
+/* complete_frames is how many leading bytes of buf are frames that complete without a
+ * spill: whole control frames and whole unfragmented messages, as many as this poll can
+ * hand to Python. A malformed frame counts in (parsing it fails the connection). */
+static size_t complete_frames(lmw_server *s, const uint8_t *buf, size_t len) {
+    size_t off = 0;
+    int work = s->nwork;
+    while (off < len) {
+        lmw_frame f;
+        int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
+        if (r == LMW_ERROR) return len;
+        if (r == LMW_INCOMPLETE || f.header_len + f.payload_len > len - off) break;
+        if (f.opcode < 8) {
+            if ((!f.fin && f.opcode != LMW_OP_CONTINUATION) || work >= s->maxwork) break;
+            work++;
+        }
+        off += f.header_len + (size_t)f.payload_len;
+    }
+    return off;
+}
+
+/* complete_head is the length of a complete head (and body) at buf, 0 if incomplete; a
+ * malformed or refused one counts whole (parsing it answers the error). */
+static size_t complete_head(lmw_server *s, const uint8_t *buf, size_t len) {
+    lmw_request req;
+    memset(&req, 0, sizeof req);
+    int r = lmw_parse_request(buf, len, s->cfg.max_head, &req);
+    if (r == LMW_INCOMPLETE) return 0;
+    if (r < 0 || req.content_length > s->cfg.max_http_body) return len;
+    uint64_t total = (uint64_t)r + (req.kind == LMW_KIND_HTTP ? req.content_length : 0);
+    return total <= len ? (size_t)total : 0;
+}
+
+/* read_complete serves a socket with nothing pending while the spill budget is short: it
+ * peeks, takes only what completes without a spill, and leaves the rest in the kernel (the
+ * socket waits, paused, until the spills drain). Everyone sending whole messages is still
+ * served while a few hold the budget with partial ones. */
+static void read_complete(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t room) {
+    ssize_t n = recv_some(fd, buf, room, MSG_PEEK);
+    if (n == 0) return;
+    if (n < 0) return lmw__conn_free(s, fd, 0);
+    int head = sl->state == ST_HEAD;
+    size_t take = head ? complete_head(s, buf, (size_t)n) : complete_frames(s, buf, (size_t)n);
+    if (!take) return budget_pause(s, fd, sl);
+    if (recv_some(fd, buf, take, 0) != (ssize_t)take) return lmw__conn_free(s, fd, 0);
+    commit_read_space(s, take);
+    input_seen(s, sl);
+    if (head) return lmw__process_head(s, fd, sl, buf, take);
+    lmw__process_frames(s, fd, sl, buf, take, (lmw_progress){0});
+}
+
+/* lmw__on_readable reads fd (epoll reported what) and handles what arrived. */
+void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     lmw_ext *x = lmw__ext_of(s, sl);
     if (sl->state == ST_LINGER) {
         uint8_t sink[4096];
-        if (recv_some(fd, sink, sizeof sink) < 0) lmw__conn_free(s, fd, 0);
+        if (recv_some(fd, sink, sizeof sink, 0) < 0) lmw__conn_free(s, fd, 0);
         return;
+    }
+    if ((sl->flags & (F_PAUSED | F_BUDGET)) && !(what & EPOLLIN)) {
+        /* a paused socket reporting a hang-up or an error: the peer is gone (reported
+         * every poll while it stays, so it is ended now, not paused again) */
+        return lmw__conn_free(s, fd, 0);
     }
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
     if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
-    int holding = x && (x->in || x->msg);
-    if (!holding && s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3) {
-        /* the budget is short: this socket waits in the kernel until spills drain */
-        if (lmw__grow((void **)&s->budget_paused, &s->cap_budget_paused, s->nbudget_paused + 1,
-                      sizeof(int)) < 0)
-            return;
-        s->budget_paused[s->nbudget_paused++] = fd;
-        sl->flags |= F_BUDGET;
-        lmw__set_interest(s, fd, sl, 0);
-        return;
-    }
-    if (x && x->in && x->in_cap > s->cfg.read_buffer_size / 2 && sl->state != ST_HEAD)
+    if (x && x->in && is_large(s, x) && sl->state != ST_HEAD)
         return read_into_spill(s, fd, sl, x);
-    size_t pending = x && x->in ? x->in_len : 0;
+    size_t pending = x && x->in ? (size_t)x->in_len : 0;
+    int short_mode = !(x && (x->in || x->msg)) && budget_short(s);
     size_t want = pending + MIN_READ_SPACE;
-    if (sl->state == ST_HTTP_BODY && x && x->in_cap > want) want = x->in_cap;
+    if (x && x->in_want > want) want = (size_t)x->in_want; /* a small body: read it whole */
+    if (short_mode) want = s->cfg.read_buffer_size / 2; /* room for whole messages to peek */
     if (want > s->cfg.read_buffer_size) /* a head longer than a read block (max_head allows) */
         return lmw__reject(s, fd, sl, 431);
     uint8_t *buf;
@@ -465,18 +619,16 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
     if (sl->state == ST_HEAD && room > s->cfg.max_head + 1 - pending &&
         s->cfg.max_head + 1 > pending)
         room = s->cfg.max_head + 1 - pending; /* never read more head than the cap */
+    if (short_mode) return read_complete(s, fd, sl, buf, room);
     if (pending) memcpy(buf, x->in, pending);
-    ssize_t n = recv_some(fd, buf + pending, room);
+    ssize_t n = recv_some(fd, buf + pending, room, 0);
     if (n == 0) return;
     if (n < 0) return lmw__conn_free(s, fd, 0);
     commit_read_space(s, pending + (size_t)n);
-    if (!lmw__is_handshake_state(sl->state)) { /* a handshake keeps its accept tick: a deadline */
-        sl->tick = s->now;
-        sl->flags &= ~F_PING_OUT;
-    }
-    uint32_t progress = 0;
+    input_seen(s, sl);
+    lmw_progress done = {0};
     if (pending) {
-        progress = x->in_checked;
+        done = (lmw_progress){.checked = x->in_checked, .begun = x->in_frame_begun};
         lmw__in_free(s, x);
     }
     size_t len = pending + (size_t)n;
@@ -489,6 +641,36 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl) {
         return lmw__process_head(s, fd, sl, buf, len);
     }
     default:
-        return lmw__process_frames(s, fd, sl, buf, len, progress);
+        return lmw__process_frames(s, fd, sl, buf, len, done);
     }
+}
+
+/* lmw__run_backlog parses the input kept for later when an earlier poll's event array
+ * filled up, before any socket is read again. */
+void lmw__run_backlog(lmw_server *s) {
+    uint32_t n = s->nbacklog;
+    int *fds = s->backlog;
+    s->backlog = NULL;
+    s->nbacklog = 0;
+    s->cap_backlog = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int fd = fds[i];
+        lmw_slot *sl = &s->slots[fd];
+        sl->flags &= ~F_BACKLOG;
+        lmw_ext *x = lmw__ext_of(s, sl);
+        if (!x || !x->in) continue;
+        if (s->nwork >= s->maxwork) {
+            lmw__backlog_add(s, fd, sl);
+            continue;
+        }
+        lmw_pending p = take_spill(s, x);
+        if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
+            sl->state = ST_HEAD;
+            x->head_scanned = 0;
+            lmw__process_head(s, fd, sl, p.buf, p.len);
+        } else if (lmw__is_open_state(sl->state)) {
+            lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);
+        }
+    }
+    free(fds);
 }

@@ -16,16 +16,31 @@
 
 /* ---------------------------------------------------------------- output */
 
-static lmw_out *out_new(const uint8_t *data, size_t len, int control, uint64_t topic) {
-    lmw_out *o = malloc(sizeof(lmw_out) + len);
+/* out_new copies a frame (header a + payload b) into a queue chunk, done bytes already sent. */
+static lmw_out *out_new(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen, size_t done,
+                        int control, uint64_t topic) {
+    lmw_out *o = malloc(sizeof(lmw_out) + alen + blen);
     if (!o) return NULL;
     o->next = NULL;
     o->topic = topic;
-    o->len = (uint32_t)len;
-    o->sent = 0;
+    o->len = alen + blen;
+    o->sent = done;
     o->control = (uint8_t)control;
-    memcpy(o->data, data, len);
+    memcpy(o->data, a, alen);
+    if (blen) memcpy(o->data + alen, b, blen);
     return o;
+}
+
+/* out_replace puts o in the place of the queued frame at *at (not begun: never a frame
+ * partly on the wire). */
+static void out_replace(lmw_server *s, lmw_ext *x, lmw_out **at, lmw_out *o) {
+    lmw_out *old = *at;
+    o->next = old->next;
+    if (x->out_tail == old) x->out_tail = o;
+    *at = o;
+    x->out_bytes += o->len - old->len;
+    s->stats->pending_write_bytes += o->len - old->len;
+    free(old);
 }
 
 static void out_append(lmw_server *s, lmw_ext *x, lmw_out *o) {
@@ -61,16 +76,8 @@ static ssize_t send_now(int fd, const uint8_t *a, size_t alen, const uint8_t *b,
 static int queue_rest(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                       const uint8_t *b, size_t blen, size_t done, int control, uint64_t topic) {
     lmw_ext *x = lmw__ext_get(s, sl);
-    size_t total = alen + blen;
-    lmw_out *o = x ? malloc(sizeof(lmw_out) + total) : NULL;
+    lmw_out *o = x ? out_new(a, alen, b, blen, done, control, topic) : NULL;
     if (!o) return -1;
-    o->next = NULL;
-    o->topic = topic;
-    o->len = (uint32_t)total;
-    o->sent = (uint32_t)done;
-    o->control = (uint8_t)control;
-    memcpy(o->data, a, alen);
-    if (blen) memcpy(o->data + alen, b, blen);
     out_append(s, x, o);
     arm_out(s, fd, sl);
     return 0;
@@ -117,20 +124,14 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
         while (*at) at = &(*at)->next;
     while (*at && (*at)->control) {
         if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {
-            lmw_out *o = out_new(frame, flen, 1, 0);
+            lmw_out *o = out_new(frame, flen, NULL, 0, 0, 1, 0);
             if (!o) return -1;
-            lmw_out *old = *at;
-            o->next = old->next;
-            if (x->out_tail == old) x->out_tail = o;
-            *at = o;
-            x->out_bytes += flen - old->len;
-            s->stats->pending_write_bytes += flen - old->len;
-            free(old);
+            out_replace(s, x, at, o);
             return 1;
         }
         at = &(*at)->next;
     }
-    lmw_out *o = out_new(frame, flen, 1, 0);
+    lmw_out *o = out_new(frame, flen, NULL, 0, 0, 1, 0);
     if (!o) return -1;
     o->next = *at;
     *at = o;
@@ -171,7 +172,7 @@ void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
             lmw__conn_free(s, fd, 1006);
             return;
         }
-        o->sent += (uint32_t)n;
+        o->sent += (uint64_t)n;
         if (o->sent < o->len) return; /* EPOLLOUT stays armed */
         x->out_head = o->next;
         if (!x->out_head) x->out_tail = NULL;
@@ -204,46 +205,53 @@ void lmw__drop_unsent(lmw_server *s, lmw_ext *x) {
     for (lmw_out *o = x->out_head; o; o = o->next) x->out_tail = o;
 }
 
-/* lmw__write sends a complete data frame (fan-out and lmw_send), applying the write
- * limit and policy. Returns 1 sent or queued, 0 dropped, -1 connection gone. */
-int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic,
-               int policy) {
-    lmw_slot *sl = &s->slots[fd];
-    if (sl->state != ST_OPEN && sl->state != ST_DEFERRED) return -1;
+/* unsent_of_topic finds the queued, not yet begun frame of topic (for LATEST), or NULL. */
+static lmw_out **unsent_of_topic(lmw_ext *x, uint64_t topic) {
+    for (lmw_out **at = &x->out_head; *at; at = &(*at)->next)
+        if ((*at)->topic == topic && !(*at)->sent) return at;
+    return NULL;
+}
+
+/* over_bounds decides BEFORE anything is written whether a data frame of len bytes may
+ * go out, so the bounds hold whatever the kernel takes: the frame must fit whole in
+ * write_budget (all connections), and in write_limit with what this connection has queued.
+ * A frame larger than write_limit may go to a connection with nothing queued (else it could
+ * never be sent): one connection holds at most write_limit, or one such frame. LATEST keeps
+ * one pending frame per topic past the connection's limit (the client always learns the
+ * newest state); only the budget bounds it. */
+static int over_bounds(lmw_server *s, lmw_ext *x, uint64_t len, int latest, uint64_t replaced) {
+    uint64_t queued = x ? x->out_bytes : 0;
+    if (s->stats->pending_write_bytes - replaced + len > s->cfg.write_budget) return 1;
+    return !latest && queued && queued + len > s->cfg.write_limit;
+}
+
+/* lmw__write_data sends a complete data frame (header a + payload b) to an open
+ * connection under its write bounds and policy (lmw_send and fan-out). Returns 1 sent or
+ * queued, 0 dropped or closed by policy, -1 connection gone. */
+int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                    const uint8_t *b, size_t blen, uint64_t topic, int policy) {
+    if (!lmw__may_receive_data(sl->state)) return -1;
     lmw_ext *x = lmw__ext_of(s, sl);
-    if (x && x->out_head) {
-        if (topic && policy == LMW_POLICY_LATEST) {
-            for (lmw_out **at = &x->out_head; *at; at = &(*at)->next) {
-                lmw_out *old = *at;
-                if (old->topic != topic || old->sent) continue;
-                lmw_out *o = out_new(frame, len, 0, topic);
-                if (!o) return 0;
-                o->next = old->next;
-                if (x->out_tail == old) x->out_tail = o;
-                *at = o;
-                x->out_bytes += len - old->len;
-                s->stats->pending_write_bytes += len - old->len;
-                free(old);
-                s->stats->dropped[LMW_DROP_LATEST]++;
-                return 1;
-            }
-        }
-        /* LATEST keeps one pending frame per topic even past the connection's limit, so
-         * the client always learns the newest state; only the global budget bounds it. */
-        int latest = topic && policy == LMW_POLICY_LATEST;
-        if ((!latest && x->out_bytes + len > s->cfg.write_limit) ||
-            s->stats->pending_write_bytes + len > s->cfg.write_budget) {
-            if (policy == LMW_POLICY_CLOSE) {
-                s->stats->dropped[LMW_DROP_CLOSED]++;
-                lmw__drop_unsent(s, x);
-                lmw__fail(s, fd, 1008);
-                return 0;
-            }
-            s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
+    int latest = topic && policy == LMW_POLICY_LATEST;
+    lmw_out **old = latest && x ? unsent_of_topic(x, topic) : NULL;
+    if (over_bounds(s, x, alen + blen, latest, old ? (*old)->len : 0)) {
+        if (policy == LMW_POLICY_CLOSE) {
+            s->stats->dropped[LMW_DROP_CLOSED]++;
+            if (x) lmw__drop_unsent(s, x);
+            lmw__fail(s, fd, 1008);
             return 0;
         }
+        s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
+        return 0;
     }
-    int r = lmw__write_raw(s, fd, sl, frame, len, NULL, 0, 0, topic);
+    if (old) { /* LATEST: the newest frame takes the place of the one still queued */
+        lmw_out *o = out_new(a, alen, b, blen, 0, 0, topic);
+        if (!o) return 0;
+        out_replace(s, x, old, o);
+        s->stats->dropped[LMW_DROP_LATEST]++;
+        return 1;
+    }
+    int r = lmw__write_raw(s, fd, sl, a, alen, b, blen, 0, topic);
     if (r > 0) s->stats->frames_sent_total++;
     return r;
 }

@@ -51,6 +51,14 @@ enum {
     F_EPOLL_IN = 1 << 7,   /* EPOLLIN currently in the interest set */
 };
 
+/* Loop lag (issue 17): a poll cycle that kept the loop away from epoll for longer than
+ * LAG_GRACE_US (Python work between polls, or epoll_wait returning late because the
+ * process was stopped or starved) does not advance the clock deadlines are judged by,
+ * beyond the grace; accepting slows down while the last cycle lagged past LAG_SLOW_US. */
+#define LAG_GRACE_US 100000u
+#define LAG_SLOW_US 100000u
+#define LAG_WINDOW_TICKS 100u /* the lag gauge covers about the last 10 s */
+
 typedef struct lmw_slot {
     uint32_t gen; /* bumped when the fd is freed: stale handles never match */
     uint8_t state;
@@ -67,18 +75,23 @@ typedef struct lmw_slot {
 typedef struct lmw_out {
     struct lmw_out *next;
     uint64_t topic; /* for the LATEST policy, 0 otherwise */
-    uint32_t len;
-    uint32_t sent;
+    uint64_t len;
+    uint64_t sent;
     uint8_t control;
     uint8_t data[];
 } lmw_out;
 
 typedef struct lmw_ext {
-    /* pending input: an incomplete head, body or frame */
+    /* pending input: an incomplete head, body or frame. The spill holds what has arrived
+     * (in_len) in an allocation of in_cap; in_want is the size of the whole head + body or
+     * frame once known (0: not known yet), so a large one grows as its bytes arrive and
+     * the budget is charged for bytes received, never for a declared length. */
     uint8_t *in;
-    uint32_t in_len;
-    uint32_t in_cap;
-    uint32_t in_checked;    /* payload bytes of the pending frame already unmasked+checked */
+    uint64_t in_len;
+    uint64_t in_cap;
+    uint64_t in_want;
+    uint64_t in_checked;    /* payload bytes of the pending frame already unmasked+checked */
+    uint8_t in_frame_begun; /* the pending frame's header was checked on an earlier read */
     uint32_t head_scanned;  /* lmw_request.scanned for a partial head */
     uint32_t partial_since; /* tick a message was first seen incomplete by the sweep, 0: none */
     /* a fragmented message being assembled */
@@ -100,11 +113,19 @@ typedef struct lmw_upgrade_pending {
     uint32_t key_len;
 } lmw_upgrade_pending;
 
-/* Memory lent to Python with an event, freed by the next lmw_poll. */
+/* What of a partly received frame was handled on an earlier read: its header checked
+ * (begun) and the first `checked` payload bytes unmasked and validated. */
 typedef struct {
-    void *ptr;
-    uint64_t size;
-} lmw_lent;
+    uint64_t checked;
+    uint8_t begun;
+} lmw_progress;
+
+/* Pending input taken out of a connection's ext (lent until the next lmw_poll). */
+typedef struct {
+    uint8_t *buf;
+    uint64_t len;
+    lmw_progress progress;
+} lmw_pending;
 
 /* One client address of the per-address cap and its connections + handshakes. */
 typedef struct lmw_peer {
@@ -141,8 +162,14 @@ struct lmw_server {
     lmw_slot *slots;
     uint32_t nslots; /* table size (RLIMIT_NOFILE) */
     uint32_t max_fd_seen;
-    uint32_t now; /* current tick */
+    uint32_t now; /* current tick of the loop's clock (see LAG_GRACE_US) */
     uint32_t last_sweep;
+    uint64_t clock_us;       /* the loop's clock: monotonic time minus lag past the grace */
+    uint64_t real_us;        /* monotonic time when clock_us was last advanced */
+    uint64_t poll_return_us; /* monotonic time the previous lmw_poll returned, 0: none */
+    uint64_t lag_us;         /* lag of the latest poll cycle */
+    uint64_t lag_window_max, lag_prev_window_max, lag_window_start_us;
+    uint32_t live; /* slots in use (any state but FREE): bounded by max_connections */
     /* ext table */
     lmw_ext **exts;
     uint32_t nexts, cap_exts;
@@ -153,7 +180,7 @@ struct lmw_server {
     uint32_t pool_next; /* next block to take */
     uint32_t pool_off;  /* used bytes of the current block */
     /* memory lent to Python until the next poll */
-    lmw_lent *lent;
+    void **lent;
     uint32_t nlent, cap_lent;
     /* events being filled by the current poll */
     lmw_event *ev;
@@ -194,7 +221,6 @@ struct lmw_server {
 
 /* Shared between _server.c and _hub.c (all called with s->lock held). */
 lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen);
-int lmw__write(lmw_server *s, int fd, const uint8_t *frame, size_t len, uint64_t topic, int policy);
 void lmw__fail(lmw_server *s, int fd, int code);
 void lmw__hub_forget(lmw_server *s, int fd);
 void lmw__hub_user_add(lmw_server *s, int fd);
@@ -206,7 +232,7 @@ void lmw__hub_free(lmw_server *s);
 #define MIN_READ_SPACE 2048
 /* _conn.c */
 int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem);
-void lmw__lend(lmw_server *s, void *ptr, uint64_t size);
+void lmw__lend(lmw_server *s, void *ptr);
 lmw_event *lmw__push_event(lmw_server *s);
 lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl);
 lmw_ext *lmw__ext_get(lmw_server *s, lmw_slot *sl);
@@ -216,6 +242,7 @@ void lmw__ext_trim(lmw_server *s, lmw_slot *sl);
 void lmw__set_interest(lmw_server *s, int fd, lmw_slot *sl, int out_changed);
 int lmw__is_handshake_state(uint8_t st);
 int lmw__is_open_state(uint8_t st);
+int lmw__may_receive_data(uint8_t st);
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
 uint32_t lmw__peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss);
 /* _output.c */
@@ -225,7 +252,12 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
 void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__drop_unsent(lmw_server *s, lmw_ext *x);
+int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                    const uint8_t *b, size_t blen, uint64_t topic, int policy);
 /* _input.c */
+uint64_t lmw__bytes_waiting(int fd);
+void lmw__resume_budget_paused(lmw_server *s);
+void lmw__run_backlog(lmw_server *s);
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status);
 int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
@@ -233,7 +265,7 @@ int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len);
 void lmw__run_deferred(lmw_server *s);
 void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
-                         uint32_t progress);
-void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl);
+                         lmw_progress done);
+void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what);
 
 #endif

@@ -42,10 +42,41 @@
 #define MAX_EPOLL_EVENTS 256
 #define MAX_SLOTS (1u << 22)
 
-static uint32_t now_tick(void) {
+#define TICK_US 100000u
+
+static uint64_t monotonic_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint32_t)(ts.tv_sec * 10 + ts.tv_nsec / 100000000);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* clock_to advances the loop's clock to real time `real`, less `stalled` microseconds
+ * during which the loop did not run: deadlines (heartbeat, handshake, message, close) are
+ * judged by this clock, so the server's own pauses never count against its clients. */
+static void clock_to(lmw_server *s, uint64_t real, uint64_t stalled) {
+    uint64_t elapsed = real > s->real_us ? real - s->real_us : 0;
+    s->clock_us += elapsed > stalled ? elapsed - stalled : 0;
+    s->real_us = real;
+    s->now = (uint32_t)(s->clock_us / TICK_US);
+}
+
+static uint64_t past_grace(uint64_t lag) { return lag > LAG_GRACE_US ? lag - LAG_GRACE_US : 0; }
+
+/* note_lag records one poll cycle's lag: how long the loop stayed away from epoll (Python
+ * work between polls) plus how late epoll_wait returned (the process stopped or starved).
+ * The gauge is the longest lag of the current and the previous ~10 s window. */
+static void note_lag(lmw_server *s, uint64_t lag) {
+    s->lag_us = lag;
+    if (s->real_us - s->lag_window_start_us >= (uint64_t)LAG_WINDOW_TICKS * TICK_US) {
+        s->lag_prev_window_max = s->lag_window_max;
+        s->lag_window_max = 0;
+        s->lag_window_start_us = s->real_us;
+    }
+    if (lag > s->lag_window_max) s->lag_window_max = lag;
+    uint64_t recent = s->lag_window_max > s->lag_prev_window_max ? s->lag_window_max
+                                                                 : s->lag_prev_window_max;
+    s->stats->loop_lag_us = recent;
+    if (lag > s->stats->loop_lag_max_us) s->stats->loop_lag_max_us = lag;
 }
 
 static uint32_t ms_to_ticks(uint32_t ms) { return (ms + 99) / 100; }
@@ -68,9 +99,11 @@ static void listeners_poll(lmw_server *s, int on) {
     s->stats->accept_paused = !on;
 }
 
+/* accepting_allowed: every slot in use counts against max_connections, lingering ones
+ * (answered with an HTTP error, or closed and draining) included, so the fds kept for
+ * Python and the listeners are never eaten. */
 static int accepting_allowed(lmw_server *s) {
-    return !s->stopped && !s->emfile &&
-           s->stats->connections + s->stats->handshakes < s->cfg.max_connections &&
+    return !s->stopped && !s->emfile && s->live < s->cfg.max_connections &&
            s->stats->handshakes < s->cfg.max_handshakes;
 }
 
@@ -85,12 +118,18 @@ static int slot_open(lmw_server *s, int fd) {
     sl->tick = s->now;
     sl->close_code = 0;
     if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
+    s->live++;
     s->stats->handshakes++;
     return 0;
 }
 
+/* accept_batch accepts up to accept_batch connections; fewer while the loop lags, so that
+ * a connect storm waits in the listen backlog (no deadline runs there) instead of being
+ * accepted faster than its handshakes can be read. */
 static void accept_batch(lmw_server *s, int lfd) {
-    for (uint32_t i = 0; i < s->cfg.accept_batch && accepting_allowed(s); i++) {
+    uint32_t batch = s->cfg.accept_batch;
+    if (s->lag_us > LAG_SLOW_US) batch = batch / 8 ? batch / 8 : 1;
+    for (uint32_t i = 0; i < batch && accepting_allowed(s); i++) {
         struct sockaddr_storage peer;
         socklen_t peer_len = sizeof peer;
         int fd = accept4(lfd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -129,42 +168,64 @@ static int message_overdue(lmw_server *s, lmw_slot *sl, uint32_t mt) {
     return s->now - x->partial_since >= mt;
 }
 
+/* input_first: a deadline of fd has passed, but the kernel holds input for it. It is read
+ * now when this poll can take its events, and the connection is judged again by the next
+ * sweep: a deadline is judged on what arrived, not on what the loop had time to read.
+ * Returns 0 when nothing waits (judge now). */
+static int input_first(lmw_server *s, int fd, lmw_slot *sl) {
+    if (!lmw__bytes_waiting(fd)) return 0;
+    if (s->nwork < s->maxwork && !(sl->flags & (F_PAUSED | F_BACKLOG)))
+        lmw__on_readable(s, fd, sl, EPOLLIN);
+    return 1;
+}
+
+/* ping_wait is how long fd stays silent before its next ping: drawn from [pi/2, pi] by
+ * hashing the connection and the start of its silence, so connections opened together
+ * drift apart instead of being pinged in the same sweep for ever. */
+static uint32_t ping_wait(int fd, const lmw_slot *sl, uint32_t pi) {
+    uint64_t h = ((uint64_t)(uint32_t)fd << 32 | sl->tick) ^ ((uint64_t)sl->gen << 17);
+    h *= 0x9e3779b97f4a7c15ull;
+    h ^= h >> 31;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
+    return pi - (uint32_t)(h % (pi / 2 + 1));
+}
+
+static void send_ping(lmw_server *s, int fd, lmw_slot *sl) {
+    sl->flags |= F_PING_OUT;
+    sl->tick = s->now;
+    lmw__send_control(s, fd, sl, LMW_OP_PING, NULL, 0);
+}
+
 static void sweep(lmw_server *s) {
     uint32_t hs = ms_to_ticks(s->cfg.handshake_timeout_ms);
     uint32_t pi = ms_to_ticks(s->cfg.ping_interval_ms);
     uint32_t pt = ms_to_ticks(s->cfg.ping_timeout_ms);
     uint32_t ct = ms_to_ticks(s->cfg.close_timeout_ms);
     uint32_t mt = ms_to_ticks(s->cfg.message_timeout_ms);
-    static const uint8_t ping[2] = {0x89, 0x00};
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
         uint32_t idle = s->now - sl->tick;
         switch (sl->state) {
         case ST_HEAD:
         case ST_HTTP_BODY:
-            if (idle >= hs) lmw__reject(s, (int)fd, sl, 408);
+            if (idle >= hs && !input_first(s, (int)fd, sl)) lmw__reject(s, (int)fd, sl, 408);
             break;
         case ST_OPEN:
-            if (sl->ext && message_overdue(s, sl, mt)) {
+            if (sl->ext && message_overdue(s, sl, mt) && !input_first(s, (int)fd, sl)) {
                 lmw__fail(s, (int)fd, 1008); /* a message trickled past its deadline */
                 break;
             }
-            if (!s->cfg.ping_interval_ms) break;
+            if (!s->cfg.ping_interval_ms || (sl->flags & F_PAUSED)) break;
             if (sl->flags & F_PING_OUT) {
-                if (idle >= pt) lmw__conn_free(s, (int)fd, 1006);
-            } else if (idle >= pi) {
-                lmw_ext *x = lmw__ext_of(s, sl);
-                sl->flags |= F_PING_OUT;
-                sl->tick = s->now;
-                if (!x || !x->out_head) {
-                    if (lmw__write_raw(s, (int)fd, sl, ping, 2, NULL, 0, 1, 0) > 0)
-                        s->stats->frames_sent_total++;
-                } else {
-                    lmw__send_control(s, (int)fd, sl, LMW_OP_PING, NULL, 0);
-                }
+                if (idle >= pt && !input_first(s, (int)fd, sl)) lmw__conn_free(s, (int)fd, 1006);
+            } else if (idle >= ping_wait((int)fd, sl, pi)) {
+                send_ping(s, (int)fd, sl);
             }
             break;
         case ST_CLOSING:
+            if (idle >= ct && !input_first(s, (int)fd, sl)) lmw__conn_free(s, (int)fd, 0);
+            break;
         case ST_LINGER:
             if (idle >= ct) lmw__conn_free(s, (int)fd, 0);
             break;
@@ -177,7 +238,7 @@ static void sweep(lmw_server *s) {
 /* ---------------------------------------------------------------- poll */
 
 static void release_batch(lmw_server *s) {
-    for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i].ptr);
+    for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     s->nlent = 0;
     s->pool_next = 0;
     s->pool_off = 0;
@@ -202,53 +263,6 @@ static void drain_closed(lmw_server *s) {
     s->nclosed = 0;
 }
 
-static void run_backlog(lmw_server *s) {
-    uint32_t n = s->nbacklog;
-    int *fds = s->backlog;
-    s->backlog = NULL;
-    s->nbacklog = 0;
-    s->cap_backlog = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        int fd = fds[i];
-        lmw_slot *sl = &s->slots[fd];
-        sl->flags &= ~F_BACKLOG;
-        lmw_ext *x = lmw__ext_of(s, sl);
-        if (!x || !x->in) continue;
-        if (s->nwork >= s->maxwork) {
-            lmw__backlog_add(s, fd, sl);
-            continue;
-        }
-        uint8_t *buf = x->in;
-        size_t len = x->in_len;
-        uint32_t progress = x->in_checked;
-        s->stats->spill_bytes -= x->in_cap;
-        lmw__lend(s, buf, 0);
-        x->in = NULL;
-        x->in_len = x->in_cap = x->in_checked = 0;
-        if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
-            sl->state = ST_HEAD;
-            x->head_scanned = 0;
-            lmw__process_head(s, fd, sl, buf, len);
-        } else if (lmw__is_open_state(sl->state)) {
-            lmw__process_frames(s, fd, sl, buf, len, progress);
-        }
-    }
-    free(fds);
-}
-
-static void resume_budget_paused(lmw_server *s) {
-    if (!s->nbudget_paused || s->stats->spill_bytes >= s->cfg.spill_budget / 2) return;
-    for (uint32_t i = 0; i < s->nbudget_paused; i++) {
-        int fd = s->budget_paused[i];
-        lmw_slot *sl = &s->slots[fd];
-        if (sl->state != ST_FREE && (sl->flags & F_BUDGET)) {
-            sl->flags &= ~F_BUDGET;
-            lmw__set_interest(s, fd, sl, 0);
-        }
-    }
-    s->nbudget_paused = 0;
-}
-
 static int ensure_batch(lmw_server *s, int max) {
     if (max < 1) max = 1;
     if (max > s->cap_reqs) {
@@ -267,24 +281,33 @@ static int ensure_batch(lmw_server *s, int max) {
 int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     struct epoll_event evs[MAX_EPOLL_EVENTS];
     pthread_mutex_lock(&s->lock);
+    uint64_t entered = monotonic_us();
+    uint64_t away = s->poll_return_us ? entered - s->poll_return_us : 0;
+    clock_to(s, entered, past_grace(away));
     release_batch(s);
     if (ensure_batch(s, max) < 0) {
         pthread_mutex_unlock(&s->lock);
         return LMW_ERROR;
     }
-    s->now = now_tick();
     lmw__run_deferred(s);
     drain_closed(s);
-    run_backlog(s);
-    resume_budget_paused(s);
+    lmw__run_backlog(s);
+    lmw__resume_budget_paused(s);
     listeners_poll(s, accepting_allowed(s));
     if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
     pthread_mutex_unlock(&s->lock);
 
+    uint64_t waiting_since = monotonic_us();
     int n = epoll_wait(s->epfd, evs, MAX_EPOLL_EVENTS, timeout_ms);
+    uint64_t woke = monotonic_us();
 
     pthread_mutex_lock(&s->lock);
-    s->now = now_tick();
+    uint64_t waited = woke - waiting_since;
+    uint64_t late = timeout_ms >= 0 && waited > (uint64_t)timeout_ms * 1000u
+                        ? waited - (uint64_t)timeout_ms * 1000u
+                        : 0;
+    clock_to(s, woke, past_grace(late));
+    note_lag(s, away + late);
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;
         uint32_t what = evs[i].events;
@@ -304,14 +327,14 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         if (what & EPOLLOUT) lmw__flush_out(s, fd, sl);
         if (sl->state == ST_FREE) continue;
         if ((what & (EPOLLIN | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
-            lmw__on_readable(s, fd, sl);
+            lmw__on_readable(s, fd, sl, what);
     }
     if (s->wake_pending) {
         s->wake_pending = 0;
         lmw_event *e = lmw__push_event(s);
         if (e) e->type = LMW_EV_WAKE;
     }
-    if (s->now - s->last_sweep >= 10) {
+    if (s->now != s->last_sweep) { /* every tick: pings spread, deadlines within 100 ms */
         s->last_sweep = s->now;
         sweep(s);
     }
@@ -319,6 +342,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     listeners_poll(s, accepting_allowed(s));
     *out = s->ev;
     int count = s->nev;
+    s->poll_return_us = monotonic_us();
     pthread_mutex_unlock(&s->lock);
     return count;
 }
@@ -380,25 +404,10 @@ int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *dat
     int r = LMW_ERROR;
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    if (sl && (sl->state == ST_OPEN || sl->state == ST_DEFERRED)) {
+    if (sl && lmw__may_receive_data(sl->state)) {
         uint8_t hdr[10];
         int hl = lmw_build_header(hdr, 1, opcode, len);
-        lmw_ext *x = lmw__ext_of(s, sl);
-        if (x && x->out_head &&
-            (x->out_bytes + len + hl > s->cfg.write_limit ||
-             s->stats->pending_write_bytes + len + hl > s->cfg.write_budget)) {
-            if (s->cfg.write_policy == LMW_POLICY_CLOSE) {
-                s->stats->dropped[LMW_DROP_CLOSED]++;
-                lmw__drop_unsent(s, x);
-                lmw__fail(s, fd, 1008);
-            } else {
-                s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
-            }
-            r = 0;
-        } else {
-            r = lmw__write_raw(s, fd, sl, hdr, (size_t)hl, data, len, 0, 0);
-            if (r > 0) s->stats->frames_sent_total++;
-        }
+        r = lmw__write_data(s, fd, sl, hdr, (size_t)hl, data, len, 0, s->cfg.write_policy);
     }
     pthread_mutex_unlock(&s->lock);
     return r;
@@ -538,7 +547,9 @@ lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats) {
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = s->wakefd};
     epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->wakefd, &ev);
     pthread_mutex_init(&s->lock, NULL);
-    s->now = s->last_sweep = now_tick();
+    s->real_us = s->lag_window_start_us = monotonic_us();
+    s->clock_us = s->real_us;
+    s->now = s->last_sweep = (uint32_t)(s->clock_us / TICK_US);
     lmw__hub_init(s);
     return s;
 }
@@ -547,7 +558,7 @@ void lmw_server_free(lmw_server *s) {
     if (!s) return;
     for (uint32_t fd = 0; s->slots && fd <= s->max_fd_seen && fd < s->nslots; fd++)
         if (s->slots[fd].state != ST_FREE) lmw__conn_free(s, (int)fd, 1001);
-    for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i].ptr);
+    for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
     lmw__hub_free(s);
     if (s->epfd >= 0) close(s->epfd);

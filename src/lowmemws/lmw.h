@@ -277,6 +277,8 @@ typedef struct {
     uint64_t pending_write_bytes;
     uint64_t accept_paused;       /* 1 while the listeners are not polled */
     uint64_t worker_queue_depth;  /* kept by Python */
+    uint64_t loop_lag_us;         /* longest loop lag of about the last 10 s (issue 17) */
+    uint64_t loop_lag_max_us;     /* longest loop lag since start */
     uint64_t closes[12];
     uint64_t dropped[4];
     uint64_t pid;

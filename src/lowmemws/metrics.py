@@ -23,6 +23,11 @@ _GAUGES = {
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",
 }
+#: Gauges in seconds, the largest over processes (not summed): microseconds in lmw_stats.
+_MAX_GAUGES = {
+    "loop_lag": "Longest time the loop went without polling, over about the last 10 s.",
+    "loop_lag_max": "Longest time the loop went without polling since start.",
+}
 _COUNTERS = {
     "handshakes_total": "Completed WebSocket upgrades.",
     "rejects_total": "Requests answered with an HTTP error.",
@@ -38,10 +43,15 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     total["closes"] = dict.fromkeys(CLOSE_CODES, 0)
     total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
     total["processes"] = 0
+    for name in _MAX_GAUGES:
+        total[f"{name}_seconds"] = 0.0
     for st in stats:
         if st.pid == 0:
             continue
         total["processes"] += 1
+        for name in _MAX_GAUGES:
+            seconds = getattr(st, f"{name}_us") / 1e6
+            total[f"{name}_seconds"] = max(total[f"{name}_seconds"], seconds)
         for name in (*_GAUGES, *_COUNTERS):
             total[name] += getattr(st, name)
         for i, code in enumerate(CLOSE_CODES):
@@ -66,6 +76,10 @@ def render(
     for name, help_text in _GAUGES.items():
         out += [f"# HELP lowmemws_{name} {help_text}", f"# TYPE lowmemws_{name} gauge"]
         out.append(f"lowmemws_{name} {snap[name]}")
+    for name, help_text in _MAX_GAUGES.items():
+        metric = f"lowmemws_{name}_seconds"
+        out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
+        out.append(f"{metric} {snap[f'{name}_seconds']:.3f}")
     for name, help_text in _COUNTERS.items():
         out += [f"# HELP lowmemws_{name} {help_text}", f"# TYPE lowmemws_{name} counter"]
         out.append(f"lowmemws_{name} {snap[name]}")
