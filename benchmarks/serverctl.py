@@ -59,6 +59,22 @@ def usable(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def scrape_metrics(host: str, port: int, timeout: float = 30.0) -> dict[str, float]:
+    """scrape_metrics reads a lowmemws server's GET /metrics: {"name{labels}": value}."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    values: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 class Server:
     """Server is one running benchmark server process (a context manager)."""
 

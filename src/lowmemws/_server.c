@@ -209,7 +209,10 @@ static void sweep(lmw_server *s) {
         switch (sl->state) {
         case ST_HEAD:
         case ST_HTTP_BODY:
-            if (idle >= hs && !input_first(s, (int)fd, sl)) lmw__reject(s, (int)fd, sl, 408);
+            if (idle >= hs && !input_first(s, (int)fd, sl)) {
+                s->stats->handshake_timeouts_total++;
+                lmw__reject(s, (int)fd, sl, 408);
+            }
             break;
         case ST_OPEN:
             if (sl->ext && message_overdue(s, sl, mt) && !input_first(s, (int)fd, sl)) {
@@ -218,7 +221,10 @@ static void sweep(lmw_server *s) {
             }
             if (!s->cfg.ping_interval_ms || (sl->flags & F_PAUSED)) break;
             if (sl->flags & F_PING_OUT) {
-                if (idle >= pt && !input_first(s, (int)fd, sl)) lmw__conn_free(s, (int)fd, 1006);
+                if (idle >= pt && !input_first(s, (int)fd, sl)) {
+                    s->stats->ping_timeouts_total++;
+                    lmw__conn_free(s, (int)fd, 1006);
+                }
             } else if (idle >= ping_wait((int)fd, sl, pi)) {
                 send_ping(s, (int)fd, sl);
             }

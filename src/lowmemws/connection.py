@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ._bus_base import frame_data
-from ._native import lib
+from ._bus_base import OPCODE_BINARY, frame_data
+from ._native import ffi, lib
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -35,10 +35,10 @@ class Connection:
         Returns True when written or queued, False when the connection is gone or the
         message was dropped by the write policy (Config.write_limit, write_policy).
         """
-        opcode, payload = frame_data(data)
         server = self._gateway._server
         if server is None:
             return False
+        opcode, payload = _payload(data)
         return bool(lib.lmw_send(server, self.fd, self.gen, opcode, payload, len(payload)) > 0)
 
     def close(self, code: int = 1000, reason: str = "") -> bool:
@@ -79,6 +79,14 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection fd={self.fd} gen={self.gen} user={self.user}>"
+
+
+def _payload(data: str | bytes | bytearray | memoryview) -> tuple[int, Any]:
+    """_payload is (opcode, payload) for lmw_send; a binary buffer is passed without a copy,
+    so a message the write bounds refuse costs nothing (C decides before copying)."""
+    if isinstance(data, (bytearray, memoryview)):
+        return OPCODE_BINARY, ffi.from_buffer(data)
+    return frame_data(data)
 
 
 __all__ = ["Connection"]

@@ -279,6 +279,8 @@ typedef struct {
     uint64_t worker_queue_depth;  /* kept by Python */
     uint64_t loop_lag_us;         /* longest loop lag of about the last 10 s (issue 17) */
     uint64_t loop_lag_max_us;     /* longest loop lag since start */
+    uint64_t handshake_timeouts_total; /* heads answered 408 by the sweep */
+    uint64_t ping_timeouts_total;      /* connections dropped for a missed pong (1006) */
     uint64_t closes[12];
     uint64_t dropped[4];
     uint64_t pid;

@@ -34,6 +34,8 @@ _COUNTERS = {
     "http_requests_total": "Plain HTTP requests.",
     "frames_sent_total": "WebSocket frames sent or queued.",
     "messages_received_total": "WebSocket messages received.",
+    "handshake_timeouts_total": "Request heads answered 408 at the handshake deadline.",
+    "ping_timeouts_total": "Connections dropped for a pong that did not arrive in time.",
 }
 
 
