@@ -10,7 +10,16 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["_frame.c", "_conn.c", "_input.c", "_output.c", "_server.c", "_hub.c"]
+SOURCES = [
+    "_frame.c",
+    "_slot.c",
+    "_hub.c",
+    "_output.c",
+    "_conn.c",
+    "_input.c",
+    "_fanout.c",
+    "_server.c",
+]
 _INT_DEFINE = re.compile(r"^#define\s+\w+\s+-?\d+\s*(/\*.*\*/)?\s*$")
 
 

@@ -1,37 +1,47 @@
-/* _conn.c - per-connection state: the slot table, exts, the per-address table.
+/* _conn.c - the connection state machine: every change of a slot's state is made here.
  *
- * Every change of a connection's state goes through the functions here and in the two
- * I/O files; lmw_slot (_runtime.h) is its one home.
+ * The other runtime files call these verbs; none assigns lmw_slot.state itself (h11's
+ * rule: one place holds the rules). The verbs that write (a 101, an HTTP error, a close
+ * frame) use _output.c, which never frees or changes a connection: it reports a dead
+ * socket and the verb that owns the slot ends it.
  *
- * Slot state machine (RFC 6455 section 4 and 7)
- * ---------------------------------------------
- *   FREE --accept--> HEAD
- *   HEAD --head complete, plain HTTP, body pending--> HTTP_BODY --body--> HTTP_WAIT
- *   HEAD --head complete, plain HTTP--> HTTP_WAIT --lmw_respond--> LINGER
- *   HEAD --valid upgrade, auto_upgrade--> OPEN
- *   HEAD --valid upgrade--> UPGRADE_WAIT --lmw_upgrade_accept--> OPEN
- *                                        --lmw_reject--> LINGER
- *   HEAD/HTTP_BODY --bad head, cap, deadline--> LINGER (an HTTP error response)
- *   OPEN --peer's close--> LINGER (our close echoed)
- *   OPEN --lmw_close, sweep, shutdown--> CLOSING --peer's close or deadline--> FREE
- *   OPEN --protocol error--> LINGER (close frame with the error code)
- *   OPEN --protocol error or peer's close right after a message in the same read-->
- *        DEFERRED --next lmw_poll, once Python has answered that message--> LINGER
+ * Slot state machine (RFC 6455 sections 4 and 7)
+ * ----------------------------------------------
+ *   FREE --lmw__conn_accept--> HEAD
+ *   HEAD --head complete, plain HTTP, body pending: await_body--> HTTP_BODY
+ *   HEAD/HTTP_BODY --head (and body) complete, plain HTTP: await_answer--> HTTP_WAIT
+ *   HTTP_WAIT --lmw__conn_respond--> LINGER
+ *   HEAD --valid upgrade, auto_upgrade: lmw__conn_upgrade--> OPEN
+ *   HEAD --valid upgrade: await_answer--> UPGRADE_WAIT --lmw__conn_upgrade--> OPEN
+ *                                                      --lmw__conn_reject--> LINGER
+ *   HEAD/HTTP_BODY --bad head, cap, deadline: lmw__conn_reject--> LINGER (HTTP error)
+ *   OPEN --peer's close: lmw__conn_end(ANSWER)--> LINGER (its close echoed)
+ *   OPEN --lmw_close, shutdown: lmw__conn_close--> CLOSING --peer's close, deadline--> FREE
+ *   OPEN/CLOSING --protocol error, limits: lmw__conn_fail--> LINGER (close frame, code)
+ *   OPEN --protocol error or peer's close right after a message in the same read:
+ *        lmw__conn_end--> DEFERRED --lmw__conn_run_deferred (next poll, once Python has
+ *        answered that message)--> LINGER
  *   LINGER: output drains, then shutdown(SHUT_WR); input is discarded until EOF or the
  *           close deadline, so the peer reads our last bytes instead of a reset.
- *   any --EOF, socket error--> FREE (gen + 1: every handle to the fd goes stale)
+ *   any --EOF, socket error, deadline: lmw__conn_free--> FREE (gen + 1: every handle to
+ *        the fd goes stale)
+ *
+ * What each state may do (one predicate per question, in _runtime.h, used everywhere):
+ *   state          counted as   may receive data   frames parsed   may subscribe
+ *   HEAD..WAIT     handshake    no                 no              UPGRADE_WAIT only
+ *   OPEN           connection   yes                yes             yes
+ *   DEFERRED       connection   yes                no (stopped)    yes
+ *   CLOSING        connection   no                 yes             no
+ *   LINGER         connection if it was open       no              no
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "_runtime.h"
-
-static void peer_remove(lmw_server *s, int fd);
 
 static const int CLOSE_CODES[LMW_CLOSE_CODES - 1] = {1000, 1001, 1002, 1003, 1005, 1006,
                                                      1007, 1008, 1009, 1011, 1013};
@@ -42,149 +52,19 @@ int lmw_close_code_index(int code) {
     return LMW_CLOSE_CODES - 1;
 }
 
-/* ---------------------------------------------------------------- growable arrays */
+/* was_upgraded: the slot completed an upgrade (close_code is set to 1006 then, and to the
+ * real code once a close frame is sent or received); it is counted as a connection and
+ * gets a CLOSED event when freed. */
+static int was_upgraded(const lmw_slot *sl) { return sl->close_code != 0; }
 
-int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem) {
-    if (need <= *cap) return 0;
-    uint32_t ncap = *cap ? *cap : 16;
-    while (ncap < need) ncap *= 2;
-    void *p = realloc(*arr, (size_t)ncap * elem);
-    if (!p) return -1;
-    *arr = p;
-    *cap = ncap;
-    return 0;
-}
+/* ---------------------------------------------------------------- free */
 
-void lmw__lend(lmw_server *s, void *ptr) {
-    if (!ptr) return;
-    if (lmw__grow((void **)&s->lent, &s->cap_lent, s->nlent + 1, sizeof(void *)) < 0) {
-        /* out of memory: the event still points into it, so it is kept (leaked) rather
-         * than freed while Python may read it */
-        return;
-    }
-    s->lent[s->nlent++] = ptr;
-}
-
-lmw_event *lmw__push_event(lmw_server *s) {
-    uint32_t cap = (uint32_t)s->cap_ev;
-    if (lmw__grow((void **)&s->ev, &cap, (uint32_t)s->nev + 1, sizeof(lmw_event)) < 0) return NULL;
-    s->cap_ev = (int)cap;
-    lmw_event *e = &s->ev[s->nev++];
-    memset(e, 0, sizeof(*e));
-    return e;
-}
-
-static void peer_remove(lmw_server *s, int fd);
-
-/* ---------------------------------------------------------------- slots and exts */
-
-lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen) {
-    if (fd < 0 || (uint32_t)fd >= s->nslots) return NULL;
-    lmw_slot *sl = &s->slots[fd];
-    if (sl->state == ST_FREE || sl->gen != gen) return NULL;
-    return sl;
-}
-
-lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl) { return sl->ext ? s->exts[sl->ext - 1] : NULL; }
-
-lmw_ext *lmw__ext_get(lmw_server *s, lmw_slot *sl) {
-    if (sl->ext) return s->exts[sl->ext - 1];
-    lmw_ext *x = calloc(1, sizeof(lmw_ext));
-    if (!x) return NULL;
-    uint32_t idx;
-    if (s->nfree_exts) {
-        idx = s->free_exts[--s->nfree_exts];
-    } else {
-        if (lmw__grow((void **)&s->exts, &s->cap_exts, s->nexts + 1, sizeof(lmw_ext *)) < 0) {
-            free(x);
-            return NULL;
-        }
-        idx = s->nexts++;
-    }
-    s->exts[idx] = x;
-    sl->ext = idx + 1;
-    return x;
-}
-
-static void out_free_all(lmw_server *s, lmw_ext *x) {
-    for (lmw_out *o = x->out_head, *n; o; o = n) {
-        n = o->next;
-        free(o);
-    }
-    s->stats->pending_write_bytes -= x->out_bytes;
-    x->out_head = x->out_tail = NULL;
-    x->out_bytes = 0;
-}
-
-void lmw__in_free(lmw_server *s, lmw_ext *x) {
-    free(x->in);
-    s->stats->spill_bytes -= x->in_cap;
-    x->in = NULL;
-    x->in_len = x->in_cap = x->in_want = x->in_checked = 0;
-    x->in_frame_begun = 0;
-}
-
-void lmw__msg_free(lmw_server *s, lmw_ext *x) {
-    free(x->msg);
-    s->stats->spill_bytes -= x->msg_cap;
-    x->msg = NULL;
-    x->msg_len = x->msg_cap = 0;
-}
-
-static void ext_drop(lmw_server *s, lmw_slot *sl) {
-    lmw_ext *x = lmw__ext_of(s, sl);
-    if (!x) return;
-    lmw__in_free(s, x);
-    lmw__msg_free(s, x);
-    out_free_all(s, x);
-    s->exts[sl->ext - 1] = NULL;
-    if (lmw__grow((void **)&s->free_exts, &s->cap_free_exts, s->nfree_exts + 1, sizeof(uint32_t)) ==
-        0)
-        s->free_exts[s->nfree_exts++] = sl->ext - 1;
-    free(x);
-    sl->ext = 0;
-}
-
-/* An ext with nothing in it is freed at once: idle connections keep no ext. */
-void lmw__ext_trim(lmw_server *s, lmw_slot *sl) {
-    lmw_ext *x = lmw__ext_of(s, sl);
-    if (x && !x->in && !x->msg && !x->out_head && x->ms.opcode == 0 && !x->head_scanned)
-        ext_drop(s, sl);
-}
-
-/* set_interest brings the epoll interest in line with the flags; out_changed says
- * F_WANT_OUT was just flipped (EPOLLIN is tracked by F_EPOLL_IN). */
-void lmw__set_interest(lmw_server *s, int fd, lmw_slot *sl, int out_changed) {
-    int want_in = !(sl->flags & (F_PAUSED | F_BUDGET));
-    int has_in = (sl->flags & F_EPOLL_IN) != 0;
-    if (want_in == has_in && !out_changed) return;
-    int want_out = (sl->flags & F_WANT_OUT) != 0;
-    struct epoll_event ev = {.events = (want_in ? EPOLLIN : 0) | (want_out ? EPOLLOUT : 0),
-                             .data.fd = fd};
-    epoll_ctl(s->epfd, EPOLL_CTL_MOD, fd, &ev);
-    sl->flags = (uint8_t)((sl->flags & ~F_EPOLL_IN) | (want_in ? F_EPOLL_IN : 0));
-}
-
-int lmw__is_handshake_state(uint8_t st) {
-    return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT;
-}
-
-/* lmw__is_open_state: a WebSocket connection that is open or closing (its frames are
- * parsed, it is counted as a connection). */
-int lmw__is_open_state(uint8_t st) {
-    return st == ST_OPEN || st == ST_CLOSING || st == ST_DEFERRED;
-}
-
-/* lmw__may_receive_data: data frames (sends, publishes, broadcasts) may be written. A
- * DEFERRED connection is still open: its close waits for Python's replies to go first. */
-int lmw__may_receive_data(uint8_t st) { return st == ST_OPEN || st == ST_DEFERRED; }
-
-/* conn_free closes the fd and forgets everything about the connection. */
+/* lmw__conn_free closes the fd and forgets everything about the connection. */
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     lmw_slot *sl = &s->slots[fd];
     if (sl->state == ST_FREE) return;
     if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
-    if (sl->close_code) { /* it was an open WebSocket connection */
+    if (was_upgraded(sl)) {
         uint16_t c = code ? code : sl->close_code;
         s->stats->connections--;
         s->stats->closes[lmw_close_code_index(c)]++;
@@ -197,11 +77,13 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
             e->gen = sl->gen;
             e->code = c;
             e->user_tag = sl->user_tag;
+        } else {
+            s->stats->errors[LMW_ERR_NOMEM]++; /* on_close will not run for this one */
         }
     }
     lmw__hub_forget(s, fd);
-    ext_drop(s, sl);
-    peer_remove(s, fd);
+    lmw__ext_drop(s, sl);
+    lmw__peer_remove(s, fd);
     sl->gen++;
     sl->state = ST_FREE;
     sl->flags = 0;
@@ -212,63 +94,223 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     s->emfile = 0;
 }
 
-/* ---------------------------------------------------------------- per-address cap */
+/* written ends a connection whose socket died under a write (the write path reports it,
+ * the owner of the slot ends it). Returns r unchanged. */
+static int written(lmw_server *s, int fd, int r) {
+    if (r < 0) lmw__conn_free(s, fd, 1006);
+    return r;
+}
 
-/* The per-address table (lmw_peer, _runtime.h): open addressing from the client address
- * (IPv4 mapped into IPv6) to its connections and handshakes; only when max_per_ip is set. */
+/* ---------------------------------------------------------------- handshake */
 
-static int peer_key(const struct sockaddr_storage *ss, uint64_t *hi, uint64_t *lo) {
-    if (ss->ss_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
-        *hi = 0;
-        *lo = 0xffff00000000ull | ntohl(in->sin_addr.s_addr);
+/* lmw__conn_accept starts a connection on fd: state HEAD, in the epoll set. */
+int lmw__conn_accept(lmw_server *s, int fd) {
+    if (fd < 0 || (uint32_t)fd >= s->nslots || s->slots[fd].state != ST_FREE) return LMW_ERROR;
+    lmw_slot *sl = &s->slots[fd];
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        s->stats->errors[LMW_ERR_EPOLL]++;
+        return LMW_ERROR;
+    }
+    sl->state = ST_HEAD;
+    sl->flags = F_EPOLL_IN;
+    sl->tick = s->now;
+    sl->close_code = 0;
+    if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
+    s->live++;
+    s->stats->handshakes++;
+    return 0;
+}
+
+/* lmw__conn_await_body: a plain HTTP head is complete and its body still arriving. */
+void lmw__conn_await_body(lmw_slot *sl) { sl->state = ST_HTTP_BODY; }
+
+/* lmw__conn_await_answer: the head (and body) went to Python as an UPGRADE or HTTP event. */
+void lmw__conn_await_answer(lmw_slot *sl, int upgrade) {
+    sl->state = upgrade ? ST_UPGRADE_WAIT : ST_HTTP_WAIT;
+}
+
+/* linger: we are done with the connection; it drains its output, then shuts down. */
+static void linger(lmw_server *s, int fd, lmw_slot *sl) {
+    lmw_ext *x = lmw__ext_of(s, sl);
+    sl->state = ST_LINGER;
+    sl->tick = s->now;
+    if (x) {
+        lmw__in_free(s, x);
+        lmw__msg_free(s, x);
+        x->ms.opcode = 0;
+        x->head_scanned = 0;
+    }
+    if (x && x->out_head) {
+        sl->flags |= F_SHUT_WR;
+    } else {
+        shutdown(fd, SHUT_WR);
+        lmw__ext_trim(s, sl);
+    }
+    sl->flags &= ~(F_PAUSED | F_BUDGET);
+    lmw__set_interest(s, fd, sl, 0);
+}
+
+/* answer_http writes a complete HTTP response and lingers (the connection ends with it). */
+static void answer_http(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *resp, size_t len) {
+    if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
+    sl->state = ST_LINGER; /* before writing: a dead socket frees as a non-handshake */
+    if (written(s, fd, lmw__write_raw(s, fd, sl, resp, len, NULL, 0, 0, 0)) < 0) return;
+    linger(s, fd, sl);
+}
+
+/* lmw__conn_reject answers a head with an HTTP error response built at start-up. */
+void lmw__conn_reject(lmw_server *s, int fd, lmw_slot *sl, int status) {
+    size_t len = 0;
+    const uint8_t *resp = lmw_reject_response(status, &len);
+    if (!resp) resp = lmw_reject_response(500, &len);
+    s->stats->rejects_total++;
+    answer_http(s, fd, sl, resp, len);
+}
+
+/* lmw__conn_respond sends Python's answer to a plain HTTP request. */
+void lmw__conn_respond(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *data, size_t len) {
+    answer_http(s, fd, sl, data, len);
+}
+
+/* lmw__conn_upgrade completes the opening handshake (RFC 6455 section 4.2.2): the 101 is
+ * written and the connection is open. Returns 0, or -1 when it ended instead. */
+int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                      const uint8_t *proto, size_t proto_len, uint64_t user_tag) {
+    uint8_t resp[512];
+    int n = lmw_build_101(key, key_len, proto, proto_len, resp, sizeof resp);
+    if (n < 0) {
+        lmw__conn_reject(s, fd, sl, 500);
+        return -1;
+    }
+    s->stats->handshakes--;
+    s->stats->handshakes_total++;
+    s->stats->connections++;
+    sl->state = ST_OPEN;
+    sl->close_code = 1006; /* until a close frame says otherwise */
+    sl->tick = s->now;
+    sl->user_tag = user_tag;
+    if (user_tag) lmw__hub_user_add(s, fd);
+    return written(s, fd, lmw__write_raw(s, fd, sl, resp, (size_t)n, NULL, 0, 0, 0)) < 0 ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------- closing */
+
+/* send_close queues our close frame (once); returns -1 when the connection died. */
+static int send_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
+                      size_t reason_len) {
+    if (sl->flags & F_CLOSE_SENT) return 0;
+    uint8_t payload[125];
+    int n = 0; /* 1005 (the peer's close had no code): an empty close is echoed */
+    if (code != 1005) {
+        n = reason_len ? lmw_build_close_payload(payload, code, reason, reason_len) : -1;
+        if (n < 0) { /* codes the server sends but may not accept (1013) are valid here */
+            payload[0] = (uint8_t)(code >> 8);
+            payload[1] = (uint8_t)code;
+            n = 2;
+        }
+    }
+    sl->flags |= F_CLOSE_SENT;
+    return written(s, fd, lmw__send_control(s, fd, sl, LMW_OP_CLOSE, payload, (size_t)n));
+}
+
+/* lmw__conn_close starts the closing handshake (section 7.1.2): CLOSING until the peer
+ * answers or close_timeout, counted from now whatever else arrives. */
+void lmw__conn_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
+                     size_t reason_len) {
+    sl->close_code = (uint16_t)code;
+    if (send_close(s, fd, sl, code, reason, reason_len) < 0) return;
+    sl->state = ST_CLOSING;
+    sl->tick = s->now;
+}
+
+/* lmw__conn_fail fails the connection (section 7.1.7): a close frame with code, then the TCP
+ * connection is closed once it drains. */
+void lmw__conn_fail(lmw_server *s, int fd, int code) {
+    lmw_slot *sl = &s->slots[fd];
+    if (sl->state != ST_OPEN && sl->state != ST_CLOSING) return;
+    if (sl->state == ST_OPEN) sl->close_code = (uint16_t)code;
+    if (send_close(s, fd, sl, code, NULL, 0) < 0) return;
+    linger(s, fd, sl);
+}
+
+/* answer_close echoes the peer's close code (section 5.5.1) and lingers. */
+static void answer_close(lmw_server *s, int fd, lmw_slot *sl, uint16_t code) {
+    sl->close_code = code;
+    if (send_close(s, fd, sl, code, NULL, 0) < 0) return;
+    linger(s, fd, sl);
+}
+
+/* message_waiting reports whether this batch holds a message of fd for Python. */
+static int message_waiting(lmw_server *s, int fd, uint32_t gen) {
+    for (int i = s->nev - 1; i >= 0; i--)
+        if (s->ev[i].type == LMW_EV_MESSAGE && s->ev[i].fd == fd && s->ev[i].gen == gen) return 1;
+    return 0;
+}
+
+static void end_now(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, uint16_t code) {
+    if (what == DEFER_FAIL)
+        lmw__conn_fail(s, fd, code);
+    else
+        answer_close(s, fd, sl, code);
+}
+
+/* lmw__conn_end ends the connection (fail with code, or answer the peer's close) once
+ * Python has handled the messages read before the close, so that its replies to them reach
+ * the peer first (DEFERRED until the next poll); with no such message it ends it now. */
+void lmw__conn_end(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code) {
+    if (sl->state == ST_OPEN && message_waiting(s, fd, sl->gen) &&
+        lmw__grow((void **)&s->deferred, &s->cap_deferred, s->ndeferred + 1,
+                  sizeof(lmw_deferred)) == 0) {
+        s->deferred[s->ndeferred++] =
+            (lmw_deferred){.fd = fd, .gen = sl->gen, .code = (uint16_t)code, .what = what};
+        sl->state = ST_DEFERRED;
+        return;
+    }
+    end_now(s, fd, sl, what, (uint16_t)code);
+}
+
+/* lmw__conn_run_deferred ends the DEFERRED connections of the previous batch. */
+void lmw__conn_run_deferred(lmw_server *s) {
+    for (uint32_t i = 0; i < s->ndeferred; i++) {
+        lmw_deferred *d = &s->deferred[i];
+        lmw_slot *sl = lmw__slot(s, d->fd, d->gen);
+        if (!sl || sl->state != ST_DEFERRED) continue;
+        sl->state = ST_OPEN;
+        end_now(s, d->fd, sl, d->what, d->code);
+    }
+    s->ndeferred = 0;
+}
+
+/* ---------------------------------------------------------------- sending */
+
+/* lmw__conn_send_control sends a control frame (ping, pong) ahead of queued data. */
+int lmw__conn_send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
+                           size_t n) {
+    return written(s, fd, lmw__send_control(s, fd, sl, opcode, p, n));
+}
+
+/* lmw__conn_send_data sends a complete data frame (header a + payload b) under the write
+ * bounds; past them the policy applies: "close" fails the connection with 1008 (what it had
+ * not begun to receive is dropped, so the close comes next), else the frame is dropped.
+ * Returns 1 sent or queued, 0 dropped or closed, -1 gone. */
+int lmw__conn_send_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                        const uint8_t *b, size_t blen, uint64_t topic, int policy) {
+    if (!lmw__may_receive_data(sl->state)) return -1;
+    int r = written(s, fd, lmw__write_data(s, fd, sl, a, alen, b, blen, topic, policy));
+    if (r != 0) return r;
+    if (policy != LMW_POLICY_CLOSE) {
+        s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
         return 0;
     }
-    if (ss->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
-        memcpy(hi, in6->sin6_addr.s6_addr, 8);
-        memcpy(lo, in6->sin6_addr.s6_addr + 8, 8);
-        return 0;
-    }
-    return -1;
+    s->stats->dropped[LMW_DROP_CLOSED]++;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (x) lmw__drop_unsent(s, x);
+    lmw__conn_fail(s, fd, 1008);
+    return 0;
 }
 
-static uint32_t peer_home(lmw_server *s, uint64_t hi, uint64_t lo) {
-    uint64_t h = (hi * 0x9e3779b97f4a7c15ull) ^ (lo * 0xc2b2ae3d27d4eb4full);
-    return (uint32_t)(h >> 32) & s->peer_mask;
-}
-
-/* peer_add counts one more connection from ss for fd; returns the new count (0 if
- * untracked). The address is remembered per fd: after a reset, getpeername fails. */
-uint32_t lmw__peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss) {
-    uint64_t hi, lo;
-    if (!s->peers || peer_key(ss, &hi, &lo) < 0) return 0;
-    s->peer_of_fd[2 * fd] = hi;
-    s->peer_of_fd[2 * fd + 1] = lo;
-    s->peer_counted[fd] = 1;
-    for (uint32_t i = peer_home(s, hi, lo);; i = (i + 1) & s->peer_mask) {
-        lmw_peer *p = &s->peers[i];
-        if (p->count && (p->hi != hi || p->lo != lo)) continue;
-        p->hi = hi;
-        p->lo = lo;
-        return ++p->count;
-    }
-}
-
-static void peer_remove(lmw_server *s, int fd) {
-    if (!s->peers || !s->peer_counted[fd]) return;
-    uint64_t hi = s->peer_of_fd[2 * fd], lo = s->peer_of_fd[2 * fd + 1];
-    s->peer_counted[fd] = 0;
-    uint32_t mask = s->peer_mask, i = peer_home(s, hi, lo);
-    while (s->peers[i].count && (s->peers[i].hi != hi || s->peers[i].lo != lo)) i = (i + 1) & mask;
-    if (!s->peers[i].count || --s->peers[i].count) return;
-    /* backward-shift deletion keeps every probe chain unbroken */
-    for (uint32_t j = (i + 1) & mask; s->peers[j].count; j = (j + 1) & mask) {
-        uint32_t home = peer_home(s, s->peers[j].hi, s->peers[j].lo);
-        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
-        if (stays) continue;
-        s->peers[i] = s->peers[j];
-        s->peers[j].count = 0;
-        i = j;
-    }
+/* lmw__conn_flush writes queued output once the socket is writable. */
+void lmw__conn_flush(lmw_server *s, int fd, lmw_slot *sl) {
+    written(s, fd, lmw__flush_out(s, fd, sl));
 }

@@ -137,43 +137,12 @@ static int keep_for_later(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p,
 
 /* ---------------------------------------------------------------- handshake */
 
-void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status) {
-    size_t len = 0;
-    const uint8_t *resp = lmw_reject_response(status, &len);
-    if (!resp) resp = lmw_reject_response(500, &len);
-    if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
-    s->stats->rejects_total++;
-    sl->state = ST_LINGER; /* before writing: a dead socket frees as a non-handshake */
-    if (resp && lmw__write_raw(s, fd, sl, resp, len, NULL, 0, 0, 0) < 0) return;
-    lmw__start_linger(s, fd, sl);
-}
-
-int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
-                         const uint8_t *proto, size_t proto_len, uint64_t user_tag) {
-    uint8_t resp[512];
-    int n = lmw_build_101(key, key_len, proto, proto_len, resp, sizeof resp);
-    if (n < 0) {
-        lmw__reject(s, fd, sl, 500);
-        return -1;
-    }
-    s->stats->handshakes--;
-    s->stats->handshakes_total++;
-    s->stats->connections++;
-    sl->state = ST_OPEN;
-    sl->close_code = 1006; /* until a close frame says otherwise */
-    sl->tick = s->now;
-    sl->user_tag = user_tag;
-    if (user_tag) lmw__hub_user_add(s, fd);
-    if (lmw__write_raw(s, fd, sl, resp, (size_t)n, NULL, 0, 0, 0) < 0) return -1;
-    return 0;
-}
-
 /* request_event hands a complete head (and body) to Python with its request view; both
  * stay valid until the next lmw_poll. */
 static void request_event(lmw_server *s, int fd, lmw_slot *sl, uint8_t type, const uint8_t *buf,
                           size_t len, const lmw_request *req) {
     lmw_event *e = lmw__push_event(s);
-    if (!e) return lmw__reject(s, fd, sl, 500);
+    if (!e) return lmw__conn_reject(s, fd, sl, 500);
     s->reqs[s->nwork] = *req;
     e->type = type;
     e->fd = fd;
@@ -190,47 +159,47 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     if (x) req.scanned = x->head_scanned;
     int r = lmw_parse_request(buf, len, s->cfg.max_head, &req);
     if (r == LMW_INCOMPLETE) {
-        if (spill(s, fd, sl, buf, len, 0) < 0) return lmw__reject(s, fd, sl, 503);
-        lmw__ext_of(s, sl)->head_scanned = req.scanned ? req.scanned : 1;
+        if (spill(s, fd, sl, buf, len, 0) < 0) return lmw__conn_reject(s, fd, sl, 503);
+        lmw__ext_of(s, sl)->head_scanned = req.scanned; /* the next parse resumes there */
         return;
     }
     if (x) x->head_scanned = 0;
-    if (r < 0) return lmw__reject(s, fd, sl, req.status ? req.status : 400);
+    if (r < 0) return lmw__conn_reject(s, fd, sl, req.status ? req.status : 400);
     size_t head_len = (size_t)r;
     if (req.kind == LMW_KIND_HTTP) {
-        if (req.content_length > s->cfg.max_http_body) return lmw__reject(s, fd, sl, 413);
+        if (req.content_length > s->cfg.max_http_body) return lmw__conn_reject(s, fd, sl, 413);
         size_t total = head_len + (size_t)req.content_length;
         if (len < total) { /* the body is still arriving: the head is parsed again then */
-            sl->state = ST_HTTP_BODY;
-            if (spill(s, fd, sl, buf, len, total) < 0) return lmw__reject(s, fd, sl, 503);
+            lmw__conn_await_body(sl);
+            if (spill(s, fd, sl, buf, len, total) < 0) return lmw__conn_reject(s, fd, sl, 503);
             return;
         }
         if (s->nwork >= s->maxwork) { /* answer on the next poll */
-            sl->state = ST_HTTP_BODY;
-            if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__reject(s, fd, sl, 503);
+            lmw__conn_await_body(sl);
+            if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__conn_reject(s, fd, sl, 503);
             return;
         }
         s->stats->http_requests_total++;
-        sl->state = ST_HTTP_WAIT;
+        lmw__conn_await_answer(sl, 0);
         return request_event(s, fd, sl, LMW_EV_HTTP, buf, total, &req);
     }
     const uint8_t *key = buf + req.headers[LMW_H_SEC_WEBSOCKET_KEY].off;
     size_t key_len = req.headers[LMW_H_SEC_WEBSOCKET_KEY].len;
     if (s->cfg.auto_upgrade) {
-        if (lmw__open_connection(s, fd, sl, key, key_len, NULL, 0, 0) < 0) return;
+        if (lmw__conn_upgrade(s, fd, sl, key, key_len, NULL, 0, 0) < 0) return;
         if (len > head_len)
             lmw__process_frames(s, fd, sl, buf + head_len, len - head_len, (lmw_progress){0});
         return;
     }
     if (s->nwork >= s->maxwork) {
-        if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__reject(s, fd, sl, 503);
+        if (keep_for_later(s, fd, sl, buf, len) < 0) return lmw__conn_reject(s, fd, sl, 503);
         return;
     }
     if (len > head_len) { /* a client that did not wait for the 101: keep its frames */
         if (spill(s, fd, sl, buf + head_len, len - head_len, 0) < 0)
-            return lmw__reject(s, fd, sl, 503);
+            return lmw__conn_reject(s, fd, sl, 503);
     }
-    sl->state = ST_UPGRADE_WAIT;
+    lmw__conn_await_answer(sl, 1);
     lmw_upgrade_pending *u = &s->ups[s->nups++];
     u->fd = fd;
     u->gen = sl->gen;
@@ -243,7 +212,10 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
 
 static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, uint64_t n) {
     lmw_event *e = lmw__push_event(s);
-    if (!e) return;
+    if (!e) { /* out of memory: the message cannot reach Python, the client is told */
+        s->stats->errors[LMW_ERR_NOMEM]++;
+        return lmw__conn_fail(s, fd, 1011);
+    }
     e->type = LMW_EV_MESSAGE;
     e->opcode = (uint8_t)opcode;
     e->fd = fd;
@@ -255,73 +227,25 @@ static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8
     s->stats->messages_received_total++;
 }
 
-/* answer_close echoes the peer's close code (RFC 6455 section 5.5.1) and lingers. */
-static void answer_close(lmw_server *s, int fd, lmw_slot *sl, uint16_t code) {
-    sl->close_code = code;
-    sl->flags |= F_CLOSE_SENT;
-    uint8_t echo[2] = {(uint8_t)(code >> 8), (uint8_t)code};
-    if (lmw__send_control(s, fd, sl, LMW_OP_CLOSE, echo, code == 1005 ? 0 : 2) < 0) return;
-    lmw__start_linger(s, fd, sl);
-}
-
-/* message_waiting reports whether this batch holds a message of fd for Python. */
-static int message_waiting(lmw_server *s, int fd, uint32_t gen) {
-    for (int i = s->nev - 1; i >= 0; i--)
-        if (s->ev[i].type == LMW_EV_MESSAGE && s->ev[i].fd == fd && s->ev[i].gen == gen) return 1;
-    return 0;
-}
-
-/* end_after_batch ends the connection (fail with code, or answer the peer's close) once
- * Python has handled the messages read before the close, so that its replies to them
- * reach the peer first; with no such message it ends it now. */
-static void end_after_batch(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code) {
-    if (sl->state == ST_OPEN && message_waiting(s, fd, sl->gen) &&
-        lmw__grow((void **)&s->deferred, &s->cap_deferred, s->ndeferred + 1,
-                  sizeof(lmw_deferred)) == 0) {
-        s->deferred[s->ndeferred++] =
-            (lmw_deferred){.fd = fd, .gen = sl->gen, .code = (uint16_t)code, .what = what};
-        sl->state = ST_DEFERRED;
-        return;
-    }
-    if (what == DEFER_FAIL)
-        lmw__fail(s, fd, code);
-    else
-        answer_close(s, fd, sl, (uint16_t)code);
-}
-
-void lmw__run_deferred(lmw_server *s) {
-    for (uint32_t i = 0; i < s->ndeferred; i++) {
-        lmw_deferred *d = &s->deferred[i];
-        lmw_slot *sl = lmw__slot(s, d->fd, d->gen);
-        if (!sl || sl->state != ST_DEFERRED) continue;
-        sl->state = ST_OPEN;
-        if (d->what == DEFER_FAIL)
-            lmw__fail(s, d->fd, d->code);
-        else
-            answer_close(s, d->fd, sl, d->code);
-    }
-    s->ndeferred = 0;
-}
-
 /* on_control handles ping, pong and close. Returns 1 when input processing must stop. */
 static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, uint8_t *p) {
     size_t n = (size_t)f->payload_len;
     if (f->opcode == LMW_OP_PING) {
-        if (sl->state == ST_OPEN) return lmw__send_control(s, fd, sl, LMW_OP_PONG, p, n) < 0;
+        if (sl->state == ST_OPEN) return lmw__conn_send_control(s, fd, sl, LMW_OP_PONG, p, n) < 0;
         return 0;
     }
     if (f->opcode == LMW_OP_PONG) return 0;
     uint16_t code = 0;
     int err = lmw_parse_close(p, n, &code);
     if (err) {
-        end_after_batch(s, fd, sl, DEFER_FAIL, err);
+        lmw__conn_end(s, fd, sl, DEFER_FAIL, err);
         return 1;
     }
     if (sl->flags & F_CLOSE_SENT) { /* the answer to our close: done */
         lmw__conn_free(s, fd, 0);
         return 1;
     }
-    end_after_batch(s, fd, sl, DEFER_CLOSE_REPLY, code);
+    lmw__conn_end(s, fd, sl, DEFER_CLOSE_REPLY, code);
     return 1;
 }
 
@@ -335,7 +259,7 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
     }
     lmw_ext *x = lmw__ext_get(s, sl);
     if (!x) {
-        lmw__fail(s, fd, 1011);
+        lmw__conn_fail(s, fd, 1011);
         return 1;
     }
     if (x->msg_len + n > x->msg_cap) {
@@ -344,12 +268,12 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
         if (cap > s->cfg.max_message) cap = s->cfg.max_message;
         if (cap < x->msg_len + n) cap = x->msg_len + n;
         if (s->stats->spill_bytes + (cap - x->msg_cap) > s->cfg.spill_budget) {
-            lmw__fail(s, fd, 1013);
+            lmw__conn_fail(s, fd, 1013);
             return 1;
         }
         uint8_t *m = realloc(x->msg, cap ? cap : 1);
         if (!m) {
-            lmw__fail(s, fd, 1011);
+            lmw__conn_fail(s, fd, 1011);
             return 1;
         }
         s->stats->spill_bytes += cap - x->msg_cap;
@@ -395,23 +319,23 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
         if (sl->state != ST_OPEN && sl->state != ST_CLOSING) return;
         if (s->nwork >= s->maxwork && !done.begun) { /* the event array is full */
             if (keep_partial(s, fd, sl, buf + off, len - off, 0, done, keep_ms) < 0)
-                return lmw__fail(s, fd, 1013);
+                return lmw__conn_fail(s, fd, 1013);
             return lmw__backlog_add(s, fd, sl);
         }
         lmw_frame f;
         int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
         if (r == LMW_ERROR)
-            return end_after_batch(s, fd, sl, DEFER_FAIL, f.close_code ? f.close_code : 1002);
+            return lmw__conn_end(s, fd, sl, DEFER_FAIL, f.close_code ? f.close_code : 1002);
         if (r == LMW_INCOMPLETE) {
             if (keep_partial(s, fd, sl, buf + off, len - off, 0, done, keep_ms) < 0)
-                return lmw__fail(s, fd, 1013);
+                return lmw__conn_fail(s, fd, 1013);
             return;
         }
         int control = f.opcode >= 8;
         int fragmented = ms->opcode != 0;
         if (!done.begun) {
             int code = control ? 0 : lmw_message_frame(ms, &f, s->cfg.max_message);
-            if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
+            if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
         }
         uint64_t avail = len - off - f.header_len;
         if (avail > f.payload_len) avail = f.payload_len;
@@ -420,14 +344,14 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
             lmw_unmask(p + done.checked, avail - done.checked, f.mask, done.checked);
             if (!control && sl->state == ST_OPEN) {
                 int code = lmw_message_payload(ms, p + done.checked, avail - done.checked);
-                if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
+                if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
             }
         }
         if (avail < f.payload_len) { /* the payload is still arriving */
             lmw_progress now = {.checked = avail, .begun = 1};
             if (keep_partial(s, fd, sl, buf + off, len - off, f.header_len + f.payload_len, now,
                              keep_ms) < 0)
-                return lmw__fail(s, fd, 1013);
+                return lmw__conn_fail(s, fd, 1013);
             return;
         }
         done = (lmw_progress){0};
@@ -439,7 +363,7 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
         if (sl->state == ST_OPEN) {
             if (!fragmented && !f.fin && ms == &local) { /* a message begins: keep its state */
                 x = lmw__ext_get(s, sl);
-                if (!x) return lmw__fail(s, fd, 1011);
+                if (!x) return lmw__conn_fail(s, fd, 1011);
                 x->ms = local;
                 ms = &x->ms;
                 keep_ms = NULL;
@@ -448,7 +372,7 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
              * delivered: an invalid message never reaches the application */
             int opcode = ms->opcode ? ms->opcode : f.opcode;
             int code = lmw_message_frame_end(ms, f.fin);
-            if (code) return end_after_batch(s, fd, sl, DEFER_FAIL, code);
+            if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
             if (on_data(s, fd, sl, opcode, &f, p, fragmented)) return;
         }
     }
@@ -487,7 +411,8 @@ static void input_seen(lmw_server *s, lmw_slot *sl) {
 
 /* grow_spill makes room in a large spill for the bytes the kernel holds now, at most up to
  * the whole head + body or frame and never more than twice what has arrived. Large spills
- * may use up to 3/4 of the budget; past that the socket waits in the kernel (0 returned). */
+ * may use up to 3/4 of the budget (all of it for the only one held, so a small budget still
+ * lets a message through); past that the socket waits in the kernel (0 returned). */
 static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     uint64_t waiting = lmw__bytes_waiting(fd);
     if (x->in_cap - x->in_len >= waiting || x->in_cap == x->in_want) return 1;
@@ -495,7 +420,9 @@ static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     if (cap < 2 * x->in_len) cap = 2 * x->in_len; /* doubling: few reallocs, at most 2x */
     if (cap > x->in_want) cap = x->in_want;
     uint64_t more = cap - x->in_cap;
-    if (s->stats->spill_bytes + more > s->cfg.spill_budget / 4 * 3) {
+    uint64_t after = s->stats->spill_bytes + more;
+    int alone = s->stats->spill_bytes == x->in_cap + x->msg_cap; /* no one else holds any */
+    if (after > s->cfg.spill_budget / 4 * 3 && !(alone && after <= s->cfg.spill_budget)) {
         budget_pause(s, fd, sl);
         return 0;
     }
@@ -512,8 +439,8 @@ static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
  * lent to Python with the event. */
 static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     int room = grow_spill(s, fd, sl, x);
-    if (room < 0 && sl->state == ST_OPEN) return lmw__fail(s, fd, 1011);
-    if (room < 0) return lmw__reject(s, fd, sl, 503);
+    if (room < 0 && sl->state == ST_OPEN) return lmw__conn_fail(s, fd, 1011);
+    if (room < 0) return lmw__conn_reject(s, fd, sl, 503);
     if (room == 0) return;
     if (x->in_cap == x->in_len) { /* nothing arrived: EOF or an error woke us */
         if (peer_gone(fd)) lmw__conn_free(s, fd, 0);
@@ -532,8 +459,6 @@ static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     }
     lmw_pending p = take_spill(s, x);
     if (!handshake) return lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);
-    x->head_scanned = 0;
-    sl->state = ST_HEAD;
     lmw__process_head(s, fd, sl, p.buf, p.len);
 }
 
@@ -611,7 +536,7 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     if (x && x->in_want > want) want = (size_t)x->in_want; /* a small body: read it whole */
     if (short_mode) want = s->cfg.read_buffer_size / 2; /* room for whole messages to peek */
     if (want > s->cfg.read_buffer_size) /* a head longer than a read block (max_head allows) */
-        return lmw__reject(s, fd, sl, 431);
+        return lmw__conn_reject(s, fd, sl, 431);
     uint8_t *buf;
     size_t cap;
     if (take_read_space(s, want, &buf, &cap) < 0) return; /* next poll: epoll reports again */
@@ -632,17 +557,9 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
         lmw__in_free(s, x);
     }
     size_t len = pending + (size_t)n;
-    switch (sl->state) {
-    case ST_HEAD:
-        return lmw__process_head(s, fd, sl, buf, len);
-    case ST_HTTP_BODY: {
-        sl->state = ST_HEAD;
-        if (x) x->head_scanned = 0;
-        return lmw__process_head(s, fd, sl, buf, len);
-    }
-    default:
-        return lmw__process_frames(s, fd, sl, buf, len, done);
-    }
+    if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY)
+        return lmw__process_head(s, fd, sl, buf, len); /* a body: its head is parsed again */
+    lmw__process_frames(s, fd, sl, buf, len, done);
 }
 
 /* lmw__run_backlog parses the input kept for later when an earlier poll's event array
@@ -665,8 +582,6 @@ void lmw__run_backlog(lmw_server *s) {
         }
         lmw_pending p = take_spill(s, x);
         if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
-            sl->state = ST_HEAD;
-            x->head_scanned = 0;
             lmw__process_head(s, fd, sl, p.buf, p.len);
         } else if (lmw__is_open_state(sl->state)) {
             lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);

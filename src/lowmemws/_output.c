@@ -3,7 +3,10 @@
  * A frame goes out with one sendmsg; the unsent rest is copied into an lmw_out chunk on
  * the connection's ext and EPOLLOUT is armed until the queue drains. Control frames go
  * ahead of queued data (never inside a frame already partly written), except close,
- * which follows what was queued before it. Limits and policies are applied here.
+ * which follows what was queued before it. The write bounds are decided here, before
+ * anything is written; the policy past them is the caller's (_conn.c). Nothing here frees a
+ * connection or changes its state: a dead socket is reported (-1) to the caller, which
+ * owns the slot and ends it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,25 +86,20 @@ static int queue_rest(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, siz
     return 0;
 }
 
-/* write_raw sends header a + payload b, queueing what the kernel does not take.
- * Returns 1, or -1 when the connection died (already freed). */
+/* lmw__write_raw sends header a + payload b, queueing what the kernel does not take.
+ * Returns 1, or -1 when the socket is dead or the rest could not be queued (the caller,
+ * which owns the slot, ends the connection). */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                    const uint8_t *b, size_t blen, int control, uint64_t topic) {
     lmw_ext *x = lmw__ext_of(s, sl);
+    size_t done = 0;
     if (!x || !x->out_head) {
         ssize_t n = send_now(fd, a, alen, b, blen);
-        if (n < 0) {
-            lmw__conn_free(s, fd, 1006);
-            return -1;
-        }
+        if (n < 0) return -1;
         if ((size_t)n == alen + blen) return 1;
-        if (queue_rest(s, fd, sl, a, alen, b, blen, (size_t)n, control, topic) < 0) {
-            lmw__conn_free(s, fd, 1006);
-            return -1;
-        }
-        return 1;
+        done = (size_t)n;
     }
-    return queue_rest(s, fd, sl, a, alen, b, blen, 0, control, topic) < 0 ? -1 : 1;
+    return queue_rest(s, fd, sl, a, alen, b, blen, done, control, topic) < 0 ? -1 : 1;
 }
 
 /* send_control sends a control frame ahead of queued data frames (but never inside a
@@ -143,37 +141,17 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
     return 1;
 }
 
-void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl) {
-    lmw_ext *x = lmw__ext_of(s, sl);
-    sl->state = ST_LINGER;
-    sl->tick = s->now;
-    if (x) {
-        lmw__in_free(s, x);
-        lmw__msg_free(s, x);
-        x->ms.opcode = 0;
-        x->head_scanned = 0;
-    }
-    if (x && x->out_head) {
-        sl->flags |= F_SHUT_WR;
-    } else {
-        shutdown(fd, SHUT_WR);
-        lmw__ext_trim(s, sl);
-    }
-    sl->flags &= ~(F_PAUSED | F_BUDGET);
-    lmw__set_interest(s, fd, sl, 0);
-}
-
-void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
+/* lmw__flush_out writes queued output while the kernel takes it; at the end of a lingering
+ * connection's output, its write side is shut down. Returns 1, or -1 when the socket is
+ * dead (the caller ends the connection). */
+int lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
     while (x && x->out_head) {
         lmw_out *o = x->out_head;
         ssize_t n = send_now(fd, o->data + o->sent, o->len - o->sent, NULL, 0);
-        if (n < 0) {
-            lmw__conn_free(s, fd, 1006);
-            return;
-        }
+        if (n < 0) return -1;
         o->sent += (uint64_t)n;
-        if (o->sent < o->len) return; /* EPOLLOUT stays armed */
+        if (o->sent < o->len) return 1; /* EPOLLOUT stays armed */
         x->out_head = o->next;
         if (!x->out_head) x->out_tail = NULL;
         x->out_bytes -= o->len;
@@ -187,6 +165,7 @@ void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
     }
     lmw__set_interest(s, fd, sl, 1);
     lmw__ext_trim(s, sl);
+    return 1;
 }
 
 /* drop_unsent discards queued frames not yet begun (a frame partly on the wire stays): a
@@ -225,25 +204,15 @@ static int over_bounds(lmw_server *s, lmw_ext *x, uint64_t len, int latest, uint
     return !latest && queued && queued + len > s->cfg.write_limit;
 }
 
-/* lmw__write_data sends a complete data frame (header a + payload b) to an open
- * connection under its write bounds and policy (lmw_send and fan-out). Returns 1 sent or
- * queued, 0 dropped or closed by policy, -1 connection gone. */
+/* lmw__write_data sends a complete data frame (header a + payload b) if the write bounds
+ * allow it (the caller applies the policy otherwise). Returns 1 sent or queued, 0 over the
+ * bounds (nothing written), -1 when the socket is dead. */
 int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                     const uint8_t *b, size_t blen, uint64_t topic, int policy) {
-    if (!lmw__may_receive_data(sl->state)) return -1;
     lmw_ext *x = lmw__ext_of(s, sl);
     int latest = topic && policy == LMW_POLICY_LATEST;
     lmw_out **old = latest && x ? unsent_of_topic(x, topic) : NULL;
-    if (over_bounds(s, x, alen + blen, latest, old ? (*old)->len : 0)) {
-        if (policy == LMW_POLICY_CLOSE) {
-            s->stats->dropped[LMW_DROP_CLOSED]++;
-            if (x) lmw__drop_unsent(s, x);
-            lmw__fail(s, fd, 1008);
-            return 0;
-        }
-        s->stats->dropped[LMW_DROP_WRITE_LIMIT]++;
-        return 0;
-    }
+    if (over_bounds(s, x, alen + blen, latest, old ? (*old)->len : 0)) return 0;
     if (old) { /* LATEST: the newest frame takes the place of the one still queued */
         lmw_out *o = out_new(a, alen, b, blen, 0, 0, topic);
         if (!o) return 0;
@@ -254,19 +223,4 @@ int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_
     int r = lmw__write_raw(s, fd, sl, a, alen, b, blen, 0, topic);
     if (r > 0) s->stats->frames_sent_total++;
     return r;
-}
-
-/* lmw__fail fails the connection (RFC 6455 section 7.1.7): a close frame with code, then
- * the TCP connection is closed once it drains. */
-void lmw__fail(lmw_server *s, int fd, int code) {
-    lmw_slot *sl = &s->slots[fd];
-    if (sl->state == ST_OPEN || sl->state == ST_CLOSING) {
-        if (!(sl->flags & F_CLOSE_SENT)) {
-            uint8_t payload[2] = {(uint8_t)(code >> 8), (uint8_t)code};
-            sl->flags |= F_CLOSE_SENT;
-            if (lmw__send_control(s, fd, sl, LMW_OP_CLOSE, payload, 2) < 0) return;
-        }
-        if (sl->state == ST_OPEN) sl->close_code = (uint16_t)code;
-        lmw__start_linger(s, fd, sl);
-    }
 }

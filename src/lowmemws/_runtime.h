@@ -1,5 +1,5 @@
-/* _runtime.h - private structures shared by _server.c (slots, loop, I/O) and _hub.c
- * (membership, fan-out). Not part of the cffi interface.
+/* _runtime.h - private structures and functions shared by the runtime's files (their
+ * layers are listed above the declarations at the end). Not part of the cffi interface.
  *
  * Per-connection state has one home: lmw_slot, indexed by fd, 32 bytes. Everything
  * else a connection may need (pending input, a message being assembled, pending output)
@@ -15,7 +15,7 @@
 
 #include "lmw.h"
 
-/* Slot states. The state machine is written down at the top of _server.c. */
+/* Slot states. The state machine is written down, and made, in _conn.c. */
 enum {
     ST_FREE = 0,
     ST_HEAD,         /* reading the request head */
@@ -28,6 +28,28 @@ enum {
     ST_DEFERRED,     /* open, input stopped: a close waits until Python has answered
                         the messages read just before it (see defer_end) */
 };
+
+/* The questions asked of a state, each answered once (the table is in _conn.c). */
+
+/* lmw__is_handshake_state: a request head is being read or answered (counted in
+ * lmw_stats.handshakes). */
+static inline int lmw__is_handshake_state(uint8_t st) {
+    return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT;
+}
+
+/* lmw__is_open_state: a WebSocket connection whose frames may still arrive. */
+static inline int lmw__is_open_state(uint8_t st) {
+    return st == ST_OPEN || st == ST_CLOSING || st == ST_DEFERRED;
+}
+
+/* lmw__may_receive_data: data frames (sends, publishes, broadcasts) may be written. A
+ * DEFERRED connection is still open: its close waits for Python's replies to go first. */
+static inline int lmw__may_receive_data(uint8_t st) { return st == ST_OPEN || st == ST_DEFERRED; }
+
+/* lmw__may_subscribe: topic membership may be added (before the 101 too, for Accept). */
+static inline int lmw__may_subscribe(uint8_t st) {
+    return lmw__may_receive_data(st) || st == ST_UPGRADE_WAIT;
+}
 
 /* What a deferred connection does at the next lmw_poll. */
 enum { DEFER_FAIL = 1, DEFER_CLOSE_REPLY = 2 };
@@ -154,7 +176,7 @@ struct lmw_server {
     lmw_stats own_stats;
     int epfd;
     int wakefd;
-    int listeners[8];
+    int listeners[LMW_MAX_LISTENERS];
     int nlisteners;
     int listening; /* listeners in the epoll set */
     int stopped;   /* lmw_listen_stop called */
@@ -219,51 +241,81 @@ struct lmw_server {
     uint32_t user_mask;
 };
 
-/* Shared between _server.c and _hub.c (all called with s->lock held). */
-lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen);
-void lmw__fail(lmw_server *s, int fd, int code);
-void lmw__hub_forget(lmw_server *s, int fd);
-void lmw__hub_user_add(lmw_server *s, int fd);
-void lmw__hub_user_remove(lmw_server *s, int fd);
-void lmw__hub_init(lmw_server *s);
-void lmw__hub_free(lmw_server *s);
+/* lmw_open_table describes an open-addressing table to lmw__shift_delete. */
+typedef struct {
+    uint32_t mask;
+    void *ctx;
+    int (*used)(void *ctx, uint32_t i);
+    uint32_t (*home)(void *ctx, uint32_t i);
+    void (*move)(void *ctx, uint32_t to, uint32_t from);
+    void (*clear)(void *ctx, uint32_t i);
+} lmw_open_table;
 
-/* Internal functions shared by the runtime files (all called with s->lock held). */
+/* Internal functions shared by the runtime files, all called with s->lock held. The files
+ * form layers; each calls only the ones below it (no cycles):
+ *   _server.c (loop, accept, sweep, the public API)
+ *   _fanout.c (one frame to many)   _input.c (reading, heads, frames)
+ *   _conn.c   (the state machine: every state change)
+ *   _output.c (sends and queues)    _hub.c (membership)
+ *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
+ */
 #define MIN_READ_SPACE 2048
-/* _conn.c */
+/* _slot.c */
 int lmw__grow(void **arr, uint32_t *cap, uint32_t need, size_t elem);
 void lmw__lend(lmw_server *s, void *ptr);
 lmw_event *lmw__push_event(lmw_server *s);
+void lmw__shift_delete(const lmw_open_table *t, uint32_t hole);
+lmw_slot *lmw__slot(lmw_server *s, int fd, uint32_t gen);
 lmw_ext *lmw__ext_of(lmw_server *s, lmw_slot *sl);
 lmw_ext *lmw__ext_get(lmw_server *s, lmw_slot *sl);
 void lmw__in_free(lmw_server *s, lmw_ext *x);
 void lmw__msg_free(lmw_server *s, lmw_ext *x);
+void lmw__ext_drop(lmw_server *s, lmw_slot *sl);
 void lmw__ext_trim(lmw_server *s, lmw_slot *sl);
 void lmw__set_interest(lmw_server *s, int fd, lmw_slot *sl, int out_changed);
-int lmw__is_handshake_state(uint8_t st);
-int lmw__is_open_state(uint8_t st);
-int lmw__may_receive_data(uint8_t st);
-void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
 uint32_t lmw__peer_add(lmw_server *s, int fd, const struct sockaddr_storage *ss);
-/* _output.c */
+void lmw__peer_remove(lmw_server *s, int fd);
+/* _hub.c */
+int lmw__hub_init(lmw_server *s);
+void lmw__hub_free(lmw_server *s);
+uint32_t lmw__mix(uint64_t id);
+uint32_t lmw__topic_find(lmw_server *s, uint64_t id);
+void lmw__hub_forget(lmw_server *s, int fd);
+void lmw__hub_user_add(lmw_server *s, int fd);
+void lmw__hub_user_remove(lmw_server *s, int fd);
+/* _output.c: never frees a connection nor changes its state; -1 means "dead socket" */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                    const uint8_t *b, size_t blen, int control, uint64_t topic);
 int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, size_t n);
-void lmw__start_linger(lmw_server *s, int fd, lmw_slot *sl);
-void lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
+int lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__drop_unsent(lmw_server *s, lmw_ext *x);
 int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                     const uint8_t *b, size_t blen, uint64_t topic, int policy);
+/* _conn.c */
+int lmw__conn_accept(lmw_server *s, int fd);
+void lmw__conn_await_body(lmw_slot *sl);
+void lmw__conn_await_answer(lmw_slot *sl, int upgrade);
+void lmw__conn_reject(lmw_server *s, int fd, lmw_slot *sl, int status);
+void lmw__conn_respond(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *data, size_t len);
+int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                      const uint8_t *proto, size_t proto_len, uint64_t user_tag);
+void lmw__conn_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
+                     size_t reason_len);
+void lmw__conn_fail(lmw_server *s, int fd, int code);
+void lmw__conn_end(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code);
+void lmw__conn_run_deferred(lmw_server *s);
+void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
+int lmw__conn_send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
+                           size_t n);
+int lmw__conn_send_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                        const uint8_t *b, size_t blen, uint64_t topic, int policy);
+void lmw__conn_flush(lmw_server *s, int fd, lmw_slot *sl);
 /* _input.c */
 uint64_t lmw__bytes_waiting(int fd);
 void lmw__resume_budget_paused(lmw_server *s);
 void lmw__run_backlog(lmw_server *s);
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);
-void lmw__reject(lmw_server *s, int fd, lmw_slot *sl, int status);
-int lmw__open_connection(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
-                         const uint8_t *proto, size_t proto_len, uint64_t user_tag);
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len);
-void lmw__run_deferred(lmw_server *s);
 void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
                          lmw_progress done);
 void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what);

@@ -1,8 +1,7 @@
 /* _server.c - the socket-facing runtime's loop: accept, poll, sweep, the public API.
  *
- * The runtime is four files of one concern each: _conn.c (the slot table and the
- * state machine), _input.c (reading, heads, frames), _output.c (sends and queues) and
- * this one. _hub.c adds membership and fan-out; _runtime.h is what they share.
+ * The runtime's other files, one concern each, are listed (with their layers) in
+ * _runtime.h; this one is the top layer: what the loop thread and the public API do.
  *
  * Theory of operation
  * -------------------
@@ -19,8 +18,9 @@
  * EPOLLOUT armed) until it drains. Memory is bounded by configuration:
  *   read blocks      read_buffers x read_buffer_size; when used up, reading waits for the
  *                    next poll (epoll is level-triggered, the data waits in the kernel);
- *   input spill      at 3/4 of spill_budget, sockets with nothing pending stop being read;
- *                    a spill past the budget closes its connection with 1013;
+ *   input spill      spill_budget, charged for bytes received; past 3/4 of it no new
+ *                    spill starts (whole messages are still served, see _input.c) and a
+ *                    spill past it closes its connection with 1013;
  *   output           write_limit per connection and write_budget in all, by policy.
  */
 #define _GNU_SOURCE
@@ -93,7 +93,8 @@ static void listeners_poll(lmw_server *s, int on) {
     if (on == s->listening) return;
     for (int i = 0; i < s->nlisteners; i++) {
         struct epoll_event ev = {.events = EPOLLIN, .data.fd = s->listeners[i]};
-        epoll_ctl(s->epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, s->listeners[i], &ev);
+        if (epoll_ctl(s->epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, s->listeners[i], &ev) < 0)
+            s->stats->errors[LMW_ERR_EPOLL]++;
     }
     s->listening = on;
     s->stats->accept_paused = !on;
@@ -105,22 +106,6 @@ static void listeners_poll(lmw_server *s, int on) {
 static int accepting_allowed(lmw_server *s) {
     return !s->stopped && !s->emfile && s->live < s->cfg.max_connections &&
            s->stats->handshakes < s->cfg.max_handshakes;
-}
-
-/* slot_open starts a connection on fd: state HEAD, in the epoll set. */
-static int slot_open(lmw_server *s, int fd) {
-    if (fd < 0 || (uint32_t)fd >= s->nslots || s->slots[fd].state != ST_FREE) return LMW_ERROR;
-    lmw_slot *sl = &s->slots[fd];
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) return LMW_ERROR;
-    sl->state = ST_HEAD;
-    sl->flags = F_EPOLL_IN;
-    sl->tick = s->now;
-    sl->close_code = 0;
-    if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
-    s->live++;
-    s->stats->handshakes++;
-    return 0;
 }
 
 /* accept_batch accepts up to accept_batch connections; fewer while the loop lags, so that
@@ -137,18 +122,18 @@ static void accept_batch(lmw_server *s, int lfd) {
             if (errno == EMFILE || errno == ENFILE) s->emfile = 1;
             return;
         }
-        if (slot_open(s, fd) < 0) {
+        if (lmw__conn_accept(s, fd) < 0) {
             close(fd);
             continue;
         }
         if (s->peers && lmw__peer_add(s, fd, &peer) > s->cfg.max_per_ip)
-            lmw__reject(s, fd, &s->slots[fd], 503); /* this address holds its share: 503, close */
+            lmw__conn_reject(s, fd, &s->slots[fd], 503); /* this address holds its share: 503, close */
     }
 }
 
 int lmw_adopt(lmw_server *s, int fd) {
     pthread_mutex_lock(&s->lock);
-    int r = slot_open(s, fd);
+    int r = lmw__conn_accept(s, fd);
     pthread_mutex_unlock(&s->lock);
     if (r == 0) lmw_wake(s);
     return r;
@@ -194,7 +179,7 @@ static uint32_t ping_wait(int fd, const lmw_slot *sl, uint32_t pi) {
 static void send_ping(lmw_server *s, int fd, lmw_slot *sl) {
     sl->flags |= F_PING_OUT;
     sl->tick = s->now;
-    lmw__send_control(s, fd, sl, LMW_OP_PING, NULL, 0);
+    lmw__conn_send_control(s, fd, sl, LMW_OP_PING, NULL, 0);
 }
 
 static void sweep(lmw_server *s) {
@@ -211,12 +196,12 @@ static void sweep(lmw_server *s) {
         case ST_HTTP_BODY:
             if (idle >= hs && !input_first(s, (int)fd, sl)) {
                 s->stats->handshake_timeouts_total++;
-                lmw__reject(s, (int)fd, sl, 408);
+                lmw__conn_reject(s, (int)fd, sl, 408);
             }
             break;
         case ST_OPEN:
             if (sl->ext && message_overdue(s, sl, mt) && !input_first(s, (int)fd, sl)) {
-                lmw__fail(s, (int)fd, 1008); /* a message trickled past its deadline */
+                lmw__conn_fail(s, (int)fd, 1008); /* a message trickled past its deadline */
                 break;
             }
             if (!s->cfg.ping_interval_ms || (sl->flags & F_PAUSED)) break;
@@ -254,7 +239,7 @@ static void release_batch(lmw_server *s) {
         if (e->type != LMW_EV_UPGRADE && e->type != LMW_EV_HTTP) continue;
         lmw_slot *sl = lmw__slot(s, e->fd, e->gen);
         if (sl && (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT))
-            lmw__reject(s, e->fd, sl, 500);
+            lmw__conn_reject(s, e->fd, sl, 500);
     }
     s->nev = 0;
     s->nwork = 0;
@@ -295,7 +280,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         pthread_mutex_unlock(&s->lock);
         return LMW_ERROR;
     }
-    lmw__run_deferred(s);
+    lmw__conn_run_deferred(s);
     drain_closed(s);
     lmw__run_backlog(s);
     lmw__resume_budget_paused(s);
@@ -330,7 +315,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         }
         lmw_slot *sl = &s->slots[fd];
         if (sl->state == ST_FREE) continue;
-        if (what & EPOLLOUT) lmw__flush_out(s, fd, sl);
+        if (what & EPOLLOUT) lmw__conn_flush(s, fd, sl);
         if (sl->state == ST_FREE) continue;
         if ((what & (EPOLLIN | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
             lmw__on_readable(s, fd, sl, what);
@@ -369,8 +354,7 @@ int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *proto
         for (int i = 0; i < s->nups; i++) {
             lmw_upgrade_pending *u = &s->ups[i];
             if (u->fd != fd || u->gen != gen) continue;
-            r = lmw__open_connection(s, fd, sl, u->key, u->key_len, protocol, protocol_len,
-                                     user_tag);
+            r = lmw__conn_upgrade(s, fd, sl, u->key, u->key_len, protocol, protocol_len, user_tag);
             u->fd = -1;
             if (r == 0) {
                 lmw_ext *x = lmw__ext_of(s, sl);
@@ -388,7 +372,7 @@ int lmw_reject(lmw_server *s, int fd, uint32_t gen, int status) {
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
     int ok = sl && (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT);
-    if (ok) lmw__reject(s, fd, sl, status);
+    if (ok) lmw__conn_reject(s, fd, sl, status);
     pthread_mutex_unlock(&s->lock);
     return ok ? 0 : LMW_ERROR;
 }
@@ -397,11 +381,7 @@ int lmw_respond(lmw_server *s, int fd, uint32_t gen, const uint8_t *data, size_t
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
     int ok = sl && sl->state == ST_HTTP_WAIT;
-    if (ok) {
-        s->stats->handshakes--;
-        sl->state = ST_LINGER;
-        if (lmw__write_raw(s, fd, sl, data, len, NULL, 0, 0, 0) > 0) lmw__start_linger(s, fd, sl);
-    }
+    if (ok) lmw__conn_respond(s, fd, sl, data, len);
     pthread_mutex_unlock(&s->lock);
     return ok ? 0 : LMW_ERROR;
 }
@@ -413,31 +393,19 @@ int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *dat
     if (sl && lmw__may_receive_data(sl->state)) {
         uint8_t hdr[10];
         int hl = lmw_build_header(hdr, 1, opcode, len);
-        r = lmw__write_data(s, fd, sl, hdr, (size_t)hl, data, len, 0, s->cfg.write_policy);
+        r = lmw__conn_send_data(s, fd, sl, hdr, (size_t)hl, data, len, 0, s->cfg.write_policy);
     }
     pthread_mutex_unlock(&s->lock);
     return r;
-}
-
-static void server_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
-                         size_t reason_len) {
-    uint8_t payload[125];
-    int n = lmw_build_close_payload(payload, code, reason, reason_len);
-    if (n < 0) n = lmw_build_close_payload(payload, code, NULL, 0);
-    if (n < 0) return;
-    sl->flags |= F_CLOSE_SENT;
-    sl->close_code = (uint16_t)code;
-    if (lmw__send_control(s, fd, sl, LMW_OP_CLOSE, payload, (size_t)n) < 0) return;
-    sl->state = ST_CLOSING;
-    sl->tick = s->now;
 }
 
 int lmw_close(lmw_server *s, int fd, uint32_t gen, int code, const uint8_t *reason,
               size_t reason_len) {
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    int ok = sl && sl->state == ST_OPEN && lmw_close_code_valid(code);
-    if (ok) server_close(s, fd, sl, code, reason, reason_len);
+    int ok = sl && lmw__may_receive_data(sl->state) && lmw_close_code_valid(code);
+    /* DEFERRED: its own close goes out at the next poll, after Python's replies */
+    if (ok && sl->state == ST_OPEN) lmw__conn_close(s, fd, sl, code, reason, reason_len);
     pthread_mutex_unlock(&s->lock);
     if (ok) lmw_wake(s);
     return ok ? 0 : LMW_ERROR;
@@ -449,10 +417,10 @@ int lmw_close_all(lmw_server *s, int code) {
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
         if (sl->state == ST_OPEN) {
-            server_close(s, (int)fd, sl, code, NULL, 0);
+            lmw__conn_close(s, (int)fd, sl, code, NULL, 0);
             n++;
         } else if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
-            lmw__reject(s, (int)fd, sl, 503);
+            lmw__conn_reject(s, (int)fd, sl, 503);
         }
     }
     pthread_mutex_unlock(&s->lock);
@@ -485,30 +453,9 @@ int lmw_resume_reading(lmw_server *s, int fd, uint32_t gen) {
 int lmw_is_open(lmw_server *s, int fd, uint32_t gen) {
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    int r = sl && sl->state == ST_OPEN;
+    int r = sl && lmw__may_receive_data(sl->state);
     pthread_mutex_unlock(&s->lock);
     return r;
-}
-
-uint64_t lmw_user_tag(lmw_server *s, int fd, uint32_t gen) {
-    pthread_mutex_lock(&s->lock);
-    lmw_slot *sl = lmw__slot(s, fd, gen);
-    uint64_t t = sl ? sl->user_tag : 0;
-    pthread_mutex_unlock(&s->lock);
-    return t;
-}
-
-int lmw_set_user_tag(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag) {
-    pthread_mutex_lock(&s->lock);
-    lmw_slot *sl = lmw__slot(s, fd, gen);
-    int ok = sl && lmw__is_open_state(sl->state);
-    if (ok) {
-        lmw__hub_user_remove(s, fd);
-        sl->user_tag = user_tag;
-        if (user_tag) lmw__hub_user_add(s, fd);
-    }
-    pthread_mutex_unlock(&s->lock);
-    return ok ? 0 : LMW_ERROR;
 }
 
 uint32_t lmw_connection_count(lmw_server *s) { return (uint32_t)s->stats->connections; }
@@ -520,6 +467,8 @@ lmw_stats *lmw_server_stats(lmw_server *s) { return s->stats; }
 lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats) {
     lmw_server *s = calloc(1, sizeof(lmw_server));
     if (!s) return NULL;
+    pthread_mutex_init(&s->lock, NULL); /* first: lmw_server_free destroys it */
+    s->epfd = s->wakefd = -1;
     s->cfg = *cfg;
     if (!s->cfg.read_buffers) s->cfg.read_buffers = 1;
     if (s->cfg.read_buffer_size < 2 * MIN_READ_SPACE) s->cfg.read_buffer_size = 2 * MIN_READ_SPACE;
@@ -539,24 +488,20 @@ lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats) {
         s->peers = calloc(size, sizeof(lmw_peer)); /* untouched pages cost nothing */
         s->peer_of_fd = calloc(2 * (size_t)s->nslots, sizeof(uint64_t));
         s->peer_counted = calloc(s->nslots, 1);
-        if (!s->peer_of_fd || !s->peer_counted) {
-            free(s->peers);
-            s->peers = NULL;
-        }
     }
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!s->slots || !s->pool || s->epfd < 0 || s->wakefd < 0) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = s->wakefd};
+    int ok = s->slots && s->pool && s->epfd >= 0 && s->wakefd >= 0 &&
+             epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->wakefd, &ev) == 0 && lmw__hub_init(s) == 0 &&
+             (!s->cfg.max_per_ip || (s->peers && s->peer_of_fd && s->peer_counted));
+    if (!ok) { /* every failure is the caller's OSError: no cap silently missing */
         lmw_server_free(s);
         return NULL;
     }
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = s->wakefd};
-    epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->wakefd, &ev);
-    pthread_mutex_init(&s->lock, NULL);
     s->real_us = s->lag_window_start_us = monotonic_us();
     s->clock_us = s->real_us;
     s->now = s->last_sweep = (uint32_t)(s->clock_us / TICK_US);
-    lmw__hub_init(s);
     return s;
 }
 
@@ -568,7 +513,7 @@ void lmw_server_free(lmw_server *s) {
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
     lmw__hub_free(s);
     if (s->epfd >= 0) close(s->epfd);
-    if (s->wakefd > 0) close(s->wakefd);
+    if (s->wakefd >= 0) close(s->wakefd);
     free(s->pool);
     free(s->slots);
     free(s->exts);
@@ -590,14 +535,12 @@ void lmw_server_free(lmw_server *s) {
 
 int lmw_listen_add(lmw_server *s, int fd) {
     pthread_mutex_lock(&s->lock);
-    int ok = s->nlisteners < 8;
-    if (ok) {
-        s->listeners[s->nlisteners++] = fd;
-        if (s->listening) {
-            struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
-            epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev);
-        }
+    int ok = s->nlisteners < LMW_MAX_LISTENERS;
+    if (ok && s->listening) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        ok = epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) == 0;
     }
+    if (ok) s->listeners[s->nlisteners++] = fd;
     pthread_mutex_unlock(&s->lock);
     if (ok) lmw_wake(s);
     return ok ? 0 : LMW_ERROR;

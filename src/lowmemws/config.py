@@ -39,7 +39,8 @@ class Config:
     spill_budget: int | None = None
     """All incomplete input together, charged for bytes received (never for a declared
     length). A message being received may grow until 3/4 of it is used, then its socket waits
-    in the kernel; past 3/4 no socket starts a new spill, but whole messages are still served;
+    in the kernel (unless it is the only one held); past 3/4 no socket starts a new spill,
+    but whole messages are still served;
     a spill past the budget closes its connection with 1013. None: 8 MiB, or twice
     max_message_size when that is more."""
     write_limit: int = 256 * 1024
@@ -81,9 +82,6 @@ class Config:
             value = getattr(self, name)
             if not 0 < value < 1 << 62:
                 raise ValueError(f"Config.{name} must be a positive size below 2**62")
-        if self.spill_budget is not None and self.spill_budget * 3 // 4 < self.max_message_size:
-            # a message being received may hold up to 3/4 of the budget (docs/limits.md)
-            raise ValueError("Config.spill_budget must be at least 4/3 of max_message_size")
 
     def resolved_max_connections(self) -> int:
         """resolved_max_connections returns max_connections, deriving it from RLIMIT_NOFILE."""

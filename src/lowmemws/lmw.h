@@ -1,12 +1,20 @@
 /* lmw.h - the C interface of lowmemws.
  *
- * Three parts, one prefix (lmw_):
+ * Two parts, one prefix (lmw_):
  *   _frame.c   the pure codec: HTTP/1.1 request heads (RFC 7230) and WebSocket frames
  *              (RFC 6455). Bytes in, offsets and status out; never allocates, never
  *              touches a socket.
- *   _server.c  the socket-facing runtime: the per-fd slot table, the epoll loop, pooled
- *              read buffers, spill allocations, sends, the heartbeat sweep.
- *   _hub.c     topic and user membership without a Python object per member, fan-out.
+ *   runtime    the socket-facing part, one concern per file (layers in _runtime.h):
+ *              _server.c (the epoll loop, accept, the sweep, this API), _input.c
+ *              (reading, heads, frames, the spill budget), _conn.c (the connection state
+ *              machine), _output.c (sends, queues, write bounds), _fanout.c (one frame to
+ *              many), _hub.c (topic and user membership), _slot.c (per-connection memory).
+ *
+ * Locking: every public runtime function takes the server's one mutex, so any thread may
+ * call any of them; lmw_poll drops it only while it waits in epoll_wait. The trade-off:
+ * a fan-out sends to all its recipients under the lock (one non-blocking send each, so a
+ * fan-out to 19,000 takes ~0.1 s during which other threads' sends wait), in exchange
+ * for no per-connection lock and no cross-thread queue on the common path.
  *
  * This file is also the cffi cdef: _build_native.py drops the lines starting with '#'
  * except '#define NAME <integer>', so keep to plain declarations here.
@@ -225,7 +233,7 @@ int lmw_parse_close(const uint8_t *p, size_t n, uint16_t *code);
 int lmw_build_close_payload(uint8_t *out, int code, const uint8_t *reason, size_t reason_len);
 
 /* ------------------------------------------------------------------------------------
- * Runtime (_server.c): slots, loop, buffers, sends.
+ * Runtime: slots, loop, buffers, sends.
  * ---------------------------------------------------------------------------------- */
 
 #define LMW_POLICY_DROP 0   /* a frame that would pass the write limit is not queued */
@@ -264,6 +272,9 @@ typedef struct {
 #define LMW_DROP_CLOSED 1
 #define LMW_DROP_LATEST 2
 #define LMW_DROP_WORKER_QUEUE 3
+#define LMW_ERRORS 2
+#define LMW_ERR_EPOLL 0           /* epoll_ctl refused a change */
+#define LMW_ERR_NOMEM 1           /* an allocation failed: a connection was closed (1011, 503) */
 typedef struct {
     uint64_t connections;         /* open WebSocket connections */
     uint64_t handshakes;          /* heads being read now */
@@ -283,6 +294,7 @@ typedef struct {
     uint64_t ping_timeouts_total;      /* connections dropped for a missed pong (1006) */
     uint64_t closes[12];
     uint64_t dropped[4];
+    uint64_t errors[2];           /* LMW_ERR_*: failures handled, counted so none is silent */
     uint64_t pid;
 } lmw_stats;
 
@@ -316,7 +328,9 @@ typedef struct lmw_server lmw_server;
 lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats);
 void lmw_server_free(lmw_server *s);
 
-/* lmw_listen_add takes a bound, listening, non-blocking socket fd. */
+/* lmw_listen_add takes a bound, listening, non-blocking socket fd (at most
+ * LMW_MAX_LISTENERS); LMW_ERROR when there is no room or epoll refuses it. */
+#define LMW_MAX_LISTENERS 8
 int lmw_listen_add(lmw_server *s, int fd);
 
 /* lmw_adopt takes an already connected, non-blocking stream socket as a new connection
@@ -354,20 +368,18 @@ int lmw_close_all(lmw_server *s, int code);
 int lmw_pause_reading(lmw_server *s, int fd, uint32_t gen);
 int lmw_resume_reading(lmw_server *s, int fd, uint32_t gen);
 int lmw_is_open(lmw_server *s, int fd, uint32_t gen);
-uint64_t lmw_user_tag(lmw_server *s, int fd, uint32_t gen);
-int lmw_set_user_tag(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
 uint32_t lmw_connection_count(lmw_server *s);
 lmw_stats *lmw_server_stats(lmw_server *s);
 
 /* ------------------------------------------------------------------------------------
- * Hub (_hub.c): membership and fan-out. A topic is a 64-bit id that Python derives from
- * the topic name with a keyed hash, so a topic costs no Python object; 0 is not a topic.
+ * Hub (_hub.c, _fanout.c): membership and fan-out. A topic is a 64-bit id that Python
+ * derives from the topic name with a keyed hash, so a topic costs no Python object; 0 is
+ * not a topic.
  * ---------------------------------------------------------------------------------- */
 
 int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 uint32_t lmw_topic_size(lmw_server *s, uint64_t topic);
-uint32_t lmw_topic_count(lmw_server *s);
 
 /* Fan-out: the frame is built once and written to every member in one loop. Each
  * returns the number of connections the frame was sent or queued to; dropped and closed

@@ -13,6 +13,8 @@ CLOSE_CODES: tuple[str, ...] = (
     "other",
 )  # fmt: skip
 DROP_REASONS: tuple[str, ...] = ("write_limit", "closed", "latest", "worker_queue")
+#: lmw_stats.errors[i] counts failures of this kind that the runtime handled (LMW_ERR_*).
+ERROR_KINDS: tuple[str, ...] = ("epoll", "nomem")
 
 _GAUGES = {
     "connections": "Open WebSocket connections.",
@@ -44,6 +46,7 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     total: dict[str, Any] = {name: 0 for name in (*_GAUGES, *_COUNTERS)}
     total["closes"] = dict.fromkeys(CLOSE_CODES, 0)
     total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
+    total["errors"] = dict.fromkeys(ERROR_KINDS, 0)
     total["processes"] = 0
     for name in _MAX_GAUGES:
         total[f"{name}_seconds"] = 0.0
@@ -60,6 +63,8 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
             total["closes"][code] += st.closes[i]
         for i, reason in enumerate(DROP_REASONS):
             total["dropped"][reason] += st.dropped[i]
+        for i, kind in enumerate(ERROR_KINDS):
+            total["errors"][kind] += st.errors[i]
     return total
 
 
@@ -93,6 +98,10 @@ def render(
             "# TYPE lowmemws_dropped_messages_total counter"]  # fmt: skip
     for reason, value in snap["dropped"].items():
         out.append(f'lowmemws_dropped_messages_total{{reason="{reason}"}} {value}')
+    out += ["# HELP lowmemws_errors_total Failures the runtime handled (epoll_ctl, memory).",
+            "# TYPE lowmemws_errors_total counter"]  # fmt: skip
+    for kind, value in snap["errors"].items():
+        out.append(f'lowmemws_errors_total{{kind="{kind}"}} {value}')
     out += [
         "# HELP lowmemws_processes Worker processes reporting.",
         "# TYPE lowmemws_processes gauge",
