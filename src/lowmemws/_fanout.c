@@ -11,7 +11,6 @@
 
 #define STACK_FRAME 4096
 
-
 /* frame_begin builds the frame once, on the stack when small. */
 static uint8_t *frame_begin(uint8_t *stack, int opcode, const uint8_t *data, size_t len,
                             size_t *flen) {
@@ -52,13 +51,14 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
             lmw_slot *sl = &s->slots[at - 1];
             next = sl->user_next;
             if (sl->user_tag == key)
-                sent += lmw__conn_send_data(s, (int)at - 1, sl, f, flen, NULL, 0, latest_key, policy) > 0;
+                sent += lmw__conn_send_data(s, (int)at - 1, sl, f, flen, NULL, 0, latest_key,
+                                            policy) > 0;
         }
     } else {
         for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++)
             if (lmw__may_receive_data(s->slots[fd].state))
-                sent += lmw__conn_send_data(s, (int)fd, &s->slots[fd], f, flen, NULL, 0,
-                                            UINT64_MAX, policy) > 0;
+                sent += lmw__conn_send_data(s, (int)fd, &s->slots[fd], f, flen, NULL, 0, UINT64_MAX,
+                                            policy) > 0;
     }
     pthread_mutex_unlock(&s->lock);
     frame_end(stack, f);

@@ -528,13 +528,12 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
     if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
-    if (x && x->in && is_large(s, x) && sl->state != ST_HEAD)
-        return read_into_spill(s, fd, sl, x);
+    if (x && x->in && is_large(s, x) && sl->state != ST_HEAD) return read_into_spill(s, fd, sl, x);
     size_t pending = x && x->in ? (size_t)x->in_len : 0;
     int short_mode = !(x && (x->in || x->msg)) && budget_short(s);
     size_t want = pending + MIN_READ_SPACE;
     if (x && x->in_want > want) want = (size_t)x->in_want; /* a small body: read it whole */
-    if (short_mode) want = s->cfg.read_buffer_size / 2; /* room for whole messages to peek */
+    if (short_mode) want = s->cfg.read_buffer_size / 2;    /* room for whole messages to peek */
     if (want > s->cfg.read_buffer_size) /* a head longer than a read block (max_head allows) */
         return lmw__conn_reject(s, fd, sl, 431);
     uint8_t *buf;

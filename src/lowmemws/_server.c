@@ -73,8 +73,8 @@ static void note_lag(lmw_server *s, uint64_t lag) {
         s->lag_window_start_us = s->real_us;
     }
     if (lag > s->lag_window_max) s->lag_window_max = lag;
-    uint64_t recent = s->lag_window_max > s->lag_prev_window_max ? s->lag_window_max
-                                                                 : s->lag_prev_window_max;
+    uint64_t recent =
+        s->lag_window_max > s->lag_prev_window_max ? s->lag_window_max : s->lag_prev_window_max;
     s->stats->loop_lag_us = recent;
     if (lag > s->stats->loop_lag_max_us) s->stats->loop_lag_max_us = lag;
 }
@@ -127,7 +127,8 @@ static void accept_batch(lmw_server *s, int lfd) {
             continue;
         }
         if (s->peers && lmw__peer_add(s, fd, &peer) > s->cfg.max_per_ip)
-            lmw__conn_reject(s, fd, &s->slots[fd], 503); /* this address holds its share: 503, close */
+            lmw__conn_reject(s, fd, &s->slots[fd],
+                             503); /* this address holds its share: 503, close */
     }
 }
 
