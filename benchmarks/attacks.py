@@ -86,10 +86,13 @@ def control(server: ServerProcess) -> WsprotoClient:
 
 def new_client_echo(server: ServerProcess) -> str:
     """new_client_echo connects a new client and measures its echo (or says what failed)."""
+    status = upgrade_status(server, STALL)
+    if not status.startswith("HTTP/1.1 101 "):
+        return f"upgrade answered: {status}"
     try:
         client = control(server)
     except (WsprotoClientError, OSError) as exc:
-        return f"no upgrade within {STALL:.0f} s ({exc})"
+        return f"no upgrade within {STALL:.0f} s ({str(exc)[:60]})"
     try:
         return echo_figure(client, 1.0)
     finally:
