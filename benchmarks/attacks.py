@@ -7,7 +7,9 @@ child on a free loopback port) with the adversarial tests' helpers:
   (default Config): the control client's worst echo over ~3 s, and the status line a new
   client's upgrade gets; the same with 100 plain-HTTP heads declaring Content-Length 65536;
 - reset storm: 300 WebSockets, the header-only pinning, then the 300 reset (SO_LINGER 0):
-  the server's CPU (% of one core) and RSS growth over 30 s;
+  the server's CPU (% of one core) and RSS growth over 30 s, then a new client's upgrade
+  and echo (on 0.1.0 the heartbeat drops the silent attackers ~40 s after their upgrade:
+  ping_interval 30 s plus ping_timeout 10 s, which ends the pinning);
 - broadcast: write_budget 1 MiB, 200 WebSockets that never read, a 1 MB broadcast:
   pending_write_bytes right after it, and the messages counted as dropped;
 - fd headroom: RLIMIT_NOFILE 256, 400 clients sending "BAD" and a blank line and keeping
@@ -86,15 +88,17 @@ def control(server: ServerProcess) -> WsprotoClient:
 
 def new_client_echo(server: ServerProcess) -> str:
     """new_client_echo connects a new client and measures its echo (or says what failed)."""
+    started = time.monotonic()
     status = upgrade_status(server, STALL)
+    waited = time.monotonic() - started
     if not status.startswith("HTTP/1.1 101 "):
-        return f"upgrade answered: {status}"
+        return f"upgrade answered {status!r} after {waited:.1f} s"
     try:
         client = control(server)
     except (WsprotoClientError, OSError) as exc:
         return f"no upgrade within {STALL:.0f} s ({str(exc)[:60]})"
     try:
-        return echo_figure(client, 1.0)
+        return f"101 after {waited:.1f} s, echo {echo_figure(client, 1.0)}"
     finally:
         client.sock.close()
 
