@@ -49,7 +49,7 @@ PROBE_TIMEOUT = 3.0  # a stalled server fails a probe after this (a bound, not a
 SWEEP_SLACK = 1.5  # the sweep runs every second: a deadline is noticed at most this late
 SPILL_BUDGET = 8 * MiB  # the default spill budget (max_message_size 1 MiB)
 PAUSE_AT = SPILL_BUDGET * 3 // 4  # 0.1.0 stops reading idle sockets past this
-CPU_BOUND = 0.5  # share of one core a server may use while attackers only hold sockets
+CPU_BOUND = 0.25  # share of one core a server may use while attackers only hold sockets
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TEXT, BINARY = 1, 2
 
