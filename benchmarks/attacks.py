@@ -157,6 +157,7 @@ def storm(figures: dict[str, Any], seconds: float) -> None:
                     timeline.append(f"{100 * (now_cpu - window_cpu) / (now - window_at):.0f}")
                     window_cpu, window_at = now_cpu, now
             figures["storm_cpu_timeline"] = " ".join(timeline)
+            figures["storm_loadavg"] = " ".join(open("/proc/loadavg").read().split()[:3])
             share = (cpu_seconds(server.pid) - cpu) / (time.monotonic() - started)
             figures["storm_cpu_percent"] = round(100 * share, 1)
             figures["storm_rss_growth_mib"] = round((rss_bytes(server.pid) - rss) / MiB, 1)
@@ -221,6 +222,7 @@ ROWS = (
     ("pin_body_new_client", "HTTP body pinning: a new client's upgrade"),
     ("storm_cpu_percent", "reset storm (pinning + 300 resets): server CPU, % of a core"),
     ("storm_cpu_timeline", "reset storm: server CPU % per 5 s window"),
+    ("storm_loadavg", "reset storm: machine load average at its end (1, 5, 15 min)"),
     ("storm_echo_after", "reset storm: a new client's echo at its end"),
     ("storm_rss_growth_mib", "reset storm: RSS growth, MiB"),
     ("storm_rss_peak_growth_mib", "reset storm: peak RSS growth, MiB"),
