@@ -242,6 +242,10 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if any(c in self.content_type for c in "\r\n\0"):
+            raise ValueError("Response content_type may not contain CR, LF or NUL")
+
     def encode(self) -> bytes:
         """encode returns the complete HTTP/1.1 response."""
         body = self.body.encode("utf-8") if isinstance(self.body, str) else self.body

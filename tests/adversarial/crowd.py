@@ -58,9 +58,14 @@ class Crowd:
         *,
         sources: tuple[str, ...] = SOURCES[0],
         rcvbuf: int = 0,
+        maxseg: int = 0,
         hello: bytes = b"",
     ) -> None:
-        """hello, when given, is sent on each socket as soon as its connect completes."""
+        """hello, when given, is sent on each socket as soon as its connect completes.
+
+        rcvbuf sets SO_RCVBUF and maxseg TCP_MAXSEG before the connect: a small segment size
+        keeps the server's send buffer towards the socket small (Linux sizes it from the
+        initial congestion window times the segment size, ~2.6 MB on loopback otherwise)."""
         self.server = server
         self.hello = hello
         self.socks: list[socket.socket] = []
@@ -69,6 +74,8 @@ class Crowd:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             if rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if maxseg:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, maxseg)
             sock.setblocking(False)
             sock.bind((sources[i % len(sources)], 0))
             code = sock.connect_ex((server.host, server.port))

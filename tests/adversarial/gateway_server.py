@@ -10,13 +10,25 @@ tests/support/servers.py). Plain HTTP on the same port:
   connection and answers with the number reached;
 - ``GET /stats``: the runtime counters as JSON (``Gateway.stats()``);
 - anything else: the built-in ``/healthz`` and ``/metrics``.
+
+Two text messages are commands instead of being echoed:
+
+- ``big:N``: the server sends a binary message of N zero bytes (a view of untouched anonymous
+  pages, which cost no RSS) and then answers ``sent:<True|False>:<seconds conn.send took>``;
+- ``close-me``: the server starts the closing handshake (``conn.close()``, code 1000).
+
+``--nofile N`` lowers RLIMIT_NOFILE to N before the gateway is built (so the default
+max_connections, RLIMIT_NOFILE minus 64, follows it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import resource
 import threading
+import time
 
 import lowmemws
 from lowmemws.handshake import Request, Response
@@ -28,6 +40,19 @@ def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.G
 
     @gateway.on_message
     def echo(conn: lowmemws.Connection, message: str | bytes) -> None:
+        if isinstance(message, str) and message.startswith("big:"):
+            size = int(message[4:])
+            with mmap.mmap(-1, size) as pages:
+                view = memoryview(pages)
+                started = time.monotonic()
+                sent = conn.send(view)
+                took = time.monotonic() - started
+                view.release()
+            conn.send(f"sent:{sent}:{took:.3f}")
+            return
+        if message == "close-me":
+            conn.close()
+            return
         conn.send(message)
 
     @gateway.on_http
@@ -50,7 +75,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", default="{}", help="Config keyword arguments as JSON")
+    parser.add_argument("--nofile", type=int, default=0, help="RLIMIT_NOFILE (soft) to set")
     args = parser.parse_args()
+    if args.nofile:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, hard))
     gateway = build_gateway(args.host, args.port, json.loads(args.config))
 
     def announce() -> None:
