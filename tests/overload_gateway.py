@@ -7,7 +7,8 @@ tests (tests/test_overload.py) and benchmarks/overload.py.
 tests/support/servers.py). Plain HTTP on the same port:
 
 - ``POST /stall?seconds=S``: a slow synchronous hook: sleeps S seconds (at most 30) on the
-  loop thread, so the loop polls nothing meanwhile, then answers 200 with the time slept;
+  loop thread, so the loop polls nothing meanwhile, then answers 200 with the seconds slept
+  and the time.monotonic() the sleep began;
 - ``GET /stats``: the runtime counters as JSON (``Gateway.stats()``);
 - anything else: the built-in ``/healthz`` and ``/metrics``.
 """
@@ -39,7 +40,7 @@ def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.G
             seconds = min(max(float(request.params.get("seconds", "1")), 0.0), MAX_STALL)
             started = time.monotonic()
             time.sleep(seconds)  # on the loop thread: nothing is polled meanwhile
-            return Response(200, f"{time.monotonic() - started:.3f}")
+            return Response(200, f"{time.monotonic() - started:.3f} {started:.6f}")
         if request.method == "GET" and request.path == "/stats":
             return Response(200, json.dumps(gateway.stats()), content_type="application/json")
         return None

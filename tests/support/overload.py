@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -199,6 +200,69 @@ class CrowdProcess(contextlib.AbstractContextManager["CrowdProcess"]):
         self.close()
 
 
+#: The crowd fires once this share of its open connections received a ping since it armed.
+NEARLY_ALL = 0.99
+
+
+def through_ping_round(
+    process: CrowdProcess,
+    server: ServerProcess,
+    action: str,
+    *,
+    ping_interval: float,
+    ping_timeout: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """through_ping_round overloads the server right after a ping round reached a crowd whose
+    upgrades are done, and returns the crowd's report ping_interval + ping_timeout + 2 s after
+    the overload ended (the figures of the server's config are passed in).
+
+    The crowd first sends a client ping on every connection, so the server sees them all
+    active at once and its next ping round reaches them together (the worst case); then,
+    the moment that round has reached 99 % of them (or a quarter of them within 25 ms: a burst
+    the server wrote in one go), it fires ``action``: ``stall`` makes the loop sleep
+    ``seconds`` (POST /stall), ``sigstop`` stops the server process as long. The fired
+    event's ``pongs`` (pongs already sent when it fired) is kept in the report as
+    ``pongs_before_overload``.
+    """
+    process.send("sync")
+    process.expect("synced", timeout=10)
+    process.send(
+        "arm",
+        fraction=NEARLY_ALL,
+        timeout=3 * ping_interval + 2,
+        action=action,
+        seconds=seconds,
+        pid=server.pid,
+        path=f"/stall?seconds={seconds}",
+        burst=True,
+    )
+    process.expect("armed", timeout=10)
+    fired = process.expect("fired", "not_fired", timeout=3 * ping_interval + 5)
+    assert fired["event"] == "fired", f"no ping round reached 99 % of the crowd: {fired}"
+    done = process.expect("action_done", timeout=seconds + 10)
+    if action == "stall":
+        assert done["status"] == 200, f"the stall was answered {done['status']}"
+        slept = float(done["body"].split()[0])
+        assert slept >= seconds - 0.1, f"the loop slept only {slept} s"
+    time.sleep(ping_interval + ping_timeout + 2)
+    report = process.report()
+    report["pongs_before_overload"] = fired["pongs"]
+    report["fired"] = fired
+    return report
+
+
+def lag_figures(server: ServerProcess) -> tuple[float | None, float | None]:
+    """lag_figures reads lowmemws_loop_lag_seconds and lowmemws_loop_lag_max_seconds from
+    /metrics (None for a metric that is missing)."""
+    text = fetch_metrics(server.host, server.port)
+    found: list[float | None] = []
+    for name in ("lowmemws_loop_lag_seconds", "lowmemws_loop_lag_max_seconds"):
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        found.append(float(match.group(1)) if match else None)
+    return found[0], found[1]
+
+
 def summary(report: dict[str, Any]) -> str:
     """summary is a report's figures in one line, for assertion messages."""
     return (
@@ -248,7 +312,7 @@ def stall_answer(sock: socket.socket, timeout: float) -> tuple[int, float]:
     parts = head.split(b" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         raise AssertionError(f"the stall got no HTTP answer: {data[:100]!r}")
-    return int(parts[1]), float(body or 0)
+    return int(parts[1]), float(body.split()[0] if body else 0)
 
 
 def tcp_state(sock: socket.socket) -> int:

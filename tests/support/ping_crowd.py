@@ -24,9 +24,10 @@ Commands:
   all active within a few milliseconds (its next ping round then reaches them together);
   answered with ``synced``;
 - ``{"cmd": "arm", "fraction": F, "timeout": T, "action": "none"|"stall"|"sigstop",
-  "seconds": S, "pid": P, "path": "/stall?seconds=S"}``: from now on, count the open
-  connections that received a ping; once that is at least F of them, fire the action and
-  report ``fired`` (``not_fired`` after T seconds); the stall or stop ending is reported as
+  "seconds": S, "pid": P, "path": "/stall?seconds=S", "burst": B}``: from now on, count the
+  open connections that received a ping; once that is at least F of them (or, with B true,
+  once a burst has reached BURST_SHARE of them, see below), fire the action and report
+  ``fired`` (``not_fired`` after T seconds); the stall or stop ending is reported as
   ``action_done``;
 - ``{"cmd": "report"}``: answered with ``report``: a summary and every connection's record;
 - ``{"cmd": "quit"}`` (or EOF on standard input): close everything and exit.
@@ -57,6 +58,12 @@ SOURCES = tuple(f"127.0.0.{host}" for host in range(2, 10))
 IP_BIND_ADDRESS_NO_PORT = 24
 PINGS_KEPT = 64
 UPGRADE_TIMEOUT = 30.0
+#: With "burst", a ping round also counts as reached once BURST_SHARE of the connections got
+#: a ping within BURST_WINDOW seconds of its first ping: a round that arrives in such a burst
+#: was written by the server in one go (the rest is on its way), and firing then, before the
+#: first pongs are due, keeps every pong of the round pending on a loaded machine too.
+BURST_SHARE = 0.25
+BURST_WINDOW = 0.025
 
 CONNECTING, UPGRADING, OPEN, GONE = range(4)
 
@@ -124,6 +131,7 @@ class PingCrowd:
         self.conns: dict[int, Conn] = {}
         self.timers: list[tuple[float, int, str, int]] = []
         self.payloads: dict[int, bytes] = {}
+        self.pongs = 0
         self.seq = 0
         self.quit = False
         self.stdin_buf = b""
@@ -328,8 +336,12 @@ class PingCrowd:
         trigger = self.trigger
         if trigger is not None and not trigger["done"] and conn.ping_count == conn.armed_at + 1:
             self.reached += 1
+            if self.reached == 1:
+                trigger["first"] = now
             if self.reached >= trigger["need"]:
-                self.fire(now)
+                self.fire(now, "nearly all")
+            elif self.reached >= trigger["burst_need"] and now - trigger["first"] <= BURST_WINDOW:
+                self.fire(now, "burst")
 
     # ---------------------------------------------------------------- timers
 
@@ -347,6 +359,7 @@ class PingCrowd:
                 conn = self.conns.get(fd)
                 if conn is not None and conn.state == OPEN and conn.close_t is None:
                     self.send(conn, masked(10, payload))
+                    self.pongs += 1
             elif kind == "sigcont":
                 self.continue_server()
 
@@ -391,6 +404,9 @@ class PingCrowd:
         need = max(1, math.ceil(float(cmd.get("fraction", 0.99)) * len(conns)))
         self.trigger = {
             "need": need,
+            "burst_need": (
+                max(1, math.ceil(BURST_SHARE * len(conns))) if cmd.get("burst") else need + 1
+            ),
             "done": False,
             "deadline": time.monotonic() + float(cmd.get("timeout", 20.0)),
             "action": cmd.get("action", "none"),
@@ -398,6 +414,7 @@ class PingCrowd:
             "pid": int(cmd.get("pid", 0)),
         }
         self.reached = 0
+        self.trigger["pongs"] = self.pongs
         if self.trigger["action"] == "stall":
             path = str(cmd.get("path", "/stall?seconds=1"))
             sock = socket.create_connection((self.host, self.port), timeout=5)
@@ -410,7 +427,7 @@ class PingCrowd:
             self.ep.register(sock.fileno(), select.EPOLLIN)
         self.emit("armed", need=need, open=len(conns))
 
-    def fire(self, now: float) -> None:
+    def fire(self, now: float, rule: str) -> None:
         trigger = self.trigger
         assert trigger is not None
         trigger["done"] = True
@@ -422,7 +439,15 @@ class PingCrowd:
             self.stopped_pid = trigger["pid"]
             os.kill(self.stopped_pid, signal.SIGSTOP)
             self.push_timer(time.monotonic() + trigger["seconds"], "sigcont", 0)
-        self.emit("fired", reached=self.reached, need=trigger["need"], action=action)
+        self.emit(
+            "fired",
+            reached=self.reached,
+            need=trigger["need"],
+            action=action,
+            rule=rule,
+            first=trigger.get("first"),
+            pongs=self.pongs - trigger["pongs"],
+        )
         if action == "none":
             self.emit("action_done", action=action)
 
