@@ -94,8 +94,13 @@ def all_upgraded(process: CrowdProcess, clients: int) -> dict[str, Any]:
 
 def assert_all_open(report: dict[str, Any], server: ServerProcess) -> None:
     """assert_all_open: the crowd saw no close frame and no EOF, and the server agrees."""
-    assert report["open"] == CROWD, f"{summary(report)}; expected {CROWD} of {CROWD} open"
-    assert report["close_frames"] == {} and report["eof"] == 0, summary(report)
+    seen = (
+        f"{summary(report)}; expected {CROWD} of {CROWD} open (the overload began"
+        f" {report['began_after_first_ping'] * 1000:.0f} ms after the round's first ping;"
+        f" {report['pongs_before_overload']} pongs of it were sent before)"
+    )
+    assert report["open"] == CROWD, seen
+    assert report["close_frames"] == {} and report["eof"] == 0, seen
     counted = gauge(server, "connections")
     assert counted == CROWD, f"the server counts {counted:.0f} connections, not {CROWD}"
 

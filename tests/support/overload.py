@@ -221,9 +221,10 @@ def through_ping_round(
     active at once and its next ping round reaches them together (the worst case); then,
     the moment that round has reached 99 % of them (or a quarter of them within 25 ms: a burst
     the server wrote in one go), it fires ``action``: ``stall`` makes the loop sleep
-    ``seconds`` (POST /stall), ``sigstop`` stops the server process as long. The fired
-    event's ``pongs`` (pongs already sent when it fired) is kept in the report as
-    ``pongs_before_overload``.
+    ``seconds`` (POST /stall), ``sigstop`` stops the server process as long. Added to the
+    report: ``began_after_first_ping``, how long after the round's first ping the overload
+    began (seconds), and ``pongs_before_overload``, the pongs of the round sent before it
+    (the server may have read those in time).
     """
     process.send("sync")
     process.expect("synced", timeout=10)
@@ -247,8 +248,14 @@ def through_ping_round(
         assert slept >= seconds - 0.1, f"the loop slept only {slept} s"
     time.sleep(ping_interval + ping_timeout + 2)
     report = process.report()
-    report["pongs_before_overload"] = fired["pongs"]
     report["fired"] = fired
+    # when the overload began (the stall's own time, or the SIGSTOP), after the round's first
+    # ping; and the pongs of the round sent before it (the server may have read those in time)
+    began = float(done["body"].split()[1]) if action == "stall" else float(fired["t"])
+    report["began_after_first_ping"] = began - float(fired["first"])
+    report["pongs_before_overload"] = sum(
+        1 for c in report["conns"] for t in c["pongs"] if fired["first"] <= t < began
+    )
     return report
 
 

@@ -8,8 +8,8 @@ library only. One epoll loop drives every socket:
   pace over ``--spread`` seconds, spread over the source addresses 127.0.0.2 .. 127.0.0.9
   (each has its own ephemeral ports), upgrades them and records when each 101 arrived;
 - it answers every server ping with a pong exactly ``--pong-delay`` seconds after the ping
-  arrived, and records per connection: ping arrival times, the close frame's code and time,
-  and the time of EOF (or reset);
+  arrived, and records per connection: ping arrival times, pong send times, the close
+  frame's code and time, and the time of EOF (or reset);
 - it can fire one action at the moment a ping round has reached (nearly) all connections:
   ``stall`` completes a pre-sent ``POST /stall`` request (the server's loop then sleeps), or
   ``sigstop`` stops the server process and continues it ``seconds`` later.
@@ -56,7 +56,7 @@ from typing import Any
 SOURCES = tuple(f"127.0.0.{host}" for host in range(2, 10))
 #: Linux IP_BIND_ADDRESS_NO_PORT: bind the address only, pick the port at connect time.
 IP_BIND_ADDRESS_NO_PORT = 24
-PINGS_KEPT = 64
+PINGS_KEPT = 64  # ping and pong times kept per connection
 UPGRADE_TIMEOUT = 30.0
 #: With "burst", a ping round also counts as reached once BURST_SHARE of the connections got
 #: a ping within BURST_WINDOW seconds of its first ping: a round that arrives in such a burst
@@ -85,6 +85,7 @@ class Conn:
         "out",
         "up",
         "pings",
+        "pongs",
         "ping_count",
         "close_code",
         "close_t",
@@ -100,6 +101,7 @@ class Conn:
         self.out = b""
         self.up: float | None = None
         self.pings: list[float] = []
+        self.pongs: list[float] = []
         self.ping_count = 0
         self.close_code: int | None = None
         self.close_t: float | None = None
@@ -111,6 +113,7 @@ class Conn:
         return {
             "up": self.up,
             "pings": self.pings,
+            "pongs": self.pongs,
             "ping_count": self.ping_count,
             "close": self.close_code,
             "close_t": self.close_t,
@@ -360,6 +363,8 @@ class PingCrowd:
                 if conn is not None and conn.state == OPEN and conn.close_t is None:
                     self.send(conn, masked(10, payload))
                     self.pongs += 1
+                    if len(conn.pongs) < PINGS_KEPT:
+                        conn.pongs.append(now)
             elif kind == "sigcont":
                 self.continue_server()
 
