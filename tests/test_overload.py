@@ -109,8 +109,10 @@ def test_busy_loop_keeps_healthy_connections(gateway: MakeGateway, crowd: MakeCr
     """Case 1: a loop kept busy for 6 s by a slow synchronous hook, right after a ping round
     reached 2,000 idle clients that each answer 50 ms later, closes none of them: their pongs
     arrived (they sat in the kernel), so the deadline is judged on them, not on the loop's
-    own pause. Asserted: no close frame, no EOF, and the server's connections gauge is
-    2,000, ping_interval + ping_timeout + 2 s after the stall."""
+    own pause. Config(ping_interval=2, ping_timeout=3); the clients are made active together
+    first, so one round reaches them all (through_ping_round). Asserted, ping_interval +
+    ping_timeout + 2 s after the stall: no close frame, no EOF, and the server's connections
+    gauge is 2,000."""
     server = gateway(HEARTBEAT)
     process = crowd(server, CROWD)
     all_upgraded(process, CROWD)
