@@ -1,8 +1,11 @@
 /* _input.c - reading: borrowed read space, request heads, frames, messages.
  *
  * A readable socket gets space from the bump arena over the pooled read blocks; what
- * does not complete a head or frame is kept in an exact-size spill. Complete messages
- * become events that point into the arena (or into a lent spill) until the next poll.
+ * does not complete a head or frame is kept in a spill of exactly what arrived (a large
+ * frame or body grows its spill as its bytes arrive), so the spill budget is paid in bytes
+ * clients really sent. Complete messages become events that point into the arena (or into
+ * a lent spill) until the next poll. While the budget is short, sockets are still read for
+ * whole messages (peeked first), and only incomplete input waits in the kernel.
  * A close caused by what was read right after a message waits (DEFERRED) until Python
  * has answered that message, so replies are never overtaken by the close.
  */
@@ -80,11 +83,27 @@ static int spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n
     return 0;
 }
 
+/* compact_budget_paused keeps each paused fd once: a paused connection that ended leaves
+ * its entry behind, and its fd may be paused again by the next connection that gets it, so
+ * while the budget stays short under churn the list would otherwise grow without bound. */
+static void compact_budget_paused(lmw_server *s) {
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < s->nbudget_paused; i++) {
+        int fd = s->budget_paused[i];
+        if (!(s->slots[fd].flags & F_BUDGET)) continue; /* ended, or already kept */
+        s->slots[fd].flags &= ~F_BUDGET;
+        s->budget_paused[kept++] = fd;
+    }
+    for (uint32_t i = 0; i < kept; i++) s->slots[s->budget_paused[i]].flags |= F_BUDGET;
+    s->nbudget_paused = kept;
+}
+
 /* budget_pause takes fd off EPOLLIN until the spills drain below half the budget
  * (lmw__resume_budget_paused): its bytes wait in the kernel. Listed once, however often
  * it is reported again. */
 static void budget_pause(lmw_server *s, int fd, lmw_slot *sl) {
     if (sl->flags & F_BUDGET) return;
+    if (s->nbudget_paused >= 2 * s->live + 64) compact_budget_paused(s);
     if (lmw__grow((void **)&s->budget_paused, &s->cap_budget_paused, s->nbudget_paused + 1,
                   sizeof(int)) < 0)
         return; /* not listed: it stays readable and is tried again next poll */

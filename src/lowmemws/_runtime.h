@@ -78,7 +78,7 @@ enum {
  * process was stopped or starved) does not advance the clock deadlines are judged by,
  * beyond the grace; accepting slows down while the last cycle lagged past LAG_SLOW_US. */
 #define LAG_GRACE_US 100000u
-#define LAG_SLOW_US 100000u
+#define LAG_SLOW_US 250000u
 #define LAG_WINDOW_TICKS 100u /* the lag gauge covers about the last 10 s */
 
 typedef struct lmw_slot {

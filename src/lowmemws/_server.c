@@ -113,7 +113,7 @@ static int accepting_allowed(lmw_server *s) {
  * accepted faster than its handshakes can be read. */
 static void accept_batch(lmw_server *s, int lfd) {
     uint32_t batch = s->cfg.accept_batch;
-    if (s->lag_us > LAG_SLOW_US) batch = batch / 8 ? batch / 8 : 1;
+    if (s->lag_us > LAG_SLOW_US) batch = batch / 4 ? batch / 4 : 1;
     for (uint32_t i = 0; i < batch && accepting_allowed(s); i++) {
         struct sockaddr_storage peer;
         socklen_t peer_len = sizeof peer;
