@@ -188,7 +188,7 @@ struct lmw_server {
     uint32_t last_sweep;
     uint64_t clock_us;       /* the loop's clock: monotonic time minus lag past the grace */
     uint64_t real_us;        /* monotonic time when clock_us was last advanced */
-    uint64_t poll_return_us; /* monotonic time the previous lmw_poll returned, 0: none */
+    int polled;              /* lmw_poll ran before: real_us is when its epoll_wait returned */
     uint64_t lag_us;         /* lag of the latest poll cycle */
     uint64_t lag_window_max, lag_prev_window_max, lag_window_start_us;
     uint32_t live; /* slots in use (any state but FREE): bounded by max_connections */

@@ -62,8 +62,9 @@ static void clock_to(lmw_server *s, uint64_t real, uint64_t stalled) {
 
 static uint64_t past_grace(uint64_t lag) { return lag > LAG_GRACE_US ? lag - LAG_GRACE_US : 0; }
 
-/* note_lag records one poll cycle's lag: how long the loop stayed away from epoll (Python
- * work between polls) plus how late epoll_wait returned (the process stopped or starved).
+/* note_lag records one poll cycle's lag: how long the loop stayed away from epoll (its work
+ * in C and in Python since epoll_wait last returned) plus how late epoll_wait returned (the
+ * process stopped or starved).
  * The gauge is the longest lag of the current and the previous ~10 s window. */
 static void note_lag(lmw_server *s, uint64_t lag) {
     s->lag_us = lag;
@@ -274,7 +275,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     struct epoll_event evs[MAX_EPOLL_EVENTS];
     pthread_mutex_lock(&s->lock);
     uint64_t entered = monotonic_us();
-    uint64_t away = s->poll_return_us ? entered - s->poll_return_us : 0;
+    /* away: since epoll_wait last returned, the loop worked (here and in Python) */
+    uint64_t away = s->polled ? entered - s->real_us : 0;
     clock_to(s, entered, past_grace(away));
     release_batch(s);
     if (ensure_batch(s, max) < 0) {
@@ -334,7 +336,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     listeners_poll(s, accepting_allowed(s));
     *out = s->ev;
     int count = s->nev;
-    s->poll_return_us = monotonic_us();
+    s->polled = 1;
     pthread_mutex_unlock(&s->lock);
     return count;
 }
