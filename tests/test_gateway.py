@@ -142,7 +142,7 @@ def test_reject_answers_the_status_and_never_upgrades(
     def check(request: Request) -> Accept | Reject:
         return Accept() if request.params.get("token") == "good" else Reject(status)
 
-    gateway.on_open_hook = opened.append
+    gateway.on_open(opened.append)
     gateway.start()
     response = raw_upgrade(gateway.port, "/?token=bad")
     assert response.status == status
@@ -239,7 +239,7 @@ def test_subprotocol_negotiation(make_gateway: Callable[..., Gateway]) -> None:
 
 def test_on_connect_chooses_the_subprotocol(make_gateway: Callable[..., Gateway]) -> None:
     gateway = make_gateway(Config(subprotocols=("chat",)))
-    gateway.on_connect_hook = lambda request: Accept(subprotocol=request.subprotocols[-1])
+    gateway.on_connect(lambda request: Accept(subprotocol=request.subprotocols[-1]))
     gateway.start()
     response = raw_upgrade(gateway.port, extra={"Sec-WebSocket-Protocol": "chat, v9"})
     assert response.headers["sec-websocket-protocol"] == "v9"
@@ -274,7 +274,7 @@ def test_on_http_gets_the_body_and_falls_back_to_the_built_ins(
             return Response(202, f"{len(request.body)} bytes to {reached}\n", headers={"X-A": "b"})
         return None
 
-    gateway.on_connect_hook = lambda request: Accept(topics=("news",))
+    gateway.on_connect(lambda request: Accept(topics=("news",)))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     try:
@@ -300,7 +300,7 @@ metric = metric_value
 
 def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway]) -> None:
     gateway = make_gateway(Config(workers=1, worker_queue=4))
-    gateway.on_message_hook = lambda conn, message: conn.send(message)
+    gateway.on_message(lambda conn, message: conn.send(message))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     for n in range(3):
@@ -335,8 +335,8 @@ def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway])
 def test_on_close_gets_the_code(make_gateway: Callable[..., Gateway]) -> None:
     gateway = make_gateway()
     codes: dict[int, int] = {}
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
-    gateway.on_close_hook = lambda conn, code: codes.__setitem__(conn.user, code)
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
+    gateway.on_close(lambda conn, code: codes.__setitem__(conn.user, code))
     gateway.start()
     url = f"ws://127.0.0.1:{gateway.port}/?user="
     websocket.create_connection(url + "1", timeout=DEADLINE).close()
@@ -355,7 +355,7 @@ def test_the_server_closes_with_a_code_and_reason(make_gateway: Callable[..., Ga
     def bye(conn: Connection, message: str | bytes) -> None:
         conn.close(4000, "bye now")
 
-    gateway.on_close_hook = lambda conn, code: codes.append(code)
+    gateway.on_close(lambda conn, code: codes.append(code))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     client.send("quit")
@@ -385,7 +385,7 @@ def test_worker_pool_processes_every_message_with_back_pressure(
             seen.append((conn.user, str(message)))
             threads.add(threading.current_thread().name)
 
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
     gateway.start()
     clients = [
         websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/?user={u}", timeout=DEADLINE)
@@ -415,9 +415,9 @@ def test_heartbeat_keeps_answering_clients_and_drops_silent_ones(
 ) -> None:
     gateway = make_gateway(Config(ping_interval=0.3, ping_timeout=0.3))
     codes: dict[int, int] = {}
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
-    gateway.on_close_hook = lambda conn, code: codes.__setitem__(conn.user, code)
-    gateway.on_message_hook = lambda conn, message: conn.send(message)
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
+    gateway.on_close(lambda conn, code: codes.__setitem__(conn.user, code))
+    gateway.on_message(lambda conn, message: conn.send(message))
     gateway.start()
 
     silent = raw_upgrade(gateway.port, "/?user=2")  # never answers anything

@@ -17,10 +17,11 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics
+from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._native import ffi, lib
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
 from .config import POLICIES, Config
@@ -29,11 +30,6 @@ from .handshake import Accept, Reject, Request, Response
 
 log = logging.getLogger("lowmemws")
 
-ConnectHook = Callable[[Request], "Accept | Reject | None"]
-MessageHook = Callable[[Connection, "str | bytes"], None]
-CloseHook = Callable[[Connection, int], None]
-OpenHook = Callable[[Connection], None]
-HttpHook = Callable[[Request], "Response | None"]
 
 _POLL_MS = 250
 _TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
@@ -47,7 +43,7 @@ _ACCEPT = Accept()
 class Gateway:
     """Gateway is a WebSocket server for many mostly idle connections.
 
-    Hooks (set with the decorators or by assignment):
+    Hooks (set with the decorator methods, e.g. ``@gateway.on_message``):
       on_connect(request) -> Accept | Reject | None: authorise an upgrade (None accepts);
           the request is a borrowed view, valid only during the call.
       on_open(conn): the connection is open (the 101 is sent): send a greeting here.
@@ -75,11 +71,7 @@ class Gateway:
         self.processes = processes
         self.config = config or Config()
         self.backlog = backlog
-        self.on_connect_hook: ConnectHook | None = None
-        self.on_message_hook: MessageHook | None = None
-        self.on_close_hook: CloseHook | None = None
-        self.on_open_hook: OpenHook | None = None
-        self.on_http_hook: HttpHook | None = None
+        self._hooks = Hooks()
         self._bus: Bus | None = bus
         self._topic_key = os.urandom(16)
         self._topic_ids: dict[str, int] = {}
@@ -100,27 +92,27 @@ class Gateway:
 
     def on_connect(self, fn: ConnectHook) -> ConnectHook:
         """on_connect registers the upgrade hook (decorator)."""
-        self.on_connect_hook = fn
+        self._hooks.connect = fn
         return fn
 
     def on_message(self, fn: MessageHook) -> MessageHook:
         """on_message registers the message hook (decorator)."""
-        self.on_message_hook = fn
+        self._hooks.message = fn
         return fn
 
     def on_open(self, fn: OpenHook) -> OpenHook:
         """on_open registers the hook called once a connection is open (decorator)."""
-        self.on_open_hook = fn
+        self._hooks.open = fn
         return fn
 
     def on_close(self, fn: CloseHook) -> CloseHook:
         """on_close registers the close hook (decorator)."""
-        self.on_close_hook = fn
+        self._hooks.close = fn
         return fn
 
     def on_http(self, fn: HttpHook) -> HttpHook:
         """on_http registers the plain HTTP hook (decorator)."""
-        self.on_http_hook = fn
+        self._hooks.http = fn
         return fn
 
     # ------------------------------------------------------------------ publishing
@@ -308,8 +300,8 @@ class Gateway:
 
     def _make_server(self, stats: Any) -> None:
         auto = (
-            self.on_connect_hook is None
-            and self.on_open_hook is None
+            self._hooks.connect is None
+            and self._hooks.open is None
             and self.config.origins is None
             and not self.config.subprotocols
         )
@@ -396,13 +388,13 @@ class Gateway:
                 elif kind == _EV_HTTP:
                     self._on_http_event(e)
                 elif kind == _EV_CLOSED:
-                    if self.on_close_hook is not None:
-                        self.on_close_hook(Connection(self, e.fd, e.gen, e.user_tag), e.code)
+                    if self._hooks.close is not None:
+                        self._hooks.close(Connection(self, e.fd, e.gen, e.user_tag), e.code)
             except Exception:
                 log.exception("lowmemws: a hook raised")
 
     def _on_message_event(self, e: Any) -> None:
-        hook = self.on_message_hook
+        hook = self._hooks.message
         if hook is None:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)
@@ -422,7 +414,7 @@ class Gateway:
         stats.worker_queue_depth = self._pool.depth + len(self._held)
 
     def _release_held(self) -> None:
-        hook = self.on_message_hook
+        hook = self._hooks.message
         while self._held and hook is not None:
             conn, message = self._held[0]
             if not self._pool.submit(hook, conn, message):
@@ -451,14 +443,14 @@ class Gateway:
             return
         for topic in accept.topics:
             lib.lmw_subscribe(self._server, e.fd, e.gen, self.topic_id(topic))
-        if self.on_open_hook is not None:
-            self.on_open_hook(Connection(self, e.fd, e.gen, accept.user))
+        if self._hooks.open is not None:
+            self._hooks.open(Connection(self, e.fd, e.gen, accept.user))
 
     def _decide(self, request: Request) -> Accept | Reject | None:
         origins = self.config.origins
         if origins is not None and request.header("origin") not in origins:
             return Reject(403)
-        decision = self.on_connect_hook(request) if self.on_connect_hook is not None else None
+        decision = self._hooks.connect(request) if self._hooks.connect is not None else None
         if decision is None:
             accept = _ACCEPT
         elif isinstance(decision, Reject):
@@ -483,7 +475,7 @@ class Gateway:
         head_len = e.request.head_len
         request = Request(e.data, head_len, e.request, body_len=int(e.len) - head_len)
         try:
-            response = self.on_http_hook(request) if self.on_http_hook is not None else None
+            response = self._hooks.http(request) if self._hooks.http is not None else None
             if response is None:
                 response = self._builtin_http(request)
             payload = response.encode()
@@ -625,7 +617,8 @@ def serve(
 ) -> None:
     """serve is the shortest way to run: a Gateway with one on_message hook, until SIGTERM."""
     gateway = Gateway(host if isinstance(host, str) else tuple(host), port, **kwargs)
-    gateway.on_message_hook = on_message
+    if on_message is not None:
+        gateway.on_message(on_message)
     gateway.run()
 
 
