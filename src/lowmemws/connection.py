@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._bus_base import frame_data
+from ._c_server import SendResult
 from ._native import lib
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from ._c_server import CServer
 
 
 class Connection:
@@ -20,10 +21,10 @@ class Connection:
     Every method is safe to call from any thread.
     """
 
-    __slots__ = ("_gateway", "fd", "gen", "user")
+    __slots__ = ("_server", "fd", "gen", "user")
 
-    def __init__(self, gateway: Gateway, fd: int, gen: int, user: int = 0) -> None:
-        self._gateway = gateway
+    def __init__(self, server: CServer, fd: int, gen: int, user: int = 0) -> None:
+        self._server = server
         self.fd = fd
         self.gen = gen
         self.user = user
@@ -36,10 +37,7 @@ class Connection:
         message was dropped by the write policy (Config.write_limit, write_policy).
         """
         opcode, payload = frame_data(data)
-        server = self._gateway._server
-        if server is None:
-            return False
-        return bool(lib.lmw_send(server, self.fd, self.gen, opcode, payload, len(payload)) > 0)
+        return self._server.send(self.fd, self.gen, opcode, payload) is SendResult.SENT
 
     def close(self, code: int = 1000, reason: str = "") -> bool:
         """close starts the closing handshake with code and reason (RFC 6455 section 7).
@@ -52,24 +50,20 @@ class Connection:
         raw = reason.encode("utf-8")
         if len(raw) > 123:
             raise ValueError("close reason is longer than 123 bytes of UTF-8")
-        server = self._gateway._server
-        if server is None:
-            return False
-        return bool(lib.lmw_close(server, self.fd, self.gen, code, raw, len(raw)) == 0)
+        return self._server.close(self.fd, self.gen, code, raw)
 
     def subscribe(self, topic: str) -> bool:
         """subscribe adds this connection to topic; it leaves it when it closes."""
-        return self._gateway.subscribe(self, topic)
+        return self._server.subscribe(self.fd, self.gen, topic)
 
     def unsubscribe(self, topic: str) -> bool:
         """unsubscribe removes this connection from topic."""
-        return self._gateway.unsubscribe(self, topic)
+        return self._server.unsubscribe(self.fd, self.gen, topic)
 
     @property
     def is_open(self) -> bool:
         """is_open reports whether the connection is open (not closing, not gone)."""
-        server = self._gateway._server
-        return server is not None and bool(lib.lmw_is_open(server, self.fd, self.gen))
+        return self._server.connection_is_open(self.fd, self.gen)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Connection) and (self.fd, self.gen) == (other.fd, other.gen)

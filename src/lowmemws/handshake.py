@@ -5,7 +5,7 @@ RFC 6455 section 4.2 (the opening handshake) and RFC 7230 (HTTP/1.1 messages).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -257,3 +257,47 @@ class Response:
                 raise ValueError("header names and values may not contain CR or LF")
             lines.append(f"{key}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+_ACCEPT = Accept()
+
+
+def negotiate(
+    request: Request,
+    on_connect: Callable[[Request], Accept | Reject | None] | None,
+    origins: tuple[str, ...] | None,
+    subprotocols: tuple[str, ...],
+) -> Accept | Reject:
+    """negotiate decides an upgrade: the Origin check, the application, the subprotocol.
+
+    The Origin is checked first (RFC 6455 section 10.2: 403 for one not in ``origins``),
+    then ``on_connect`` decides (None accepts), then the subprotocol is chosen: the one the
+    Accept names, else the first of ``subprotocols`` the client offered, else none
+    (RFC 6455 section 4.2.2).
+
+    Raises:
+        TypeError: on_connect returned something other than Accept, Reject or None.
+        ValueError: the Accept names a subprotocol the client did not offer.
+    """
+    if origins is not None and request.header("origin") not in origins:
+        return Reject(403)
+    decision = on_connect(request) if on_connect is not None else None
+    if isinstance(decision, Reject):
+        return decision
+    if decision is not None and not isinstance(decision, Accept):
+        raise TypeError("on_connect must return Accept, Reject or None")
+    return _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+
+
+def _with_subprotocol(request: Request, accept: Accept, preferred: tuple[str, ...]) -> Accept:
+    if accept.subprotocol is None and not preferred:
+        return accept
+    offered = request.subprotocols
+    if accept.subprotocol is not None:
+        if accept.subprotocol not in offered:
+            raise ValueError("Accept.subprotocol must be one the client offered")
+        return accept
+    for proto in preferred:
+        if proto in offered:
+            return Accept(accept.user, accept.topics, proto)
+    return accept

@@ -1,43 +1,34 @@
-"""Gateway: hooks, the loop that hands C events to them, publishing, worker processes.
+"""Gateway: the application's entry point; it wires the roles together.
 
-The loop thread owns the sockets: it calls lmw_poll, which does all per-frame work in C
-and returns only events that need the application. Every other method may be called from
-any thread; the C runtime serialises access with one lock.
+The roles live in their own modules: the C server and its return conventions
+(_c_server), the loop that hands C events to the hooks (_loop), the upgrade decision
+(handshake), the listening sockets (_listen) and the worker-process supervisor
+(_supervisor). The Gateway keeps the hooks, publishing and the figures.
+
+The loop thread owns the sockets. Every other method may be called from any thread; the
+C runtime serialises access with one lock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import logging
-import mmap
-import os
-import signal
+import functools
 import socket
 import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics
+from ._c_server import CServer
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
-from ._native import ffi, lib
+from ._listen import bind_listeners
+from ._loop import EventLoop
+from ._routes import builtin_response
+from ._signals import stop_signals_call
+from ._supervisor import Supervisor
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
 from .config import POLICIES, Config
 from .connection import Connection
-from .handshake import Accept, Reject, Request, Response
-
-log = logging.getLogger("lowmemws")
-
-
-_POLL_MS = 250
-_TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
-_EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
-_EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
-_EV_HTTP = int(lib.LMW_EV_HTTP)
-_EV_CLOSED = int(lib.LMW_EV_CLOSED)
-_ACCEPT = Accept()
 
 
 class Gateway:
@@ -73,19 +64,14 @@ class Gateway:
         self.backlog = backlog
         self._hooks = Hooks()
         self._bus: Bus | None = bus
-        self._topic_key = os.urandom(16)
-        self._topic_ids: dict[str, int] = {}
-        self._server: Any = None
+        self._server = CServer()
+        self._loop: EventLoop | None = None
+        self._supervisor: Supervisor | None = None
         self._stats_views: list[Any] = []
-        self._stats_map: mmap.mmap | None = None
         self._listeners: list[socket.socket] = []
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: Any = None
-        self._held: deque[tuple[Connection, str | bytes]] = deque()
-        self._paused: set[tuple[int, int]] = set()
-        self._children: dict[int, int] = {}
         self.worker_index = 0
 
     # ------------------------------------------------------------------ hooks
@@ -119,33 +105,19 @@ class Gateway:
 
     def topic_id(self, topic: str) -> int:
         """topic_id is the 64-bit id the C hub knows topic by (a keyed BLAKE2b hash)."""
-        known = self._topic_ids.get(topic)
-        if known is not None:
-            return known
-        digest = hashlib.blake2b(topic.encode("utf-8"), digest_size=8, key=self._topic_key)
-        topic_id = int.from_bytes(digest.digest(), "little") or 1
-        if len(self._topic_ids) >= _TOPIC_CACHE:
-            self._topic_ids.clear()
-        self._topic_ids[topic] = topic_id
-        return topic_id
+        return self._server.topic_id(topic)
 
     def subscribe(self, conn: Connection, topic: str) -> bool:
         """subscribe adds conn to topic (no Python object is kept per member)."""
-        if self._server is None:
-            return False
-        return bool(lib.lmw_subscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) >= 0)
+        return self._server.subscribe(conn.fd, conn.gen, topic)
 
     def unsubscribe(self, conn: Connection, topic: str) -> bool:
         """unsubscribe removes conn from topic; True if it was a member."""
-        if self._server is None:
-            return False
-        return bool(lib.lmw_unsubscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) > 0)
+        return self._server.unsubscribe(conn.fd, conn.gen, topic)
 
     def topic_size(self, topic: str) -> int:
         """topic_size is the number of members of topic in this process."""
-        if self._server is None:
-            return 0
-        return int(lib.lmw_topic_size(self._server, self.topic_id(topic)))
+        return self._server.topic_size(topic)
 
     def publish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
         """publish sends data to every member of topic, on every node of the bus.
@@ -188,24 +160,15 @@ class Gateway:
 
     def deliver(self, envelope: Envelope) -> int:
         """deliver fans an envelope out to this process's connections (the bus callback)."""
-        server = self._server
-        if server is None:
-            return 0
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "topic":
             assert isinstance(envelope.key, str)
-            n = lib.lmw_publish(
-                server, self.topic_id(envelope.key), envelope.opcode, payload, len(payload), policy
-            )
-        elif envelope.kind == "user":
+            return self._server.publish(envelope.key, envelope.opcode, payload, policy)
+        if envelope.kind == "user":
             assert isinstance(envelope.key, int)
-            n = lib.lmw_send_user(
-                server, envelope.key, envelope.opcode, payload, len(payload), policy
-            )
-        else:
-            n = lib.lmw_broadcast(server, envelope.opcode, payload, len(payload), policy)
-        return max(0, int(n))
+            return self._server.send_user(envelope.key, envelope.opcode, payload, policy)
+        return self._server.broadcast(envelope.opcode, payload, policy)
 
     # ------------------------------------------------------------------ figures
 
@@ -229,7 +192,7 @@ class Gateway:
     @property
     def connection_count(self) -> int:
         """connection_count is the number of open connections in this process."""
-        return int(lib.lmw_connection_count(self._server)) if self._server is not None else 0
+        return self._server.connection_count
 
     # ------------------------------------------------------------------ running
 
@@ -239,12 +202,8 @@ class Gateway:
             self._supervise()
             return
         self._prepare_single()
-        previous = self._install_signals()
-        try:
+        with stop_signals_call(self._request_stop):
             self._serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def start(self) -> Gateway:
         """start serves in a background thread of this process and returns once listening."""
@@ -258,11 +217,9 @@ class Gateway:
 
     def stop(self, timeout: float | None = None) -> None:
         """stop closes every client with 1001 and ends the loop (and worker processes)."""
-        self._stopping.set()
-        if self._server is not None:
-            lib.lmw_wake(self._server)
-        for pid in list(self._children):
-            _kill(pid, signal.SIGTERM)
+        self._request_stop()
+        if self._supervisor is not None:
+            self._supervisor.terminate()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None else self.config.shutdown_timeout + 5)
 
@@ -270,33 +227,19 @@ class Gateway:
         """wait_ready blocks until the gateway listens; False on timeout."""
         return self._ready.wait(timeout)
 
-    # ------------------------------------------------------------------ single process
+    def _request_stop(self) -> None:
+        self._stopping.set()
+        self._server.wake()
 
     def _prepare_single(self) -> None:
-        self._stats_map = None
-        self._listeners = self._bind(reuse_port=False)
+        self._bind(reuse_port=False)
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
         self._bus.start(self._deliver_from_bus)
 
-    def _bind(self, reuse_port: bool) -> list[socket.socket]:
-        socks = []
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and host in ("::", ""):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, self.port))
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-            if self.port == 0:
-                self.port = sock.getsockname()[1]
-            socks.append(sock)
-        return socks
+    def _bind(self, reuse_port: bool) -> None:
+        self._listeners, self.port = bind_listeners(self.hosts, self.port, self.backlog, reuse_port)
 
     def _make_server(self, stats: Any) -> None:
         auto = (
@@ -305,307 +248,48 @@ class Gateway:
             and self.config.origins is None
             and not self.config.subprotocols
         )
-        cfg = self.config.to_c(auto_upgrade=auto)
-        server = lib.lmw_server_new(cfg, stats if stats is not None else ffi.NULL)
-        if server == ffi.NULL:
-            raise OSError("lowmemws: could not create the server (out of memory or fds)")
-        self._server = ffi.gc(server, lib.lmw_server_free)
-        own = lib.lmw_server_stats(self._server)
-        own.pid = os.getpid()
+        self._server.open(self.config.to_c(auto_upgrade=auto), stats)
         if not self._stats_views:
-            self._stats_views = [own]
+            self._stats_views = [self._server.stats()]
         for sock in self._listeners:
-            lib.lmw_listen_add(self._server, sock.fileno())
-        if self.config.workers > 0:
-            from .workers import WorkerPool
-
-            self._pool = WorkerPool(self.config.workers, self.config.worker_queue, self._wake)
-
-    def _wake(self) -> None:
-        if self._server is not None:
-            lib.lmw_wake(self._server)
-
-    def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-
-        def handler(signum: int, frame: Any) -> None:
-            self._stopping.set()
-            self._wake()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
+            self._server.listen_add(sock.fileno())
+        fallback = functools.partial(builtin_response, metrics_text=self.metrics_text)
+        self._loop = EventLoop(self._server, self._hooks, self.config, fallback)
 
     def _serve(self) -> None:
-        server = self._server
-        events = ffi.new("lmw_event **")
-        max_events = self.config.max_events
-        self._ready.set()
+        assert self._loop is not None
         try:
-            while not self._stopping.is_set():
-                n = lib.lmw_poll(server, _POLL_MS, events, max_events)
-                if n > 0:
-                    self._dispatch(events[0], n)
-                if self._held:
-                    self._release_held()
-                if self._pool is not None:  # the gauge falls as workers catch up, too
-                    depth = self._pool.depth + len(self._held)
-                    lib.lmw_server_stats(server).worker_queue_depth = depth
-            self._shutdown(events)
+            self._loop.run(self._stopping, self._ready)
         finally:
-            if self._pool is not None:
-                self._pool.stop()
             for sock in self._listeners:
                 sock.close()
             if self._bus is not None:  # the gateway's bus ends with it (buffered: counted)
                 self._bus.close()
 
-    def _shutdown(self, events: Any) -> None:
-        """_shutdown: stop accepting, close every client with 1001, wait a bounded time."""
-        server = self._server
-        lib.lmw_listen_stop(server)
-        lib.lmw_close_all(server, 1001)
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        while lib.lmw_connection_count(server) and time.monotonic() < deadline:
-            n = lib.lmw_poll(server, 50, events, self.config.max_events)
-            if n > 0:
-                self._dispatch(events[0], n, closing=True)
-
-    # ------------------------------------------------------------------ events
-
-    def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
-        for i in range(n):
-            e = ev[i]
-            kind = e.type
-            try:
-                if kind == _EV_MESSAGE:
-                    if not closing:
-                        self._on_message_event(e)
-                elif kind == _EV_UPGRADE:
-                    self._on_upgrade_event(e)
-                elif kind == _EV_HTTP:
-                    self._on_http_event(e)
-                elif kind == _EV_CLOSED:
-                    if self._hooks.close is not None:
-                        self._hooks.close(Connection(self, e.fd, e.gen, e.user_tag), e.code)
-            except Exception:
-                log.exception("lowmemws: a hook raised")
-
-    def _on_message_event(self, e: Any) -> None:
-        hook = self._hooks.message
-        if hook is None:
-            return
-        raw = ffi.unpack(ffi.cast("char *", e.data), e.len)
-        message: str | bytes = raw.decode("utf-8") if e.opcode == 1 else raw
-        conn = Connection(self, e.fd, e.gen, e.user_tag)
-        if self._pool is None:
-            hook(conn, message)
-            return
-        if self._held or not self._pool.submit(hook, conn, message):
-            # back-pressure: keep the message, stop reading this socket until room returns
-            self._held.append((conn, message))
-            key = (conn.fd, conn.gen)
-            if key not in self._paused:
-                self._paused.add(key)
-                lib.lmw_pause_reading(self._server, conn.fd, conn.gen)
-        stats = lib.lmw_server_stats(self._server)
-        stats.worker_queue_depth = self._pool.depth + len(self._held)
-
-    def _release_held(self) -> None:
-        hook = self._hooks.message
-        while self._held and hook is not None:
-            conn, message = self._held[0]
-            if not self._pool.submit(hook, conn, message):
-                return
-            self._held.popleft()
-        for fd, gen in self._paused:
-            lib.lmw_resume_reading(self._server, fd, gen)
-        self._paused.clear()
-
-    def _on_upgrade_event(self, e: Any) -> None:
-        request = Request(e.data, e.len, e.request)
-        decision: Accept | Reject | None
-        try:
-            decision = self._decide(request)
-        except Exception:
-            log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
-        finally:
-            request._invalidate()
-        if isinstance(decision, Reject):
-            lib.lmw_reject(self._server, e.fd, e.gen, decision.status)
-            return
-        accept = decision if decision is not None else _ACCEPT
-        proto = accept.subprotocol.encode("latin-1") if accept.subprotocol else b""
-        if lib.lmw_upgrade_accept(self._server, e.fd, e.gen, proto, len(proto), accept.user):
-            return
-        for topic in accept.topics:
-            lib.lmw_subscribe(self._server, e.fd, e.gen, self.topic_id(topic))
-        if self._hooks.open is not None:
-            self._hooks.open(Connection(self, e.fd, e.gen, accept.user))
-
-    def _decide(self, request: Request) -> Accept | Reject | None:
-        origins = self.config.origins
-        if origins is not None and request.header("origin") not in origins:
-            return Reject(403)
-        decision = self._hooks.connect(request) if self._hooks.connect is not None else None
-        if decision is None:
-            accept = _ACCEPT
-        elif isinstance(decision, Reject):
-            return decision
-        elif isinstance(decision, Accept):
-            accept = decision
-        else:
-            raise TypeError("on_connect must return Accept, Reject or None")
-        if accept.subprotocol is None and not self.config.subprotocols:
-            return accept
-        offered = request.subprotocols
-        if accept.subprotocol is not None:
-            if accept.subprotocol not in offered:
-                raise ValueError("Accept.subprotocol must be one the client offered")
-            return accept
-        for proto in self.config.subprotocols:
-            if proto in offered:
-                return Accept(accept.user, accept.topics, proto)
-        return accept
-
-    def _on_http_event(self, e: Any) -> None:
-        head_len = e.request.head_len
-        request = Request(e.data, head_len, e.request, body_len=int(e.len) - head_len)
-        try:
-            response = self._hooks.http(request) if self._hooks.http is not None else None
-            if response is None:
-                response = self._builtin_http(request)
-            payload = response.encode()
-        except Exception:
-            log.exception("lowmemws: on_http raised; answering 500")
-            payload = Response(500, b"internal error\n").encode()
-        finally:
-            request._invalidate()
-        lib.lmw_respond(self._server, e.fd, e.gen, payload, len(payload))
-
-    def _builtin_http(self, request: Request) -> Response:
-        if request.method == "GET" and request.path == "/healthz":
-            return Response(200, b"ok")
-        if request.method == "GET" and request.path == "/metrics":
-            return Response(200, self.metrics_text(), content_type="text/plain; version=0.0.4")
-        return Response(404, b"not found\n")
-
     # ------------------------------------------------------------------ processes
 
     def _supervise(self) -> None:
-        """_supervise forks SO_REUSEPORT workers, restarts any that dies, and on
-        SIGTERM/SIGINT stops them all (each closes its clients with 1001)."""
-        count = self.processes
-        reserve = self._bind(reuse_port=True)  # holds the port (and learns it for port 0)
-        for sock in reserve:
-            sock.close()
-        size = metrics.STATS_SIZE
-        self._stats_map = mmap.mmap(-1, size * count)
-        base = ffi.from_buffer(self._stats_map)
-        self._stats_views = [ffi.cast("lmw_stats *", base + i * size) for i in range(count)]
+        self._bind(reuse_port=True)  # holds the port (and learns it for port 0) ...
+        for sock in self._listeners:
+            sock.close()  # ... until the workers bind it again
         if self._bus is None:
-            self._bus = ProcessBus(workers=count)
-        for index in range(count):
-            self._spawn(index)
-        if isinstance(self._bus, ProcessBus):
-            self._bus.attach_parent()
-        stop = threading.Event()
+            self._bus = ProcessBus(workers=self.processes)
+        self._supervisor = Supervisor(
+            self.processes, self._run_worker, self._bus, self.config.shutdown_timeout
+        )
+        self._stats_views = self._supervisor.stats_views
+        self._supervisor.run(self._stopping, self._ready)
 
-        def handler(signum: int, frame: Any) -> None:
-            stop.set()
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self._wait_workers_ready(count)
-            self._ready.set()
-            while not stop.is_set() and not self._stopping.is_set():
-                self._reap(restart=True)
-                stop.wait(0.2)
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            self._stop_children()
-
-    def _wait_workers_ready(self, count: int) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if sum(1 for view in self._stats_views if view.pid) >= count:
-                return
-            time.sleep(0.01)
-
-    def _spawn(self, index: int) -> None:
-        self._stats_views[index].pid = 0
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 0
-            try:
-                self._run_worker(index)
-            except BaseException:
-                log.exception("lowmemws: worker %d failed", index)
-                code = 1
-            finally:
-                os._exit(code)
-        self._children[pid] = index
-
-    def _run_worker(self, index: int) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+    def _run_worker(self, index: int, stats: Any) -> None:
+        """_run_worker serves in a forked worker process (the Supervisor calls it)."""
         self.worker_index = index
-        self._children = {}
-        if isinstance(self._bus, ProcessBus):
-            self._bus.attach_worker(index)
-        self._listeners = self._bind(reuse_port=True)
-        self._make_server(self._stats_views[index])
+        self._supervisor = None
+        self._bind(reuse_port=True)
+        self._make_server(stats)
         assert self._bus is not None
         self._bus.start(self._deliver_from_bus)
-        self._install_signals()
-        lib.lmw_server_stats(self._server).pid = os.getpid()
-        self._serve()
-
-    def _reap(self, restart: bool) -> None:
-        while self._children:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            index = self._children.pop(pid, None)
-            if index is None:
-                continue
-            self._stats_views[index].pid = 0
-            if restart:
-                log.warning("lowmemws: worker %d (pid %d) died; restarting it", index, pid)
-                if isinstance(self._bus, ProcessBus):
-                    self._bus.respawn_pair(index)
-                self._spawn(index)
-                if isinstance(self._bus, ProcessBus):
-                    self._bus.attach_parent()
-
-    def _stop_children(self) -> None:
-        for pid in list(self._children):
-            _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 2
-        while self._children and time.monotonic() < deadline:
-            self._reap(restart=False)
-            time.sleep(0.05)
-        for pid in list(self._children):
-            _kill(pid, signal.SIGKILL)
-        while self._children:
-            self._reap(restart=False)
-            time.sleep(0.01)
-        if self._bus is not None:
-            self._bus.close()
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        with stop_signals_call(self._request_stop):
+            self._serve()
 
 
 def serve(
