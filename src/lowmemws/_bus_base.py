@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
+from ._constants import OP_BINARY, OP_TEXT, POLICIES, Policy
+
 __all__ = [
     "Bus",
     "BusStats",
@@ -32,15 +34,14 @@ __all__ = [
 log = logging.getLogger("lowmemws.bus")
 
 Kind = Literal["topic", "user", "broadcast"]
-Policy = Literal["drop", "close", "latest"]
 
 #: OPCODE_TEXT is the RFC 6455 section 5.2 opcode of a text frame.
-OPCODE_TEXT = 1
+OPCODE_TEXT = OP_TEXT
 #: OPCODE_BINARY is the RFC 6455 section 5.2 opcode of a binary frame.
-OPCODE_BINARY = 2
+OPCODE_BINARY = OP_BINARY
 
 _KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast")
-_POLICIES: tuple[Policy, ...] = ("drop", "close", "latest")
+_POLICY_BY_VALUE: dict[int, Policy] = {value: name for name, value in POLICIES.items()}
 _WIRE_VERSION = 1
 _HEAD = struct.Struct(">BBB")  # version, kind | policy << 2, opcode
 _TOPIC_LEN = struct.Struct(">H")
@@ -69,7 +70,7 @@ class Envelope:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"Envelope: unknown kind {self.kind!r}")
-        if self.policy not in _POLICIES:
+        if self.policy not in POLICIES:
             raise ValueError(f"Envelope: unknown policy {self.policy!r}")
         if self.opcode not in (OPCODE_TEXT, OPCODE_BINARY):
             raise ValueError(f"Envelope: opcode must be 1 or 2, not {self.opcode!r}")
@@ -101,7 +102,7 @@ class Envelope:
         The key is a 2-byte length and UTF-8 for a topic, 8 bytes big-endian for a user tag,
         and absent for a broadcast; the payload runs to the end, so it needs no length.
         """
-        flags = _KINDS.index(self.kind) | _POLICIES.index(self.policy) << 2
+        flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
         head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
         if self.kind == "topic":
             assert isinstance(self.key, str)
@@ -119,9 +120,9 @@ class Envelope:
         if len(view) < _HEAD.size:
             raise ValueError("Envelope.decode: truncated header")
         version, flags, opcode = _HEAD.unpack_from(view)
-        if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 >= len(_POLICIES):
+        if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 not in _POLICY_BY_VALUE:
             raise ValueError("Envelope.decode: unknown version or flags")
-        kind, policy = _KINDS[flags & 3], _POLICIES[flags >> 2]
+        kind, policy = _KINDS[flags & 3], _POLICY_BY_VALUE[flags >> 2]
         key, offset = _decode_key(kind, view, _HEAD.size)
         return cls(kind, key, opcode, bytes(view[offset:]), policy)
 

@@ -939,7 +939,7 @@ int lmw_parse_frame(const uint8_t *buf, size_t len, uint8_t rsv_allowed, int req
         return LMW_INCOMPLETE;
     uint8_t b1 = buf[1], len7 = b1 & 127;
     f->masked = b1 >> 7;
-    if (((f->opcode & 8) && len7 > 125) || (require_mask && !f->masked))
+    if (((f->opcode & 8) && len7 > LMW_CONTROL_PAYLOAD_MAX) || (require_mask && !f->masked))
         return frame_error(f);
     size_t ext = len7 == 126 ? 2 : len7 == 127 ? 8 : 0;
     size_t header_len = 2 + ext + (f->masked ? 4 : 0);
@@ -1168,7 +1168,7 @@ int lmw_parse_close(const uint8_t *p, size_t n, uint16_t *code)
 
 int lmw_build_close_payload(uint8_t *out, int code, const uint8_t *reason, size_t reason_len)
 {
-    if (!lmw_close_code_valid(code) || reason_len > 123)
+    if (!lmw_close_code_valid(code) || reason_len > LMW_CLOSE_REASON_MAX)
         return LMW_ERROR;
     uint32_t st = LMW_UTF8_ACCEPT;
     if (lmw_utf8_check(&st, reason, reason_len) >= 0 || st != LMW_UTF8_ACCEPT)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._c_server import CServer
+from ._constants import OP_TEXT
 from ._hooks import Hooks
 from ._native import ffi, lib
 from .config import Config
@@ -32,7 +33,6 @@ _EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
 _EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
 _EV_HTTP = int(lib.LMW_EV_HTTP)
 _EV_CLOSED = int(lib.LMW_EV_CLOSED)
-_OP_TEXT = int(lib.LMW_OP_TEXT)
 
 
 class EventLoop:
@@ -120,7 +120,7 @@ class EventLoop:
         if hook is None:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)  # a copy: e.data is borrowed
-        message: str | bytes = raw.decode("utf-8") if e.opcode == _OP_TEXT else raw
+        message: str | bytes = raw.decode("utf-8") if e.opcode == OP_TEXT else raw
         conn = self._connection(e, e.user_tag)
         if self._pool is None:
             hook(conn, message)

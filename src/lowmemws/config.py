@@ -6,9 +6,8 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._constants import POLICIES
 from ._native import ffi
-
-POLICIES: dict[str, int] = {"drop": 0, "close": 1, "latest": 2}
 
 #: File descriptors kept free for listeners, logs, the bus and the interpreter.
 FD_HEADROOM = 64

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ._bus_base import frame_data
 from ._c_server import SendResult
+from ._constants import CLOSE_REASON_MAX
 from ._native import lib
 
 if TYPE_CHECKING:
@@ -48,8 +49,8 @@ class Connection:
         if not lib.lmw_close_code_valid(code):
             raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
         raw = reason.encode("utf-8")
-        if len(raw) > 123:
-            raise ValueError("close reason is longer than 123 bytes of UTF-8")
+        if len(raw) > CLOSE_REASON_MAX:
+            raise ValueError(f"close reason is longer than {CLOSE_REASON_MAX} bytes of UTF-8")
         return self._server.close(self.fd, self.gen, code, raw)
 
     def subscribe(self, topic: str) -> bool:

@@ -11,25 +11,8 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
 
+from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
-
-_KNOWN_HEADERS: dict[str, int] = {
-    "host": lib.LMW_H_HOST,
-    "upgrade": lib.LMW_H_UPGRADE,
-    "connection": lib.LMW_H_CONNECTION,
-    "sec-websocket-key": lib.LMW_H_SEC_WEBSOCKET_KEY,
-    "sec-websocket-version": lib.LMW_H_SEC_WEBSOCKET_VERSION,
-    "sec-websocket-protocol": lib.LMW_H_SEC_WEBSOCKET_PROTOCOL,
-    "sec-websocket-extensions": lib.LMW_H_SEC_WEBSOCKET_EXTENSIONS,
-    "origin": lib.LMW_H_ORIGIN,
-    "cookie": lib.LMW_H_COOKIE,
-    "authorization": lib.LMW_H_AUTHORIZATION,
-    "content-length": lib.LMW_H_CONTENT_LENGTH,
-    "transfer-encoding": lib.LMW_H_TRANSFER_ENCODING,
-}
-
-#: Statuses with a response built once at start-up (lmw_reject_response).
-REJECT_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505})
 
 
 class Request:
@@ -102,7 +85,7 @@ class Request:
         """
         self._check()
         lname = name.lower()
-        known = _KNOWN_HEADERS.get(lname)
+        known = KNOWN_HEADERS.get(lname)
         if known is not None:
             if not (self._req.present >> known) & 1:
                 return None

@@ -374,4 +374,10 @@ int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_
                       size_t len, int policy);
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy);
 
+/* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
+ * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
+ * so a close reason, after the 2-byte code, at most 123. */
+#define LMW_CONTROL_PAYLOAD_MAX 125
+#define LMW_CLOSE_REASON_MAX 123
+
 #endif

@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ._constants import CLOSE_CODE_LABELS, DROP_REASONS
 from ._native import ffi
-
-#: lmw_stats.closes[i] counts this close code; the last slot counts every other code.
-CLOSE_CODES: tuple[str, ...] = (
-    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1013",
-    "other",
-)  # fmt: skip
-DROP_REASONS: tuple[str, ...] = ("write_limit", "closed", "latest", "worker_queue")
 
 _GAUGES = {
     "connections": "Open WebSocket connections.",
@@ -35,7 +29,7 @@ _COUNTERS = {
 def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     """snapshot sums lmw_stats structs (one per worker process) into a dict."""
     total: dict[str, Any] = {name: 0 for name in (*_GAUGES, *_COUNTERS)}
-    total["closes"] = dict.fromkeys(CLOSE_CODES, 0)
+    total["closes"] = dict.fromkeys(CLOSE_CODE_LABELS, 0)
     total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
     total["processes"] = 0
     for st in stats:
@@ -44,7 +38,7 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
         total["processes"] += 1
         for name in (*_GAUGES, *_COUNTERS):
             total[name] += getattr(st, name)
-        for i, code in enumerate(CLOSE_CODES):
+        for i, code in enumerate(CLOSE_CODE_LABELS):
             total["closes"][code] += st.closes[i]
         for i, reason in enumerate(DROP_REASONS):
             total["dropped"][reason] += st.dropped[i]

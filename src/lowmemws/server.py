@@ -20,6 +20,7 @@ from typing import Any
 
 from . import metrics
 from ._c_server import CServer
+from ._constants import POLICIES
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._listen import bind_listeners
 from ._loop import EventLoop
@@ -27,7 +28,7 @@ from ._routes import builtin_response
 from ._signals import stop_signals_call
 from ._supervisor import Supervisor
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
-from .config import POLICIES, Config
+from .config import Config
 from .connection import Connection
 
 
