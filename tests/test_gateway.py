@@ -299,7 +299,7 @@ metric = metric_value
 
 
 def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway]) -> None:
-    gateway = make_gateway(Config(workers=1, worker_queue=4))
+    gateway = make_gateway(Config(hook_threads=1, hook_queue=4))
     gateway.on_message(lambda conn, message: conn.send(message))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
@@ -367,13 +367,13 @@ def test_the_server_closes_with_a_code_and_reason(make_gateway: Callable[..., Ga
     client.shutdown()
 
 
-# -- worker pool -------------------------------------------------------------------------------
+# -- hook threads ------------------------------------------------------------------------------
 
 
-def test_worker_pool_processes_every_message_with_back_pressure(
+def test_hook_threads_process_every_message_with_back_pressure(
     make_gateway: Callable[..., Gateway],
 ) -> None:
-    gateway = make_gateway(Config(workers=2, worker_queue=4))
+    gateway = make_gateway(Config(hook_threads=2, hook_queue=4))
     seen: list[tuple[int, str]] = []
     threads: set[str] = set()
     lock = threading.Lock()

@@ -18,12 +18,12 @@ from typing import Any
 
 from ._c_server import CServer
 from ._constants import OP_TEXT
+from ._hook_pool import HookPool
 from ._hooks import Hooks
 from ._native import ffi, lib
 from .config import Config
 from .connection import Connection
 from .handshake import Reject, Request, Response, negotiate
-from .workers import WorkerPool
 
 log = logging.getLogger("lowmemws")
 
@@ -52,9 +52,9 @@ class EventLoop:
         self._hooks = hooks
         self._config = config
         self._fallback_http = fallback_http
-        self._pool: WorkerPool | None = None
-        if config.workers > 0:
-            self._pool = WorkerPool(config.workers, config.worker_queue, server.wake)
+        self._pool: HookPool | None = None
+        if config.hook_threads > 0:
+            self._pool = HookPool(config.hook_threads, config.hook_queue, server.wake)
         self._held: deque[tuple[Connection, str | bytes]] = deque()
         self._paused: set[tuple[int, int]] = set()
 

@@ -59,10 +59,11 @@ class Config:
     """accept4 calls per readable listener per loop turn."""
     max_per_ip: int = 0
     """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
-    workers: int = 0
-    """Threads running on_message; 0 runs it inline on the loop thread."""
-    worker_queue: int = 1024
-    """Messages waiting for a worker; when full, reading stops (nothing is dropped)."""
+    hook_threads: int = 0
+    """Threads running on_message (for hooks that block); 0 runs it inline on the loop
+    thread. Not processes: those are Gateway(processes=N)."""
+    hook_queue: int = 1024
+    """Messages waiting for a hook thread; when full, reading stops (nothing is dropped)."""
     max_events: int = 512
     """Messages, upgrades and HTTP requests handed to Python per loop turn."""
     origins: tuple[str, ...] | None = None
@@ -71,6 +72,8 @@ class Config:
     """Subprotocols offered, in order of preference (RFC 6455 section 4.2.2)."""
     shutdown_timeout: float = 5.0
     """On SIGTERM/SIGINT: how long to wait for clients to answer close 1001."""
+    backlog: int = 4096
+    """listen() backlog of each listening socket (the kernel caps it at somaxconn)."""
 
     def resolved_max_connections(self) -> int:
         """resolved_max_connections returns max_connections, deriving it from RLIMIT_NOFILE."""

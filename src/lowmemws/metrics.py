@@ -12,7 +12,7 @@ _GAUGES = {
     "connections": "Open WebSocket connections.",
     "handshakes": "Request heads being read.",
     "buffer_pool_in_use": "Pooled read buffers lent out in the current loop turn.",
-    "worker_queue_depth": "Messages waiting for a worker thread.",
+    "worker_queue_depth": "Messages waiting for a hook thread (Config.hook_threads).",
     "spill_bytes": "Bytes held for incomplete input.",
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",

@@ -56,13 +56,11 @@ class Gateway:
         processes: int = 1,
         config: Config | None = None,
         bus: Bus | None = None,
-        backlog: int = 4096,
     ) -> None:
         self.hosts: tuple[str, ...] = (host,) if isinstance(host, str) else tuple(host)
         self.port = port
         self.processes = processes
         self.config = config or Config()
-        self.backlog = backlog
         self._hooks = Hooks()
         self._bus: Bus | None = bus
         self._server = CServer()
@@ -240,7 +238,9 @@ class Gateway:
         self._bus.start(self._deliver_from_bus)
 
     def _bind(self, reuse_port: bool) -> None:
-        self._listeners, self.port = bind_listeners(self.hosts, self.port, self.backlog, reuse_port)
+        self._listeners, self.port = bind_listeners(
+            self.hosts, self.port, self.config.backlog, reuse_port
+        )
 
     def _make_server(self, stats: Any) -> None:
         auto = (
