@@ -471,7 +471,7 @@ def test_101_needs_enough_room() -> None:
 
 
 @pytest.mark.parametrize(
-    "status", [400, 401, 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505]
+    "status", [400, 401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505]
 )
 def test_reject_responses_are_complete_http_responses(status: int) -> None:
     resp = reject_response(status)
@@ -484,6 +484,8 @@ def test_reject_responses_are_complete_http_responses(status: int) -> None:
     assert b"close" in fields[b"connection"].split(b", ")
     if status == 426:
         assert fields[b"sec-websocket-version"] == b"13"
+    if status in (429, 503):
+        assert fields[b"retry-after"] == b"1"
 
 
 def test_no_reject_response_for_other_statuses() -> None:

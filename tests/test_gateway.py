@@ -131,7 +131,7 @@ def test_on_connect_sees_path_query_params_cookies_and_headers(
         client.close()
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("status", [401, 403, 429])
 def test_reject_answers_the_status_and_never_upgrades(
     make_gateway: Callable[..., Gateway], status: int
 ) -> None:
@@ -147,6 +147,8 @@ def test_reject_answers_the_status_and_never_upgrades(
     response = raw_upgrade(gateway.port, "/?token=bad")
     assert response.status == status
     assert "sec-websocket-accept" not in response.headers
+    if status == 429:
+        assert response.headers["retry-after"] == "1"
     assert closed_by_server(response.sock)
     response.sock.close()
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:

@@ -6,6 +6,7 @@ send_to_user and broadcast work from any thread. See the README for an example.
 """
 
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
+from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Accept",
     "BusUnavailable",
+    "CloseCode",
     "Config",
     "Connection",
     "Envelope",

@@ -862,6 +862,7 @@ int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
     X(408, "Request Timeout", "", 16)                                                      \
     X(413, "Content Too Large", "", 18)                                                    \
     X(426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n", 17)  \
+    X(429, "Too Many Requests", "Retry-After: 1\r\n", 18)                                  \
     X(431, "Request Header Fields Too Large", "", 32)                                      \
     X(500, "Internal Server Error", "", 22)                                                \
     X(501, "Not Implemented", "", 16)                                                      \
@@ -885,6 +886,7 @@ int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
 #define ADD_UPGRADE_408 ""
 #define ADD_UPGRADE_413 ""
 #define ADD_UPGRADE_426 ", Upgrade"
+#define ADD_UPGRADE_429 ""
 #define ADD_UPGRADE_431 ""
 #define ADD_UPGRADE_500 ""
 #define ADD_UPGRADE_501 ""

@@ -21,6 +21,7 @@ from ._constants import OP_TEXT
 from ._hook_pool import HookPool
 from ._hooks import Hooks
 from ._native import ffi, lib
+from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
 from .handshake import Reject, Request, Response, negotiate
@@ -81,7 +82,7 @@ class EventLoop:
         """_shutdown: stop accepting, close every client with 1001, wait a bounded time."""
         server = self._server
         server.listen_stop()
-        server.close_all(1001)
+        server.close_all(CloseCode.GOING_AWAY)
         deadline = time.monotonic() + self._config.shutdown_timeout
         while server.connection_count and time.monotonic() < deadline:
             n = server.poll(_SHUTDOWN_POLL_MS, events, self._config.max_events)

@@ -8,6 +8,7 @@ from ._bus_base import frame_data
 from ._c_server import SendResult
 from ._constants import CLOSE_REASON_MAX
 from ._native import lib
+from .close_codes import CloseCode
 
 if TYPE_CHECKING:
     from ._c_server import CServer
@@ -40,7 +41,7 @@ class Connection:
         opcode, payload = frame_data(data)
         return self._server.send(self.fd, self.gen, opcode, payload) is SendResult.SENT
 
-    def close(self, code: int = 1000, reason: str = "") -> bool:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         """close starts the closing handshake with code and reason (RFC 6455 section 7).
 
         code must be valid on the wire (1000-1003, 1007-1011, 3000-4999); reason at most

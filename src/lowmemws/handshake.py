@@ -172,8 +172,9 @@ class Accept:
 class Reject:
     """Reject answers on_connect with an HTTP status and no upgrade.
 
-    status must be one of the responses built at start-up: 400, 401, 403, 404, 405, 408,
-    413, 426, 431, 500, 501, 503, 505.
+    status must be one of the responses built at start-up (lmw_reject_response): 400,
+    401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505. 429 Too Many Requests
+    and 503 carry ``Retry-After: 1``.
     """
 
     __slots__ = ("status",)
