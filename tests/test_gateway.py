@@ -103,7 +103,8 @@ def test_on_connect_sees_path_query_params_cookies_and_headers(
             token_lower=request.header("x-token"),
             origin=request.header("Origin"),
             missing=request.header("X-Missing"),
-            names=[name.lower() for name, _ in request.headers()],
+            names=[name.lower() for name in request.headers],
+            headers=request.headers,
         )
         return Accept(user=int(request.params["user"]))
 
@@ -125,6 +126,9 @@ def test_on_connect_sees_path_query_params_cookies_and_headers(
         assert seen["origin"] == "https://app.example"
         assert seen["missing"] is None
         assert {"host", "upgrade", "sec-websocket-key", "x-token", "cookie"} <= set(seen["names"])
+        headers = seen["headers"]  # a copy: still valid after the hook returned
+        assert headers["X-TOKEN"] == headers.get("x-token") == "s3cret"
+        assert "Cookie" in headers and "X-Missing" not in headers
         assert gateway.send_to_user(42, "tagged") == 1
         assert client.recv() == "tagged"
     finally:
@@ -179,7 +183,7 @@ def test_a_request_kept_after_the_hook_raises(make_gateway: Callable[..., Gatewa
         lambda: request.query,
         lambda: request.params,
         lambda: request.header("host"),
-        lambda: list(request.headers()),
+        lambda: request.headers,
         lambda: request.cookies,
         lambda: request.body,
     ):

@@ -11,6 +11,7 @@ from .config import Config
 from .connection import Connection
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
 from .handshake import Accept, Reject, Request, Response
+from .headers import Headers
 from .server import Gateway, serve
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Envelope",
     "Gateway",
     "HandshakeError",
+    "Headers",
     "LocalBus",
     "LowMemWSError",
     "ProcessBus",

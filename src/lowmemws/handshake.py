@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
+from .headers import Headers
 
 
 class Request:
@@ -23,7 +24,7 @@ class Request:
     copies) and never the Request itself: afterwards every access raises RuntimeError.
     """
 
-    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len")
+    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len", "_headers")
 
     def __init__(self, data: Any, head_len: int, req: Any, body_len: int = 0) -> None:
         self._data = ffi.cast("char *", data)
@@ -31,6 +32,7 @@ class Request:
         self._head_len = head_len
         self._body_len = body_len
         self._valid = True
+        self._headers: Headers | None = None
 
     def _check(self) -> None:
         if not self._valid:
@@ -90,14 +92,21 @@ class Request:
             if not (self._req.present >> known) & 1:
                 return None
             return self._text(self._req.headers[known])
-        for key, value in self.headers():
-            if key.lower() == lname:
-                return value
-        return None
+        return self.headers.get(lname)
 
-    def headers(self) -> Iterator[tuple[str, str]]:
-        """headers yields every (name, value) pair in the order received."""
+    @property
+    def headers(self) -> Headers:
+        """headers is every header field, as a read-only case-insensitive mapping.
+
+        It is a copy, made on first access (the head is parsed once more, in C); for one of
+        the headers the parser indexes (Host, Origin, Cookie, ...) header() is quicker.
+        """
         self._check()
+        if self._headers is None:
+            self._headers = Headers(self._fields())
+        return self._headers
+
+    def _fields(self) -> Iterator[tuple[str, str]]:
         pos = ffi.new("uint32_t *", 0)
         name = ffi.new("lmw_span *")
         value = ffi.new("lmw_span *")
