@@ -8,7 +8,7 @@ send_to_user and broadcast work from any thread. See the README for an example.
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
-from .connection import Connection
+from .connection import Connection, SendResult
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
@@ -34,5 +34,6 @@ __all__ = [
     "Reject",
     "Request",
     "Response",
+    "SendResult",
     "serve",
 ]

@@ -10,25 +10,14 @@ not open yet (or any more) answers like a connection that is gone.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 from typing import Any
 
 from ._native import ffi, lib
+from .connection import SendResult
 
 _TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
-
-
-class SendResult(enum.Enum):
-    """SendResult is what became of one message handed to a single connection."""
-
-    SENT = "sent"
-    """Written to the socket or queued behind earlier output."""
-    DROPPED = "dropped"
-    """Not queued: the connection's write limit or the write budget was reached."""
-    GONE = "gone"
-    """The connection is closing or closed, or the handle is stale."""
 
 
 class TopicIds:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 from ._bus_base import frame_data
-from ._c_server import SendResult
 from ._constants import CLOSE_REASON_MAX
 from ._native import lib
 from .close_codes import CloseCode
@@ -14,12 +14,33 @@ if TYPE_CHECKING:
     from ._c_server import CServer
 
 
+class SendResult(enum.Enum):
+    """SendResult is what became of one message given to Connection.send.
+
+    Only SENT is true in a boolean context, so ``if conn.send(data):`` reads "it went out".
+    """
+
+    SENT = "sent"
+    """Written to the socket, or queued behind earlier output (delivered unless the
+    connection fails)."""
+    DROPPED = "dropped"
+    """Not queued, by the write policy: the connection's output passed Config.write_limit
+    (or all output passed Config.write_budget) under write_policy "drop"; under "close" the
+    connection is also being closed with 1008. The connection may recover: try later."""
+    GONE = "gone"
+    """The connection is closing or closed, or this handle is stale: it never will recover."""
+
+    def __bool__(self) -> bool:
+        return self is SendResult.SENT
+
+
 class Connection:
     """Connection is a handle (fd, generation) to a WebSocket connection.
 
     It holds no resources: the connection's state lives in the C slot table. A handle
     kept after the connection closed is stale: its fd may already serve someone else, but
-    the generation no longer matches, so send() returns False and nothing is written.
+    the generation no longer matches, so send() returns SendResult.GONE and nothing is
+    written.
     Every method is safe to call from any thread.
     """
 
@@ -32,14 +53,16 @@ class Connection:
         self.user = user
         """user is the 64-bit user tag given by Accept(user=...), 0 for none."""
 
-    def send(self, data: str | bytes | bytearray | memoryview) -> bool:
+    def send(self, data: str | bytes | bytearray | memoryview) -> SendResult:
         """send sends one message: str as text, bytes as binary (RFC 6455 section 5.6).
 
-        Returns True when written or queued, False when the connection is gone or the
-        message was dropped by the write policy (Config.write_limit, write_policy).
+        Returns SendResult.SENT (written or queued), DROPPED (refused by the write policy:
+        Config.write_limit, write_budget, write_policy) or GONE (the connection is closing
+        or closed). Only SENT is true, so ``if not conn.send(data)`` catches both failures.
+        It never raises for a closed connection: a handle may outlive its connection.
         """
         opcode, payload = frame_data(data)
-        return self._server.send(self.fd, self.gen, opcode, payload) is SendResult.SENT
+        return self._server.send(self.fd, self.gen, opcode, payload)
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         """close starts the closing handshake with code and reason (RFC 6455 section 7).
@@ -77,4 +100,4 @@ class Connection:
         return f"<Connection fd={self.fd} gen={self.gen} user={self.user}>"
 
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "SendResult"]
