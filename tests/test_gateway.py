@@ -460,3 +460,34 @@ def test_heartbeat_keeps_answering_clients_and_drops_silent_ones(
     wait_until(lambda: 2 in codes, "on_close for the silent client")
     assert codes[2] == 1006
     lively.close()
+
+
+# -- starting and stopping ---------------------------------------------------------------------
+
+
+def test_a_gateway_is_a_context_manager(make_gateway: Callable[..., Gateway]) -> None:
+    gateway = make_gateway()
+    gateway.on_message(lambda conn, message: conn.send(message))
+    with gateway as started:
+        assert started is gateway
+        client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
+        client.send("ping")
+        assert client.recv() == "ping"
+    frame = client.recv_frame()  # leaving the block stopped it: clients get 1001
+    assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
+    assert struct.unpack("!H", frame.data[:2])[0] == 1001
+    client.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_start_raises_when_the_loop_does_not_start(
+    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise MemoryError("no room for the loop")
+
+    monkeypatch.setattr("lowmemws._loop.EventLoop.run", broken)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        make_gateway().start()

@@ -14,7 +14,9 @@ import hashlib
 import os
 from typing import Any
 
+from ._constants import POLICIES
 from ._native import ffi, lib
+from .config import Config
 from .connection import SendResult
 
 _TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
@@ -189,3 +191,32 @@ class CServer:
         if self._ptr is None:
             return 0
         return max(0, int(lib.lmw_broadcast(self._ptr, opcode, payload, len(payload), policy)))
+
+
+def c_config(config: Config, auto_upgrade: bool) -> Any:
+    """c_config returns a filled lmw_config for config: the one place a Config reaches C.
+
+    auto_upgrade: complete upgrades in C (no on_connect, on_open, origins or subprotocols
+    to consult), so an upgrade never waits for Python.
+    """
+    c = ffi.new("lmw_config *")
+    c.max_connections = config.resolved_max_connections()
+    c.max_handshakes = config.max_handshakes
+    c.max_head = config.max_head
+    c.max_http_body = config.max_http_body
+    c.max_message = config.max_message_size
+    c.read_buffer_size = config.read_buffer_size
+    c.read_buffers = config.read_buffers
+    c.spill_budget = config.resolved_spill_budget()
+    c.write_limit = config.write_limit
+    c.write_budget = config.write_budget
+    c.handshake_timeout_ms = int(config.handshake_timeout * 1000)
+    c.ping_interval_ms = int(config.ping_interval * 1000)
+    c.ping_timeout_ms = int(config.ping_timeout * 1000)
+    c.close_timeout_ms = int(config.close_timeout * 1000)
+    c.message_timeout_ms = int(config.message_timeout * 1000)
+    c.accept_batch = config.accept_batch
+    c.max_per_ip = config.max_per_ip
+    c.write_policy = POLICIES[config.write_policy]
+    c.auto_upgrade = 1 if auto_upgrade else 0
+    return c

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from ._constants import POLICIES
-from ._native import ffi
+from typing import Literal
 
 #: File descriptors kept free for listeners, logs, the bus and the interpreter.
 FD_HEADROOM = 64
@@ -87,27 +84,3 @@ class Config:
         if self.spill_budget is not None:
             return self.spill_budget
         return max(8 << 20, 2 * self.max_message_size + self.read_buffer_size)
-
-    def to_c(self, auto_upgrade: bool) -> Any:
-        """to_c returns a filled lmw_config for the C runtime."""
-        c = ffi.new("lmw_config *")
-        c.max_connections = self.resolved_max_connections()
-        c.max_handshakes = self.max_handshakes
-        c.max_head = self.max_head
-        c.max_http_body = self.max_http_body
-        c.max_message = self.max_message_size
-        c.read_buffer_size = self.read_buffer_size
-        c.read_buffers = self.read_buffers
-        c.spill_budget = self.resolved_spill_budget()
-        c.write_limit = self.write_limit
-        c.write_budget = self.write_budget
-        c.handshake_timeout_ms = int(self.handshake_timeout * 1000)
-        c.ping_interval_ms = int(self.ping_interval * 1000)
-        c.ping_timeout_ms = int(self.ping_timeout * 1000)
-        c.close_timeout_ms = int(self.close_timeout * 1000)
-        c.message_timeout_ms = int(self.message_timeout * 1000)
-        c.accept_batch = self.accept_batch
-        c.max_per_ip = self.max_per_ip
-        c.write_policy = POLICIES[self.write_policy]
-        c.auto_upgrade = 1 if auto_upgrade else 0
-        return c

@@ -15,11 +15,12 @@ import asyncio
 import functools
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics
-from ._c_server import CServer
+from ._c_server import CServer, c_config
 from ._constants import POLICIES
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._listen import bind_listeners
@@ -102,10 +103,6 @@ class Gateway:
 
     # ------------------------------------------------------------------ publishing
 
-    def topic_id(self, topic: str) -> int:
-        """topic_id is the 64-bit id the C hub knows topic by (a keyed BLAKE2b hash)."""
-        return self._server.topic_id(topic)
-
     def subscribe(self, conn: Connection, topic: str) -> bool:
         """subscribe adds conn to topic (no Python object is kept per member)."""
         return self._server.subscribe(conn.fd, conn.gen, topic)
@@ -150,15 +147,15 @@ class Gateway:
     def _publish(self, envelope: Envelope) -> int:
         bus = self._bus
         if bus is None or isinstance(bus, LocalBus):
-            return self.deliver(envelope)
+            return self._deliver(envelope)
         bus.publish(envelope)
         return 0
 
     def _deliver_from_bus(self, envelope: Envelope) -> None:
-        self.deliver(envelope)
+        self._deliver(envelope)
 
-    def deliver(self, envelope: Envelope) -> int:
-        """deliver fans an envelope out to this process's connections (the bus callback)."""
+    def _deliver(self, envelope: Envelope) -> int:
+        """_deliver fans an envelope out to this process's connections."""
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "topic":
@@ -204,15 +201,33 @@ class Gateway:
         with stop_signals_call(self._request_stop):
             self._serve()
 
-    def start(self) -> Gateway:
-        """start serves in a background thread of this process and returns once listening."""
+    def start(self, timeout: float = 10.0) -> Gateway:
+        """start serves in a background thread of this process and returns once listening.
+
+        Raises:
+            ValueError: processes > 1 (worker processes need run(): it supervises them).
+            OSError: an address cannot be bound, or the C server cannot be made.
+            RuntimeError: the loop did not start serving within timeout seconds (it is
+                stopped again).
+        """
         if self.processes != 1:
             raise ValueError("start() runs one process; use run() for processes > 1")
         self._prepare_single()
         self._thread = threading.Thread(target=self._serve, name="lowmemws-loop", daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop(timeout=1.0)
+                raise RuntimeError("lowmemws: the gateway did not become ready")
         return self
+
+    def __enter__(self) -> Gateway:
+        """A Gateway is a context manager: ``with Gateway(...) as gw:`` is start()/stop()."""
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self, timeout: float | None = None) -> None:
         """stop closes every client with 1001 and ends the loop (and worker processes)."""
@@ -249,7 +264,7 @@ class Gateway:
             and self.config.origins is None
             and not self.config.subprotocols
         )
-        self._server.open(self.config.to_c(auto_upgrade=auto), stats)
+        self._server.open(c_config(self.config, auto_upgrade=auto), stats)
         if not self._stats_views:
             self._stats_views = [self._server.stats()]
         for sock in self._listeners:
