@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE := $(wildcard src/lowmemws/*.c src/lowmemws/*.h) src/lowmemws/_build_native.py setup.py pyproject.toml
 FUZZ_SECONDS ?= 8
 
-.PHONY: all build demo test lint typecheck pytest sysdeps fuzz fuzz-smoke bench compliance clean
+.PHONY: all build demo test lint typecheck docs pytest sysdeps fuzz fuzz-smoke bench compliance clean
 
 all: build
 
@@ -44,10 +44,14 @@ lint: build
 typecheck: build
 	$(PY) -m mypy
 
+# The API reference (docs/api/), built from the docstrings: any Sphinx warning fails it.
+docs: build
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 pytest: build
 	$(PY) -m pytest -q tests
 
-test: sysdeps build lint typecheck fuzz-smoke pytest
+test: sysdeps build lint typecheck docs fuzz-smoke pytest
 
 # Fuzzing with AddressSanitizer and UBSan: libFuzzer on the C parsers and atheris on every
 # C entry point (7 targets): the smoke run gives each FUZZ_SECONDS, `make fuzz` 10 minutes.
@@ -68,4 +72,4 @@ bench: build
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf build dist src/*.egg-info src/lowmemws/_lowmemws*.so src/lowmemws/_lowmemws.c fuzz/build
+	rm -rf build dist docs/_build src/*.egg-info src/lowmemws/_lowmemws*.so src/lowmemws/_lowmemws.c fuzz/build

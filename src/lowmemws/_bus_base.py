@@ -59,6 +59,10 @@ class Envelope:
     or every connection (``key`` is None). ``opcode`` is the RFC 6455 section 5.2 data opcode
     (1 text, 2 binary); ``policy`` is the slow-consumer policy of issue 4 ("drop", "close" or
     "latest"). The payload is owned by the envelope (bytes, never a borrowed view).
+
+    Raises:
+        ValueError: an unknown kind or policy, an opcode other than 1 or 2, a bad key.
+        TypeError: a payload that is not bytes.
     """
 
     kind: Kind
@@ -80,19 +84,31 @@ class Envelope:
 
     @classmethod
     def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary."""
+        """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary.
+
+        Raises:
+            ValueError: an unknown policy, or a topic longer than 65535 UTF-8 bytes.
+        """
         opcode, payload = frame_data(data)
         return cls("topic", topic, opcode, payload, policy)
 
     @classmethod
     def for_user(cls, user_tag: int, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_user builds the envelope of ``send_to_user(user_tag, data)``."""
+        """for_user builds the envelope of ``send_to_user(user_tag, data)``.
+
+        Raises:
+            ValueError: an unknown policy, or user_tag outside 0..2**64-1.
+        """
         opcode, payload = frame_data(data)
         return cls("user", user_tag, opcode, payload, policy)
 
     @classmethod
     def for_all(cls, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_all builds the envelope of ``broadcast(data)``."""
+        """for_all builds the envelope of ``broadcast(data)``.
+
+        Raises:
+            ValueError: an unknown policy.
+        """
         opcode, payload = frame_data(data)
         return cls("broadcast", None, opcode, payload, policy)
 
@@ -115,7 +131,11 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Envelope:
-        """decode parses the output of `encode`; malformed input raises ValueError, never more."""
+        """decode parses the output of `encode`.
+
+        Raises:
+            ValueError: malformed input (and never anything else).
+        """
         view = memoryview(data)
         if len(view) < _HEAD.size:
             raise ValueError("Envelope.decode: truncated header")

@@ -63,7 +63,12 @@ class LocalBus(BusBase):
         self._deliver = deliver
 
     def publish(self, envelope: Envelope) -> None:
-        """publish delivers ``envelope`` to this node before it returns."""
+        """publish delivers ``envelope`` to this node before it returns.
+
+        Raises:
+            BusUnavailable: the bus is not started, or is closed.
+            Exception: whatever deliver raised (counted in ``deliver_errors``).
+        """
         deliver = self._deliver
         if deliver is None or self._closed.is_set():
             self.stats.add("refused")

@@ -69,6 +69,9 @@ class Connection:
 
         code must be valid on the wire (1000-1003, 1007-1011, 3000-4999); reason at most
         123 bytes of UTF-8. Returns False when the connection is no longer open.
+
+        Raises:
+            ValueError: a code that may not be sent, or a reason that is too long.
         """
         if not lib.lmw_close_code_valid(code):
             raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")

@@ -21,7 +21,10 @@ class Request:
 
     BORROWED: a Request is valid only during the hook it is passed to (on_connect,
     on_http). Its strings are decoded on access; keep what you need (``str`` values are
-    copies) and never the Request itself: afterwards every access raises RuntimeError.
+    copies, and so is `headers`) and never the Request itself.
+
+    Raises:
+        RuntimeError: from any property or method used after the hook returned.
     """
 
     __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len", "_headers")
@@ -151,6 +154,9 @@ class Accept:
     user: a 64-bit user tag (0 = none) for send_to_user; topics: topic names to subscribe
     to; subprotocol: the Sec-WebSocket-Protocol to confirm (one the client offered).
     One is made per upgrade, so it is a plain slotted class: cheap to build.
+
+    Raises:
+        ValueError: user is not a 64-bit unsigned integer.
     """
 
     __slots__ = ("user", "topics", "subprotocol")
@@ -184,6 +190,9 @@ class Reject:
     status must be one of the responses built at start-up (lmw_reject_response): 400,
     401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505. 429 Too Many Requests
     and 503 carry ``Retry-After: 1``.
+
+    Raises:
+        ValueError: a status with no response built at start-up.
     """
 
     __slots__ = ("status",)
@@ -236,7 +245,11 @@ class Response:
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        """encode returns the complete HTTP/1.1 response."""
+        """encode returns the complete HTTP/1.1 response.
+
+        Raises:
+            ValueError: a header name or value contains CR or LF (response splitting).
+        """
         body = self.body.encode("utf-8") if isinstance(self.body, str) else self.body
         reason = _REASONS.get(self.status, "Status")
         lines = [

@@ -36,17 +36,21 @@ from .connection import Connection
 class Gateway:
     """Gateway is a WebSocket server for many mostly idle connections.
 
-    Hooks (set with the decorator methods, e.g. ``@gateway.on_message``):
-      on_connect(request) -> Accept | Reject | None: authorise an upgrade (None accepts);
-          the request is a borrowed view, valid only during the call.
-      on_open(conn): the connection is open (the 101 is sent): send a greeting here.
-      on_message(conn, message): a complete message, str for text, bytes for binary.
-      on_close(conn, code): a connection ended (1006 when no close frame was received).
-      on_http(request) -> Response | None: a plain HTTP request on the same port; None
-          falls back to the built-in /healthz and /metrics, else 404.
+    Hooks are set with the decorator methods (``@gateway.on_message``), one of each:
 
+    - ``on_connect(request) -> Accept | Reject | None`` authorises an upgrade (None
+      accepts); the request is a borrowed view, valid only during the call.
+    - ``on_open(conn)``: the connection is open (the 101 is sent): send a greeting here.
+    - ``on_message(conn, message)``: a complete message, str for text, bytes for binary.
+    - ``on_close(conn, code)``: a connection ended (1006 when no close frame came).
+    - ``on_http(request) -> Response | None``: a plain HTTP request on the same port;
+      None falls back to the built-in /healthz and /metrics, else 404.
+
+    A hook that raises is logged; an upgrade or request it was deciding gets HTTP 500.
     ``host`` may be one address or several (IPv4 and IPv6); ``processes`` > 1 forks
-    SO_REUSEPORT worker processes under a supervising parent (Linux).
+    SO_REUSEPORT worker processes under a supervising parent (Linux). Every tunable is a
+    field of ``config``; ``bus`` carries publishes between processes and machines
+    (default: LocalBus for one process, ProcessBus for several).
     """
 
     def __init__(
@@ -118,18 +122,39 @@ class Gateway:
     def publish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
         """publish sends data to every member of topic, on every node of the bus.
 
-        Thread-safe. Returns the number of connections of this process reached (0 when the
-        bus delivers asynchronously). Raises lowmemws.errors.BusUnavailable when the bus
-        cannot take the message. policy: "drop", "close" (1008) or "latest".
+        Thread-safe. ``policy`` says what happens to a member over its write limit:
+        "drop" (it misses this message), "close" (closed with 1008) or "latest" (only the
+        newest pending message of the topic is kept). Returns the number of connections
+        of this process the message was handed to before publish returned: all of them
+        with LocalBus, which delivers in the caller's thread; 0 with ProcessBus and
+        RedisBus, which deliver on their own threads.
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy, or a topic longer than 65535 UTF-8 bytes.
         """
         return self._publish(Envelope.for_topic(topic, data, policy=policy))
 
     def send_to_user(self, user: int, data: str | bytes, policy: Policy = "drop") -> int:
-        """send_to_user sends data to every connection tagged with user, on every node."""
+        """send_to_user sends data to every connection tagged with user, on every node.
+
+        Like publish (the same policies and return value); user 0 means no user.
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy, or user outside 0..2**64-1.
+        """
         return self._publish(Envelope.for_user(user, data, policy=policy))
 
     def broadcast(self, data: str | bytes, policy: Policy = "drop") -> int:
-        """broadcast sends data to every open connection, on every node."""
+        """broadcast sends data to every open connection, on every node.
+
+        Like publish (the same policies and return value).
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy.
+        """
         return self._publish(Envelope.for_all(data, policy=policy))
 
     async def apublish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
@@ -193,7 +218,14 @@ class Gateway:
     # ------------------------------------------------------------------ running
 
     def run(self) -> None:
-        """run serves until SIGTERM or SIGINT (or stop()), then closes clients with 1001."""
+        """run serves until SIGTERM or SIGINT (or stop()), then closes clients with 1001.
+
+        With processes > 1 it forks the worker processes and supervises them: a worker
+        that dies is started again.
+
+        Raises:
+            OSError: an address cannot be bound, or the C server cannot be made.
+        """
         if self.processes > 1:
             self._supervise()
             return
@@ -230,7 +262,11 @@ class Gateway:
         self.stop()
 
     def stop(self, timeout: float | None = None) -> None:
-        """stop closes every client with 1001 and ends the loop (and worker processes)."""
+        """stop closes every client with 1001 and ends the loop (and worker processes).
+
+        It waits for the loop thread at most ``timeout`` seconds (default: the
+        shutdown_timeout plus 5); calling it again, or before start, does no harm.
+        """
         self._request_stop()
         if self._supervisor is not None:
             self._supervisor.terminate()
@@ -315,7 +351,13 @@ def serve(
     port: int = 8080,
     **kwargs: Any,
 ) -> None:
-    """serve is the shortest way to run: a Gateway with one on_message hook, until SIGTERM."""
+    """serve is the shortest way to run: a Gateway with one on_message hook, until SIGTERM.
+
+    ``kwargs`` go to Gateway (processes, config, bus).
+
+    Raises:
+        OSError: an address cannot be bound, or the C server cannot be made.
+    """
     gateway = Gateway(host if isinstance(host, str) else tuple(host), port, **kwargs)
     if on_message is not None:
         gateway.on_message(on_message)
