@@ -23,9 +23,9 @@ import pytest
 import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Reject, Request, Response
-from support import waiting
-from support.metrics import metric_value
-from support.wire import read_until
+from tests.support import waiting
+from tests.support.metrics import metric_value
+from tests.support.wire import read_until
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

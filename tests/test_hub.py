@@ -21,7 +21,7 @@ import pytest
 import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Request, SendResult
-from support import waiting
+from tests.support import waiting
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 SMALL_RCVBUF = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
