@@ -117,6 +117,14 @@ def test_local_bus_delivers_synchronously_and_counts() -> None:
         bus.publish(FENCE)
 
 
+def test_local_bus_publish_returns_what_deliver_counted() -> None:
+    bus = LocalBus()
+    bus.start(lambda envelope: 3)
+    assert bus.publish(FENCE) == 3
+    bus.start(lambda envelope: None)  # a callback that does not count
+    assert bus.publish(FENCE) == 0
+
+
 def test_local_bus_reports_a_failing_deliver_to_the_publisher() -> None:
     bus = LocalBus()
 

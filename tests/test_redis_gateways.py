@@ -63,6 +63,9 @@ NODE = textwrap.dedent(
                 gateway.send_to_user(int(user), text)
             elif verb == "all":
                 gateway.broadcast(rest)
+            elif verb == "count":
+                topic, text = rest.split(" ", 1)
+                conn.send(f"reached {gateway.publish(topic, text)}")
         except BusUnavailable:
             conn.send("refused")
 
@@ -138,6 +141,22 @@ def test_a_publish_on_one_node_reaches_clients_on_the_other(
     assert also_b.recv() == "to user one"
     on_a.send("all everyone")
     assert [c.recv() for c in (on_a, on_b, also_b)] == ["everyone"] * 3
+
+
+def test_publish_returns_the_connections_of_its_own_node_it_reached(
+    start_node: Callable[..., ServerProcess],
+    make_client: Callable[..., websocket.WebSocket],
+) -> None:
+    a, b = start_node(), start_node()
+    on_a = make_client(a, topics="news")
+    also_a = make_client(a, topics="news")
+    on_b = make_client(b, topics="news")
+
+    on_a.send("count news headline")  # RedisBus delivers to its own node before returning
+    assert on_a.recv() == "headline"
+    assert on_a.recv() == "reached 2"  # the two members on node a; node b is not counted
+    assert also_a.recv() == "headline"
+    assert on_b.recv() == "headline"
 
 
 def test_redis_outage_keeps_local_traffic_then_resumes_and_flushes(

@@ -181,9 +181,10 @@ def _decode_key(kind: Kind, view: memoryview, offset: int) -> tuple[str | int | 
     return None, offset
 
 
-#: Deliver is a node's delivery callback: it fans one envelope out to the node's connections.
-#: It must be thread-safe; buses call it from their own threads.
-Deliver = Callable[[Envelope], None]
+#: Deliver is a node's delivery callback: it fans one envelope out to the node's connections
+#: and returns how many took it (None: not counted). It must be thread-safe; buses call it
+#: from their own threads.
+Deliver = Callable[[Envelope], "int | None"]
 
 
 @dataclass
@@ -244,7 +245,9 @@ class Bus(Protocol):
     ``start(deliver)`` begins delivering every envelope of the deployment to this node;
     ``publish(envelope)`` is callable from any thread and raises
     `lowmemws.errors.BusUnavailable` when the bus cannot take the envelope (nothing was
-    delivered anywhere then, so a retry never duplicates); ``close()`` stops the bus.
+    delivered anywhere then, so a retry never duplicates); it returns what this node's
+    deliver returned if the bus delivered to this node before publish returned, else 0;
+    ``close()`` stops the bus.
     """
 
     stats: BusStats
@@ -252,8 +255,9 @@ class Bus(Protocol):
     def start(self, deliver: Deliver) -> None:
         """start begins delivering to this node through ``deliver``."""
 
-    def publish(self, envelope: Envelope) -> None:
-        """publish sends ``envelope`` to every node, this one included."""
+    def publish(self, envelope: Envelope) -> int:
+        """publish sends ``envelope`` to every node, this one included; returns the count
+        this node's deliver gave if it ran before publish returned, else 0."""
 
     def close(self) -> None:
         """close stops delivery and releases the bus's threads and sockets."""
@@ -268,25 +272,27 @@ class BusBase:
         self.stats = BusStats()
         self._deliver: Deliver | None = None
 
-    def publish(self, envelope: Envelope) -> None:  # pragma: no cover - overridden
+    def publish(self, envelope: Envelope) -> int:  # pragma: no cover - overridden
         """publish sends ``envelope`` to every node; each bus overrides it."""
         raise NotImplementedError
 
-    async def apublish(self, envelope: Envelope) -> None:
+    async def apublish(self, envelope: Envelope) -> int:
         """apublish is `publish` for asyncio callers: it runs in the loop's default executor,
         so a slow local fan-out never stalls the caller's event loop."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.publish, envelope)
+        return await loop.run_in_executor(None, self.publish, envelope)
 
-    def _deliver_safely(self, envelope: Envelope) -> None:
-        """Deliver from a bus thread: a failing callback is logged and counted, not fatal."""
+    def _deliver_safely(self, envelope: Envelope) -> int:
+        """Deliver from a bus thread: a failing callback is logged and counted, not fatal.
+        Returns the callback's count (0 when it failed or did not count)."""
         deliver = self._deliver
         if deliver is None:
-            return
+            return 0
         try:
-            deliver(envelope)
+            count = deliver(envelope)
         except Exception:
             self.stats.add("deliver_errors")
             log.exception("lowmemws bus: deliver callback failed")
-        else:
-            self.stats.add("delivered")
+            return 0
+        self.stats.add("delivered")
+        return count or 0

@@ -242,10 +242,11 @@ class ProcessBus(BusBase):
             )
             self._reader.start()
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope) -> int:
         """publish sends ``envelope`` to every worker, this one included, exactly once.
 
-        In a worker it blocks at most ``send_timeout`` while the parent is busy.
+        In a worker it blocks at most ``send_timeout`` while the parent is busy. Returns 0:
+        every worker, this one too, gets the envelope later, on its reader thread.
 
         Raises:
             BusUnavailable: the bus is not attached, closed, the parent is gone or the
@@ -262,8 +263,9 @@ class ProcessBus(BusBase):
         if self._role == "parent":
             self.stats.add("published")
             self._relay(data)
-            return
+            return 0
         self._publish_to_parent(data)
+        return 0
 
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""

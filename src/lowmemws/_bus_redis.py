@@ -152,10 +152,10 @@ class RedisBus(BusBase):
                 return False
         return True
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope) -> int:
         """publish queues ``envelope`` for the other nodes, then delivers it to this node.
 
-        It never waits for the network.
+        It never waits for the network. Returns the count this node's deliver gave.
 
         Raises:
             BusUnavailable: before start, after close, and while the outage buffer is
@@ -179,7 +179,7 @@ class RedisBus(BusBase):
         self.stats.add("published")
         self.stats.add("buffered")
         self.stats.add("buffered_bytes", len(message))
-        self._deliver_safely(envelope)
+        return self._deliver_safely(envelope)
 
     def close(self, timeout: float = 2.0) -> None:
         """close stops taking publishes, gives the writer up to ``timeout`` seconds to send

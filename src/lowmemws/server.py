@@ -124,10 +124,13 @@ class Gateway:
 
         Thread-safe. ``policy`` says what happens to a member over its write limit:
         "drop" (it misses this message), "close" (closed with 1008) or "latest" (only the
-        newest pending message of the topic is kept). Returns the number of connections
-        of this process the message was handed to before publish returned: all of them
-        with LocalBus, which delivers in the caller's thread; 0 with ProcessBus and
-        RedisBus, which deliver on their own threads.
+        newest pending message of the topic is kept).
+
+        Returns, whatever the bus, the number of connections of this process that took
+        the message (sent or queued) before publish returned. LocalBus and RedisBus
+        deliver to this process in the caller's thread, so that is every member here;
+        ProcessBus delivers to every worker, this one too, on its reader thread, so it is
+        0. Other processes and machines are never counted: their delivery is the bus's.
 
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
@@ -170,17 +173,12 @@ class Gateway:
         return await asyncio.to_thread(self.broadcast, data, policy)
 
     def _publish(self, envelope: Envelope) -> int:
-        bus = self._bus
-        if bus is None or isinstance(bus, LocalBus):
-            return self._deliver(envelope)
-        bus.publish(envelope)
-        return 0
-
-    def _deliver_from_bus(self, envelope: Envelope) -> None:
-        self._deliver(envelope)
+        if self._bus is None:
+            return 0  # not started: no connection to reach, no bus to carry it yet
+        return self._bus.publish(envelope)
 
     def _deliver(self, envelope: Envelope) -> int:
-        """_deliver fans an envelope out to this process's connections."""
+        """_deliver fans an envelope out to this process's connections (the bus callback)."""
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "topic":
@@ -286,7 +284,7 @@ class Gateway:
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
-        self._bus.start(self._deliver_from_bus)
+        self._bus.start(self._deliver)
 
     def _bind(self, reuse_port: bool) -> None:
         self._listeners, self.port = bind_listeners(
@@ -339,7 +337,7 @@ class Gateway:
         self._bind(reuse_port=True)
         self._make_server(stats)
         assert self._bus is not None
-        self._bus.start(self._deliver_from_bus)
+        self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop):
             self._serve()
 
