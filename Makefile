@@ -4,9 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE := $(wildcard src/lowmemws/*.c src/lowmemws/*.h) src/lowmemws/_build_native.py setup.py pyproject.toml
+# Every C file is kept in the .clang-format style (checked by `make lint`).
+C_FILES := $(wildcard src/lowmemws/*.c src/lowmemws/*.h fuzz/*.c)
 FUZZ_SECONDS ?= 8
 
-.PHONY: all build demo test lint typecheck pytest sysdeps fuzz fuzz-smoke bench compliance clean
+.PHONY: all build demo test lint typecheck docs pytest sysdeps fuzz fuzz-smoke bench compliance clean
 
 all: build
 
@@ -31,23 +33,37 @@ sysdeps:
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
 	command -v chromium >/dev/null || need="$$need chromium"; \
 	command -v clang >/dev/null || need="$$need clang libclang-rt-14-dev"; \
+	command -v clang-format >/dev/null || need="$$need clang-format"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing system packages:$$need"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null) \
 	    || { echo "could not install$$need (needs root and Debian's apt)"; [ "$$CI" != true ] || exit 1; }; \
 	fi
 
+# clang-format missing: skipped on a developer's machine, a failure under CI=true.
 lint: build
-	$(PY) -m ruff check src tests benchmarks examples compliance fuzz
-	$(PY) -m ruff format --check src tests benchmarks examples compliance fuzz
+	$(PY) -m ruff check src tests benchmarks examples compliance fuzz docs
+	$(PY) -m ruff format --check src tests benchmarks examples compliance fuzz docs
+	@if command -v clang-format >/dev/null; then \
+	  echo "clang-format --dry-run --Werror $(C_FILES)"; \
+	  clang-format --dry-run --Werror $(C_FILES); \
+	elif [ "$$CI" = true ]; then \
+	  echo "clang-format is not installed (make sysdeps installs it)"; exit 1; \
+	else \
+	  echo "skipped the C formatting check: clang-format is not installed (make sysdeps)"; \
+	fi
 
 typecheck: build
 	$(PY) -m mypy
 
+# The API reference (docs/api/), built from the docstrings: any Sphinx warning fails it.
+docs: build
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 pytest: build
 	$(PY) -m pytest -q tests
 
-test: sysdeps build lint typecheck fuzz-smoke pytest
+test: sysdeps build lint typecheck docs fuzz-smoke pytest
 
 # Fuzzing with AddressSanitizer and UBSan: libFuzzer on the C parsers and atheris on every
 # C entry point (7 targets): the smoke run gives each FUZZ_SECONDS, `make fuzz` 10 minutes.
@@ -68,4 +84,4 @@ bench: build
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf build dist src/*.egg-info src/lowmemws/_lowmemws*.so src/lowmemws/_lowmemws.c fuzz/build
+	rm -rf build dist docs/_build src/*.egg-info src/lowmemws/_lowmemws*.so src/lowmemws/_lowmemws.c fuzz/build

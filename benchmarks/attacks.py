@@ -33,17 +33,8 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "adversarial")]
+sys.path.insert(0, ROOT)
 
-from adversary import (  # noqa: E402
-    SERVER_SCRIPT,
-    MiB,
-    connect,
-    rss_bytes,
-    start_gateway,
-    upgrade_head,
-)
-from crowd import SOURCES, Crowd  # noqa: E402
 from test_defects import (  # noqa: E402
     PeakFds,
     cpu_seconds,
@@ -53,8 +44,17 @@ from test_defects import (  # noqa: E402
     upgrade_status,
 )
 
-from support.servers import ServerProcess, start_cli_server  # noqa: E402
-from support.wsproto_client import WsprotoClient, WsprotoClientError  # noqa: E402
+from tests.adversarial.adversary import (  # noqa: E402
+    SERVER_SCRIPT,
+    MiB,
+    connect,
+    rss_bytes,
+    start_gateway,
+    upgrade_head,
+)
+from tests.adversarial.crowd import SOURCES, Crowd  # noqa: E402
+from tests.support.servers import ServerProcess, start_cli_server  # noqa: E402
+from tests.support.wsproto_client import WsprotoClient, WsprotoClientError  # noqa: E402
 
 STALL = 20.0  # how long one echo or one answer is waited for before it counts as stalled
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)  # for tests.support
 
 TARGETS = {
     "upgrade_parse": ("<=", 300.0, "ns"),
@@ -80,7 +80,7 @@ def python_figures() -> dict[str, float]:
 
     from lowmemws._native import ffi, lib
     from lowmemws.codec import parse_request
-    from test_codec_request import BROWSER_REQUEST
+    from tests.support.http_samples import BROWSER_REQUEST
 
     req = ffi.new("lmw_request *")
     size = len(BROWSER_REQUEST)

@@ -33,9 +33,9 @@ from importlib import metadata
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
 
-from support.overload import (  # noqa: E402
+from tests.support.overload import (  # noqa: E402
     CrowdProcess,
     gauge,
     lag_figures,

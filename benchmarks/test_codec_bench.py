@@ -21,8 +21,8 @@ from wsproto.frame_protocol import XorMaskerSimple
 from lowmemws._native import ffi, lib
 from lowmemws.codec import build_frame, parse_request
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
-from test_codec_request import BROWSER_REQUEST  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.http_samples import BROWSER_REQUEST  # noqa: E402
 
 Bench = Any  # pytest-benchmark's fixture
 MASK = b"\x37\xfa\x21\x3d"

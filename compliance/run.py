@@ -33,9 +33,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # for tests.support
 
-from support.servers import ServerProcess, ServerStartError, start_echo_server  # noqa: E402
+from tests.support.servers import ServerProcess, ServerStartError, start_echo_server  # noqa: E402
 
 TEMPLATE = HERE / "fuzzingclient.json"
 DEFAULT_REPORTS = HERE / "reports"

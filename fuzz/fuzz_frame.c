@@ -7,16 +7,13 @@
 
 #include "../src/lowmemws/lmw.h"
 
-#define CHECK(cond) \
-    do {            \
-        if (!(cond)) \
-            abort(); \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) abort();                                                                      \
     } while (0)
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
-    if (size < 1)
-        return 0;
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size < 1) return 0;
     uint8_t flags = data[0];
     const uint8_t *buf = data + 1;
     size_t len = size - 1;
@@ -28,8 +25,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while (at < len) {
         lmw_frame f;
         int rc = lmw_parse_frame(copy + at, len - at, flags & 7, flags >> 7, &f);
-        if (rc == LMW_INCOMPLETE)
-            break;
+        if (rc == LMW_INCOMPLETE) break;
         if (rc == LMW_ERROR) {
             CHECK(f.close_code == 1002);
             break;
@@ -52,8 +48,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size_t half = avail / 2;
         lmw_unmask(copy + at, half, f.mask, 0);
         lmw_unmask(copy + at + half, avail - half, f.mask, half);
-        for (size_t i = 0; i < avail; i++)
-            CHECK((copy[at + i] ^ f.mask[i & 3]) == buf[at + i]);
+        for (size_t i = 0; i < avail; i++) CHECK((copy[at + i] ^ f.mask[i & 3]) == buf[at + i]);
         if (f.opcode == LMW_OP_CLOSE && avail == f.payload_len) {
             uint16_t cc = 0;
             int r = lmw_parse_close(copy + at, avail, &cc);
@@ -65,17 +60,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         } else if (!(f.opcode & 8)) {
             code = lmw_message_payload(&m, copy + at, avail);
             CHECK(code == 0 || code == 1007);
-            if (code)
-                break;
+            if (code) break;
         }
-        if (avail < f.payload_len)
-            break;
+        if (avail < f.payload_len) break;
         at += avail;
         if (!(f.opcode & 8)) {
             code = lmw_message_frame_end(&m, f.fin);
             CHECK(code == 0 || code == 1007);
-            if (code)
-                break;
+            if (code) break;
         }
     }
     free(copy);

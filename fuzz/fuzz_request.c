@@ -6,22 +6,21 @@
 
 #include "../src/lowmemws/lmw.h"
 
-#define CHECK(cond) \
-    do {            \
-        if (!(cond)) \
-            abort(); \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) abort();                                                                      \
     } while (0)
 
-static void check_span(lmw_span s, uint32_t head_len) { CHECK((uint64_t)s.off + s.len <= head_len); }
+static void check_span(lmw_span s, uint32_t head_len) {
+    CHECK((uint64_t)s.off + s.len <= head_len);
+}
 
-static int documented(int status)
-{
+static int documented(int status) {
     return status == 400 || status == 405 || status == 426 || status == 431 || status == 501 ||
            status == 505;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t max_head = size > 0 ? 16 + data[0] * 4 : 64;
     lmw_request req;
     memset(&req, 0, sizeof req);
@@ -40,8 +39,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check_span(req.target, rc);
         check_span(req.path, rc);
         check_span(req.query, rc);
-        for (int i = 0; i < LMW_H_COUNT; i++)
-            check_span(req.headers[i], rc);
+        for (int i = 0; i < LMW_H_COUNT; i++) check_span(req.headers[i], rc);
         uint32_t pos = 0, count = 0;
         lmw_span name, value;
         while (lmw_header_next(data, (size_t)rc, &pos, &name, &value)) {
@@ -66,8 +64,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (first == LMW_INCOMPLETE) {
         int second = lmw_parse_request(data, size, max_head, &again);
         CHECK(second == rc);
-        if (rc == LMW_ERROR)
-            CHECK(again.status == req.status);
+        if (rc == LMW_ERROR) CHECK(again.status == req.status);
     }
     return 0;
 }

@@ -6,16 +6,14 @@
 
 #include "../src/lowmemws/lmw.h"
 
-#define CHECK(cond) \
-    do {            \
-        if (!(cond)) \
-            abort(); \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) abort();                                                                      \
     } while (0)
 
 /* reference decodes code points and returns the offset of the first byte at which the
  * input can no longer be valid, -1 if valid, -2 if it ends inside a character. */
-static int64_t reference(const uint8_t *s, size_t n)
-{
+static int64_t reference(const uint8_t *s, size_t n) {
     size_t i = 0;
     while (i < n) {
         uint8_t b = s[i];
@@ -39,23 +37,19 @@ static int64_t reference(const uint8_t *s, size_t n)
         if (hi0 < min || lo0 > 0x10FFFF)
             return (int64_t)start; /* no continuation can save this lead byte */
         for (int k = 0; k < need; k++, i++) {
-            if (i == n)
-                return -2;
-            if ((s[i] & 0xC0) != 0x80)
-                return (int64_t)i;
+            if (i == n) return -2;
+            if ((s[i] & 0xC0) != 0x80) return (int64_t)i;
             cp = cp << 6 | (s[i] & 0x3F);
             /* decide as early as the prefix allows, as the validator must */
             int left = need - k - 1;
             uint32_t lo = cp << (6 * left), hi = lo | ((1u << (6 * left)) - 1);
-            if (hi < min || lo > 0x10FFFF || (lo >= 0xD800 && hi <= 0xDFFF))
-                return (int64_t)i;
+            if (hi < min || lo > 0x10FFFF || (lo >= 0xD800 && hi <= 0xDFFF)) return (int64_t)i;
         }
     }
     return -1;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
-{
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint32_t st = LMW_UTF8_ACCEPT;
     int64_t whole = lmw_utf8_check(&st, data, size);
     CHECK(whole == -1 || (whole >= 0 && (size_t)whole < size));
@@ -70,11 +64,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t bs = LMW_UTF8_ACCEPT;
     int64_t bytewise = -1;
     for (size_t i = 0; i < size && bytewise < 0; i++)
-        if (lmw_utf8_check(&bs, data + i, 1) == 0)
-            bytewise = (int64_t)i;
+        if (lmw_utf8_check(&bs, data + i, 1) == 0) bytewise = (int64_t)i;
     CHECK(bytewise == whole);
-    if (whole < 0)
-        CHECK(bs == st);
+    if (whole < 0) CHECK(bs == st);
 
     size_t cut = size ? data[0] % (size + 1) : 0;
     uint32_t ss = LMW_UTF8_ACCEPT;

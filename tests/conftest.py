@@ -1,5 +1,6 @@
 """Shared fixtures: the echo server as a child process, a factory for any CLI server, a
-factory for in-process Gateways, and a guarded page for the no-over-read tests.
+factory for in-process Gateways, a redis-server, and a guarded page for the no-over-read
+tests. Each fixture name has one meaning in the whole suite.
 
 The echo server command comes from $LOWMEMWS_ECHO_CMD (default ``<python> -m lowmemws echo``),
 see tests/support/servers.py. Every server listens on 127.0.0.1 on a free port and is stopped
@@ -9,12 +10,14 @@ by PID at teardown (SIGTERM, then SIGKILL after a timeout).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from lowmemws import Config, Gateway
-from support.guarded_page import GuardedPage
-from support.servers import ServerProcess, StartServer, start_cli_server, start_echo_server
+from tests.support.guarded_page import GuardedPage
+from tests.support.redis_server import RedisServer, require_redis
+from tests.support.servers import ServerProcess, StartServer, start_cli_server, start_echo_server
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +57,19 @@ def start_server() -> Iterator[StartServer]:
 
 
 @pytest.fixture(scope="module")
-def guarded() -> GuardedPage:
-    """guarded is a GuardedPage shared by a module's no-over-read tests.
-
-    The adversarial tests have a fixture of the same name of their own (a guarded gateway,
-    tests/adversarial/conftest.py), which overrides this one in that folder.
-    """
+def guarded_page() -> GuardedPage:
+    """guarded_page is a GuardedPage shared by a module's no-over-read tests."""
     return GuardedPage()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """redis_server is a fresh redis-server on a free port, killed at teardown; the test
+    skips without redis-server or redis-py (fails under CI=true)."""
+    server = RedisServer(require_redis(), tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

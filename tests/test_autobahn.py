@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.ci import skip_or_fail
+from tests.support.ci import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPLIANCE = ROOT / "compliance"

@@ -7,15 +7,11 @@ import asyncio
 import hashlib
 import os
 import pickle
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +26,9 @@ from lowmemws.bus import (
     ProcessBus,
     RedisBus,
 )
-from support import waiting
+from tests.support import waiting
+from tests.support.redis_server import RedisServer, require_redis
+from tests.support.servers import free_port
 
 DEADLINE = 20.0
 FENCE = Envelope.for_topic("fence", b"")
@@ -117,6 +115,14 @@ def test_local_bus_delivers_synchronously_and_counts() -> None:
     bus.close()
     with pytest.raises(BusUnavailable):
         bus.publish(FENCE)
+
+
+def test_local_bus_publish_returns_what_deliver_counted() -> None:
+    bus = LocalBus()
+    bus.start(lambda envelope: 3)
+    assert bus.publish(FENCE) == 3
+    bus.start(lambda envelope: None)  # a callback that does not count
+    assert bus.publish(FENCE) == 0
 
 
 def test_local_bus_reports_a_failing_deliver_to_the_publisher() -> None:
@@ -382,67 +388,6 @@ def test_process_bus_refuses_before_attach_and_oversized_envelopes() -> None:
 
 
 # -- RedisBus ---------------------------------------------------------------------------------
-
-
-def require_redis() -> str:
-    """The redis-server binary; missing pieces fail the run under CI=true, else skip it."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    problems = []
-    if not os.access(binary, os.X_OK):
-        problems.append("redis-server is not installed (make sysdeps installs it)")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        problems.append("redis-py is not installed (pip install 'lowmemws[redis]')")
-    if problems:
-        message = "; ".join(problems)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class RedisServer:
-    """A throw-away redis-server on a loopback port, stopped by its PID."""
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary, self.directory, self.port = binary, directory, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        wait_until(self.answers, "redis-server to answer", timeout=10)
-
-    def answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(require_redis(), tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 class Node:

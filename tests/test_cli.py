@@ -13,9 +13,9 @@ import subprocess
 import pytest
 import websocket
 
-from support.servers import ServerProcess, StartServer, echo_command
-from support.ws_close import expect_close_frames
-from support.wsproto_client import WsprotoClient
+from tests.support.servers import ServerProcess, StartServer, echo_command
+from tests.support.ws_close import expect_close_frames
+from tests.support.wsproto_client import WsprotoClient
 
 EXIT_TIMEOUT = 15.0  # bounds the wait, it is not a performance figure
 

@@ -42,7 +42,7 @@ from lowmemws.codec import (
     unmask,
 )
 from lowmemws.errors import ProtocolError
-from support.guarded_page import GuardedPage
+from tests.support.guarded_page import GuardedPage
 
 MASK = bytes.fromhex("37fa213d")
 
@@ -507,20 +507,20 @@ def test_fragments_and_close_built_here_parse_in_wsproto() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_frame_parser_never_reads_past_the_input(guarded: GuardedPage) -> None:
+def test_frame_parser_never_reads_past_the_input(guarded_page: GuardedPage) -> None:
     f = ffi.new("lmw_frame *")
     for length in (0, 5, 126, 65536):
         frame = build_frame(OP_BINARY, bytes(length), mask=MASK)[:14]
         for cut in range(len(frame) + 1):
-            rc = lib.lmw_parse_frame(guarded.place(frame[:cut]), cut, 0, 1, f)
+            rc = lib.lmw_parse_frame(guarded_page.place(frame[:cut]), cut, 0, 1, f)
             assert rc == lib.LMW_INCOMPLETE or 2 <= rc <= cut
 
 
-def test_unmask_never_touches_bytes_past_the_input(guarded: GuardedPage) -> None:
+def test_unmask_never_touches_bytes_past_the_input(guarded_page: GuardedPage) -> None:
     for length in range(0, 70):
         for phase in range(4):
             data = os.urandom(length)
-            ptr = guarded.place(data)
+            ptr = guarded_page.place(data)
             lib.lmw_unmask(ptr, length, MASK, phase)
-            start = guarded.page - length
-            assert guarded.map[start : guarded.page] == xor_reference(data, MASK, phase)
+            start = guarded_page.page - length
+            assert guarded_page.map[start : guarded_page.page] == xor_reference(data, MASK, phase)

@@ -27,7 +27,8 @@ from lowmemws.codec import (
     reject_response,
 )
 from lowmemws.errors import HandshakeError
-from support.guarded_page import GuardedPage
+from tests.support.guarded_page import GuardedPage
+from tests.support.http_samples import BROWSER_REQUEST
 
 # RFC 6455 section 1.2, the sample client handshake.
 RFC_REQUEST = (
@@ -43,25 +44,6 @@ RFC_REQUEST = (
 )
 
 # What a current browser sends, cookies included (~600 bytes).
-BROWSER_REQUEST = (
-    b"GET /notify?user=42&v=3 HTTP/1.1\r\n"
-    b"Host: mail.example.com\r\n"
-    b"Connection: keep-alive, Upgrade\r\n"
-    b"Pragma: no-cache\r\n"
-    b"Cache-Control: no-cache\r\n"
-    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    b"Chrome/131.0.0.0 Safari/537.36\r\n"
-    b"Upgrade: websocket\r\n"
-    b"Origin: https://mail.example.com\r\n"
-    b"Sec-WebSocket-Version: 13\r\n"
-    b"Accept-Encoding: gzip, deflate, br, zstd\r\n"
-    b"Accept-Language: en-US,en;q=0.9,fr;q=0.8\r\n"
-    b"Cookie: session=3f2a9c1e8b7d4a60b5e1c2d3f4a5b6c7; theme=dark; "
-    b"_ga=GA1.2.1234567890.1700000000; csrftoken=Zx8Yw7Vu6Ts5Rq4Po3Nm2Lk1\r\n"
-    b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
-    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
-    b"\r\n"
-)
 
 PLAIN_GET = b"GET /health HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
 
@@ -471,7 +453,7 @@ def test_101_needs_enough_room() -> None:
 
 
 @pytest.mark.parametrize(
-    "status", [400, 401, 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505]
+    "status", [400, 401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505]
 )
 def test_reject_responses_are_complete_http_responses(status: int) -> None:
     resp = reject_response(status)
@@ -484,6 +466,8 @@ def test_reject_responses_are_complete_http_responses(status: int) -> None:
     assert b"close" in fields[b"connection"].split(b", ")
     if status == 426:
         assert fields[b"sec-websocket-version"] == b"13"
+    if status in (429, 503):
+        assert fields[b"retry-after"] == b"1"
 
 
 def test_no_reject_response_for_other_statuses() -> None:
@@ -524,14 +508,14 @@ def test_wsproto_client_rejects_a_wrong_accept_key() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_request_parser_never_reads_past_the_input(guarded: GuardedPage) -> None:
+def test_request_parser_never_reads_past_the_input(guarded_page: GuardedPage) -> None:
     for sample in (BROWSER_REQUEST, RFC_REQUEST, b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r"):
         for cut in range(len(sample) + 1):
             req = ffi.new("lmw_request *")
-            rc = lib.lmw_parse_request(guarded.place(sample[:cut]), cut, 8192, req)
+            rc = lib.lmw_parse_request(guarded_page.place(sample[:cut]), cut, 8192, req)
             assert rc in (lib.LMW_INCOMPLETE, lib.LMW_ERROR, len(sample))
         pos = ffi.new("uint32_t *", 0)
         name, value = ffi.new("lmw_span *"), ffi.new("lmw_span *")
-        ptr = guarded.place(sample)
+        ptr = guarded_page.place(sample)
         while lib.lmw_header_next(ptr, len(sample), pos, name, value):
             pass

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lowmemws._native import ffi, lib
 from lowmemws.codec import Utf8Validator, validate_utf8
-from support.guarded_page import GuardedPage
+from tests.support.guarded_page import GuardedPage
 
 
 def python_valid(data: bytes) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from lowmemws import Config
+from lowmemws._c_server import c_config
 from lowmemws._native import ffi, lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
 def run_server(frames: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
     """run_server sends an upgrade and frames over a socketpair; returns events and output."""
     cfg = Config(max_connections=64, read_buffer_size=4096, read_buffers=2, ping_interval=0)
-    server = lib.lmw_server_new(cfg.to_c(auto_upgrade=True), ffi.NULL)
+    server = lib.lmw_server_new(c_config(cfg, auto_upgrade=True), ffi.NULL)
     ours, theirs = socket.socketpair()
     try:
         theirs.setblocking(False)

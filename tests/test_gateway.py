@@ -23,9 +23,9 @@ import pytest
 import websocket
 
 from lowmemws import Accept, Config, Connection, Gateway, Reject, Request, Response
-from support import waiting
-from support.metrics import metric_value
-from support.wire import read_until
+from tests.support import waiting
+from tests.support.metrics import metric_value
+from tests.support.wire import read_until
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -103,7 +103,8 @@ def test_on_connect_sees_path_query_params_cookies_and_headers(
             token_lower=request.header("x-token"),
             origin=request.header("Origin"),
             missing=request.header("X-Missing"),
-            names=[name.lower() for name, _ in request.headers()],
+            names=[name.lower() for name in request.headers],
+            headers=request.headers,
         )
         return Accept(user=int(request.params["user"]))
 
@@ -125,13 +126,16 @@ def test_on_connect_sees_path_query_params_cookies_and_headers(
         assert seen["origin"] == "https://app.example"
         assert seen["missing"] is None
         assert {"host", "upgrade", "sec-websocket-key", "x-token", "cookie"} <= set(seen["names"])
+        headers = seen["headers"]  # a copy: still valid after the hook returned
+        assert headers["X-TOKEN"] == headers.get("x-token") == "s3cret"
+        assert "Cookie" in headers and "X-Missing" not in headers
         assert gateway.send_to_user(42, "tagged") == 1
         assert client.recv() == "tagged"
     finally:
         client.close()
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("status", [401, 403, 429])
 def test_reject_answers_the_status_and_never_upgrades(
     make_gateway: Callable[..., Gateway], status: int
 ) -> None:
@@ -142,11 +146,13 @@ def test_reject_answers_the_status_and_never_upgrades(
     def check(request: Request) -> Accept | Reject:
         return Accept() if request.params.get("token") == "good" else Reject(status)
 
-    gateway.on_open_hook = opened.append
+    gateway.on_open(opened.append)
     gateway.start()
     response = raw_upgrade(gateway.port, "/?token=bad")
     assert response.status == status
     assert "sec-websocket-accept" not in response.headers
+    if status == 429:
+        assert response.headers["retry-after"] == "1"
     assert closed_by_server(response.sock)
     response.sock.close()
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
@@ -177,7 +183,7 @@ def test_a_request_kept_after_the_hook_raises(make_gateway: Callable[..., Gatewa
         lambda: request.query,
         lambda: request.params,
         lambda: request.header("host"),
-        lambda: list(request.headers()),
+        lambda: request.headers,
         lambda: request.cookies,
         lambda: request.body,
     ):
@@ -239,7 +245,7 @@ def test_subprotocol_negotiation(make_gateway: Callable[..., Gateway]) -> None:
 
 def test_on_connect_chooses_the_subprotocol(make_gateway: Callable[..., Gateway]) -> None:
     gateway = make_gateway(Config(subprotocols=("chat",)))
-    gateway.on_connect_hook = lambda request: Accept(subprotocol=request.subprotocols[-1])
+    gateway.on_connect(lambda request: Accept(subprotocol=request.subprotocols[-1]))
     gateway.start()
     response = raw_upgrade(gateway.port, extra={"Sec-WebSocket-Protocol": "chat, v9"})
     assert response.headers["sec-websocket-protocol"] == "v9"
@@ -274,7 +280,7 @@ def test_on_http_gets_the_body_and_falls_back_to_the_built_ins(
             return Response(202, f"{len(request.body)} bytes to {reached}\n", headers={"X-A": "b"})
         return None
 
-    gateway.on_connect_hook = lambda request: Accept(topics=("news",))
+    gateway.on_connect(lambda request: Accept(topics=("news",)))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     try:
@@ -299,8 +305,8 @@ metric = metric_value
 
 
 def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway]) -> None:
-    gateway = make_gateway(Config(workers=1, worker_queue=4))
-    gateway.on_message_hook = lambda conn, message: conn.send(message)
+    gateway = make_gateway(Config(hook_threads=1, hook_queue=4))
+    gateway.on_message(lambda conn, message: conn.send(message))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     for n in range(3):
@@ -335,8 +341,8 @@ def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway])
 def test_on_close_gets_the_code(make_gateway: Callable[..., Gateway]) -> None:
     gateway = make_gateway()
     codes: dict[int, int] = {}
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
-    gateway.on_close_hook = lambda conn, code: codes.__setitem__(conn.user, code)
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
+    gateway.on_close(lambda conn, code: codes.__setitem__(conn.user, code))
     gateway.start()
     url = f"ws://127.0.0.1:{gateway.port}/?user="
     websocket.create_connection(url + "1", timeout=DEADLINE).close()
@@ -355,7 +361,7 @@ def test_the_server_closes_with_a_code_and_reason(make_gateway: Callable[..., Ga
     def bye(conn: Connection, message: str | bytes) -> None:
         conn.close(4000, "bye now")
 
-    gateway.on_close_hook = lambda conn, code: codes.append(code)
+    gateway.on_close(lambda conn, code: codes.append(code))
     gateway.start()
     client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
     client.send("quit")
@@ -367,13 +373,13 @@ def test_the_server_closes_with_a_code_and_reason(make_gateway: Callable[..., Ga
     client.shutdown()
 
 
-# -- worker pool -------------------------------------------------------------------------------
+# -- hook threads ------------------------------------------------------------------------------
 
 
-def test_worker_pool_processes_every_message_with_back_pressure(
+def test_hook_threads_process_every_message_with_back_pressure(
     make_gateway: Callable[..., Gateway],
 ) -> None:
-    gateway = make_gateway(Config(workers=2, worker_queue=4))
+    gateway = make_gateway(Config(hook_threads=2, hook_queue=4))
     seen: list[tuple[int, str]] = []
     threads: set[str] = set()
     lock = threading.Lock()
@@ -385,7 +391,7 @@ def test_worker_pool_processes_every_message_with_back_pressure(
             seen.append((conn.user, str(message)))
             threads.add(threading.current_thread().name)
 
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
     gateway.start()
     clients = [
         websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/?user={u}", timeout=DEADLINE)
@@ -415,9 +421,9 @@ def test_heartbeat_keeps_answering_clients_and_drops_silent_ones(
 ) -> None:
     gateway = make_gateway(Config(ping_interval=0.3, ping_timeout=0.3))
     codes: dict[int, int] = {}
-    gateway.on_connect_hook = lambda request: Accept(user=int(request.params["user"]))
-    gateway.on_close_hook = lambda conn, code: codes.__setitem__(conn.user, code)
-    gateway.on_message_hook = lambda conn, message: conn.send(message)
+    gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
+    gateway.on_close(lambda conn, code: codes.__setitem__(conn.user, code))
+    gateway.on_message(lambda conn, message: conn.send(message))
     gateway.start()
 
     silent = raw_upgrade(gateway.port, "/?user=2")  # never answers anything
@@ -454,3 +460,34 @@ def test_heartbeat_keeps_answering_clients_and_drops_silent_ones(
     wait_until(lambda: 2 in codes, "on_close for the silent client")
     assert codes[2] == 1006
     lively.close()
+
+
+# -- starting and stopping ---------------------------------------------------------------------
+
+
+def test_a_gateway_is_a_context_manager(make_gateway: Callable[..., Gateway]) -> None:
+    gateway = make_gateway()
+    gateway.on_message(lambda conn, message: conn.send(message))
+    with gateway as started:
+        assert started is gateway
+        client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
+        client.send("ping")
+        assert client.recv() == "ping"
+    frame = client.recv_frame()  # leaving the block stopped it: clients get 1001
+    assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
+    assert struct.unpack("!H", frame.data[:2])[0] == 1001
+    client.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_start_raises_when_the_loop_does_not_start(
+    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise MemoryError("no room for the loop")
+
+    monkeypatch.setattr("lowmemws._loop.EventLoop.run", broken)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        make_gateway().start()

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import websocket
 
-from lowmemws import Accept, Config, Connection, Gateway, Request
-from support import waiting
+from lowmemws import Accept, Config, Connection, Gateway, Request, SendResult
+from tests.support import waiting
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 SMALL_RCVBUF = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
@@ -329,22 +329,22 @@ def test_a_stale_handle_never_reaches_a_connection_that_reuses_its_fd(
     server = make_server().start()
     first = server.connect(user=1)
     stale = server.conn(1)
-    assert stale.is_open and stale.send("hello") is True
+    assert stale.is_open and stale.send("hello") is SendResult.SENT
     assert first.recv() == "hello"
     first.close()
     wait_until(lambda: len(server.closed) == 1, "the first connection to close")
     assert not stale.is_open
-    assert stale.send("to nobody") is False
+    assert stale.send("to nobody") is SendResult.GONE
 
     # the kernel hands out the lowest free fd, so the next connection takes the same one
     second = server.connect(user=2)
     fresh = server.conn(2)
     assert fresh.fd == stale.fd and fresh.gen != stale.gen
-    assert stale.send("for the old client") is False
+    assert stale.send("for the old client") is SendResult.GONE
     assert stale.close() is False
     assert stale.subscribe("t") is False
     assert fresh.is_open and server.gateway.topic_size("t") == 0
-    assert fresh.send("for the new client") is True
+    assert fresh.send("for the new client") is SendResult.SENT
     assert second.recv() == "for the new client"
     assert nothing_pending(second)
 
@@ -495,3 +495,25 @@ def test_a_slow_consumer_still_gets_its_pong(make_server: Callable[..., Server])
     assert [p.data for p in pongs] == [b"are you there"]
     assert [f.data for f in frames if f.opcode != websocket.ABNF.OPCODE_PONG] == filler
     assert server.conn(1).is_open
+
+
+def test_send_tells_a_dropped_message_from_a_gone_connection(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(Config(write_limit=WRITE_LIMIT))
+    server.start()
+    slow = server.connect(user=1, sockopt=SMALL_RCVBUF)
+    fast = server.connect(user=2)
+    assert server.conn(2).send("hi") is SendResult.SENT
+    assert fast.recv() == "hi"
+
+    make_backlogged(server, 1)  # past its write limit: the policy drops what does not fit
+    conn = server.conn(1)
+    dropped = conn.send(b"x" * 1024)
+    assert dropped is SendResult.DROPPED and not dropped
+    assert conn.is_open
+
+    slow.shutdown()
+    wait_until(lambda: any(c.user == 1 for c, _ in server.closed), "on_close")
+    gone = conn.send("anyone there?")
+    assert gone is SendResult.GONE and not gone

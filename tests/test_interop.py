@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import pytest
 import websocket
 
-from support.chromium import Chromium, find_chromium
-from support.ci import skip_or_fail
-from support.wsproto_client import WsprotoClient
+from tests.support.chromium import Chromium, find_chromium
+from tests.support.ci import skip_or_fail
+from tests.support.wsproto_client import WsprotoClient
 
 MiB = 1024 * 1024
 SIZES = (0, 1, 2, 125, 126, 127, 65535, 65536, 70_000, MiB)

@@ -23,15 +23,13 @@ from typing import Any
 
 import pytest
 
-from support.chromium import Chromium, find_chromium
-from support.ci import skip_or_fail
-from support.servers import LOOPBACK, ServerProcess, free_port
-from support.wire import read_until
-from support.wsproto_client import WsprotoClient
-from test_bus import RedisServer, require_redis
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from mailnotify import token_for  # noqa: E402
+from examples.mailnotify import token_for
+from tests.support.chromium import Chromium, find_chromium
+from tests.support.ci import skip_or_fail
+from tests.support.redis_server import RedisServer, require_redis
+from tests.support.servers import LOOPBACK, ServerProcess, free_port
+from tests.support.wire import read_until
+from tests.support.wsproto_client import WsprotoClient
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "mailnotify.py"
 SECRET = "test-secret"
@@ -82,7 +80,8 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def browser() -> Iterator[Chromium]:
+def demo_browser() -> Iterator[Chromium]:
+    """demo_browser is a fresh headless Chromium (no cookies) with a 900x640 viewport."""
     if find_chromium() is None:
         skip_or_fail("headless Chromium is not installed (Debian: apt-get install chromium)")
     with Chromium() as chromium:
@@ -198,31 +197,33 @@ def wait_unread(browser: Chromium, count: int) -> None:
 # -- the single-process demo ----------------------------------------------------------------
 
 
-def test_sign_in_connect_and_receive_mail(browser: Chromium, demo: Demo, tmp_path: Path) -> None:
+def test_sign_in_connect_and_receive_mail(
+    demo_browser: Chromium, demo: Demo, tmp_path: Path
+) -> None:
     server = demo()
-    sign_in(browser, server, "alice")
-    assert text(browser, "#unread") == "0"
+    sign_in(demo_browser, server, "alice")
+    assert text(demo_browser, "#unread") == "0"
 
     assert mail(server, "alice", "Quarterly report") == 1
-    wait_mail(browser, "Quarterly report")
-    wait_unread(browser, 1)
+    wait_mail(demo_browser, "Quarterly report")
+    wait_unread(demo_browser, 1)
 
-    browser.evaluate(
+    demo_browser.evaluate(
         "document.querySelector('#subject').value = 'Lunch on Friday?';"
         "document.querySelector('#compose button').click()"
     )
-    wait_mail(browser, "Lunch on Friday?")
-    wait_unread(browser, 2)
-    entries = browser.evaluate("document.querySelectorAll('#notifications li').length")
+    wait_mail(demo_browser, "Lunch on Friday?")
+    wait_unread(demo_browser, 2)
+    entries = demo_browser.evaluate("document.querySelectorAll('#notifications li').length")
     assert entries == 2
 
     shot = Path(os.environ.get("MAILNOTIFY_SCREENSHOT") or tmp_path / "mailnotify.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.screenshot(shot).read_bytes().startswith(b"\x89PNG")
+    assert demo_browser.screenshot(shot).read_bytes().startswith(b"\x89PNG")
 
-    browser.navigate(f"http://{server.host}:{server.port}/")  # a reconnect keeps the count
-    wait_connected(browser)
-    wait_unread(browser, 2)
+    demo_browser.navigate(f"http://{server.host}:{server.port}/")  # a reconnect keeps the count
+    wait_connected(demo_browser)
+    wait_unread(demo_browser, 2)
 
 
 def test_missing_or_wrong_credentials_get_401_and_no_upgrade(demo: Demo) -> None:
@@ -300,35 +301,35 @@ def test_mail_reaches_every_connection_of_its_user_only(demo: Demo) -> None:
         client.close()
 
 
-def test_page_reconnects_after_a_server_restart(browser: Chromium, demo: Demo) -> None:
+def test_page_reconnects_after_a_server_restart(demo_browser: Chromium, demo: Demo) -> None:
     first = demo()
-    sign_in(browser, first, "dana")
+    sign_in(demo_browser, first, "dana")
     first.stop()
     wait_for(
-        browser,
+        demo_browser,
         "document.querySelector('#status').textContent.startsWith('reconnecting')",
         "#status reconnecting",
     )
     second = demo(port=first.port)
-    wait_connected(browser, timeout=30)
+    wait_connected(demo_browser, timeout=30)
     mail(second, "dana", "After the restart")
-    wait_mail(browser, "After the restart")
+    wait_mail(demo_browser, "After the restart")
 
 
 # -- scaling out ----------------------------------------------------------------------------
 
 
-def test_two_processes_deliver_mail_from_either_worker(browser: Chromium, demo: Demo) -> None:
+def test_two_processes_deliver_mail_from_either_worker(demo_browser: Chromium, demo: Demo) -> None:
     server = demo("--processes", "2")
-    sign_in(browser, server, "erin")
+    sign_in(demo_browser, server, "erin")
     clients = [ws_client(server, "erin") for _ in range(6)]
     # Each POST and each connection lands on a worker chosen by SO_REUSEPORT: with 6 mails
     # and 7 connections, every worker-to-worker path is taken all but certainly.
     counts = [mail(server, "erin", f"mail {i}") for i in range(6)]
     assert counts == [1, 2, 3, 4, 5, 6]  # one count shared by both workers
     for i in range(6):
-        wait_mail(browser, f"mail {i}")
-    wait_unread(browser, 6)
+        wait_mail(demo_browser, f"mail {i}")
+    wait_unread(demo_browser, 6)
     for client in clients:
         got = [json.loads(client.receive_message()) for _ in range(6)]
         assert sorted(m["unread"] for m in got) == counts
@@ -336,22 +337,22 @@ def test_two_processes_deliver_mail_from_either_worker(browser: Chromium, demo: 
 
 
 def test_two_demo_processes_share_a_redis_server(
-    browser: Chromium, demo: Demo, redis_url: str
+    demo_browser: Chromium, demo: Demo, redis_url: str
 ) -> None:
     a = demo("--redis", redis_url)
     b = demo("--redis", redis_url)
-    sign_in(browser, a, "frank")
+    sign_in(demo_browser, a, "frank")
     on_b = ws_client(b, "frank")
     assert mail(b, "frank", "Sent through node B") == 1
-    wait_mail(browser, "Sent through node B")
+    wait_mail(demo_browser, "Sent through node B")
     assert mail(a, "frank", "Sent through node A") == 2
-    wait_mail(browser, "Sent through node A")
-    wait_unread(browser, 2)
+    wait_mail(demo_browser, "Sent through node A")
+    wait_unread(demo_browser, 2)
     assert [json.loads(on_b.receive_message())["unread"] for _ in range(2)] == [1, 2]
     on_b.close()
-    browser.navigate(f"http://{b.host}:{b.port}/")  # same secret: the session works on B
-    wait_connected(browser)
-    wait_unread(browser, 2)
+    demo_browser.navigate(f"http://{b.host}:{b.port}/")  # same secret: the session works on B
+    wait_connected(demo_browser)
+    wait_unread(demo_browser, 2)
 
 
 def test_two_processes_on_redis_deliver_mail_from_either_worker(demo: Demo, redis_url: str) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import websocket
 
-from support import waiting
-from support.metrics import fetch_metrics, metric_value
-from support.servers import ServerProcess, StartServer
-from support.ws_close import expect_close_frames
+from tests.support import waiting
+from tests.support.metrics import fetch_metrics, metric_value
+from tests.support.servers import ServerProcess, StartServer
+from tests.support.ws_close import expect_close_frames
 
 DEADLINE = 20.0  # bounds every wait; not a performance figure
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from support.overload import (
+from tests.support.overload import (
     CrowdProcess,
     HeadClients,
     gauge,
@@ -41,8 +41,8 @@ from support.overload import (
     through_ping_round,
     upgrade_head,
 )
-from support.servers import ServerProcess
-from support.waiting import wait_until
+from tests.support.servers import ServerProcess
+from tests.support.waiting import wait_until
 
 CROWD = 2000
 HEARTBEAT = {"ping_interval": 2.0, "ping_timeout": 3.0}

@@ -19,10 +19,10 @@ import pytest
 import websocket
 
 from lowmemws.metrics import BUS_GAUGES
-from support import waiting
-from support.metrics import fetch_metrics, metric_value
-from support.servers import ServerProcess, StartServer
-from test_bus import RedisServer, redis_server  # noqa: F401  (the fixture is used by name)
+from tests.support import waiting
+from tests.support.metrics import fetch_metrics, metric_value
+from tests.support.redis_server import RedisServer
+from tests.support.servers import ServerProcess, StartServer
 
 DEADLINE = 20.0  # bounds every wait; not a performance figure
 
@@ -63,6 +63,9 @@ NODE = textwrap.dedent(
                 gateway.send_to_user(int(user), text)
             elif verb == "all":
                 gateway.broadcast(rest)
+            elif verb == "count":
+                topic, text = rest.split(" ", 1)
+                conn.send(f"reached {gateway.publish(topic, text)}")
         except BusUnavailable:
             conn.send("refused")
 
@@ -94,7 +97,8 @@ def start_node(
 
 
 @pytest.fixture
-def clients() -> Iterator[Callable[..., websocket.WebSocket]]:
+def make_client() -> Iterator[Callable[..., websocket.WebSocket]]:
+    """make_client(node, user, topics) connects a client to node; all are shut at teardown."""
     made: list[websocket.WebSocket] = []
 
     def connect(node: ServerProcess, user: int = 0, topics: str = "") -> websocket.WebSocket:
@@ -118,12 +122,12 @@ wait_until = waiting.waiter(DEADLINE, interval=0.05)
 
 def test_a_publish_on_one_node_reaches_clients_on_the_other(
     start_node: Callable[..., ServerProcess],
-    clients: Callable[..., websocket.WebSocket],
+    make_client: Callable[..., websocket.WebSocket],
 ) -> None:
     a, b = start_node(), start_node()
-    on_a = clients(a, user=1, topics="news")
-    on_b = clients(b, user=2, topics="news")
-    also_b = clients(b, user=1)  # user 1 on both nodes
+    on_a = make_client(a, user=1, topics="news")
+    on_b = make_client(b, user=2, topics="news")
+    also_b = make_client(b, user=1)  # user 1 on both nodes
 
     on_a.send("pub news from node a")
     assert on_a.recv() == "from node a"
@@ -139,14 +143,30 @@ def test_a_publish_on_one_node_reaches_clients_on_the_other(
     assert [c.recv() for c in (on_a, on_b, also_b)] == ["everyone"] * 3
 
 
+def test_publish_returns_the_connections_of_its_own_node_it_reached(
+    start_node: Callable[..., ServerProcess],
+    make_client: Callable[..., websocket.WebSocket],
+) -> None:
+    a, b = start_node(), start_node()
+    on_a = make_client(a, topics="news")
+    also_a = make_client(a, topics="news")
+    on_b = make_client(b, topics="news")
+
+    on_a.send("count news headline")  # RedisBus delivers to its own node before returning
+    assert on_a.recv() == "headline"
+    assert on_a.recv() == "reached 2"  # the two members on node a; node b is not counted
+    assert also_a.recv() == "headline"
+    assert on_b.recv() == "headline"
+
+
 def test_redis_outage_keeps_local_traffic_then_resumes_and_flushes(
     start_node: Callable[..., ServerProcess],
-    clients: Callable[..., websocket.WebSocket],
+    make_client: Callable[..., websocket.WebSocket],
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a, b = start_node(), start_node()
-    a_pub, a_sub = clients(a), clients(a, topics="t")
-    b_pub, b_sub = clients(b), clients(b, topics="t")
+    a_pub, a_sub = make_client(a), make_client(a, topics="t")
+    b_pub, b_sub = make_client(b), make_client(b, topics="t")
     a_pub.send("pub t before")
     assert a_sub.recv() == b_sub.recv() == "before"
     b_pub.send("pub t before from b")
@@ -187,12 +207,12 @@ def test_redis_outage_keeps_local_traffic_then_resumes_and_flushes(
 
 def test_a_full_outage_buffer_refuses_the_publisher_and_delivers_nothing(
     start_node: Callable[..., ServerProcess],
-    clients: Callable[..., websocket.WebSocket],
+    make_client: Callable[..., websocket.WebSocket],
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a, b = start_node(max_buffered=3), start_node()
-    a_pub, a_sub = clients(a), clients(a, topics="t")
-    b_sub = clients(b, topics="t")
+    a_pub, a_sub = make_client(a), make_client(a, topics="t")
+    b_sub = make_client(b, topics="t")
     a_pub.send("pub t before")
     assert b_sub.recv() == a_sub.recv() == "before"
     redis_server.kill()
@@ -216,12 +236,12 @@ def test_a_full_outage_buffer_refuses_the_publisher_and_delivers_nothing(
 
 def test_an_outage_buffer_waits_for_the_other_nodes_even_without_earlier_traffic(
     start_node: Callable[..., ServerProcess],
-    clients: Callable[..., websocket.WebSocket],
+    make_client: Callable[..., websocket.WebSocket],
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     a = start_node()
     b = start_node(backoff_base=3.0)  # resubscribes 1.5-3 s after it lost Redis
-    a_pub, b_sub = clients(a), clients(b, topics="t")
+    a_pub, b_sub = make_client(a), make_client(b, topics="t")
     # node a published nothing, but its idle link polls the channel: it has seen node b
     wait_until(lambda: bus_counter(a, "peers") >= 2, "node a to see node b subscribed")
     redis_server.kill()

@@ -10,7 +10,7 @@ import pytest
 import websocket
 
 import lowmemws
-from support.wire import read_until
+from tests.support.wire import read_until
 
 MakeGateway = Callable[..., lowmemws.Gateway]
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from lowmemws import Accept, Config, Connection, Gateway, Request
-from support import waiting
-from support.wsproto_client import WsprotoClient
+from tests.support import waiting
+from tests.support.wsproto_client import WsprotoClient
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 wait_until = waiting.waiter(DEADLINE)

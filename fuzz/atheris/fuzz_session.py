@@ -37,6 +37,7 @@ from _harness import native, run
 
 ffi, lib = native()
 from lowmemws import Config  # noqa: E402  (after native(): the instrumented copy)
+from lowmemws._c_server import c_config  # noqa: E402
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -160,7 +161,7 @@ class Session:
             write_policy="close" if flags & 0x20 else "drop",
             ping_interval=0,
         )
-        self.c_cfg = self.cfg.to_c(auto_upgrade=self.auto_upgrade)
+        self.c_cfg = c_config(self.cfg, auto_upgrade=self.auto_upgrade)
         self.server = lib.lmw_server_new(self.c_cfg, ffi.NULL)
         assert self.server != ffi.NULL
         self.stats = lib.lmw_server_stats(self.server)

@@ -6,10 +6,12 @@ send_to_user and broadcast work from any thread. See the README for an example.
 """
 
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
+from .close_codes import CloseCode
 from .config import Config
-from .connection import Connection
+from .connection import Connection, SendResult
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
 from .handshake import Accept, Reject, Request, Response
+from .headers import Headers
 from .server import Gateway, serve
 
 __version__ = "0.1.0"
@@ -17,11 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Accept",
     "BusUnavailable",
+    "CloseCode",
     "Config",
     "Connection",
     "Envelope",
     "Gateway",
     "HandshakeError",
+    "Headers",
     "LocalBus",
     "LowMemWSError",
     "ProcessBus",
@@ -30,5 +34,6 @@ __all__ = [
     "Reject",
     "Request",
     "Response",
+    "SendResult",
     "serve",
 ]

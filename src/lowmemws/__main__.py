@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--processes", type=int, default=1, help="SO_REUSEPORT worker processes")
     echo.add_argument("--max-message-size", type=int, default=Config.max_message_size)
     echo.add_argument("--ping-interval", type=float, default=Config.ping_interval)
-    echo.add_argument("--workers", type=int, default=0, help="threads running on_message")
+    echo.add_argument(
+        "--hook-threads", type=int, default=0, help="threads running on_message (0: inline)"
+    )
     return parser
 
 
@@ -30,7 +32,7 @@ def run_echo(args: argparse.Namespace) -> None:
     config = Config(
         max_message_size=args.max_message_size,
         ping_interval=args.ping_interval,
-        workers=args.workers,
+        hook_threads=args.hook_threads,
     )
     hosts = args.host or ["127.0.0.1"]
     gateway = Gateway(hosts, args.port, processes=args.processes, config=config)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
+from ._constants import OP_BINARY, OP_TEXT, POLICIES, Policy
+
 __all__ = [
     "Bus",
     "BusStats",
@@ -32,15 +34,14 @@ __all__ = [
 log = logging.getLogger("lowmemws.bus")
 
 Kind = Literal["topic", "user", "broadcast"]
-Policy = Literal["drop", "close", "latest"]
 
 #: OPCODE_TEXT is the RFC 6455 section 5.2 opcode of a text frame.
-OPCODE_TEXT = 1
+OPCODE_TEXT = OP_TEXT
 #: OPCODE_BINARY is the RFC 6455 section 5.2 opcode of a binary frame.
-OPCODE_BINARY = 2
+OPCODE_BINARY = OP_BINARY
 
 _KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast")
-_POLICIES: tuple[Policy, ...] = ("drop", "close", "latest")
+_POLICY_BY_VALUE: dict[int, Policy] = {value: name for name, value in POLICIES.items()}
 _WIRE_VERSION = 1
 _HEAD = struct.Struct(">BBB")  # version, kind | policy << 2, opcode
 _TOPIC_LEN = struct.Struct(">H")
@@ -58,6 +59,10 @@ class Envelope:
     or every connection (``key`` is None). ``opcode`` is the RFC 6455 section 5.2 data opcode
     (1 text, 2 binary); ``policy`` is the slow-consumer policy of issue 4 ("drop", "close" or
     "latest"). The payload is owned by the envelope (bytes, never a borrowed view).
+
+    Raises:
+        ValueError: an unknown kind or policy, an opcode other than 1 or 2, a bad key.
+        TypeError: a payload that is not bytes.
     """
 
     kind: Kind
@@ -69,7 +74,7 @@ class Envelope:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"Envelope: unknown kind {self.kind!r}")
-        if self.policy not in _POLICIES:
+        if self.policy not in POLICIES:
             raise ValueError(f"Envelope: unknown policy {self.policy!r}")
         if self.opcode not in (OPCODE_TEXT, OPCODE_BINARY):
             raise ValueError(f"Envelope: opcode must be 1 or 2, not {self.opcode!r}")
@@ -79,19 +84,31 @@ class Envelope:
 
     @classmethod
     def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary."""
+        """for_topic builds the envelope of ``publish(topic, data)``: text for str, else binary.
+
+        Raises:
+            ValueError: an unknown policy, or a topic longer than 65535 UTF-8 bytes.
+        """
         opcode, payload = frame_data(data)
         return cls("topic", topic, opcode, payload, policy)
 
     @classmethod
     def for_user(cls, user_tag: int, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_user builds the envelope of ``send_to_user(user_tag, data)``."""
+        """for_user builds the envelope of ``send_to_user(user_tag, data)``.
+
+        Raises:
+            ValueError: an unknown policy, or user_tag outside 0..2**64-1.
+        """
         opcode, payload = frame_data(data)
         return cls("user", user_tag, opcode, payload, policy)
 
     @classmethod
     def for_all(cls, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
-        """for_all builds the envelope of ``broadcast(data)``."""
+        """for_all builds the envelope of ``broadcast(data)``.
+
+        Raises:
+            ValueError: an unknown policy.
+        """
         opcode, payload = frame_data(data)
         return cls("broadcast", None, opcode, payload, policy)
 
@@ -101,7 +118,7 @@ class Envelope:
         The key is a 2-byte length and UTF-8 for a topic, 8 bytes big-endian for a user tag,
         and absent for a broadcast; the payload runs to the end, so it needs no length.
         """
-        flags = _KINDS.index(self.kind) | _POLICIES.index(self.policy) << 2
+        flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
         head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
         if self.kind == "topic":
             assert isinstance(self.key, str)
@@ -114,14 +131,18 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Envelope:
-        """decode parses the output of `encode`; malformed input raises ValueError, never more."""
+        """decode parses the output of `encode`.
+
+        Raises:
+            ValueError: malformed input (and never anything else).
+        """
         view = memoryview(data)
         if len(view) < _HEAD.size:
             raise ValueError("Envelope.decode: truncated header")
         version, flags, opcode = _HEAD.unpack_from(view)
-        if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 >= len(_POLICIES):
+        if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 not in _POLICY_BY_VALUE:
             raise ValueError("Envelope.decode: unknown version or flags")
-        kind, policy = _KINDS[flags & 3], _POLICIES[flags >> 2]
+        kind, policy = _KINDS[flags & 3], _POLICY_BY_VALUE[flags >> 2]
         key, offset = _decode_key(kind, view, _HEAD.size)
         return cls(kind, key, opcode, bytes(view[offset:]), policy)
 
@@ -160,9 +181,10 @@ def _decode_key(kind: Kind, view: memoryview, offset: int) -> tuple[str | int | 
     return None, offset
 
 
-#: Deliver is a node's delivery callback: it fans one envelope out to the node's connections.
-#: It must be thread-safe; buses call it from their own threads.
-Deliver = Callable[[Envelope], None]
+#: Deliver is a node's delivery callback: it fans one envelope out to the node's connections
+#: and returns how many took it (None: not counted). It must be thread-safe; buses call it
+#: from their own threads.
+Deliver = Callable[[Envelope], "int | None"]
 
 
 @dataclass
@@ -223,7 +245,9 @@ class Bus(Protocol):
     ``start(deliver)`` begins delivering every envelope of the deployment to this node;
     ``publish(envelope)`` is callable from any thread and raises
     `lowmemws.errors.BusUnavailable` when the bus cannot take the envelope (nothing was
-    delivered anywhere then, so a retry never duplicates); ``close()`` stops the bus.
+    delivered anywhere then, so a retry never duplicates); it returns what this node's
+    deliver returned if the bus delivered to this node before publish returned, else 0;
+    ``close()`` stops the bus.
     """
 
     stats: BusStats
@@ -231,8 +255,9 @@ class Bus(Protocol):
     def start(self, deliver: Deliver) -> None:
         """start begins delivering to this node through ``deliver``."""
 
-    def publish(self, envelope: Envelope) -> None:
-        """publish sends ``envelope`` to every node, this one included."""
+    def publish(self, envelope: Envelope) -> int:
+        """publish sends ``envelope`` to every node, this one included; returns the count
+        this node's deliver gave if it ran before publish returned, else 0."""
 
     def close(self) -> None:
         """close stops delivery and releases the bus's threads and sockets."""
@@ -247,25 +272,27 @@ class BusBase:
         self.stats = BusStats()
         self._deliver: Deliver | None = None
 
-    def publish(self, envelope: Envelope) -> None:  # pragma: no cover - overridden
+    def publish(self, envelope: Envelope) -> int:  # pragma: no cover - overridden
         """publish sends ``envelope`` to every node; each bus overrides it."""
         raise NotImplementedError
 
-    async def apublish(self, envelope: Envelope) -> None:
+    async def apublish(self, envelope: Envelope) -> int:
         """apublish is `publish` for asyncio callers: it runs in the loop's default executor,
         so a slow local fan-out never stalls the caller's event loop."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.publish, envelope)
+        return await loop.run_in_executor(None, self.publish, envelope)
 
-    def _deliver_safely(self, envelope: Envelope) -> None:
-        """Deliver from a bus thread: a failing callback is logged and counted, not fatal."""
+    def _deliver_safely(self, envelope: Envelope) -> int:
+        """Deliver from a bus thread: a failing callback is logged and counted, not fatal.
+        Returns the callback's count (0 when it failed or did not count)."""
         deliver = self._deliver
         if deliver is None:
-            return
+            return 0
         try:
-            deliver(envelope)
+            count = deliver(envelope)
         except Exception:
             self.stats.add("deliver_errors")
             log.exception("lowmemws bus: deliver callback failed")
-        else:
-            self.stats.add("delivered")
+            return 0
+        self.stats.add("delivered")
+        return count or 0

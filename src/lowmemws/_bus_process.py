@@ -123,6 +123,9 @@ class ProcessBus(BusBase):
     counted. ``send_timeout`` bounds how long a publish may wait for a busy parent before it
     raises BusUnavailable. If the parent dies, each worker's reader sees end-of-file: it counts
     a disconnect, sets `parent_gone`, and later publishes raise BusUnavailable.
+
+    Raises:
+        ValueError: workers is less than 1.
     """
 
     def __init__(
@@ -159,6 +162,9 @@ class ProcessBus(BusBase):
     def attach_worker(self, index: int) -> None:
         """attach_worker makes this forked child worker ``index``: it closes every socket but its
         own end of pair ``index`` and forgets the parent's state. Call it first thing after fork.
+
+        Raises:
+            RuntimeError: called in the process that made the bus, or twice for one pair.
         """
         if os.getpid() == self._owner_pid:
             raise RuntimeError("ProcessBus.attach_worker: call it in the forked child")
@@ -182,7 +188,11 @@ class ProcessBus(BusBase):
     def attach_parent(self) -> None:
         """attach_parent closes, in the parent, the children's ends of the pairs forked since the
         last call, and starts the relay threads on the first call. Call it after every round of
-        forks: the first one and each respawn."""
+        forks: the first one and each respawn.
+
+        Raises:
+            RuntimeError: called in a process other than the one that made the bus.
+        """
         if os.getpid() != self._owner_pid:
             raise RuntimeError("ProcessBus.attach_parent: call it in the process that made the bus")
         with self._lock:
@@ -200,7 +210,11 @@ class ProcessBus(BusBase):
 
     def respawn_pair(self, index: int) -> None:
         """respawn_pair gives slot ``index`` a fresh socketpair in the parent, before the parent
-        forks a replacement worker for it; the old worker must have exited (its end is closed)."""
+        forks a replacement worker for it; the old worker must have exited (its end is closed).
+
+        Raises:
+            RuntimeError: attach_parent() has not been called yet.
+        """
         if self._role != "parent":
             raise RuntimeError("ProcessBus.respawn_pair: call attach_parent() first")
         with self._lock:
@@ -228,12 +242,17 @@ class ProcessBus(BusBase):
             )
             self._reader.start()
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope) -> int:
         """publish sends ``envelope`` to every worker, this one included, exactly once.
 
-        In a worker it blocks at most ``send_timeout`` while the parent is busy; it raises
-        BusUnavailable if the bus is not attached, closed, the parent is gone or the timeout
-        passed (the parent then drops the partial message, so nothing is delivered).
+        In a worker it blocks at most ``send_timeout`` while the parent is busy. Returns 0:
+        every worker, this one too, gets the envelope later, on its reader thread.
+
+        Raises:
+            BusUnavailable: the bus is not attached, closed, the parent is gone or the
+                timeout passed (the parent then drops the partial message, so nothing is
+                delivered).
+            ValueError: the envelope is longer than ``max_message``.
         """
         data = envelope.encode()
         if len(data) > self._max_message:
@@ -244,8 +263,9 @@ class ProcessBus(BusBase):
         if self._role == "parent":
             self.stats.add("published")
             self._relay(data)
-            return
+            return 0
         self._publish_to_parent(data)
+        return 0
 
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""

@@ -66,6 +66,9 @@ class RedisBus(BusBase):
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
     up. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the server's version.
     See the module docstring for what happens during an outage.
+
+    Raises:
+        ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
     """
 
     def __init__(
@@ -123,7 +126,11 @@ class RedisBus(BusBase):
         return self._sharded
 
     def start(self, deliver: Deliver) -> None:
-        """start connects in the background and begins delivering to ``deliver``."""
+        """start connects in the background and begins delivering to ``deliver``.
+
+        Raises:
+            RuntimeError: the bus was started already.
+        """
         if self._threads:
             raise RuntimeError("RedisBus.start: already started")
         self._deliver = deliver
@@ -145,12 +152,15 @@ class RedisBus(BusBase):
                 return False
         return True
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope) -> int:
         """publish queues ``envelope`` for the other nodes, then delivers it to this node.
 
-        It never waits for the network. It raises BusUnavailable, delivering nothing, before
-        start, after close, and while the outage buffer is full; ValueError for an envelope
-        larger than the whole buffer.
+        It never waits for the network. Returns the count this node's deliver gave.
+
+        Raises:
+            BusUnavailable: before start, after close, and while the outage buffer is
+                full; nothing is delivered then.
+            ValueError: the envelope is larger than the whole buffer.
         """
         data = envelope.encode()
         if len(data) + _HEADER.size > self._max_bytes:
@@ -169,7 +179,7 @@ class RedisBus(BusBase):
         self.stats.add("published")
         self.stats.add("buffered")
         self.stats.add("buffered_bytes", len(message))
-        self._deliver_safely(envelope)
+        return self._deliver_safely(envelope)
 
     def close(self, timeout: float = 2.0) -> None:
         """close stops taking publishes, gives the writer up to ``timeout`` seconds to send

@@ -186,10 +186,10 @@ struct lmw_server {
     uint32_t max_fd_seen;
     uint32_t now; /* current tick of the loop's clock (see LAG_GRACE_US) */
     uint32_t last_sweep;
-    uint64_t clock_us;       /* the loop's clock: monotonic time minus lag past the grace */
-    uint64_t real_us;        /* monotonic time when clock_us was last advanced */
-    int polled;              /* lmw_poll ran before: real_us is when its epoll_wait returned */
-    uint64_t lag_us;         /* lag of the latest poll cycle */
+    uint64_t clock_us; /* the loop's clock: monotonic time minus lag past the grace */
+    uint64_t real_us;  /* monotonic time when clock_us was last advanced */
+    int polled;        /* lmw_poll ran before: real_us is when its epoll_wait returned */
+    uint64_t lag_us;   /* lag of the latest poll cycle */
     uint64_t lag_window_max, lag_prev_window_max, lag_window_start_us;
     uint32_t live; /* slots in use (any state but FREE): bounded by max_connections */
     /* ext table */

@@ -62,19 +62,26 @@ class LocalBus(BusBase):
         """start sets the callback that every publish calls."""
         self._deliver = deliver
 
-    def publish(self, envelope: Envelope) -> None:
-        """publish delivers ``envelope`` to this node before it returns."""
+    def publish(self, envelope: Envelope) -> int:
+        """publish delivers ``envelope`` to this node before it returns, and returns the
+        count deliver gave (the connections that took it).
+
+        Raises:
+            BusUnavailable: the bus is not started, or is closed.
+            Exception: whatever deliver raised (counted in ``deliver_errors``).
+        """
         deliver = self._deliver
         if deliver is None or self._closed.is_set():
             self.stats.add("refused")
             raise BusUnavailable("LocalBus is not started or is closed")
         self.stats.add("published")
         try:
-            deliver(envelope)
+            count = deliver(envelope)
         except Exception:
             self.stats.add("deliver_errors")
             raise
         self.stats.add("delivered")
+        return count or 0
 
     def close(self) -> None:
         """close makes later publishes raise BusUnavailable."""

@@ -320,7 +320,7 @@ def build_close(code: int, reason: str = "", mask: bytes | None = None) -> bytes
     """build_close returns a close frame; ValueError for an invalid code or a reason
     longer than 123 bytes of UTF-8."""
     raw = reason.encode("utf-8")
-    out = ffi.new("uint8_t[125]")
+    out = ffi.new("uint8_t[]", lib.LMW_CONTROL_PAYLOAD_MAX)
     n = lib.lmw_build_close_payload(out, code, raw, len(raw))
     if n < 0:
         raise ValueError(f"invalid close code {code} or reason {reason!r}")

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from ._native import ffi
-
-POLICIES: dict[str, int] = {"drop": 0, "close": 1, "latest": 2}
+from typing import Literal
 
 #: File descriptors kept free for listeners, logs, the bus and the interpreter.
 FD_HEADROOM = 64
@@ -64,10 +60,11 @@ class Config:
     """accept4 calls per readable listener per loop turn."""
     max_per_ip: int = 0
     """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
-    workers: int = 0
-    """Threads running on_message; 0 runs it inline on the loop thread."""
-    worker_queue: int = 1024
-    """Messages waiting for a worker; when full, reading stops (nothing is dropped)."""
+    hook_threads: int = 0
+    """Threads running on_message (for hooks that block); 0 runs it inline on the loop
+    thread. Not processes: those are Gateway(processes=N)."""
+    hook_queue: int = 1024
+    """Messages waiting for a hook thread; when full, reading stops (nothing is dropped)."""
     max_events: int = 512
     """Messages, upgrades and HTTP requests handed to Python per loop turn."""
     origins: tuple[str, ...] | None = None
@@ -76,6 +73,8 @@ class Config:
     """Subprotocols offered, in order of preference (RFC 6455 section 4.2.2)."""
     shutdown_timeout: float = 5.0
     """On SIGTERM/SIGINT: how long to wait for clients to answer close 1001."""
+    backlog: int = 4096
+    """listen() backlog of each listening socket (the kernel caps it at somaxconn)."""
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "write_limit", "write_budget", "read_buffer_size"):
@@ -95,27 +94,3 @@ class Config:
         if self.spill_budget is not None:
             return self.spill_budget
         return max(8 << 20, 2 * self.max_message_size + self.read_buffer_size)
-
-    def to_c(self, auto_upgrade: bool) -> Any:
-        """to_c returns a filled lmw_config for the C runtime."""
-        c = ffi.new("lmw_config *")
-        c.max_connections = self.resolved_max_connections()
-        c.max_handshakes = self.max_handshakes
-        c.max_head = self.max_head
-        c.max_http_body = self.max_http_body
-        c.max_message = self.max_message_size
-        c.read_buffer_size = self.read_buffer_size
-        c.read_buffers = self.read_buffers
-        c.spill_budget = self.resolved_spill_budget()
-        c.write_limit = self.write_limit
-        c.write_budget = self.write_budget
-        c.handshake_timeout_ms = int(self.handshake_timeout * 1000)
-        c.ping_interval_ms = int(self.ping_interval * 1000)
-        c.ping_timeout_ms = int(self.ping_timeout * 1000)
-        c.close_timeout_ms = int(self.close_timeout * 1000)
-        c.message_timeout_ms = int(self.message_timeout * 1000)
-        c.accept_batch = self.accept_batch
-        c.max_per_ip = self.max_per_ip
-        c.write_policy = POLICIES[self.write_policy]
-        c.auto_upgrade = 1 if auto_upgrade else 0
-        return c

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any
 
-from ._bus_base import OPCODE_BINARY, frame_data
+from ._bus_base import frame_data
+from ._constants import CLOSE_REASON_MAX, OP_BINARY
 from ._native import ffi, lib
+from .close_codes import CloseCode
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from ._c_server import CServer
+
+
+class SendResult(enum.Enum):
+    """SendResult is what became of one message given to Connection.send.
+
+    Only SENT is true in a boolean context, so ``if conn.send(data):`` reads "it went out".
+    """
+
+    SENT = "sent"
+    """Written to the socket, or queued behind earlier output (delivered unless the
+    connection fails)."""
+    DROPPED = "dropped"
+    """Not queued, by the write policy: the connection's output passed Config.write_limit
+    (or all output passed Config.write_budget) under write_policy "drop"; under "close" the
+    connection is also being closed with 1008. The connection may recover: try later."""
+    GONE = "gone"
+    """The connection is closing or closed, or this handle is stale: it never will recover."""
+
+    def __bool__(self) -> bool:
+        return self is SendResult.SENT
 
 
 class Connection:
@@ -16,60 +39,59 @@ class Connection:
 
     It holds no resources: the connection's state lives in the C slot table. A handle
     kept after the connection closed is stale: its fd may already serve someone else, but
-    the generation no longer matches, so send() returns False and nothing is written.
+    the generation no longer matches, so send() returns SendResult.GONE and nothing is
+    written.
     Every method is safe to call from any thread.
     """
 
-    __slots__ = ("_gateway", "fd", "gen", "user")
+    __slots__ = ("_server", "fd", "gen", "user")
 
-    def __init__(self, gateway: Gateway, fd: int, gen: int, user: int = 0) -> None:
-        self._gateway = gateway
+    def __init__(self, server: CServer, fd: int, gen: int, user: int = 0) -> None:
+        self._server = server
         self.fd = fd
         self.gen = gen
         self.user = user
         """user is the 64-bit user tag given by Accept(user=...), 0 for none."""
 
-    def send(self, data: str | bytes | bytearray | memoryview) -> bool:
+    def send(self, data: str | bytes | bytearray | memoryview) -> SendResult:
         """send sends one message: str as text, bytes as binary (RFC 6455 section 5.6).
 
-        Returns True when written or queued, False when the connection is gone or the
-        message was dropped by the write policy (Config.write_limit, write_policy).
+        Returns SendResult.SENT (written or queued), DROPPED (refused by the write policy:
+        Config.write_limit, write_budget, write_policy) or GONE (the connection is closing
+        or closed). Only SENT is true, so ``if not conn.send(data)`` catches both failures.
+        It never raises for a closed connection: a handle may outlive its connection.
         """
-        server = self._gateway._server
-        if server is None:
-            return False
         opcode, payload = _payload(data)
-        return bool(lib.lmw_send(server, self.fd, self.gen, opcode, payload, len(payload)) > 0)
+        return self._server.send(self.fd, self.gen, opcode, payload)
 
-    def close(self, code: int = 1000, reason: str = "") -> bool:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         """close starts the closing handshake with code and reason (RFC 6455 section 7).
 
         code must be valid on the wire (1000-1003, 1007-1011, 3000-4999); reason at most
         123 bytes of UTF-8. Returns False when the connection is no longer open.
+
+        Raises:
+            ValueError: a code that may not be sent, or a reason that is too long.
         """
         if not lib.lmw_close_code_valid(code):
             raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
         raw = reason.encode("utf-8")
-        if len(raw) > 123:
-            raise ValueError("close reason is longer than 123 bytes of UTF-8")
-        server = self._gateway._server
-        if server is None:
-            return False
-        return bool(lib.lmw_close(server, self.fd, self.gen, code, raw, len(raw)) == 0)
+        if len(raw) > CLOSE_REASON_MAX:
+            raise ValueError(f"close reason is longer than {CLOSE_REASON_MAX} bytes of UTF-8")
+        return self._server.close(self.fd, self.gen, code, raw)
 
     def subscribe(self, topic: str) -> bool:
         """subscribe adds this connection to topic; it leaves it when it closes."""
-        return self._gateway.subscribe(self, topic)
+        return self._server.subscribe(self.fd, self.gen, topic)
 
     def unsubscribe(self, topic: str) -> bool:
         """unsubscribe removes this connection from topic."""
-        return self._gateway.unsubscribe(self, topic)
+        return self._server.unsubscribe(self.fd, self.gen, topic)
 
     @property
     def is_open(self) -> bool:
         """is_open reports whether the connection is open (not closing, not gone)."""
-        server = self._gateway._server
-        return server is not None and bool(lib.lmw_is_open(server, self.fd, self.gen))
+        return self._server.connection_is_open(self.fd, self.gen)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Connection) and (self.fd, self.gen) == (other.fd, other.gen)
@@ -85,8 +107,8 @@ def _payload(data: str | bytes | bytearray | memoryview) -> tuple[int, Any]:
     """_payload is (opcode, payload) for lmw_send; a binary buffer is passed without a copy,
     so a message the write bounds refuse costs nothing (C decides before copying)."""
     if isinstance(data, (bytearray, memoryview)):
-        return OPCODE_BINARY, ffi.from_buffer(data)
+        return OP_BINARY, ffi.from_buffer(data)
     return frame_data(data)
 
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "SendResult"]

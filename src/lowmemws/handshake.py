@@ -5,31 +5,15 @@ RFC 6455 section 4.2 (the opening handshake) and RFC 7230 (HTTP/1.1 messages).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
 
+from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
-
-_KNOWN_HEADERS: dict[str, int] = {
-    "host": lib.LMW_H_HOST,
-    "upgrade": lib.LMW_H_UPGRADE,
-    "connection": lib.LMW_H_CONNECTION,
-    "sec-websocket-key": lib.LMW_H_SEC_WEBSOCKET_KEY,
-    "sec-websocket-version": lib.LMW_H_SEC_WEBSOCKET_VERSION,
-    "sec-websocket-protocol": lib.LMW_H_SEC_WEBSOCKET_PROTOCOL,
-    "sec-websocket-extensions": lib.LMW_H_SEC_WEBSOCKET_EXTENSIONS,
-    "origin": lib.LMW_H_ORIGIN,
-    "cookie": lib.LMW_H_COOKIE,
-    "authorization": lib.LMW_H_AUTHORIZATION,
-    "content-length": lib.LMW_H_CONTENT_LENGTH,
-    "transfer-encoding": lib.LMW_H_TRANSFER_ENCODING,
-}
-
-#: Statuses with a response built once at start-up (lmw_reject_response).
-REJECT_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505})
+from .headers import Headers
 
 
 class Request:
@@ -37,10 +21,13 @@ class Request:
 
     BORROWED: a Request is valid only during the hook it is passed to (on_connect,
     on_http). Its strings are decoded on access; keep what you need (``str`` values are
-    copies) and never the Request itself: afterwards every access raises RuntimeError.
+    copies, and so is `headers`) and never the Request itself.
+
+    Raises:
+        RuntimeError: from any property or method used after the hook returned.
     """
 
-    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len")
+    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len", "_headers")
 
     def __init__(self, data: Any, head_len: int, req: Any, body_len: int = 0) -> None:
         self._data = ffi.cast("char *", data)
@@ -48,6 +35,7 @@ class Request:
         self._head_len = head_len
         self._body_len = body_len
         self._valid = True
+        self._headers: Headers | None = None
 
     def _check(self) -> None:
         if not self._valid:
@@ -102,19 +90,26 @@ class Request:
         """
         self._check()
         lname = name.lower()
-        known = _KNOWN_HEADERS.get(lname)
+        known = KNOWN_HEADERS.get(lname)
         if known is not None:
             if not (self._req.present >> known) & 1:
                 return None
             return self._text(self._req.headers[known])
-        for key, value in self.headers():
-            if key.lower() == lname:
-                return value
-        return None
+        return self.headers.get(lname)
 
-    def headers(self) -> Iterator[tuple[str, str]]:
-        """headers yields every (name, value) pair in the order received."""
+    @property
+    def headers(self) -> Headers:
+        """headers is every header field, as a read-only case-insensitive mapping.
+
+        It is a copy, made on first access (the head is parsed once more, in C); for one of
+        the headers the parser indexes (Host, Origin, Cookie, ...) header() is quicker.
+        """
         self._check()
+        if self._headers is None:
+            self._headers = Headers(self._fields())
+        return self._headers
+
+    def _fields(self) -> Iterator[tuple[str, str]]:
         pos = ffi.new("uint32_t *", 0)
         name = ffi.new("lmw_span *")
         value = ffi.new("lmw_span *")
@@ -159,6 +154,9 @@ class Accept:
     user: a 64-bit user tag (0 = none) for send_to_user; topics: topic names to subscribe
     to; subprotocol: the Sec-WebSocket-Protocol to confirm (one the client offered).
     One is made per upgrade, so it is a plain slotted class: cheap to build.
+
+    Raises:
+        ValueError: user is not a 64-bit unsigned integer.
     """
 
     __slots__ = ("user", "topics", "subprotocol")
@@ -189,8 +187,12 @@ class Accept:
 class Reject:
     """Reject answers on_connect with an HTTP status and no upgrade.
 
-    status must be one of the responses built at start-up: 400, 401, 403, 404, 405, 408,
-    413, 426, 431, 500, 501, 503, 505.
+    status must be one of the responses built at start-up (lmw_reject_response): 400,
+    401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505. 429 Too Many Requests
+    and 503 carry ``Retry-After: 1``.
+
+    Raises:
+        ValueError: a status with no response built at start-up.
     """
 
     __slots__ = ("status",)
@@ -247,7 +249,11 @@ class Response:
             raise ValueError("Response content_type may not contain CR, LF or NUL")
 
     def encode(self) -> bytes:
-        """encode returns the complete HTTP/1.1 response."""
+        """encode returns the complete HTTP/1.1 response.
+
+        Raises:
+            ValueError: a header name or value contains CR or LF (response splitting).
+        """
         body = self.body.encode("utf-8") if isinstance(self.body, str) else self.body
         reason = _REASONS.get(self.status, "Status")
         lines = [
@@ -261,3 +267,47 @@ class Response:
                 raise ValueError("header names and values may not contain CR or LF")
             lines.append(f"{key}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+_ACCEPT = Accept()
+
+
+def negotiate(
+    request: Request,
+    on_connect: Callable[[Request], Accept | Reject | None] | None,
+    origins: tuple[str, ...] | None,
+    subprotocols: tuple[str, ...],
+) -> Accept | Reject:
+    """negotiate decides an upgrade: the Origin check, the application, the subprotocol.
+
+    The Origin is checked first (RFC 6455 section 10.2: 403 for one not in ``origins``),
+    then ``on_connect`` decides (None accepts), then the subprotocol is chosen: the one the
+    Accept names, else the first of ``subprotocols`` the client offered, else none
+    (RFC 6455 section 4.2.2).
+
+    Raises:
+        TypeError: on_connect returned something other than Accept, Reject or None.
+        ValueError: the Accept names a subprotocol the client did not offer.
+    """
+    if origins is not None and request.header("origin") not in origins:
+        return Reject(403)
+    decision = on_connect(request) if on_connect is not None else None
+    if isinstance(decision, Reject):
+        return decision
+    if decision is not None and not isinstance(decision, Accept):
+        raise TypeError("on_connect must return Accept, Reject or None")
+    return _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+
+
+def _with_subprotocol(request: Request, accept: Accept, preferred: tuple[str, ...]) -> Accept:
+    if accept.subprotocol is None and not preferred:
+        return accept
+    offered = request.subprotocols
+    if accept.subprotocol is not None:
+        if accept.subprotocol not in offered:
+            raise ValueError("Accept.subprotocol must be one the client offered")
+        return accept
+    for proto in preferred:
+        if proto in offered:
+            return Accept(accept.user, accept.topics, proto)
+    return accept

@@ -71,10 +71,10 @@ typedef struct {
     uint32_t present;        /* bit (1 << LMW_H_x) set when header x was seen */
     uint64_t content_length; /* value of Content-Length, 0 when absent */
     lmw_span method;
-    lmw_span target;         /* request-target as sent */
-    lmw_span path;           /* target up to '?' */
-    lmw_span query;          /* after '?', without it; len 0 when absent */
-    lmw_span headers[12];    /* values of the LMW_H_* headers, whitespace trimmed */
+    lmw_span target;               /* request-target as sent */
+    lmw_span path;                 /* target up to '?' */
+    lmw_span query;                /* after '?', without it; len 0 when absent */
+    lmw_span headers[LMW_H_COUNT]; /* values of the LMW_H_* headers, whitespace trimmed */
 } lmw_request;
 
 /* lmw_parse_request parses an HTTP/1.x request head in place.
@@ -124,11 +124,11 @@ void lmw_accept_key(const uint8_t *key, size_t key_len, uint8_t *out28);
 /* lmw_build_101 writes the 101 Switching Protocols response for key into out, with a
  * Sec-WebSocket-Protocol header when protocol_len > 0. Returns its length, or
  * LMW_ERROR when cap is too small. */
-int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol,
-                  size_t protocol_len, uint8_t *out, size_t cap);
+int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol, size_t protocol_len,
+                  uint8_t *out, size_t cap);
 
 /* lmw_reject_response returns a response built once at start-up for status (400, 401,
- * 403, 404, 405, 408, 413, 426, 431, 500, 501, 503, 505), with Connection: close, or
+ * 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505), with Connection: close, or
  * NULL for another status. Each has Content-Type: text/plain; charset=utf-8, a
  * Content-Length and a body of the reason phrase and a newline. Extra headers:
  *   405 Allow: GET;
@@ -151,13 +151,13 @@ const uint8_t *lmw_reject_response(int status, size_t *len);
 /* lmw_frame is one parsed frame header. */
 typedef struct {
     uint64_t payload_len;
-    uint32_t header_len;  /* 2 to 14 bytes */
+    uint32_t header_len; /* 2 to 14 bytes */
     uint8_t fin;
-    uint8_t rsv;          /* RSV1..RSV3 as bits 0x4, 0x2, 0x1 */
+    uint8_t rsv; /* RSV1..RSV3 as bits 0x4, 0x2, 0x1 */
     uint8_t opcode;
     uint8_t masked;
     uint8_t mask[4];
-    uint16_t close_code;  /* on LMW_ERROR: the close code to send */
+    uint16_t close_code; /* on LMW_ERROR: the close code to send */
     uint16_t pad;
 } lmw_frame;
 
@@ -189,9 +189,9 @@ int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n);
 /* lmw_message_state follows one connection's message across frames: fragmentation
  * (section 5.4), size limit and UTF-8 of text messages (section 8.1). */
 typedef struct {
-    uint64_t length;   /* payload bytes of the message so far */
-    uint32_t utf8;     /* lmw_utf8_check state for a text message */
-    uint8_t opcode;    /* LMW_OP_TEXT/BINARY of the message in progress, 0 if none */
+    uint64_t length; /* payload bytes of the message so far */
+    uint32_t utf8;   /* lmw_utf8_check state for a text message */
+    uint8_t opcode;  /* LMW_OP_TEXT/BINARY of the message in progress, 0 if none */
     uint8_t pad[3];
 } lmw_message_state;
 
@@ -242,59 +242,59 @@ int lmw_build_close_payload(uint8_t *out, int code, const uint8_t *reason, size_
 
 /* lmw_config: every cap and timeout of a server; filled by lowmemws.config. */
 typedef struct {
-    uint32_t max_connections;     /* slots: fds at or above this are refused */
-    uint32_t max_handshakes;      /* concurrent heads being read; at the cap, stop accepting */
-    uint32_t max_head;            /* HTTP head cap (431) */
-    uint32_t max_http_body;       /* plain HTTP request body cap (413) */
-    uint64_t max_message;         /* WebSocket message cap (1009) */
-    uint32_t read_buffer_size;    /* bytes per pooled read buffer */
-    uint32_t read_buffers;        /* pooled read buffers */
-    uint64_t spill_budget;        /* all spill allocations together */
-    uint64_t write_limit;         /* pending output per connection */
-    uint64_t write_budget;        /* pending output of all connections together */
+    uint32_t max_connections;  /* slots: fds at or above this are refused */
+    uint32_t max_handshakes;   /* concurrent heads being read; at the cap, stop accepting */
+    uint32_t max_head;         /* HTTP head cap (431) */
+    uint32_t max_http_body;    /* plain HTTP request body cap (413) */
+    uint64_t max_message;      /* WebSocket message cap (1009) */
+    uint32_t read_buffer_size; /* bytes per pooled read buffer */
+    uint32_t read_buffers;     /* pooled read buffers */
+    uint64_t spill_budget;     /* all spill allocations together */
+    uint64_t write_limit;      /* pending output per connection */
+    uint64_t write_budget;     /* pending output of all connections together */
     uint32_t handshake_timeout_ms;
-    uint32_t ping_interval_ms;    /* 0 disables pings */
+    uint32_t ping_interval_ms; /* 0 disables pings */
     uint32_t ping_timeout_ms;
     uint32_t close_timeout_ms;
-    uint32_t message_timeout_ms;  /* a begun message must be complete by then (1008); 0: off */
-    uint32_t accept_batch;        /* accept4 calls per readable listener */
-    uint32_t max_per_ip;          /* connections + handshakes per client address; 0 = no cap */
-    uint8_t write_policy;         /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
-    uint8_t auto_upgrade;         /* 1: complete upgrades in C, no UPGRADE event */
+    uint32_t message_timeout_ms; /* a begun message must be complete by then (1008); 0: off */
+    uint32_t accept_batch;       /* accept4 calls per readable listener */
+    uint32_t max_per_ip;         /* connections + handshakes per client address; 0 = no cap */
+    uint8_t write_policy;        /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
+    uint8_t auto_upgrade;        /* 1: complete upgrades in C, no UPGRADE event */
     uint8_t pad[2];
 } lmw_config;
 
 /* Counters, in a struct so several worker processes can keep theirs in one shared
  * mapping and any of them can sum all for /metrics. */
-#define LMW_CLOSE_CODES 12  /* closes[i] counts LMW_CLOSE_CODE_LIST[i]; last = other */
+#define LMW_CLOSE_CODES 12 /* closes[i] counts LMW_CLOSE_CODE_LIST[i]; last = other */
 #define LMW_DROP_REASONS 4
 #define LMW_DROP_WRITE_LIMIT 0
 #define LMW_DROP_CLOSED 1
 #define LMW_DROP_LATEST 2
 #define LMW_DROP_WORKER_QUEUE 3
 #define LMW_ERRORS 2
-#define LMW_ERR_EPOLL 0           /* epoll_ctl refused a change */
-#define LMW_ERR_NOMEM 1           /* an allocation failed: a connection was closed (1011, 503) */
+#define LMW_ERR_EPOLL 0 /* epoll_ctl refused a change */
+#define LMW_ERR_NOMEM 1 /* an allocation failed: a connection was closed (1011, 503) */
 typedef struct {
-    uint64_t connections;         /* open WebSocket connections */
-    uint64_t handshakes;          /* heads being read now */
-    uint64_t handshakes_total;    /* completed upgrades */
-    uint64_t rejects_total;       /* heads answered with an HTTP error */
+    uint64_t connections;      /* open WebSocket connections */
+    uint64_t handshakes;       /* heads being read now */
+    uint64_t handshakes_total; /* completed upgrades */
+    uint64_t rejects_total;    /* heads answered with an HTTP error */
     uint64_t http_requests_total;
     uint64_t frames_sent_total;
     uint64_t messages_received_total;
     uint64_t buffer_pool_in_use;
     uint64_t spill_bytes;
     uint64_t pending_write_bytes;
-    uint64_t accept_paused;       /* 1 while the listeners are not polled */
-    uint64_t worker_queue_depth;  /* kept by Python */
-    uint64_t loop_lag_us;         /* longest loop lag of about the last 10 s (issue 17) */
-    uint64_t loop_lag_max_us;     /* longest loop lag since start */
+    uint64_t accept_paused;            /* 1 while the listeners are not polled */
+    uint64_t worker_queue_depth;       /* kept by Python */
+    uint64_t loop_lag_us;              /* longest loop lag of about the last 10 s (issue 17) */
+    uint64_t loop_lag_max_us;          /* longest loop lag since start */
     uint64_t handshake_timeouts_total; /* heads answered 408 by the sweep */
     uint64_t ping_timeouts_total;      /* connections dropped for a missed pong (1006) */
-    uint64_t closes[12];
-    uint64_t dropped[4];
-    uint64_t errors[2];           /* LMW_ERR_*: failures handled, counted so none is silent */
+    uint64_t closes[LMW_CLOSE_CODES];
+    uint64_t dropped[LMW_DROP_REASONS];
+    uint64_t errors[LMW_ERRORS]; /* LMW_ERR_*: failures handled, counted so none is silent */
     uint64_t pid;
 } lmw_stats;
 
@@ -302,11 +302,11 @@ typedef struct {
 int lmw_close_code_index(int code);
 
 /* Events lmw_poll hands to Python. */
-#define LMW_EV_UPGRADE 1  /* a valid upgrade waits: answer with lmw_upgrade_accept/lmw_reject */
-#define LMW_EV_HTTP 2     /* a plain HTTP request (head + body) waits: answer with lmw_respond */
-#define LMW_EV_MESSAGE 3  /* a complete message: opcode, data, len */
-#define LMW_EV_CLOSED 4   /* an open connection ended: code */
-#define LMW_EV_WAKE 5     /* lmw_wake was called */
+#define LMW_EV_UPGRADE 1 /* a valid upgrade waits: answer with lmw_upgrade_accept/lmw_reject */
+#define LMW_EV_HTTP 2    /* a plain HTTP request (head + body) waits: answer with lmw_respond */
+#define LMW_EV_MESSAGE 3 /* a complete message: opcode, data, len */
+#define LMW_EV_CLOSED 4  /* an open connection ended: code */
+#define LMW_EV_WAKE 5    /* lmw_wake was called */
 
 /* lmw_event: data and request are borrowed; valid only until the next lmw_poll. */
 typedef struct {
@@ -384,10 +384,16 @@ uint32_t lmw_topic_size(lmw_server *s, uint64_t topic);
 /* Fan-out: the frame is built once and written to every member in one loop. Each
  * returns the number of connections the frame was sent or queued to; dropped and closed
  * members are counted in lmw_stats.dropped. */
-int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data,
-                    size_t len, int policy);
-int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
-                      size_t len, int policy);
+int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
+                    int policy);
+int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data, size_t len,
+                      int policy);
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy);
+
+/* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
+ * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
+ * so a close reason, after the 2-byte code, at most 123. */
+#define LMW_CONTROL_PAYLOAD_MAX 125
+#define LMW_CLOSE_REASON_MAX 123
 
 #endif

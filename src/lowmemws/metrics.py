@@ -5,22 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ._constants import CLOSE_CODE_LABELS, DROP_REASONS, ERROR_KINDS
 from ._native import ffi
-
-#: lmw_stats.closes[i] counts this close code; the last slot counts every other code.
-CLOSE_CODES: tuple[str, ...] = (
-    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1011", "1013",
-    "other",
-)  # fmt: skip
-DROP_REASONS: tuple[str, ...] = ("write_limit", "closed", "latest", "worker_queue")
-#: lmw_stats.errors[i] counts failures of this kind that the runtime handled (LMW_ERR_*).
-ERROR_KINDS: tuple[str, ...] = ("epoll", "nomem")
 
 _GAUGES = {
     "connections": "Open WebSocket connections.",
     "handshakes": "Request heads being read.",
     "buffer_pool_in_use": "Pooled read buffers lent out in the current loop turn.",
-    "worker_queue_depth": "Messages waiting for a worker thread.",
+    "worker_queue_depth": "Messages waiting for a hook thread (Config.hook_threads).",
     "spill_bytes": "Bytes held for incomplete input.",
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",
@@ -44,7 +36,7 @@ _COUNTERS = {
 def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     """snapshot sums lmw_stats structs (one per worker process) into a dict."""
     total: dict[str, Any] = {name: 0 for name in (*_GAUGES, *_COUNTERS)}
-    total["closes"] = dict.fromkeys(CLOSE_CODES, 0)
+    total["closes"] = dict.fromkeys(CLOSE_CODE_LABELS, 0)
     total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
     total["errors"] = dict.fromkeys(ERROR_KINDS, 0)
     total["processes"] = 0
@@ -59,7 +51,7 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
             total[f"{name}_seconds"] = max(total[f"{name}_seconds"], seconds)
         for name in (*_GAUGES, *_COUNTERS):
             total[name] += getattr(st, name)
-        for i, code in enumerate(CLOSE_CODES):
+        for i, code in enumerate(CLOSE_CODE_LABELS):
             total["closes"][code] += st.closes[i]
         for i, reason in enumerate(DROP_REASONS):
             total["dropped"][reason] += st.dropped[i]

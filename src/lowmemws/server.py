@@ -1,63 +1,56 @@
-"""Gateway: hooks, the loop that hands C events to them, publishing, worker processes.
+"""Gateway: the application's entry point; it wires the roles together.
 
-The loop thread owns the sockets: it calls lmw_poll, which does all per-frame work in C
-and returns only events that need the application. Every other method may be called from
-any thread; the C runtime serialises access with one lock.
+The roles live in their own modules: the C server and its return conventions
+(_c_server), the loop that hands C events to the hooks (_loop), the upgrade decision
+(handshake), the listening sockets (_listen) and the worker-process supervisor
+(_supervisor). The Gateway keeps the hooks, publishing and the figures.
+
+The loop thread owns the sockets. Every other method may be called from any thread; the
+C runtime serialises access with one lock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import logging
-import mmap
-import os
-import signal
+import functools
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import metrics
-from ._native import ffi, lib
+from ._c_server import CServer, c_config
+from ._constants import POLICIES
+from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
+from ._listen import bind_listeners
+from ._loop import EventLoop
+from ._routes import builtin_response
+from ._signals import stop_signals_call
+from ._supervisor import Supervisor
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
-from .config import POLICIES, Config
+from .config import Config
 from .connection import Connection
-from .handshake import Accept, Reject, Request, Response
-
-log = logging.getLogger("lowmemws")
-
-ConnectHook = Callable[[Request], "Accept | Reject | None"]
-MessageHook = Callable[[Connection, "str | bytes"], None]
-CloseHook = Callable[[Connection, int], None]
-OpenHook = Callable[[Connection], None]
-HttpHook = Callable[[Request], "Response | None"]
-
-_POLL_MS = 250
-_TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
-_EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
-_EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
-_EV_HTTP = int(lib.LMW_EV_HTTP)
-_EV_CLOSED = int(lib.LMW_EV_CLOSED)
-_ACCEPT = Accept()
 
 
 class Gateway:
     """Gateway is a WebSocket server for many mostly idle connections.
 
-    Hooks (set with the decorators or by assignment):
-      on_connect(request) -> Accept | Reject | None: authorise an upgrade (None accepts);
-          the request is a borrowed view, valid only during the call.
-      on_open(conn): the connection is open (the 101 is sent): send a greeting here.
-      on_message(conn, message): a complete message, str for text, bytes for binary.
-      on_close(conn, code): a connection ended (1006 when no close frame was received).
-      on_http(request) -> Response | None: a plain HTTP request on the same port; None
-          falls back to the built-in /healthz and /metrics, else 404.
+    Hooks are set with the decorator methods (``@gateway.on_message``), one of each:
 
+    - ``on_connect(request) -> Accept | Reject | None`` authorises an upgrade (None
+      accepts); the request is a borrowed view, valid only during the call.
+    - ``on_open(conn)``: the connection is open (the 101 is sent): send a greeting here.
+    - ``on_message(conn, message)``: a complete message, str for text, bytes for binary.
+    - ``on_close(conn, code)``: a connection ended (1006 when no close frame came).
+    - ``on_http(request) -> Response | None``: a plain HTTP request on the same port;
+      None falls back to the built-in /healthz and /metrics, else 404.
+
+    A hook that raises is logged; an upgrade or request it was deciding gets HTTP 500.
     ``host`` may be one address or several (IPv4 and IPv6); ``processes`` > 1 forks
-    SO_REUSEPORT worker processes under a supervising parent (Linux).
+    SO_REUSEPORT worker processes under a supervising parent (Linux). Every tunable is a
+    field of ``config``; ``bus`` carries publishes between processes and machines
+    (default: LocalBus for one process, ProcessBus for several).
     """
 
     def __init__(
@@ -68,108 +61,103 @@ class Gateway:
         processes: int = 1,
         config: Config | None = None,
         bus: Bus | None = None,
-        backlog: int = 4096,
     ) -> None:
         self.hosts: tuple[str, ...] = (host,) if isinstance(host, str) else tuple(host)
         self.port = port
         self.processes = processes
         self.config = config or Config()
-        self.backlog = backlog
-        self.on_connect_hook: ConnectHook | None = None
-        self.on_message_hook: MessageHook | None = None
-        self.on_close_hook: CloseHook | None = None
-        self.on_open_hook: OpenHook | None = None
-        self.on_http_hook: HttpHook | None = None
+        self._hooks = Hooks()
         self._bus: Bus | None = bus
-        self._topic_key = os.urandom(16)
-        self._topic_ids: dict[str, int] = {}
-        self._server: Any = None
+        self._server = CServer()
+        self._loop: EventLoop | None = None
+        self._supervisor: Supervisor | None = None
         self._stats_views: list[Any] = []
-        self._stats_map: mmap.mmap | None = None
         self._listeners: list[socket.socket] = []
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: Any = None
-        self._held: deque[tuple[Connection, str | bytes]] = deque()
-        self._paused: set[tuple[int, int]] = set()
-        self._children: dict[int, int] = {}
         self.worker_index = 0
 
     # ------------------------------------------------------------------ hooks
 
     def on_connect(self, fn: ConnectHook) -> ConnectHook:
         """on_connect registers the upgrade hook (decorator)."""
-        self.on_connect_hook = fn
+        self._hooks.connect = fn
         return fn
 
     def on_message(self, fn: MessageHook) -> MessageHook:
         """on_message registers the message hook (decorator)."""
-        self.on_message_hook = fn
+        self._hooks.message = fn
         return fn
 
     def on_open(self, fn: OpenHook) -> OpenHook:
         """on_open registers the hook called once a connection is open (decorator)."""
-        self.on_open_hook = fn
+        self._hooks.open = fn
         return fn
 
     def on_close(self, fn: CloseHook) -> CloseHook:
         """on_close registers the close hook (decorator)."""
-        self.on_close_hook = fn
+        self._hooks.close = fn
         return fn
 
     def on_http(self, fn: HttpHook) -> HttpHook:
         """on_http registers the plain HTTP hook (decorator)."""
-        self.on_http_hook = fn
+        self._hooks.http = fn
         return fn
 
     # ------------------------------------------------------------------ publishing
 
-    def topic_id(self, topic: str) -> int:
-        """topic_id is the 64-bit id the C hub knows topic by (a keyed BLAKE2b hash)."""
-        known = self._topic_ids.get(topic)
-        if known is not None:
-            return known
-        digest = hashlib.blake2b(topic.encode("utf-8"), digest_size=8, key=self._topic_key)
-        topic_id = int.from_bytes(digest.digest(), "little") or 1
-        if len(self._topic_ids) >= _TOPIC_CACHE:
-            self._topic_ids.clear()
-        self._topic_ids[topic] = topic_id
-        return topic_id
-
     def subscribe(self, conn: Connection, topic: str) -> bool:
         """subscribe adds conn to topic (no Python object is kept per member)."""
-        if self._server is None:
-            return False
-        return bool(lib.lmw_subscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) >= 0)
+        return self._server.subscribe(conn.fd, conn.gen, topic)
 
     def unsubscribe(self, conn: Connection, topic: str) -> bool:
         """unsubscribe removes conn from topic; True if it was a member."""
-        if self._server is None:
-            return False
-        return bool(lib.lmw_unsubscribe(self._server, conn.fd, conn.gen, self.topic_id(topic)) > 0)
+        return self._server.unsubscribe(conn.fd, conn.gen, topic)
 
     def topic_size(self, topic: str) -> int:
         """topic_size is the number of members of topic in this process."""
-        if self._server is None:
-            return 0
-        return int(lib.lmw_topic_size(self._server, self.topic_id(topic)))
+        return self._server.topic_size(topic)
 
     def publish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
         """publish sends data to every member of topic, on every node of the bus.
 
-        Thread-safe. Returns the number of connections of this process reached (0 when the
-        bus delivers asynchronously). Raises lowmemws.errors.BusUnavailable when the bus
-        cannot take the message. policy: "drop", "close" (1008) or "latest".
+        Thread-safe. ``policy`` says what happens to a member over its write limit:
+        "drop" (it misses this message), "close" (closed with 1008) or "latest" (only the
+        newest pending message of the topic is kept).
+
+        Returns, whatever the bus, the number of connections of this process that took
+        the message (sent or queued) before publish returned. LocalBus and RedisBus
+        deliver to this process in the caller's thread, so that is every member here;
+        ProcessBus delivers to every worker, this one too, on its reader thread, so it is
+        0. Other processes and machines are never counted: their delivery is the bus's.
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy, or a topic longer than 65535 UTF-8 bytes.
         """
         return self._publish(Envelope.for_topic(topic, data, policy=policy))
 
     def send_to_user(self, user: int, data: str | bytes, policy: Policy = "drop") -> int:
-        """send_to_user sends data to every connection tagged with user, on every node."""
+        """send_to_user sends data to every connection tagged with user, on every node.
+
+        Like publish (the same policies and return value); user 0 means no user.
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy, or user outside 0..2**64-1.
+        """
         return self._publish(Envelope.for_user(user, data, policy=policy))
 
     def broadcast(self, data: str | bytes, policy: Policy = "drop") -> int:
-        """broadcast sends data to every open connection, on every node."""
+        """broadcast sends data to every open connection, on every node.
+
+        Like publish (the same policies and return value).
+
+        Raises:
+            BusUnavailable: the bus cannot take the message; nothing was delivered.
+            ValueError: an unknown policy.
+        """
         return self._publish(Envelope.for_all(data, policy=policy))
 
     async def apublish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
@@ -185,35 +173,21 @@ class Gateway:
         return await asyncio.to_thread(self.broadcast, data, policy)
 
     def _publish(self, envelope: Envelope) -> int:
-        bus = self._bus
-        if bus is None or isinstance(bus, LocalBus):
-            return self.deliver(envelope)
-        bus.publish(envelope)
-        return 0
+        if self._bus is None:
+            return 0  # not started: no connection to reach, no bus to carry it yet
+        return self._bus.publish(envelope)
 
-    def _deliver_from_bus(self, envelope: Envelope) -> None:
-        self.deliver(envelope)
-
-    def deliver(self, envelope: Envelope) -> int:
-        """deliver fans an envelope out to this process's connections (the bus callback)."""
-        server = self._server
-        if server is None:
-            return 0
+    def _deliver(self, envelope: Envelope) -> int:
+        """_deliver fans an envelope out to this process's connections (the bus callback)."""
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "topic":
             assert isinstance(envelope.key, str)
-            n = lib.lmw_publish(
-                server, self.topic_id(envelope.key), envelope.opcode, payload, len(payload), policy
-            )
-        elif envelope.kind == "user":
+            return self._server.publish(envelope.key, envelope.opcode, payload, policy)
+        if envelope.kind == "user":
             assert isinstance(envelope.key, int)
-            n = lib.lmw_send_user(
-                server, envelope.key, envelope.opcode, payload, len(payload), policy
-            )
-        else:
-            n = lib.lmw_broadcast(server, envelope.opcode, payload, len(payload), policy)
-        return max(0, int(n))
+            return self._server.send_user(envelope.key, envelope.opcode, payload, policy)
+        return self._server.broadcast(envelope.opcode, payload, policy)
 
     # ------------------------------------------------------------------ figures
 
@@ -237,40 +211,63 @@ class Gateway:
     @property
     def connection_count(self) -> int:
         """connection_count is the number of open connections in this process."""
-        return int(lib.lmw_connection_count(self._server)) if self._server is not None else 0
+        return self._server.connection_count
 
     # ------------------------------------------------------------------ running
 
     def run(self) -> None:
-        """run serves until SIGTERM or SIGINT (or stop()), then closes clients with 1001."""
+        """run serves until SIGTERM or SIGINT (or stop()), then closes clients with 1001.
+
+        With processes > 1 it forks the worker processes and supervises them: a worker
+        that dies is started again.
+
+        Raises:
+            OSError: an address cannot be bound, or the C server cannot be made.
+        """
         if self.processes > 1:
             self._supervise()
             return
         self._prepare_single()
-        previous = self._install_signals()
-        try:
+        with stop_signals_call(self._request_stop):
             self._serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
-    def start(self) -> Gateway:
-        """start serves in a background thread of this process and returns once listening."""
+    def start(self, timeout: float = 10.0) -> Gateway:
+        """start serves in a background thread of this process and returns once listening.
+
+        Raises:
+            ValueError: processes > 1 (worker processes need run(): it supervises them).
+            OSError: an address cannot be bound, or the C server cannot be made.
+            RuntimeError: the loop did not start serving within timeout seconds (it is
+                stopped again).
+        """
         if self.processes != 1:
             raise ValueError("start() runs one process; use run() for processes > 1")
         self._prepare_single()
         self._thread = threading.Thread(target=self._serve, name="lowmemws-loop", daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop(timeout=1.0)
+                raise RuntimeError("lowmemws: the gateway did not become ready")
         return self
 
+    def __enter__(self) -> Gateway:
+        """A Gateway is a context manager: ``with Gateway(...) as gw:`` is start()/stop()."""
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float | None = None) -> None:
-        """stop closes every client with 1001 and ends the loop (and worker processes)."""
-        self._stopping.set()
-        if self._server is not None:
-            lib.lmw_wake(self._server)
-        for pid in list(self._children):
-            _kill(pid, signal.SIGTERM)
+        """stop closes every client with 1001 and ends the loop (and worker processes).
+
+        It waits for the loop thread at most ``timeout`` seconds (default: the
+        shutdown_timeout plus 5); calling it again, or before start, does no harm.
+        """
+        self._request_stop()
+        if self._supervisor is not None:
+            self._supervisor.terminate()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None else self.config.shutdown_timeout + 5)
 
@@ -278,342 +275,71 @@ class Gateway:
         """wait_ready blocks until the gateway listens; False on timeout."""
         return self._ready.wait(timeout)
 
-    # ------------------------------------------------------------------ single process
+    def _request_stop(self) -> None:
+        self._stopping.set()
+        self._server.wake()
 
     def _prepare_single(self) -> None:
-        self._stats_map = None
-        self._listeners = self._bind(reuse_port=False)
+        self._bind(reuse_port=False)
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
-        self._bus.start(self._deliver_from_bus)
+        self._bus.start(self._deliver)
 
-    def _bind(self, reuse_port: bool) -> list[socket.socket]:
-        socks = []
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and host in ("::", ""):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, self.port))
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-            if self.port == 0:
-                self.port = sock.getsockname()[1]
-            socks.append(sock)
-        return socks
+    def _bind(self, reuse_port: bool) -> None:
+        self._listeners, self.port = bind_listeners(
+            self.hosts, self.port, self.config.backlog, reuse_port
+        )
 
     def _make_server(self, stats: Any) -> None:
         auto = (
-            self.on_connect_hook is None
-            and self.on_open_hook is None
+            self._hooks.connect is None
+            and self._hooks.open is None
             and self.config.origins is None
             and not self.config.subprotocols
         )
-        cfg = self.config.to_c(auto_upgrade=auto)
-        server = lib.lmw_server_new(cfg, stats if stats is not None else ffi.NULL)
-        if server == ffi.NULL:
-            raise OSError("lowmemws: could not create the server (out of memory or fds)")
-        self._server = ffi.gc(server, lib.lmw_server_free)
-        own = lib.lmw_server_stats(self._server)
-        own.pid = os.getpid()
+        self._server.open(c_config(self.config, auto_upgrade=auto), stats)
         if not self._stats_views:
-            self._stats_views = [own]
+            self._stats_views = [self._server.stats()]
         for sock in self._listeners:
-            lib.lmw_listen_add(self._server, sock.fileno())
-        if self.config.workers > 0:
-            from .workers import WorkerPool
-
-            self._pool = WorkerPool(self.config.workers, self.config.worker_queue, self._wake)
-
-    def _wake(self) -> None:
-        if self._server is not None:
-            lib.lmw_wake(self._server)
-
-    def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-
-        def handler(signum: int, frame: Any) -> None:
-            self._stopping.set()
-            self._wake()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
+            self._server.listen_add(sock.fileno())
+        fallback = functools.partial(builtin_response, metrics_text=self.metrics_text)
+        self._loop = EventLoop(self._server, self._hooks, self.config, fallback)
 
     def _serve(self) -> None:
-        server = self._server
-        events = ffi.new("lmw_event **")
-        max_events = self.config.max_events
-        self._ready.set()
+        assert self._loop is not None
         try:
-            while not self._stopping.is_set():
-                n = lib.lmw_poll(server, _POLL_MS, events, max_events)
-                if n > 0:
-                    self._dispatch(events[0], n)
-                if self._held:
-                    self._release_held()
-                if self._pool is not None:  # the gauge falls as workers catch up, too
-                    depth = self._pool.depth + len(self._held)
-                    lib.lmw_server_stats(server).worker_queue_depth = depth
-            self._shutdown(events)
+            self._loop.run(self._stopping, self._ready)
         finally:
-            if self._pool is not None:
-                self._pool.stop()
             for sock in self._listeners:
                 sock.close()
             if self._bus is not None:  # the gateway's bus ends with it (buffered: counted)
                 self._bus.close()
 
-    def _shutdown(self, events: Any) -> None:
-        """_shutdown: stop accepting, close every client with 1001, wait a bounded time."""
-        server = self._server
-        lib.lmw_listen_stop(server)
-        lib.lmw_close_all(server, 1001)
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        while lib.lmw_connection_count(server) and time.monotonic() < deadline:
-            n = lib.lmw_poll(server, 50, events, self.config.max_events)
-            if n > 0:
-                self._dispatch(events[0], n, closing=True)
-
-    # ------------------------------------------------------------------ events
-
-    def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
-        for i in range(n):
-            e = ev[i]
-            kind = e.type
-            try:
-                if kind == _EV_MESSAGE:
-                    if not closing:
-                        self._on_message_event(e)
-                elif kind == _EV_UPGRADE:
-                    self._on_upgrade_event(e)
-                elif kind == _EV_HTTP:
-                    self._on_http_event(e)
-                elif kind == _EV_CLOSED:
-                    if self.on_close_hook is not None:
-                        self.on_close_hook(Connection(self, e.fd, e.gen, e.user_tag), e.code)
-            except Exception:
-                log.exception("lowmemws: a hook raised")
-
-    def _on_message_event(self, e: Any) -> None:
-        hook = self.on_message_hook
-        if hook is None:
-            return
-        raw = ffi.unpack(ffi.cast("char *", e.data), e.len)
-        message: str | bytes = raw.decode("utf-8") if e.opcode == 1 else raw
-        conn = Connection(self, e.fd, e.gen, e.user_tag)
-        if self._pool is None:
-            hook(conn, message)
-            return
-        if self._held or not self._pool.submit(hook, conn, message):
-            # back-pressure: keep the message, stop reading this socket until room returns
-            self._held.append((conn, message))
-            key = (conn.fd, conn.gen)
-            if key not in self._paused:
-                self._paused.add(key)
-                lib.lmw_pause_reading(self._server, conn.fd, conn.gen)
-        stats = lib.lmw_server_stats(self._server)
-        stats.worker_queue_depth = self._pool.depth + len(self._held)
-
-    def _release_held(self) -> None:
-        hook = self.on_message_hook
-        while self._held and hook is not None:
-            conn, message = self._held[0]
-            if not self._pool.submit(hook, conn, message):
-                return
-            self._held.popleft()
-        for fd, gen in self._paused:
-            lib.lmw_resume_reading(self._server, fd, gen)
-        self._paused.clear()
-
-    def _on_upgrade_event(self, e: Any) -> None:
-        request = Request(e.data, e.len, e.request)
-        decision: Accept | Reject | None
-        try:
-            decision = self._decide(request)
-        except Exception:
-            log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
-        finally:
-            request._invalidate()
-        if isinstance(decision, Reject):
-            lib.lmw_reject(self._server, e.fd, e.gen, decision.status)
-            return
-        accept = decision if decision is not None else _ACCEPT
-        proto = accept.subprotocol.encode("latin-1") if accept.subprotocol else b""
-        if lib.lmw_upgrade_accept(self._server, e.fd, e.gen, proto, len(proto), accept.user):
-            return
-        for topic in accept.topics:
-            lib.lmw_subscribe(self._server, e.fd, e.gen, self.topic_id(topic))
-        if self.on_open_hook is not None:
-            self.on_open_hook(Connection(self, e.fd, e.gen, accept.user))
-
-    def _decide(self, request: Request) -> Accept | Reject | None:
-        origins = self.config.origins
-        if origins is not None and request.header("origin") not in origins:
-            return Reject(403)
-        decision = self.on_connect_hook(request) if self.on_connect_hook is not None else None
-        if decision is None:
-            accept = _ACCEPT
-        elif isinstance(decision, Reject):
-            return decision
-        elif isinstance(decision, Accept):
-            accept = decision
-        else:
-            raise TypeError("on_connect must return Accept, Reject or None")
-        if accept.subprotocol is None and not self.config.subprotocols:
-            return accept
-        offered = request.subprotocols
-        if accept.subprotocol is not None:
-            if accept.subprotocol not in offered:
-                raise ValueError("Accept.subprotocol must be one the client offered")
-            return accept
-        for proto in self.config.subprotocols:
-            if proto in offered:
-                return Accept(accept.user, accept.topics, proto)
-        return accept
-
-    def _on_http_event(self, e: Any) -> None:
-        head_len = e.request.head_len
-        request = Request(e.data, head_len, e.request, body_len=int(e.len) - head_len)
-        try:
-            response = self.on_http_hook(request) if self.on_http_hook is not None else None
-            if response is None:
-                response = self._builtin_http(request)
-            payload = response.encode()
-        except Exception:
-            log.exception("lowmemws: on_http raised; answering 500")
-            payload = Response(500, b"internal error\n").encode()
-        finally:
-            request._invalidate()
-        lib.lmw_respond(self._server, e.fd, e.gen, payload, len(payload))
-
-    def _builtin_http(self, request: Request) -> Response:
-        if request.method == "GET" and request.path == "/healthz":
-            return Response(200, b"ok")
-        if request.method == "GET" and request.path == "/metrics":
-            return Response(200, self.metrics_text(), content_type="text/plain; version=0.0.4")
-        return Response(404, b"not found\n")
-
     # ------------------------------------------------------------------ processes
 
     def _supervise(self) -> None:
-        """_supervise forks SO_REUSEPORT workers, restarts any that dies, and on
-        SIGTERM/SIGINT stops them all (each closes its clients with 1001)."""
-        count = self.processes
-        reserve = self._bind(reuse_port=True)  # holds the port (and learns it for port 0)
-        for sock in reserve:
-            sock.close()
-        size = metrics.STATS_SIZE
-        self._stats_map = mmap.mmap(-1, size * count)
-        base = ffi.from_buffer(self._stats_map)
-        self._stats_views = [ffi.cast("lmw_stats *", base + i * size) for i in range(count)]
+        self._bind(reuse_port=True)  # holds the port (and learns it for port 0) ...
+        for sock in self._listeners:
+            sock.close()  # ... until the workers bind it again
         if self._bus is None:
-            self._bus = ProcessBus(workers=count)
-        for index in range(count):
-            self._spawn(index)
-        if isinstance(self._bus, ProcessBus):
-            self._bus.attach_parent()
-        stop = threading.Event()
+            self._bus = ProcessBus(workers=self.processes)
+        self._supervisor = Supervisor(
+            self.processes, self._run_worker, self._bus, self.config.shutdown_timeout
+        )
+        self._stats_views = self._supervisor.stats_views
+        self._supervisor.run(self._stopping, self._ready)
 
-        def handler(signum: int, frame: Any) -> None:
-            stop.set()
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self._wait_workers_ready(count)
-            self._ready.set()
-            while not stop.is_set() and not self._stopping.is_set():
-                self._reap(restart=True)
-                stop.wait(0.2)
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            self._stop_children()
-
-    def _wait_workers_ready(self, count: int) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if sum(1 for view in self._stats_views if view.pid) >= count:
-                return
-            time.sleep(0.01)
-
-    def _spawn(self, index: int) -> None:
-        self._stats_views[index].pid = 0
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 0
-            try:
-                self._run_worker(index)
-            except BaseException:
-                log.exception("lowmemws: worker %d failed", index)
-                code = 1
-            finally:
-                os._exit(code)
-        self._children[pid] = index
-
-    def _run_worker(self, index: int) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+    def _run_worker(self, index: int, stats: Any) -> None:
+        """_run_worker serves in a forked worker process (the Supervisor calls it)."""
         self.worker_index = index
-        self._children = {}
-        if isinstance(self._bus, ProcessBus):
-            self._bus.attach_worker(index)
-        self._listeners = self._bind(reuse_port=True)
-        self._make_server(self._stats_views[index])
+        self._supervisor = None
+        self._bind(reuse_port=True)
+        self._make_server(stats)
         assert self._bus is not None
-        self._bus.start(self._deliver_from_bus)
-        self._install_signals()
-        lib.lmw_server_stats(self._server).pid = os.getpid()
-        self._serve()
-
-    def _reap(self, restart: bool) -> None:
-        while self._children:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            index = self._children.pop(pid, None)
-            if index is None:
-                continue
-            self._stats_views[index].pid = 0
-            if restart:
-                log.warning("lowmemws: worker %d (pid %d) died; restarting it", index, pid)
-                if isinstance(self._bus, ProcessBus):
-                    self._bus.respawn_pair(index)
-                self._spawn(index)
-                if isinstance(self._bus, ProcessBus):
-                    self._bus.attach_parent()
-
-    def _stop_children(self) -> None:
-        for pid in list(self._children):
-            _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 2
-        while self._children and time.monotonic() < deadline:
-            self._reap(restart=False)
-            time.sleep(0.05)
-        for pid in list(self._children):
-            _kill(pid, signal.SIGKILL)
-        while self._children:
-            self._reap(restart=False)
-            time.sleep(0.01)
-        if self._bus is not None:
-            self._bus.close()
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        self._bus.start(self._deliver)
+        with stop_signals_call(self._request_stop):
+            self._serve()
 
 
 def serve(
@@ -623,9 +349,16 @@ def serve(
     port: int = 8080,
     **kwargs: Any,
 ) -> None:
-    """serve is the shortest way to run: a Gateway with one on_message hook, until SIGTERM."""
+    """serve is the shortest way to run: a Gateway with one on_message hook, until SIGTERM.
+
+    ``kwargs`` go to Gateway (processes, config, bus).
+
+    Raises:
+        OSError: an address cannot be bound, or the C server cannot be made.
+    """
     gateway = Gateway(host if isinstance(host, str) else tuple(host), port, **kwargs)
-    gateway.on_message_hook = on_message
+    if on_message is not None:
+        gateway.on_message(on_message)
     gateway.run()
 
 

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from support.servers import ServerProcess, start_cli_server
-from support.waiting import wait_until
-from support.wire import read_until
-from support.wsproto_client import WsprotoClient
+from tests.support.servers import ServerProcess, start_cli_server
+from tests.support.waiting import wait_until
+from tests.support.wire import read_until
+from tests.support.wsproto_client import WsprotoClient
 
 MiB = 1 << 20
 SERVER_SCRIPT = Path(__file__).with_name("gateway_server.py")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from adversary import SMALL_LIMITS, Guarded, guarded_gateway
+
+from tests.adversarial.adversary import SMALL_LIMITS, Guarded, guarded_gateway
 
 
 @pytest.fixture(scope="module")

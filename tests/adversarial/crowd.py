@@ -13,9 +13,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from adversary import WAIT, WireError, rss_bytes, upgrade_head
-
-from support.servers import ServerProcess
+from tests.adversarial.adversary import WAIT, WireError, rss_bytes, upgrade_head
+from tests.support.servers import ServerProcess
 
 #: Source address groups clients bind to: a crowd spreads its sockets over its group, and
 #: each address has its own ephemeral ports (the machine may hold many TIME_WAIT sockets).

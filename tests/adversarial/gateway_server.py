@@ -14,7 +14,7 @@ tests/support/servers.py). Plain HTTP on the same port:
 Two text messages are commands instead of being echoed:
 
 - ``big:N``: the server sends a binary message of N zero bytes (a view of untouched anonymous
-  pages, which cost no RSS) and then answers ``sent:<True|False>:<seconds conn.send took>``;
+  pages, which cost no RSS) and then answers ``sent:<SENT|DROPPED|GONE>:<seconds conn.send took>``;
 - ``close-me``: the server starts the closing handshake (``conn.close()``, code 1000).
 
 ``--nofile N`` lowers RLIMIT_NOFILE to N before the gateway is built (so the default
@@ -48,7 +48,7 @@ def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.G
                 sent = conn.send(view)
                 took = time.monotonic() - started
                 view.release()
-            conn.send(f"sent:{sent}:{took:.3f}")
+            conn.send(f"sent:{sent.name}:{took:.3f}")
             return
         if message == "close-me":
             conn.close()

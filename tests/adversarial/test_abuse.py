@@ -15,7 +15,8 @@ import threading
 import time
 
 import pytest
-from adversary import (
+
+from tests.adversarial.adversary import (
     WAIT,
     Control,
     Guarded,
@@ -30,9 +31,8 @@ from adversary import (
     upgrade_head,
     wait_for,
 )
-from crowd import SOURCES, Crowd, PeakRss, statuses
-
-from support.servers import ServerProcess
+from tests.adversarial.crowd import SOURCES, Crowd, PeakRss, statuses
+from tests.support.servers import ServerProcess
 
 HANDSHAKE_TIMEOUT = 2.0
 ABUSE_LIMITS: dict[str, object] = {

@@ -15,7 +15,8 @@ import struct
 import time
 
 import pytest
-from adversary import (
+
+from tests.adversarial.adversary import (
     SMALL_LIMITS,
     Guarded,
     MiB,

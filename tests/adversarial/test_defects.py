@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from adversary import (
+from tests.adversarial.adversary import (
     RSS_MARGIN,
     SERVER_SCRIPT,
     WAIT,
@@ -38,10 +38,9 @@ from adversary import (
     rss_bytes,
     upgrade_head,
 )
-from crowd import SOURCES, Crowd, statuses
-
-from support.servers import ServerProcess, start_cli_server
-from support.wsproto_client import WsprotoClient, WsprotoClientError
+from tests.adversarial.crowd import SOURCES, Crowd, statuses
+from tests.support.servers import ServerProcess, start_cli_server
+from tests.support.wsproto_client import WsprotoClient, WsprotoClientError
 
 ECHO_BOUND = 0.1  # the issue's requirement for the control client's echo during an attack
 ECHO_WINDOW = 2.5  # seconds of control echoes measured per attack
@@ -544,7 +543,7 @@ def test_a_send_of_4_gib_is_refused_at_once() -> None:
     """Defect 7 (LOW, 32-bit output lengths): conn.send of 2**32 + 16 bytes (write_budget
     64 MiB). On 0.1.0 the length wraps: the call takes ~25 s and the client gets a frame
     head declaring 4 GiB with the next frames inside its payload. The send must return
-    False (dropped, larger than write_budget) in well under a second, with nothing
+    SendResult.DROPPED (larger than write_budget) in well under a second, with nothing
     written, and the connection must go on working."""
     with guarded_gateway({}) as rig, open_websocket(rig.server) as sock:
         sock.sendall(frame(TEXT, b"big:%d" % (2**32 + 16)))
@@ -564,7 +563,7 @@ def test_a_send_of_4_gib_is_refused_at_once() -> None:
         )
         reply = sock.recv(length, socket.MSG_WAITALL).decode()
         _, sent, took = reply.split(":")
-        assert sent == "False", f"conn.send of 4 GiB returned {sent}"
+        assert sent == "DROPPED", f"conn.send of 4 GiB returned {sent}"
         assert float(took) < 1.0, f"conn.send of 4 GiB took {took} s"
         sock.sendall(frame(TEXT, b"after"))
         assert read_message(sock, PROBE_TIMEOUT) == (TEXT, b"after")

@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 import time
 
-from adversary import Guarded, close_code, start_gateway, upgrade_head
-from crowd import SOURCES, Crowd
-
-from support.servers import ServerProcess
+from tests.adversarial.adversary import Guarded, close_code, start_gateway, upgrade_head
+from tests.adversarial.crowd import SOURCES, Crowd
+from tests.support.servers import ServerProcess
 
 CLIENTS = 5000
 WAVES = 10  # clients come back in waves, a jittered 20-120 ms apart

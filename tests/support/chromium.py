@@ -35,7 +35,7 @@ from typing import Any
 
 import websocket
 
-from support.processes import end_process
+from .processes import end_process
 
 CHROMIUM_ENV = "LOWMEMWS_CHROMIUM"
 """CHROMIUM_ENV names an environment variable that overrides the browser executable."""

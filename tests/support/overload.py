@@ -33,9 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from support.metrics import fetch_metrics, metric_value
-from support.processes import end_process
-from support.servers import ServerProcess, start_cli_server
+from tests.support.metrics import fetch_metrics, metric_value
+from tests.support.processes import end_process
+from tests.support.servers import ServerProcess, start_cli_server
 
 TESTS = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = TESTS / "overload_gateway.py"

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from support.processes import end_process
+from .processes import end_process
 
 ECHO_CMD_ENV = "LOWMEMWS_ECHO_CMD"
 LOOPBACK = "127.0.0.1"

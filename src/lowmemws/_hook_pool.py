@@ -1,4 +1,8 @@
-"""WorkerPool: a bounded pool of threads for on_message, with back-pressure, not drops."""
+"""HookPool: a bounded pool of threads for on_message, with back-pressure, not drops.
+
+These are threads of one process (Config.hook_threads); "worker" in lowmemws means a
+process (Gateway(processes=N)).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ log = logging.getLogger("lowmemws")
 Job = tuple[Callable[..., None], tuple[Any, ...]]
 
 
-class WorkerPool:
-    """WorkerPool runs jobs on ``threads`` threads from a queue of at most ``size`` jobs.
+class HookPool:
+    """HookPool runs jobs on ``threads`` threads from a queue of at most ``size`` jobs.
 
     submit never blocks and never drops: it returns False when the queue is full, and the
     caller (the loop) keeps the job and stops reading that socket until room returns.
-    ``on_room`` is called from a worker thread when the queue falls to half after being
+    ``on_room`` is called from a hook thread when the queue falls to half after being
     full, so the loop can resume reading.
     """
 
@@ -28,7 +32,7 @@ class WorkerPool:
         self._on_room = on_room
         self._was_full = threading.Event()
         self._threads = [
-            threading.Thread(target=self._run, name=f"lowmemws-worker-{i}", daemon=True)
+            threading.Thread(target=self._run, name=f"lowmemws-hook-{i}", daemon=True)
             for i in range(threads)
         ]
         for t in self._threads:

@@ -1,0 +1,1 @@
+"""Example applications; a package so the tests can import their helpers."""

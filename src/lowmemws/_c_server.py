@@ -1,0 +1,223 @@
+"""CServer: the one owner of an lmw_server, and the one place its C results become Python ones.
+
+lmw.h answers in several conventions: lmw_send gives 1 (sent or queued), 0 (dropped by the
+write policy) or LMW_ERROR (gone); lmw_subscribe 1 (joined), 0 (already a member) or
+LMW_ERROR; lmw_unsubscribe 1 (left), 0 (not a member) or LMW_ERROR; lmw_close and
+lmw_upgrade_accept 0 or LMW_ERROR; the fan-outs a count. Every caller in Python goes
+through this class, so each convention is read in exactly one place, and a CServer that is
+not open yet (or any more) answers like a connection that is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from ._constants import POLICIES
+from ._native import ffi, lib
+from .config import Config
+from .connection import SendResult
+
+_TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
+
+
+class TopicIds:
+    """TopicIds names topics for the C hub: a 64-bit keyed BLAKE2b hash of the topic name.
+
+    The key is random per gateway (and shared by its forked worker processes), so a client
+    cannot choose topic names that collide in the hub's table.
+    """
+
+    def __init__(self) -> None:
+        self._key = os.urandom(16)
+        self._known: dict[str, int] = {}
+
+    def __call__(self, topic: str) -> int:
+        known = self._known.get(topic)
+        if known is not None:
+            return known
+        digest = hashlib.blake2b(topic.encode("utf-8"), digest_size=8, key=self._key)
+        topic_id = int.from_bytes(digest.digest(), "little") or 1  # 0 is not a topic
+        if len(self._known) >= _TOPIC_CACHE:
+            self._known.clear()
+        self._known[topic] = topic_id
+        return topic_id
+
+
+class CServer:
+    """CServer owns one lmw_server (none until open()) and translates its calls.
+
+    Every method is thread-safe (the C runtime holds one lock); a handle (fd, gen) that is
+    stale never touches a reused file descriptor.
+    """
+
+    __slots__ = ("_ptr", "topic_id")
+
+    def __init__(self) -> None:
+        self._ptr: Any = None
+        self.topic_id = TopicIds()
+
+    # -- life -------------------------------------------------------------------------------
+
+    def open(self, config: Any, stats: Any = None) -> None:
+        """open makes the lmw_server from an lmw_config; stats may point into shared memory.
+
+        Raises:
+            OSError: the C runtime could not allocate its tables or descriptors.
+        """
+        ptr = lib.lmw_server_new(config, stats if stats is not None else ffi.NULL)
+        if ptr == ffi.NULL:
+            raise OSError("lowmemws: could not create the server (out of memory or fds)")
+        self._ptr = ffi.gc(ptr, lib.lmw_server_free)
+        self.stats().pid = os.getpid()  # live counters: /metrics and the supervisor look
+
+    @property
+    def is_open(self) -> bool:
+        """is_open reports whether open() made a server."""
+        return self._ptr is not None
+
+    def stats(self) -> Any:
+        """stats is this server's lmw_stats struct (in shared memory for worker processes)."""
+        return lib.lmw_server_stats(self._ptr)
+
+    def listen_add(self, fd: int) -> None:
+        """listen_add hands a bound, listening, non-blocking socket to the server."""
+        lib.lmw_listen_add(self._ptr, fd)
+
+    def listen_stop(self) -> None:
+        """listen_stop stops accepting for good (shutdown)."""
+        lib.lmw_listen_stop(self._ptr)
+
+    def poll(self, timeout_ms: int, out: Any, max_events: int) -> int:
+        """poll runs one loop turn in C and returns the number of events stored at out[0]."""
+        return int(lib.lmw_poll(self._ptr, timeout_ms, out, max_events))
+
+    def wake(self) -> None:
+        """wake makes the loop's current or next poll return at once; a no-op before open()."""
+        if self._ptr is not None:
+            lib.lmw_wake(self._ptr)
+
+    def close_all(self, code: int) -> None:
+        """close_all sends close code to every open connection (shutdown: 1001)."""
+        lib.lmw_close_all(self._ptr, code)
+
+    @property
+    def connection_count(self) -> int:
+        """connection_count is the number of open connections (0 before open())."""
+        return int(lib.lmw_connection_count(self._ptr)) if self._ptr is not None else 0
+
+    # -- one connection ---------------------------------------------------------------------
+
+    def send(self, fd: int, gen: int, opcode: int, payload: Any) -> SendResult:
+        """send frames payload (bytes, or a cffi buffer over the caller's memory: never
+        copied unless queued) as one message with opcode to connection (fd, gen)."""
+        if self._ptr is None:
+            return SendResult.GONE
+        result = lib.lmw_send(self._ptr, fd, gen, opcode, payload, len(payload))
+        if result > 0:
+            return SendResult.SENT
+        return SendResult.DROPPED if result == 0 else SendResult.GONE
+
+    def close(self, fd: int, gen: int, code: int, reason: bytes) -> bool:
+        """close starts the closing handshake; False when the connection is not open."""
+        if self._ptr is None:
+            return False
+        return bool(lib.lmw_close(self._ptr, fd, gen, code, reason, len(reason)) == 0)
+
+    def connection_is_open(self, fd: int, gen: int) -> bool:
+        """connection_is_open reports whether (fd, gen) is open (not closing, not gone)."""
+        return self._ptr is not None and bool(lib.lmw_is_open(self._ptr, fd, gen))
+
+    def subscribe(self, fd: int, gen: int, topic: str) -> bool:
+        """subscribe adds (fd, gen) to topic; True when it is a member afterwards."""
+        if self._ptr is None:
+            return False
+        return bool(lib.lmw_subscribe(self._ptr, fd, gen, self.topic_id(topic)) >= 0)
+
+    def unsubscribe(self, fd: int, gen: int, topic: str) -> bool:
+        """unsubscribe removes (fd, gen) from topic; True when it was a member."""
+        if self._ptr is None:
+            return False
+        return bool(lib.lmw_unsubscribe(self._ptr, fd, gen, self.topic_id(topic)) > 0)
+
+    def pause_reading(self, fd: int, gen: int) -> None:
+        """pause_reading stops reading (fd, gen) until resume_reading (back-pressure)."""
+        lib.lmw_pause_reading(self._ptr, fd, gen)
+
+    def resume_reading(self, fd: int, gen: int) -> None:
+        """resume_reading undoes pause_reading."""
+        lib.lmw_resume_reading(self._ptr, fd, gen)
+
+    # -- answers to events ------------------------------------------------------------------
+
+    def accept_upgrade(self, fd: int, gen: int, subprotocol: bytes, user: int) -> bool:
+        """accept_upgrade sends the 101; False when the client went away meanwhile."""
+        result = lib.lmw_upgrade_accept(self._ptr, fd, gen, subprotocol, len(subprotocol), user)
+        return bool(result == 0)
+
+    def reject(self, fd: int, gen: int, status: int) -> None:
+        """reject answers a waiting request with a prebuilt HTTP error and closes it."""
+        lib.lmw_reject(self._ptr, fd, gen, status)
+
+    def respond(self, fd: int, gen: int, response: bytes) -> None:
+        """respond sends a complete HTTP response to a waiting request and closes it."""
+        lib.lmw_respond(self._ptr, fd, gen, response, len(response))
+
+    # -- fan-out ----------------------------------------------------------------------------
+
+    def topic_size(self, topic: str) -> int:
+        """topic_size is the number of members of topic (0 before open())."""
+        if self._ptr is None:
+            return 0
+        return int(lib.lmw_topic_size(self._ptr, self.topic_id(topic)))
+
+    def publish(self, topic: str, opcode: int, payload: bytes, policy: int) -> int:
+        """publish sends to every member of topic; returns how many took the message."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_publish(self._ptr, self.topic_id(topic), opcode, payload, len(payload), policy)
+        return max(0, int(n))  # LMW_ERROR: the frame could not be built, nobody took it
+
+    def send_user(self, user: int, opcode: int, payload: bytes, policy: int) -> int:
+        """send_user sends to every connection tagged user; returns how many took it."""
+        if self._ptr is None:
+            return 0
+        return max(
+            0, int(lib.lmw_send_user(self._ptr, user, opcode, payload, len(payload), policy))
+        )
+
+    def broadcast(self, opcode: int, payload: bytes, policy: int) -> int:
+        """broadcast sends to every open connection; returns how many took it."""
+        if self._ptr is None:
+            return 0
+        return max(0, int(lib.lmw_broadcast(self._ptr, opcode, payload, len(payload), policy)))
+
+
+def c_config(config: Config, auto_upgrade: bool) -> Any:
+    """c_config returns a filled lmw_config for config: the one place a Config reaches C.
+
+    auto_upgrade: complete upgrades in C (no on_connect, on_open, origins or subprotocols
+    to consult), so an upgrade never waits for Python.
+    """
+    c = ffi.new("lmw_config *")
+    c.max_connections = config.resolved_max_connections()
+    c.max_handshakes = config.max_handshakes
+    c.max_head = config.max_head
+    c.max_http_body = config.max_http_body
+    c.max_message = config.max_message_size
+    c.read_buffer_size = config.read_buffer_size
+    c.read_buffers = config.read_buffers
+    c.spill_budget = config.resolved_spill_budget()
+    c.write_limit = config.write_limit
+    c.write_budget = config.write_budget
+    c.handshake_timeout_ms = int(config.handshake_timeout * 1000)
+    c.ping_interval_ms = int(config.ping_interval * 1000)
+    c.ping_timeout_ms = int(config.ping_timeout * 1000)
+    c.close_timeout_ms = int(config.close_timeout * 1000)
+    c.message_timeout_ms = int(config.message_timeout * 1000)
+    c.accept_batch = config.accept_batch
+    c.max_per_ip = config.max_per_ip
+    c.write_policy = POLICIES[config.write_policy]
+    c.auto_upgrade = 1 if auto_upgrade else 0
+    return c

@@ -1,0 +1,1 @@
+"""Tests that attack the gateway: bad input, abuse, storms (see adversary.py)."""
