@@ -83,6 +83,22 @@ static int spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n
     return 0;
 }
 
+/* spill_cap_wanted is the allocation a large spill needs for what the kernel holds now: at
+ * most the whole head + body or frame, never more than twice what has arrived. */
+static uint64_t spill_cap_wanted(int fd, const lmw_ext *x) {
+    uint64_t cap = x->in_len + lmw__bytes_waiting(fd);
+    if (cap < 2 * x->in_len) cap = 2 * x->in_len; /* doubling: few reallocs, at most 2x */
+    return cap > x->in_want ? x->in_want : cap;
+}
+
+/* growth_fits: a large spill may grow to cap while the spills stay within 3/4 of the budget
+ * (all of it for the only one held, so a small budget still lets a message through). */
+static int growth_fits(lmw_server *s, const lmw_ext *x, uint64_t cap) {
+    uint64_t after = s->stats->spill_bytes + (cap - x->in_cap);
+    int alone = s->stats->spill_bytes == x->in_cap + x->msg_cap; /* no one else holds any */
+    return after <= s->cfg.spill_budget / 4 * 3 || (alone && after <= s->cfg.spill_budget);
+}
+
 /* compact_budget_paused keeps each paused fd once: a paused connection that ended leaves
  * its entry behind, and its fd may be paused again by the next connection that gets it, so
  * while the budget stays short under churn the list would otherwise grow without bound. */
@@ -112,17 +128,25 @@ static void budget_pause(lmw_server *s, int fd, lmw_slot *sl) {
     lmw__set_interest(s, fd, sl, 0);
 }
 
+/* lmw__resume_budget_paused gives EPOLLIN back once the spills are below half the budget,
+ * except to a large spill whose growth still would not fit: resumed, it would only pause
+ * again at once, a busy loop while its bytes wait in the kernel. */
 void lmw__resume_budget_paused(lmw_server *s) {
     if (!s->nbudget_paused || s->stats->spill_bytes >= s->cfg.spill_budget / 2) return;
+    uint32_t kept = 0;
     for (uint32_t i = 0; i < s->nbudget_paused; i++) {
         int fd = s->budget_paused[i];
         lmw_slot *sl = &s->slots[fd];
-        if (sl->state != ST_FREE && (sl->flags & F_BUDGET)) {
-            sl->flags &= ~F_BUDGET;
-            lmw__set_interest(s, fd, sl, 0);
+        if (sl->state == ST_FREE || !(sl->flags & F_BUDGET)) continue;
+        lmw_ext *x = lmw__ext_of(s, sl);
+        if (x && x->in && is_large(s, x) && !growth_fits(s, x, spill_cap_wanted(fd, x))) {
+            s->budget_paused[kept++] = fd;
+            continue;
         }
+        sl->flags &= ~F_BUDGET;
+        lmw__set_interest(s, fd, sl, 0);
     }
-    s->nbudget_paused = 0;
+    s->nbudget_paused = kept;
 }
 
 /* take_spill hands the pending input to the caller: the spill is lent (freed by the next
@@ -428,29 +452,25 @@ static void input_seen(lmw_server *s, lmw_slot *sl) {
     sl->flags &= ~F_PING_OUT;
 }
 
-/* grow_spill makes room in a large spill for the bytes the kernel holds now, at most up to
- * the whole head + body or frame and never more than twice what has arrived. Large spills
- * may use up to 3/4 of the budget (all of it for the only one held, so a small budget still
- * lets a message through); past that the socket waits in the kernel (0 returned). */
+enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 };
+
+/* grow_spill makes room in a large spill for the bytes the kernel holds now. When the
+ * budget cannot take it yet, the socket waits in the kernel (GROW_WAIT); a head + body or
+ * frame larger than the whole budget never fits (GROW_NEVER). */
 static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
-    uint64_t waiting = lmw__bytes_waiting(fd);
-    if (x->in_cap - x->in_len >= waiting || x->in_cap == x->in_want) return 1;
-    uint64_t cap = x->in_len + waiting;
-    if (cap < 2 * x->in_len) cap = 2 * x->in_len; /* doubling: few reallocs, at most 2x */
-    if (cap > x->in_want) cap = x->in_want;
-    uint64_t more = cap - x->in_cap;
-    uint64_t after = s->stats->spill_bytes + more;
-    int alone = s->stats->spill_bytes == x->in_cap + x->msg_cap; /* no one else holds any */
-    if (after > s->cfg.spill_budget / 4 * 3 && !(alone && after <= s->cfg.spill_budget)) {
+    if (x->in_want > s->cfg.spill_budget) return GROW_NEVER;
+    uint64_t cap = spill_cap_wanted(fd, x);
+    if (cap <= x->in_cap) return GROWN;
+    if (!growth_fits(s, x, cap)) {
         budget_pause(s, fd, sl);
-        return 0;
+        return GROW_WAIT;
     }
     uint8_t *m = realloc(x->in, cap);
-    if (!m) return -1;
+    if (!m) return GROW_NOMEM;
     x->in = m;
+    s->stats->spill_bytes += cap - x->in_cap;
     x->in_cap = cap;
-    s->stats->spill_bytes += more;
-    return 1;
+    return GROWN;
 }
 
 /* read_into_spill reads the rest of a large head + body or frame straight into its spill. A
@@ -458,9 +478,13 @@ static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
  * lent to Python with the event. */
 static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     int room = grow_spill(s, fd, sl, x);
-    if (room < 0 && sl->state == ST_OPEN) return lmw__conn_fail(s, fd, 1011);
-    if (room < 0) return lmw__conn_reject(s, fd, sl, 503);
-    if (room == 0) return;
+    if (room < 0 && sl->state != ST_OPEN) return lmw__conn_reject(s, fd, sl, 503);
+    if (room == GROW_NEVER) return lmw__conn_fail(s, fd, 1013); /* try again later */
+    if (room == GROW_NOMEM) {
+        s->stats->errors[LMW_ERR_NOMEM]++;
+        return lmw__conn_fail(s, fd, 1011);
+    }
+    if (room == GROW_WAIT) return;
     if (x->in_cap == x->in_len) { /* nothing arrived: EOF or an error woke us */
         if (peer_gone(fd)) lmw__conn_free(s, fd, 0);
         return;
