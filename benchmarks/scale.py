@@ -17,8 +17,14 @@ period. The server side reports, from its /metrics, the longest loop lag any wor
 heads answered 408 and the connections dropped for a missed pong: with the server's own lag
 discounted from its deadlines (issue 17), both should stay 0 while the clients are healthy.
 
+The load clients are the C worker (``loadclient.c``, ``--engine c``, the default): Python
+workers holding 18,000 connections each cannot answer the heartbeat's pings in time while the
+others open theirs on the same cores, so the server drops them and the run measures the
+clients. ``--engine python`` runs the Python workers (for comparison).
+
     python benchmarks/scale.py --connections 1000000 --processes 56   # the headline run
     python benchmarks/scale.py --connections 50000 --processes 4      # a quick run
+    python benchmarks/scale.py --connections 50000 --processes 4 --engine python
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def run(
     window: int,
     log: Any = print,
     ping_interval: float | None = None,
+    engine: str = "c",
 ) -> dict[str, Any]:
     """run holds ``connections`` idle connections on lowmemws (see the module docstring)."""
     if connections > processes * 19_000:
@@ -57,7 +64,9 @@ def run(
             f"  lowmemws: {before['processes']} processes, "
             f"{before['rss'] / 1048576:.0f} MiB RSS in all; opening {connections:,}"
         )
-        with LoadClients(srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS) as lc:
+        with LoadClients(
+            srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS, engine=engine
+        ) as lc:
             cpu0, t0 = procstats.tree_cpu_ticks(srv.pid), time.monotonic()
             opened = lc.open(window=window, timeout=1800)
             open_wall = time.monotonic() - t0
@@ -82,6 +91,7 @@ def run(
         "version": version("lowmemws"),
         "processes": processes,
         "client_processes": len(lc.counts),
+        "client_engine": engine,
         "wanted": connections,
         "connections": opened["opened"],
         "open_seconds": open_wall,
@@ -114,7 +124,7 @@ def render(r: dict[str, Any]) -> str:
         ["connections held", f"{r['connections']:,} of {r['wanted']:,}"],
         [
             "server worker processes / load-client processes",
-            f"{r['processes']} / {r['client_processes']}",
+            f"{r['processes']} / {r['client_processes']} ({r.get('client_engine', 'python')})",
         ],
         ["time to open", f"{r['open_seconds']:.0f} s"],
         ["connections dropped after opening", f"{r['ping']['lost']:,}"],
@@ -158,13 +168,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--ping-interval", type=float, default=None, help="lowmemws heartbeat (s); default 30"
     )
+    p.add_argument(
+        "--engine",
+        choices=("c", "python"),
+        default="c",
+        help="load-client workers: c (loadclient.c, default) or python (loadclients.Worker)",
+    )
     return report.main(p, argv, run_args, render)
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
     processes = a.processes or max(1, -(-a.connections // 18_000))
-    return run(a.connections, processes, a.idle, a.window, ping_interval=a.ping_interval)
+    return run(
+        a.connections,
+        processes,
+        a.idle,
+        a.window,
+        ping_interval=a.ping_interval,
+        engine=a.engine,
+    )
 
 
 if __name__ == "__main__":
