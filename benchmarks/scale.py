@@ -67,16 +67,23 @@ def run(
         with LoadClients(
             srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS, engine=engine
         ) as lc:
+
+            def client_cpu() -> int:
+                return sum(procstats.cpu_ticks(p.pid) for p in lc.procs)
+
+            client0 = client_cpu()
             cpu0, t0 = procstats.tree_cpu_ticks(srv.pid), time.monotonic()
             opened = lc.open(window=window, timeout=1800)
             open_wall = time.monotonic() - t0
             open_cpu = procstats.tree_cpu_ticks(srv.pid) - cpu0
+            client1 = client_cpu()
             log(f"  lowmemws: {opened['opened']:,} open in {open_wall:.0f} s; idle {idle:.0f} s")
             time.sleep(idle)
             held = procstats.settled_tree_memory(srv.pid, timeout=60)
             kernel1 = procstats.kernel_memory()
             ping = lc.ping(timeout=600)
             log(f"  lowmemws: {ping['answered']:,}/{ping['asked']:,} answered a ping")
+            client2 = client_cpu()
             server_side = scrape_metrics(srv.host, srv.port)
             log(
                 f"  lowmemws: loop lag max {server_side['lowmemws_loop_lag_max_seconds']:.2f} s, "
@@ -92,6 +99,8 @@ def run(
         "processes": processes,
         "client_processes": len(lc.counts),
         "client_engine": engine,
+        "client_cpu_open_seconds": procstats.ticks_to_us(client1 - client0) / 1e6,
+        "client_cpu_idle_seconds": procstats.ticks_to_us(client2 - client1) / 1e6,
         "wanted": connections,
         "connections": opened["opened"],
         "open_seconds": open_wall,
@@ -135,6 +144,11 @@ def render(r: dict[str, Any]) -> str:
         ["longest loop lag (any worker)", f"{r.get('loop_lag_max_seconds', 0):.2f} s"],
         ["server heartbeat (Config.ping_interval)", f"{r.get('ping_interval', 30):.0f} s"],
         ["server CPU per connection opened", f"{r['open_cpu_us_per_conn']:.1f} us"],
+        [
+            "load-client CPU while opening / idle and ping (all clients)",
+            f"{r.get('client_cpu_open_seconds', 0):.1f} / "
+            f"{r.get('client_cpu_idle_seconds', 0):.1f} s",
+        ],
         [
             "user-space bytes/conn (RSS sum, PSS sum)",
             f"{r['rss_bytes_per_conn']:,.0f}, {r['pss_bytes_per_conn']:,.0f}",
