@@ -23,6 +23,14 @@ A worker uses raw non-blocking sockets and one epoll:
 The controller (``LoadClients``) starts the workers, sends each one a JSON command line on its
 stdin and reads one JSON reply line from its stdout; commands run on all workers at once.
 Workers exit when their stdin closes, so they never outlive the benchmark.
+
+Two engines run the workers. ``engine="python"`` (the default) is the Worker class below.
+``engine="c"`` is ``loadclient.c``, the same worker in C for open, ping, reset and close only
+(no permessage-deflate, no echo, no wait_frames): a Python worker holding 18,000 connections
+cannot answer the server's heartbeat pings in time while others open theirs on the same
+cores, and the server rightly drops it. The C program is compiled on first use with the
+system ``cc -O2`` into ``benchmarks/build/`` (named by a hash of the source and flags, so an
+edited source is rebuilt).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +55,12 @@ MASK = b"\x37\xfa\x21\x3d"
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 RECV_SIZE = 65536
 SOURCE_SPAN = 4_000
+HERE = os.path.dirname(os.path.abspath(__file__))
+C_SOURCE = os.path.join(HERE, "loadclient.c")
+C_BUILD_DIR = os.path.join(HERE, "build")
+C_FLAGS = ("-O2", "-std=c11", "-Wall", "-Wextra")
+ENGINES = ("python", "c")
+C_COMMANDS = ("open", "ping", "reset", "close")
 
 CONNECTING, HANDSHAKE, OPEN, CLOSING = range(4)
 
@@ -87,6 +102,34 @@ def upgrade_request(host: str, port: int, path: str, key: bytes, deflate: bool) 
     if deflate:
         lines.append(f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def c_worker(cc: str = "cc") -> str:
+    """c_worker returns the compiled C worker (loadclient.c), compiling it on first use.
+
+    The executable's name carries a hash of the source and the flags, so an edited source is
+    compiled again; it is written to a temporary name and renamed, so concurrent runs are safe.
+    """
+    with open(C_SOURCE, "rb") as f:
+        source = f.read()
+    digest = hashlib.sha1(source + " ".join(C_FLAGS).encode()).hexdigest()[:12]
+    exe = os.path.join(C_BUILD_DIR, f"loadclient-{digest}")
+    if os.path.exists(exe):
+        return exe
+    os.makedirs(C_BUILD_DIR, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=C_BUILD_DIR, prefix=".loadclient-")
+    os.close(fd)
+    try:
+        r = subprocess.run(
+            [cc, *C_FLAGS, "-o", tmp, C_SOURCE], capture_output=True, text=True, check=False
+        )
+        if r.returncode:
+            raise RuntimeError(f"compiling {C_SOURCE} failed:\n{r.stderr}")
+        os.replace(tmp, exe)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return exe
 
 
 def source_address(index: int) -> str:
@@ -443,8 +486,17 @@ class LoadClients:
         min_workers: int = 2,
         deflate: bool = False,
         first_source: int | None = None,
+        engine: str = "python",
     ) -> None:
         global _next_source
+        if engine not in ENGINES:
+            raise ValueError(f"unknown load-client engine {engine!r} (one of {ENGINES})")
+        if engine == "c" and deflate:
+            raise ValueError(
+                "the C load client does not offer permessage-deflate: use engine='python'"
+            )
+        self.engine = engine
+        program = [c_worker()] if engine == "c" else [sys.executable, os.path.abspath(__file__)]
         count = max(min_workers, -(-total // per_worker))
         self.counts = [total // count + (1 if i < total % count else 0) for i in range(count)]
         spans = [max(1, -(-n // SOURCE_SPAN)) for n in self.counts]
@@ -456,8 +508,7 @@ class LoadClients:
         self.procs: list[subprocess.Popen[bytes]] = []
         for i in range(count):
             args = [
-                sys.executable,
-                os.path.abspath(__file__),
+                *program,
                 "--host",
                 host,
                 "--port",
@@ -475,6 +526,12 @@ class LoadClients:
 
     def command(self, per_worker: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """command sends one command to every worker, then collects every reply."""
+        for cmd in per_worker:
+            if self.engine == "c" and cmd["cmd"] not in C_COMMANDS:
+                raise NotImplementedError(
+                    f"the C load client has no {cmd['cmd']!r} command (only "
+                    f"{', '.join(C_COMMANDS)}): use LoadClients(..., engine='python')"
+                )
         for proc, cmd in zip(self.procs, per_worker, strict=True):
             assert proc.stdin is not None
             proc.stdin.write((json.dumps(cmd) + "\n").encode())

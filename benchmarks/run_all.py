@@ -262,7 +262,8 @@ def markdown(record: dict[str, Any], png: str) -> str:
                 key,
                 scale.render,
                 f"{command}: lowmemws alone with SO_REUSEPORT worker processes, load clients "
-                "spread over many processes and source addresses. Bytes per connection over the "
+                "(the C worker `benchmarks/loadclient.c` unless the table says python) spread "
+                "over many processes and source addresses. Bytes per connection over the "
                 "whole server process tree (RSS sums count shared pages once per process; PSS "
                 "splits them); kernel memory covers both ends of each loopback connection.",
             )

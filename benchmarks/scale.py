@@ -17,8 +17,14 @@ period. The server side reports, from its /metrics, the longest loop lag any wor
 heads answered 408 and the connections dropped for a missed pong: with the server's own lag
 discounted from its deadlines (issue 17), both should stay 0 while the clients are healthy.
 
+The load clients are the C worker (``loadclient.c``, ``--engine c``, the default): Python
+workers holding 18,000 connections each cannot answer the heartbeat's pings in time while the
+others open theirs on the same cores, so the server drops them and the run measures the
+clients. ``--engine python`` runs the Python workers (for comparison).
+
     python benchmarks/scale.py --connections 1000000 --processes 56   # the headline run
     python benchmarks/scale.py --connections 50000 --processes 4      # a quick run
+    python benchmarks/scale.py --connections 50000 --processes 4 --engine python
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def run(
     window: int,
     log: Any = print,
     ping_interval: float | None = None,
+    engine: str = "c",
 ) -> dict[str, Any]:
     """run holds ``connections`` idle connections on lowmemws (see the module docstring)."""
     if connections > processes * 19_000:
@@ -57,17 +64,26 @@ def run(
             f"  lowmemws: {before['processes']} processes, "
             f"{before['rss'] / 1048576:.0f} MiB RSS in all; opening {connections:,}"
         )
-        with LoadClients(srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS) as lc:
+        with LoadClients(
+            srv.host, srv.port, connections, per_worker=PER_CLIENT_PROCESS, engine=engine
+        ) as lc:
+
+            def client_cpu() -> int:
+                return sum(procstats.cpu_ticks(p.pid) for p in lc.procs)
+
+            client0 = client_cpu()
             cpu0, t0 = procstats.tree_cpu_ticks(srv.pid), time.monotonic()
             opened = lc.open(window=window, timeout=1800)
             open_wall = time.monotonic() - t0
             open_cpu = procstats.tree_cpu_ticks(srv.pid) - cpu0
+            client1 = client_cpu()
             log(f"  lowmemws: {opened['opened']:,} open in {open_wall:.0f} s; idle {idle:.0f} s")
             time.sleep(idle)
             held = procstats.settled_tree_memory(srv.pid, timeout=60)
             kernel1 = procstats.kernel_memory()
             ping = lc.ping(timeout=600)
             log(f"  lowmemws: {ping['answered']:,}/{ping['asked']:,} answered a ping")
+            client2 = client_cpu()
             server_side = scrape_metrics(srv.host, srv.port)
             log(
                 f"  lowmemws: loop lag max {server_side['lowmemws_loop_lag_max_seconds']:.2f} s, "
@@ -82,6 +98,9 @@ def run(
         "version": version("lowmemws"),
         "processes": processes,
         "client_processes": len(lc.counts),
+        "client_engine": engine,
+        "client_cpu_open_seconds": procstats.ticks_to_us(client1 - client0) / 1e6,
+        "client_cpu_idle_seconds": procstats.ticks_to_us(client2 - client1) / 1e6,
         "wanted": connections,
         "connections": opened["opened"],
         "open_seconds": open_wall,
@@ -114,7 +133,7 @@ def render(r: dict[str, Any]) -> str:
         ["connections held", f"{r['connections']:,} of {r['wanted']:,}"],
         [
             "server worker processes / load-client processes",
-            f"{r['processes']} / {r['client_processes']}",
+            f"{r['processes']} / {r['client_processes']} ({r.get('client_engine', 'python')})",
         ],
         ["time to open", f"{r['open_seconds']:.0f} s"],
         ["connections dropped after opening", f"{r['ping']['lost']:,}"],
@@ -125,6 +144,11 @@ def render(r: dict[str, Any]) -> str:
         ["longest loop lag (any worker)", f"{r.get('loop_lag_max_seconds', 0):.2f} s"],
         ["server heartbeat (Config.ping_interval)", f"{r.get('ping_interval', 30):.0f} s"],
         ["server CPU per connection opened", f"{r['open_cpu_us_per_conn']:.1f} us"],
+        [
+            "load-client CPU while opening / idle and ping (all clients)",
+            f"{r.get('client_cpu_open_seconds', 0):.1f} / "
+            f"{r.get('client_cpu_idle_seconds', 0):.1f} s",
+        ],
         [
             "user-space bytes/conn (RSS sum, PSS sum)",
             f"{r['rss_bytes_per_conn']:,.0f}, {r['pss_bytes_per_conn']:,.0f}",
@@ -158,13 +182,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--ping-interval", type=float, default=None, help="lowmemws heartbeat (s); default 30"
     )
+    p.add_argument(
+        "--engine",
+        choices=("c", "python"),
+        default="c",
+        help="load-client workers: c (loadclient.c, default) or python (loadclients.Worker)",
+    )
     return report.main(p, argv, run_args, render)
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
     processes = a.processes or max(1, -(-a.connections // 18_000))
-    return run(a.connections, processes, a.idle, a.window, ping_interval=a.ping_interval)
+    return run(
+        a.connections,
+        processes,
+        a.idle,
+        a.window,
+        ping_interval=a.ping_interval,
+        engine=a.engine,
+    )
 
 
 if __name__ == "__main__":
