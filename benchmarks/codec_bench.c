@@ -27,33 +27,30 @@ static const char browser_request[] =
     "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
     "\r\n";
 
-static double now(void)
-{
+static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* best_of runs fn(iters) several times and returns the fastest seconds per iteration. */
-#define BEST_OF(iters, body)                                                              \
-    ({                                                                                    \
-        double best = 1e9;                                                                \
-        for (int rep = 0; rep < 7; rep++) {                                               \
-            double t0 = now();                                                            \
-            for (long it = 0; it < (iters); it++) {                                       \
-                body;                                                                     \
-            }                                                                             \
-            double dt = (now() - t0) / (iters);                                           \
-            if (dt < best)                                                                \
-                best = dt;                                                                \
-        }                                                                                 \
-        best;                                                                             \
+#define BEST_OF(iters, body)                                                                       \
+    ({                                                                                             \
+        double best = 1e9;                                                                         \
+        for (int rep = 0; rep < 7; rep++) {                                                        \
+            double t0 = now();                                                                     \
+            for (long it = 0; it < (iters); it++) {                                                \
+                body;                                                                              \
+            }                                                                                      \
+            double dt = (now() - t0) / (iters);                                                    \
+            if (dt < best) best = dt;                                                              \
+        }                                                                                          \
+        best;                                                                                      \
     })
 
 static volatile int sink;
 
-int main(void)
-{
+int main(void) {
     size_t n = sizeof browser_request - 1;
     lmw_request req;
     double parse = BEST_OF(200000, {
@@ -75,8 +72,7 @@ int main(void)
 
     enum { SIZE = 64 * 1024 };
     uint8_t *buf = malloc(SIZE + 8);
-    for (int i = 0; i < SIZE + 8; i++)
-        buf[i] = (uint8_t)(i * 31);
+    for (int i = 0; i < SIZE + 8; i++) buf[i] = (uint8_t)(i * 31);
     const uint8_t mask[4] = {0x37, 0xfa, 0x21, 0x3d};
     double unmask = BEST_OF(20000, { lmw_unmask(buf + 1, SIZE, mask, (size_t)it); });
     printf("unmask_64k %.2f GB/s\n", SIZE / unmask / 1e9);
@@ -93,8 +89,7 @@ int main(void)
             at += 3;
         }
     }
-    while (at < SIZE)
-        buf[at++] = 'x';
+    while (at < SIZE) buf[at++] = 'x';
     uint32_t st;
     double utf8 = BEST_OF(20000, {
         st = 0;
