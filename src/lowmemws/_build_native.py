@@ -15,6 +15,7 @@ SOURCES = [
     "_slot.c",
     "_hub.c",
     "_output.c",
+    "_spill.c",
     "_conn.c",
     "_input.c",
     "_fanout.c",

@@ -1,11 +1,10 @@
-/* _input.c - reading: borrowed read space, request heads, frames, messages.
+/* _input.c - reading: request heads, frames, messages.
  *
- * A readable socket gets space from the bump arena over the pooled read blocks; what
- * does not complete a head or frame is kept in a spill of exactly what arrived (a large
- * frame or body grows its spill as its bytes arrive), so the spill budget is paid in bytes
- * clients really sent. Complete messages become events that point into the arena (or into
- * a lent spill) until the next poll. While the budget is short, sockets are still read for
- * whole messages (peeked first), and only incomplete input waits in the kernel.
+ * A readable socket is read into borrowed read space; what does not complete a head or
+ * frame is kept in a spill (both are _spill.c's). Complete messages become events that
+ * point into the read space (or into a lent spill) until the next poll. While the spill
+ * budget is short, sockets are still read for whole messages (peeked first, taken only if
+ * complete), and only incomplete input waits in the kernel.
  * A close caused by what was read right after a message waits (DEFERRED) until Python
  * has answered that message, so replies are never overtaken by the close.
  */
@@ -14,154 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include "_runtime.h"
-
-/* ---------------------------------------------------------------- read space */
-
-static int take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *cap) {
-    size_t bs = s->cfg.read_buffer_size;
-    if (need > bs) return -1;
-    for (;;) {
-        if (s->pool_next > 0) {
-            size_t left = bs - s->pool_off;
-            if (left >= need && left >= MIN_READ_SPACE) {
-                *buf = s->pool[s->pool_next - 1] + s->pool_off;
-                *cap = left;
-                return 0;
-            }
-        }
-        if (s->pool_next >= s->cfg.read_buffers) return -1;
-        if (!s->pool[s->pool_next]) {
-            s->pool[s->pool_next] = malloc(bs);
-            if (!s->pool[s->pool_next]) return -1;
-        }
-        s->pool_next++;
-        s->pool_off = 0;
-        s->stats->buffer_pool_in_use = s->pool_next;
-    }
-}
-
-static void commit_read_space(lmw_server *s, size_t used) { s->pool_off += (uint32_t)used; }
-
-/* ---------------------------------------------------------------- spills and the budget */
-
-/* A spill is "large" when the whole head + body or frame it waits for is more than half a
- * read block: it is then read straight into, growing as bytes arrive (read_into_spill). */
-static int is_large(lmw_server *s, const lmw_ext *x) {
-    return x->in_want > s->cfg.read_buffer_size / 2;
-}
-
-/* budget_short: past 3/4 of the spill budget no socket starts a new spill; a socket with
- * nothing pending is read only for what completes without one (read_complete). */
-static int budget_short(lmw_server *s) {
-    return s->stats->spill_bytes >= s->cfg.spill_budget / 4 * 3;
-}
-
-/* spill keeps the n pending bytes at p in the connection's ext, in an allocation of exactly
- * n: the budget pays for bytes that arrived. want is the size of the whole head + body or
- * frame once known (0: not yet). */
-static int spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n, uint64_t want) {
-    lmw_ext *x = lmw__ext_get(s, sl);
-    if (!x) return -1;
-    if (x->in != p) {
-        if (s->stats->spill_bytes + n > s->cfg.spill_budget) return -1;
-        uint8_t *m = malloc(n ? n : 1);
-        if (!m) return -1;
-        memcpy(m, p, n);
-        lmw__in_free(s, x);
-        x->in = m;
-        x->in_cap = n;
-        s->stats->spill_bytes += n;
-    }
-    x->in_len = n; /* else already there: reading straight into a large spill */
-    x->in_want = want;
-    x->in_checked = 0;
-    x->in_frame_begun = 0;
-    return 0;
-}
-
-/* spill_cap_wanted is the allocation a large spill needs for what the kernel holds now: at
- * most the whole head + body or frame, never more than twice what has arrived. */
-static uint64_t spill_cap_wanted(int fd, const lmw_ext *x) {
-    uint64_t cap = x->in_len + lmw__bytes_waiting(fd);
-    if (cap < 2 * x->in_len) cap = 2 * x->in_len; /* doubling: few reallocs, at most 2x */
-    return cap > x->in_want ? x->in_want : cap;
-}
-
-/* growth_fits: a large spill may grow to cap while the spills stay within 3/4 of the budget
- * (all of it for the only one held, so a small budget still lets a message through). */
-static int growth_fits(lmw_server *s, const lmw_ext *x, uint64_t cap) {
-    uint64_t after = s->stats->spill_bytes + (cap - x->in_cap);
-    int alone = s->stats->spill_bytes == x->in_cap + x->msg_cap; /* no one else holds any */
-    return after <= s->cfg.spill_budget / 4 * 3 || (alone && after <= s->cfg.spill_budget);
-}
-
-/* compact_budget_paused keeps each paused fd once: a paused connection that ended leaves
- * its entry behind, and its fd may be paused again by the next connection that gets it, so
- * while the budget stays short under churn the list would otherwise grow without bound. */
-static void compact_budget_paused(lmw_server *s) {
-    uint32_t kept = 0;
-    for (uint32_t i = 0; i < s->nbudget_paused; i++) {
-        int fd = s->budget_paused[i];
-        if (!(s->slots[fd].flags & F_BUDGET)) continue; /* ended, or already kept */
-        s->slots[fd].flags &= ~F_BUDGET;
-        s->budget_paused[kept++] = fd;
-    }
-    for (uint32_t i = 0; i < kept; i++) s->slots[s->budget_paused[i]].flags |= F_BUDGET;
-    s->nbudget_paused = kept;
-}
-
-/* budget_pause takes fd off EPOLLIN until the spills drain below half the budget
- * (lmw__resume_budget_paused): its bytes wait in the kernel. Listed once, however often
- * it is reported again. */
-static void budget_pause(lmw_server *s, int fd, lmw_slot *sl) {
-    if (sl->flags & F_BUDGET) return;
-    if (s->nbudget_paused >= 2 * s->live + 64) compact_budget_paused(s);
-    if (lmw__grow((void **)&s->budget_paused, &s->cap_budget_paused, s->nbudget_paused + 1,
-                  sizeof(int)) < 0)
-        return; /* not listed: it stays readable and is tried again next poll */
-    s->budget_paused[s->nbudget_paused++] = fd;
-    sl->flags |= F_BUDGET;
-    lmw__set_interest(s, fd, sl, 0);
-}
-
-/* lmw__resume_budget_paused gives EPOLLIN back once the spills are below half the budget,
- * except to a large spill whose growth still would not fit: resumed, it would only pause
- * again at once, a busy loop while its bytes wait in the kernel. */
-void lmw__resume_budget_paused(lmw_server *s) {
-    if (!s->nbudget_paused || s->stats->spill_bytes >= s->cfg.spill_budget / 2) return;
-    uint32_t kept = 0;
-    for (uint32_t i = 0; i < s->nbudget_paused; i++) {
-        int fd = s->budget_paused[i];
-        lmw_slot *sl = &s->slots[fd];
-        if (sl->state == ST_FREE || !(sl->flags & F_BUDGET)) continue;
-        lmw_ext *x = lmw__ext_of(s, sl);
-        if (x && x->in && is_large(s, x) && !growth_fits(s, x, spill_cap_wanted(fd, x))) {
-            s->budget_paused[kept++] = fd;
-            continue;
-        }
-        sl->flags &= ~F_BUDGET;
-        lmw__set_interest(s, fd, sl, 0);
-    }
-    s->nbudget_paused = kept;
-}
-
-/* take_spill hands the pending input to the caller: the spill is lent (freed by the next
- * lmw_poll, events may point into it) and the ext forgets it. */
-static lmw_pending take_spill(lmw_server *s, lmw_ext *x) {
-    lmw_pending p = {.buf = x->in,
-                     .len = x->in_len,
-                     .progress = {.checked = x->in_checked, .begun = x->in_frame_begun}};
-    s->stats->spill_bytes -= x->in_cap;
-    lmw__lend(s, x->in);
-    x->in = NULL;
-    x->in_len = x->in_cap = x->in_want = x->in_checked = 0;
-    x->in_frame_begun = 0;
-    return p;
-}
 
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl) {
     if (sl->flags & F_BACKLOG) return;
@@ -173,7 +27,7 @@ void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl) {
 /* keep_for_later spills the unparsed rest of a read when this poll's event array is full;
  * the fd is parsed again, first thing, by the next lmw_poll (lmw__run_backlog). */
 static int keep_for_later(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n) {
-    if (spill(s, fd, sl, p, n, 0) < 0) return -1;
+    if (lmw__spill(s, fd, sl, p, n, 0) < 0) return -1;
     lmw__backlog_add(s, fd, sl);
     return 0;
 }
@@ -202,7 +56,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     if (x) req.scanned = x->head_scanned;
     int r = lmw_parse_request(buf, len, s->cfg.max_head, &req);
     if (r == LMW_INCOMPLETE) {
-        if (spill(s, fd, sl, buf, len, 0) < 0) return lmw__conn_reject(s, fd, sl, 503);
+        if (lmw__spill(s, fd, sl, buf, len, 0) < 0) return lmw__conn_reject(s, fd, sl, 503);
         lmw__ext_of(s, sl)->head_scanned = req.scanned; /* the next parse resumes there */
         return;
     }
@@ -214,7 +68,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
         size_t total = head_len + (size_t)req.content_length;
         if (len < total) { /* the body is still arriving: the head is parsed again then */
             lmw__conn_await_body(sl);
-            if (spill(s, fd, sl, buf, len, total) < 0) return lmw__conn_reject(s, fd, sl, 503);
+            if (lmw__spill(s, fd, sl, buf, len, total) < 0) return lmw__conn_reject(s, fd, sl, 503);
             return;
         }
         if (s->nwork >= s->maxwork) { /* answer on the next poll */
@@ -239,7 +93,7 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
         return;
     }
     if (len > head_len) { /* a client that did not wait for the 101: keep its frames */
-        if (spill(s, fd, sl, buf + head_len, len - head_len, 0) < 0)
+        if (lmw__spill(s, fd, sl, buf + head_len, len - head_len, 0) < 0)
             return lmw__conn_reject(s, fd, sl, 503);
     }
     lmw__conn_await_answer(sl, 1);
@@ -340,7 +194,7 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
  * frame once its header is known, done what of its payload was checked already. */
 static int keep_partial(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n,
                         uint64_t want, lmw_progress done, const lmw_message_state *local) {
-    if (spill(s, fd, sl, p, n, want) < 0) return -1;
+    if (lmw__spill(s, fd, sl, p, n, want) < 0) return -1;
     lmw_ext *x = lmw__ext_of(s, sl);
     x->in_checked = done.checked;
     x->in_frame_begun = done.begun;
@@ -434,12 +288,6 @@ static ssize_t recv_some(int fd, uint8_t *p, size_t n, int flags) {
     return r ? r : -1;
 }
 
-/* bytes_waiting is what the kernel holds unread for fd (FIONREAD): what has arrived. */
-uint64_t lmw__bytes_waiting(int fd) {
-    int n = 0;
-    return ioctl(fd, FIONREAD, &n) == 0 && n > 0 ? (uint64_t)n : 0;
-}
-
 /* peer_gone reports, without consuming anything, that fd is at EOF or in error. */
 static int peer_gone(int fd) {
     uint8_t b;
@@ -452,32 +300,11 @@ static void input_seen(lmw_server *s, lmw_slot *sl) {
     sl->flags &= ~F_PING_OUT;
 }
 
-enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 };
-
-/* grow_spill makes room in a large spill for the bytes the kernel holds now. When the
- * budget cannot take it yet, the socket waits in the kernel (GROW_WAIT); a head + body or
- * frame larger than the whole budget never fits (GROW_NEVER). */
-static int grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
-    if (x->in_want > s->cfg.spill_budget) return GROW_NEVER;
-    uint64_t cap = spill_cap_wanted(fd, x);
-    if (cap <= x->in_cap) return GROWN;
-    if (!growth_fits(s, x, cap)) {
-        budget_pause(s, fd, sl);
-        return GROW_WAIT;
-    }
-    uint8_t *m = realloc(x->in, cap);
-    if (!m) return GROW_NOMEM;
-    x->in = m;
-    s->stats->spill_bytes += cap - x->in_cap;
-    x->in_cap = cap;
-    return GROWN;
-}
-
 /* read_into_spill reads the rest of a large head + body or frame straight into its spill. A
  * frame's payload is checked as it arrives (UTF-8 fails fast); once complete, the spill is
  * lent to Python with the event. */
 static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
-    int room = grow_spill(s, fd, sl, x);
+    int room = lmw__grow_spill(s, fd, sl, x);
     if (room < 0 && sl->state != ST_OPEN) return lmw__conn_reject(s, fd, sl, 503);
     if (room == GROW_NEVER) return lmw__conn_fail(s, fd, 1013); /* try again later */
     if (room == GROW_NOMEM) {
@@ -500,7 +327,7 @@ static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
         lmw_progress done = {.checked = x->in_checked, .begun = x->in_frame_begun};
         return lmw__process_frames(s, fd, sl, x->in, x->in_len, done);
     }
-    lmw_pending p = take_spill(s, x);
+    lmw_pending p = lmw__take_spill(s, x);
     if (!handshake) return lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);
     lmw__process_head(s, fd, sl, p.buf, p.len);
 }
@@ -547,9 +374,9 @@ static void read_complete(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, siz
     if (n < 0) return lmw__conn_free(s, fd, 0);
     int head = sl->state == ST_HEAD;
     size_t take = head ? complete_head(s, buf, (size_t)n) : complete_frames(s, buf, (size_t)n);
-    if (!take) return budget_pause(s, fd, sl);
+    if (!take) return lmw__budget_pause(s, fd, sl);
     if (recv_some(fd, buf, take, 0) != (ssize_t)take) return lmw__conn_free(s, fd, 0);
-    commit_read_space(s, take);
+    lmw__commit_read_space(s, take);
     input_seen(s, sl);
     if (head) return lmw__process_head(s, fd, sl, buf, take);
     lmw__process_frames(s, fd, sl, buf, take, (lmw_progress){0});
@@ -571,9 +398,10 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
     if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
-    if (x && x->in && is_large(s, x) && sl->state != ST_HEAD) return read_into_spill(s, fd, sl, x);
+    if (x && x->in && lmw__spill_is_large(s, x) && sl->state != ST_HEAD)
+        return read_into_spill(s, fd, sl, x);
     size_t pending = x && x->in ? (size_t)x->in_len : 0;
-    int short_mode = !(x && (x->in || x->msg)) && budget_short(s);
+    int short_mode = !(x && (x->in || x->msg)) && lmw__budget_short(s);
     size_t want = pending + MIN_READ_SPACE;
     if (x && x->in_want > want) want = (size_t)x->in_want; /* a small body: read it whole */
     if (short_mode) want = s->cfg.read_buffer_size / 2;    /* room for whole messages to peek */
@@ -581,7 +409,7 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
         return lmw__conn_reject(s, fd, sl, 431);
     uint8_t *buf;
     size_t cap;
-    if (take_read_space(s, want, &buf, &cap) < 0) return; /* next poll: epoll reports again */
+    if (lmw__take_read_space(s, want, &buf, &cap) < 0) return; /* next poll: epoll reports again */
     size_t room = cap - pending;
     if (sl->state == ST_HEAD && room > s->cfg.max_head + 1 - pending &&
         s->cfg.max_head + 1 > pending)
@@ -591,7 +419,7 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     ssize_t n = recv_some(fd, buf + pending, room, 0);
     if (n == 0) return;
     if (n < 0) return lmw__conn_free(s, fd, 0);
-    commit_read_space(s, pending + (size_t)n);
+    lmw__commit_read_space(s, pending + (size_t)n);
     input_seen(s, sl);
     lmw_progress done = {0};
     if (pending) {
@@ -622,7 +450,7 @@ void lmw__run_backlog(lmw_server *s) {
             lmw__backlog_add(s, fd, sl);
             continue;
         }
-        lmw_pending p = take_spill(s, x);
+        lmw_pending p = lmw__take_spill(s, x);
         if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
             lmw__process_head(s, fd, sl, p.buf, p.len);
         } else if (lmw__is_open_state(sl->state)) {

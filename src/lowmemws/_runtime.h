@@ -256,7 +256,7 @@ typedef struct {
  *   _server.c (loop, accept, sweep, the public API)
  *   _fanout.c (one frame to many)   _input.c (reading, heads, frames)
  *   _conn.c   (the state machine: every state change)
- *   _output.c (sends and queues)    _hub.c (membership)
+ *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
  *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
  */
 #define MIN_READ_SPACE 2048
@@ -310,9 +310,19 @@ int lmw__conn_send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, cons
 int lmw__conn_send_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                         const uint8_t *b, size_t blen, uint64_t topic, int policy);
 void lmw__conn_flush(lmw_server *s, int fd, lmw_slot *sl);
-/* _input.c */
-uint64_t lmw__bytes_waiting(int fd);
+/* _spill.c */
+int lmw__take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *cap);
+void lmw__commit_read_space(lmw_server *s, size_t used);
+int lmw__spill_is_large(lmw_server *s, const lmw_ext *x);
+int lmw__budget_short(lmw_server *s);
+int lmw__spill(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *p, size_t n, uint64_t want);
+void lmw__budget_pause(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__resume_budget_paused(lmw_server *s);
+lmw_pending lmw__take_spill(lmw_server *s, lmw_ext *x);
+uint64_t lmw__bytes_waiting(int fd);
+enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 }; /* lmw__grow_spill */
+int lmw__grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x);
+/* _input.c */
 void lmw__run_backlog(lmw_server *s);
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len);
