@@ -307,8 +307,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         uint32_t what = evs[i].events;
         if (fd == s->wakefd) {
             uint64_t v;
-            if (read(s->wakefd, &v, sizeof v) < 0) { /* already drained */
-            }
+            ssize_t drained = read(s->wakefd, &v, sizeof v); /* EAGAIN: a racing read drained it */
+            (void)drained;
             s->wake_pending = 1;
             continue;
         }
