@@ -35,15 +35,6 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from test_defects import (  # noqa: E402
-    PeakFds,
-    cpu_seconds,
-    header_only_pinning,
-    stats_now,
-    total,
-    upgrade_status,
-)
-
 from tests.adversarial.adversary import (  # noqa: E402
     SERVER_SCRIPT,
     MiB,
@@ -53,6 +44,14 @@ from tests.adversarial.adversary import (  # noqa: E402
     upgrade_head,
 )
 from tests.adversarial.crowd import SOURCES, Crowd  # noqa: E402
+from tests.adversarial.test_defects import (  # noqa: E402
+    PeakFds,
+    cpu_seconds,
+    header_only_pinning,
+    stats_now,
+    total,
+    upgrade_status,
+)
 from tests.support.servers import ServerProcess, start_cli_server  # noqa: E402
 from tests.support.wsproto_client import WsprotoClient, WsprotoClientError  # noqa: E402
 
