@@ -2,7 +2,7 @@
 
 Runs the two overloads of tests/test_overload.py (cases 1 and 2), ``--runs`` times each (3 by
 default: on an unfixed gateway the outcome depends on where the overload finds its loop),
-each on a fresh gateway (tests/overload_gateway.py, ``Config(ping_interval=2,
+each on a fresh gateway (tests/adversarial/gateway_server.py, ``Config(ping_interval=2,
 ping_timeout=3)`` by default) with a fresh crowd of N idle clients in a child process
 (tests/support/ping_crowd.py) that answer every ping 50 ms after it arrived:
 
@@ -35,11 +35,11 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.adversarial.adversary import start_gateway  # noqa: E402
 from tests.support.overload import (  # noqa: E402
     CrowdProcess,
     gauge,
     lag_figures,
-    start_overload_gateway,
     stop_server,
     through_ping_round,
 )
@@ -50,7 +50,7 @@ CASES = (("busy loop", "stall"), ("SIGSTOP", "sigstop"))
 def run_case(args: argparse.Namespace, action: str) -> dict[str, Any]:
     """run_case runs one overload on a fresh gateway and crowd and returns its figures."""
     config = {"ping_interval": args.ping_interval, "ping_timeout": args.ping_timeout}
-    server = start_overload_gateway(config)
+    server = start_gateway(dict(config))
     try:
         with CrowdProcess(
             server, args.clients, pong_delay=args.pong_delay, lifetime=args.stall + 120

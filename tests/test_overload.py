@@ -3,14 +3,14 @@
 Every test reads the outcome as clients see it: a close frame, the end of the TCP
 connection, an HTTP status line, the time a ping arrived, or the gateway's /metrics.
 
-The gateway is tests/overload_gateway.py, a child process: an echo gateway whose loop thread
-sleeps on ``POST /stall?seconds=S`` (a slow synchronous hook). The crowds of idle clients live
-in one more child process (support/ping_crowd.py, driven by support/overload.py): it holds
-thousands of raw WebSocket connections, answers every ping with a pong exactly 50 ms after it
-arrived and records, per connection, ping arrival times, close frames and EOF. It fires the
-stall (or SIGSTOP) itself, the moment a ping round has reached nearly all of its connections
-(or a quarter of them within 25 ms, a round the server wrote in one burst), so the pongs are
-still on their way when the loop stops polling.
+The gateway is tests/adversarial/gateway_server.py, a child process: an echo gateway whose
+loop thread sleeps on ``POST /stall?seconds=S`` (a slow synchronous hook). The crowds of
+idle clients live in one more child process (support/ping_crowd.py, driven by
+support/overload.py): it holds thousands of raw WebSocket connections, answers every ping
+with a pong exactly 50 ms after it arrived and records, per connection, ping arrival times,
+close frames and EOF. It fires the stall (or SIGSTOP) itself, the moment a ping round has
+reached nearly all of its connections (or a quarter of them within 25 ms, a round the server
+wrote in one burst), so the pongs are still on their way when the loop stops polling.
 
 Every wait is bounded; servers and crowds are ended by PID at teardown (a stopped server is
 continued first).
@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.adversarial.adversary import start_gateway, upgrade_head
 from tests.support.overload import (
     CrowdProcess,
     HeadClients,
@@ -33,13 +34,11 @@ from tests.support.overload import (
     lag_figures,
     send_stall,
     stall_answer,
-    start_overload_gateway,
     status_counts,
     stop_server,
     summary,
     tcp_state,
     through_ping_round,
-    upgrade_head,
 )
 from tests.support.servers import ServerProcess
 from tests.support.waiting import wait_until
@@ -55,12 +54,12 @@ MakeCrowd = Callable[..., CrowdProcess]
 
 @pytest.fixture
 def gateway() -> Iterator[MakeGateway]:
-    """gateway(config) starts overload_gateway.py with Config(**config); every one started
+    """gateway(config) starts the test gateway with Config(**config); every one started
     is continued (should it be stopped) and ended by PID at teardown."""
     started: list[ServerProcess] = []
 
     def start(config: Mapping[str, object]) -> ServerProcess:
-        server = start_overload_gateway(config)
+        server = start_gateway(dict(config))
         started.append(server)
         return server
 
@@ -197,7 +196,7 @@ def test_dead_client_is_still_closed(gateway: MakeGateway, crowd: MakeCrowd) -> 
     all_upgraded(healthy, 10)
     dead = socket.create_connection((server.host, server.port), timeout=10)
     with dead:
-        dead.sendall(upgrade_head(server.host, server.port))
+        dead.sendall(upgrade_head(server))
         head = b""
         while not head.endswith(b"\r\n\r\n"):  # one byte at a time: nothing past the 101
             byte = dead.recv(1)

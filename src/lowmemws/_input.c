@@ -305,7 +305,7 @@ static void input_seen(lmw_server *s, lmw_slot *sl) {
  * lent to Python with the event. */
 static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
     int room = lmw__grow_spill(s, fd, sl, x);
-    if (room < 0 && sl->state != ST_OPEN) return lmw__conn_reject(s, fd, sl, 503);
+    if (room < 0 && lmw__is_handshake_state(sl->state)) return lmw__conn_reject(s, fd, sl, 503);
     if (room == GROW_NEVER) return lmw__conn_fail(s, fd, 1013); /* try again later */
     if (room == GROW_NOMEM) {
         s->stats->errors[LMW_ERR_NOMEM]++;

@@ -212,7 +212,7 @@ static void sweep(lmw_server *s) {
                     s->stats->ping_timeouts_total++;
                     lmw__conn_free(s, (int)fd, 1006);
                 }
-            } else if (idle >= ping_wait((int)fd, sl, pi)) {
+            } else if (idle >= pi / 2 && idle >= ping_wait((int)fd, sl, pi)) {
                 send_ping(s, (int)fd, sl);
             }
             break;

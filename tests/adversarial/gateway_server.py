@@ -8,6 +8,9 @@ tests/support/servers.py). Plain HTTP on the same port:
 - ``POST /echo``: answers 200 with the request body;
 - ``POST /broadcast?policy=drop|close``: sends the body as a binary message to every open
   connection and answers with the number reached;
+- ``POST /stall?seconds=S``: a slow synchronous hook (the overload tests): sleeps S seconds
+  (at most 30) on the loop thread, so the loop polls nothing meanwhile, then answers 200 with
+  the seconds slept and the time.monotonic() the sleep began;
 - ``GET /stats``: the runtime counters as JSON (``Gateway.stats()``);
 - anything else: the built-in ``/healthz`` and ``/metrics``.
 
@@ -32,6 +35,8 @@ import time
 
 import lowmemws
 from lowmemws.handshake import Request, Response
+
+MAX_STALL = 30.0
 
 
 def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.Gateway:
@@ -63,6 +68,11 @@ def build_gateway(host: str, port: int, config: dict[str, object]) -> lowmemws.G
             policy = request.params.get("policy", "drop")
             reached = gateway.broadcast(request.body, policy=policy)  # type: ignore[arg-type]
             return Response(200, str(reached))
+        if request.method == "POST" and request.path == "/stall":
+            seconds = min(max(float(request.params.get("seconds", "1")), 0.0), MAX_STALL)
+            started = time.monotonic()
+            time.sleep(seconds)  # on the loop thread: nothing is polled meanwhile
+            return Response(200, f"{time.monotonic() - started:.3f} {started:.6f}")
         if request.method == "GET" and request.path == "/stats":
             return Response(200, json.dumps(gateway.stats()), content_type="application/json")
         return None

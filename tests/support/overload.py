@@ -1,7 +1,5 @@
 """Tools of the overload tests (tests/test_overload.py) and benchmarks/overload.py.
 
-- ``start_overload_gateway(config)``: tests/overload_gateway.py as a child server, an echo
-  gateway with ``Config(**config)`` whose loop sleeps on ``POST /stall?seconds=S``;
 - ``CrowdProcess``: the ping crowd (support/ping_crowd.py) as a child process: thousands of
   idle clients that answer pings late and record what they see, driven by JSON lines;
 - ``send_stall`` / ``stall_answer``: start a stall from a raw socket without waiting;
@@ -13,7 +11,6 @@ Everything is bounded in time; child processes are ended by PID.
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import errno
@@ -29,28 +26,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.adversarial.adversary import upgrade_head
 from tests.support.metrics import fetch_metrics, metric_value
 from tests.support.processes import end_process
-from tests.support.servers import ServerProcess, start_cli_server
+from tests.support.servers import ServerProcess
 
-TESTS = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = TESTS / "overload_gateway.py"
 CROWD_SCRIPT = Path(__file__).with_name("ping_crowd.py")
 SOURCES = tuple(f"127.0.0.{host}" for host in range(2, 10))
 IP_BIND_ADDRESS_NO_PORT = 24
 TCP_CLOSE_WAIT = 8
 _LINES_KEPT = 50
-
-
-def start_overload_gateway(config: Mapping[str, object]) -> ServerProcess:
-    """start_overload_gateway starts overload_gateway.py with Config(**config) on a free
-    loopback port and waits until it listens."""
-    command = [sys.executable, str(SERVER_SCRIPT), "--config", json.dumps(config)]
-    return start_cli_server(command)
 
 
 def stop_server(server: ServerProcess) -> None:
@@ -278,15 +266,6 @@ def summary(report: dict[str, Any]) -> str:
     )
 
 
-def upgrade_head(host: str, port: int) -> bytes:
-    """upgrade_head is a complete WebSocket upgrade request with a fresh key."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET /chat HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
 def send_stall(server: ServerProcess, seconds: float) -> socket.socket:
     """send_stall sends ``POST /stall?seconds=S`` on a new socket and returns at once: the
     server's loop sleeps S seconds as soon as it reads it. Read the answer with
@@ -371,7 +350,7 @@ class HeadClients:
     def send_heads(self) -> None:
         """send_heads sends a whole upgrade head on every socket (the kernel takes it)."""
         for sock in self.socks:
-            head = upgrade_head(self.server.host, self.server.port)
+            head = upgrade_head(self.server)
             if sock.send(head) != len(head):
                 raise AssertionError("the kernel took part of a small send")
 
