@@ -103,10 +103,23 @@ class AsyncioHost:
 
         self._loop.call_soon_threadsafe(cancel)
 
+    async def _cancel_and_wait(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
     def close(self) -> None:
-        """close stops the gateway's own loop (the caller's loop is the caller's to stop)."""
+        """close stops the gateway's own loop once its hook tasks are cancelled and have
+        unwound (briefly); the caller's loop is the caller's to stop."""
         if not self._own or self._loop is None or self._thread is None:
             return
+        if self._tasks:
+            try:
+                asyncio.run_coroutine_threadsafe(self._cancel_and_wait(), self._loop).result(2.0)
+            except Exception:  # a task that will not unwind: the loop is stopped anyway
+                log.warning("lowmemws: hook tasks did not end at shutdown")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():

@@ -131,6 +131,8 @@ class Dispatcher:
         queues on_open this way, so on_open runs before any message)."""
         with self._lock:
             self._count += 1
+            if self._count >= self._limit:
+                self._full = True
             self._busy[key].appendleft(job)
 
     def _finish(self, key: Key) -> Job | None:
