@@ -55,19 +55,39 @@ class AsyncioHost:
         return loop
 
     def spawn(self, factory: CoroutineFactory) -> None:
-        """spawn runs factory() as a task on the loop, soon (hands over in batches)."""
+        """spawn queues factory() to run as a task on the loop at the next kick()."""
         self._pending.append(factory)
-        if not self._scheduled:  # set False by _flush before it drains: nothing is stranded
-            self._scheduled = True
+
+    def kick(self) -> None:
+        """kick hands the queued coroutines to the loop: one wake-up for all of them. The
+        gateway's loop thread calls it once per turn, after its C calls, so that the asyncio
+        thread starts while the loop thread waits in epoll instead of competing with it
+        for the GIL."""
+        if self._pending and not self._scheduled:
+            self._scheduled = True  # cleared by _flush before it drains: nothing is stranded
             self.loop.call_soon_threadsafe(self._flush)
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """call_soon runs callback on the loop after the tasks ready now have stepped (it
+        must be called on the loop's thread)."""
+        self.loop.call_soon(callback)
 
     def _flush(self) -> None:
         self._scheduled = False
         loop = self.loop
+        tasks = self._tasks
         while self._pending:
-            task = loop.create_task(self._pending.popleft()())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            tasks.add(loop.create_task(self._tracked(self._pending.popleft())))
+
+    async def _tracked(self, factory: CoroutineFactory) -> None:
+        """_tracked runs one hook coroutine and forgets its task at the end (cheaper than a
+        done callback, which costs one more turn of the asyncio loop per task)."""
+        try:
+            await factory()
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """run runs coroutine on the loop and waits for its result (from another thread).
