@@ -46,7 +46,7 @@ def make_gateway(host: str, port: int) -> lowmemws.Gateway:
         return lowmemws.Accept(user=user, topics=("announcements",))
 
     @gateway.on_open
-    def greet(conn: lowmemws.Connection) -> None:  # plain: never blocks, runs inline
+    def greet(conn: lowmemws.Connection) -> None:  # a plain def is fine: it never blocks
         conn.send(f"hello user {conn.user}")
 
     return gateway
