@@ -87,8 +87,8 @@ async def main(host: str, ws_port: int, http_port: int) -> None:
         print(f"listening on ws://{host}:{gateway.port} and http://{host}:{http_port}", flush=True)
         await serving
     finally:
-        gateway.stop()  # on this loop it does not wait: the await below does
-        await serving
+        gateway.stop()  # on this loop it does not wait: serve() returns once clients are closed
+        await asyncio.wait([serving])  # (its own error, if any, was raised above)
         await runner.cleanup()
 
 
