@@ -36,6 +36,8 @@ class AsyncioHost:
         self._pending: deque[CoroutineFactory] = deque()
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
+        self._deadlines: dict[asyncio.Task[Any], float] = {}  # see watch()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -88,6 +90,37 @@ class AsyncioHost:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
+
+    def watch(self, deadline: float) -> None:
+        """watch cancels the calling task if it still runs at deadline (the loop's clock,
+        checked about once a second). For the hook of a parked request: by then C has
+        answered it 408, so the coroutine is only holding a place in Config.hook_queue."""
+        task = asyncio.current_task()
+        if task is None:
+            return
+        self._deadlines[task] = deadline
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(1.0, self._cancel_overdue)
+
+    def unwatch(self) -> None:
+        """unwatch forgets the calling task's deadline (its hook returned in time)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._deadlines.pop(task, None)
+
+    def _cancel_overdue(self) -> None:
+        now = self.loop.time()
+        overdue = [task for task, deadline in self._deadlines.items() if deadline <= now]
+        for task in overdue:
+            del self._deadlines[task]
+            task.cancel()
+        if overdue:
+            log.warning(
+                "lowmemws: %d hook coroutines cancelled: their requests were answered 408 "
+                "at handshake_timeout",
+                len(overdue),
+            )
+        self._sweeper = self.loop.call_later(1.0, self._cancel_overdue) if self._deadlines else None
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """run runs coroutine on the loop and waits for its result (from another thread).

@@ -250,7 +250,14 @@ class EventLoop:
             request._invalidate()
         self._answer_upgrade(fd, gen, decision)
 
+    def _watch_handshake(self) -> None:
+        """_watch_handshake: a handshake hook still running after handshake_timeout (its
+        request answered 408 by then, since the deadline counts from accept) is cancelled,
+        so a hook that never returns cannot keep its place in hook_queue for ever."""
+        self._aio.watch(self._aio.loop.time() + self._config.handshake_timeout)
+
     async def _connect_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        self._watch_handshake()
         try:
             decision = await negotiate_async(
                 request, hook, self._config.origins, self._config.subprotocols
@@ -259,6 +266,7 @@ class EventLoop:
             log.exception("lowmemws: on_connect raised; answering 500")
             decision = Reject(500)
         finally:
+            self._aio.unwatch()
             request._invalidate()
         self._post_answer(fd, gen, decision)
 
@@ -357,12 +365,14 @@ class EventLoop:
         return response.encode()
 
     async def _http_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        self._watch_handshake()
         try:
             payload = self._http_answer(request, await hook(request))
         except Exception:
             log.exception("lowmemws: on_http raised; answering 500")
             payload = _INTERNAL_ERROR.encode()
         finally:
+            self._aio.unwatch()
             request._invalidate()
         self._post_answer(fd, gen, payload)
 
