@@ -53,7 +53,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             uint8_t out[512];
             lmw_span key = req.headers[LMW_H_SEC_WEBSOCKET_KEY];
             CHECK(key.len == 24);
-            CHECK(lmw_build_101(data + key.off, key.len, NULL, 0, out, sizeof out) > 0);
+            CHECK(lmw_build_101(data + key.off, key.len, NULL, 0, 0, out, sizeof out) > 0);
         }
     }
     /* The same bytes in two pieces, resuming the search, must end the same way. */

@@ -449,7 +449,7 @@ def test_101_refuses_a_protocol_that_is_not_a_token(bad: bytes) -> None:
 
 def test_101_needs_enough_room() -> None:
     out = ffi.new("uint8_t[100]")
-    assert lib.lmw_build_101(b"k" * 24, 24, b"", 0, out, 100) == lib.LMW_ERROR
+    assert lib.lmw_build_101(b"k" * 24, 24, b"", 0, 0, out, 100) == lib.LMW_ERROR
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,7 @@ def check_accepted(head: bytes, req, rc: int, max_head: int) -> None:  # type: i
         want = base64.b64encode(hashlib.sha1(key + GUID).digest())
         assert bytes(ffi.buffer(out, 28)) == want, key
         resp = ffi.new("uint8_t[512]")
-        n = lib.lmw_build_101(src + span.off, span.len, ffi.NULL, 0, resp, 512)
+        n = lib.lmw_build_101(src + span.off, span.len, ffi.NULL, 0, 0, resp, 512)
         assert n > 0 and want in bytes(ffi.buffer(resp, n))
 
 

@@ -16,6 +16,7 @@ SOURCES = [
     "_hub.c",
     "_output.c",
     "_spill.c",
+    "_deflate.c",
     "_conn.c",
     "_input.c",
     "_fanout.c",
@@ -39,6 +40,7 @@ ffibuilder.set_source(
     '#include "lmw.h"',
     sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    libraries=["z"],  # zlib, a system library, for permessage-deflate (_deflate.c)
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     + os.environ.get("LOWMEMWS_CFLAGS", "").split(),
     extra_link_args=os.environ.get("LOWMEMWS_LDFLAGS", "").split(),

@@ -240,4 +240,7 @@ def c_config(config: Config, auto_upgrade: bool) -> Any:
     c.max_per_ip = config.max_per_ip
     c.write_policy = POLICIES[config.write_policy]
     c.auto_upgrade = 1 if auto_upgrade else 0
+    c.deflate = 1 if config.compression else 0
+    c.deflate_level = config.compression_level
+    c.deflate_min_size = config.compression_min_size
     return c

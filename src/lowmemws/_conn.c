@@ -100,6 +100,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     sl->gen++;
     sl->state = ST_FREE;
     sl->flags = 0;
+    sl->deflate = 0;
     sl->close_code = 0;
     sl->user_tag = 0;
     s->live--;
@@ -148,7 +149,8 @@ void lmw__conn_await_answer(lmw_slot *sl, int upgrade) {
  * returned at the next poll), the socket is no longer read (input waits in the kernel), a
  * hang-up of the client frees the slot at once. The handshake deadline still runs. Returns
  * 0, or -1 when there is no memory for the key (the request is answered with 503). */
-int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len) {
+int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                   int pmd) {
     if (sl->state == ST_UPGRADE_WAIT) {
         lmw_ext *x = key_len == WS_KEY_LEN ? lmw__ext_get(s, sl) : NULL;
         if (!x) {
@@ -158,6 +160,7 @@ int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size
         }
         memcpy(x->parked_key, key, WS_KEY_LEN);
         x->parked_key_len = WS_KEY_LEN;
+        x->parked_pmd = (uint8_t)pmd;
         sl->state = ST_UPGRADE_PARKED;
     } else {
         sl->state = ST_HTTP_PARKED;
@@ -212,11 +215,12 @@ void lmw__conn_respond(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *data,
 }
 
 /* lmw__conn_upgrade completes the opening handshake (RFC 6455 section 4.2.2): the 101 is
- * written and the connection is open. Returns 0, or -1 when it ended instead. */
+ * written and the connection is open, with permessage-deflate when pmd (the result of
+ * lmw_pmd_negotiate for its offers) accepted one. Returns 0, or -1 when it ended instead. */
 int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
-                      const uint8_t *proto, size_t proto_len, uint64_t user_tag) {
-    uint8_t resp[512];
-    int n = lmw_build_101(key, key_len, proto, proto_len, resp, sizeof resp);
+                      const uint8_t *proto, size_t proto_len, uint64_t user_tag, int pmd) {
+    uint8_t resp[640];
+    int n = lmw_build_101(key, key_len, proto, proto_len, pmd, resp, sizeof resp);
     if (n < 0) {
         lmw__conn_reject(s, fd, sl, 500);
         return -1;
@@ -230,6 +234,7 @@ int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, s
     sl->close_code = 1006;           /* until a close frame says otherwise */
     sl->tick = s->now;
     sl->user_tag = user_tag;
+    sl->deflate = lmw__deflate_class_of(pmd);
     if (user_tag) lmw__hub_user_add(s, fd);
     return written(s, fd, lmw__write_raw(s, fd, sl, resp, (size_t)n, NULL, 0, 0, 0)) < 0 ? -1 : 0;
 }

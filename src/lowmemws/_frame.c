@@ -733,18 +733,23 @@ static uint8_t *put(uint8_t *p, const char *s, size_t n) {
 }
 
 int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol, size_t protocol_len,
-                  uint8_t *out, size_t cap) {
+                  int pmd, uint8_t *out, size_t cap) {
     static const char head[] = "HTTP/1.1 101 Switching Protocols\r\n"
                                "Upgrade: websocket\r\n"
                                "Connection: Upgrade\r\n"
                                "Sec-WebSocket-Accept: ";
     static const char proto[] = "\r\nSec-WebSocket-Protocol: ";
+    static const char deflate[] = "\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                                  "server_no_context_takeover; client_no_context_takeover";
+    static const char bits[] = "; server_max_window_bits=";
+    int server_bits = pmd & 15;
     size_t need = sizeof head - 1 + 28 + 4;
     if (protocol_len > 0) {
         if (!span_of_class(protocol, protocol_len, C_TCHAR))
             return LMW_ERROR; /* never let a protocol name inject a header */
         need += sizeof proto - 1 + protocol_len;
     }
+    if (pmd) need += sizeof deflate - 1 + (server_bits ? sizeof bits - 1 + 2 : 0);
     if (need > cap || need > INT32_MAX) return LMW_ERROR;
     uint8_t *p = put(out, LIT(head));
     lmw_accept_key(key, key_len, p);
@@ -753,8 +758,130 @@ int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol, s
         p = put(p, LIT(proto));
         p = put(p, (const char *)protocol, protocol_len);
     }
+    if (pmd) {
+        p = put(p, LIT(deflate));
+        if (server_bits) {
+            p = put(p, LIT(bits));
+            if (server_bits >= 10) *p++ = '1';
+            *p++ = (uint8_t)('0' + server_bits % 10);
+        }
+    }
     p = put(p, LIT("\r\n\r\n"));
     return (int)(p - out);
+}
+
+/* ------------------------------------------------------------------------------------
+ * permessage-deflate offers (RFC 7692 section 7.1, the list syntax of RFC 6455 9.1)
+ * ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p, *end;
+} cursor;
+
+static void skip_ows(cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t')) c->p++;
+}
+
+static size_t take_token(cursor *c, const uint8_t **tok) {
+    skip_ows(c);
+    *tok = c->p;
+    while (c->p < c->end && (char_class[*c->p] & C_TCHAR)) c->p++;
+    return (size_t)(c->p - *tok);
+}
+
+/* take_value reads a parameter value, a token or a quoted string (section 7.1: its
+ * unescaped text must be a token), into out (at most 3 bytes kept: longer is invalid
+ * anyway). Returns its length, or -1 for a syntax error. */
+static int take_value(cursor *c, uint8_t out[3]) {
+    skip_ows(c);
+    size_t n = 0;
+    if (c->p < c->end && *c->p == '"') {
+        for (c->p++;; c->p++) {
+            if (c->p >= c->end) return -1;
+            if (*c->p == '"') break;
+            if (*c->p == '\\' && ++c->p >= c->end) return -1;
+            if (n < 3) out[n] = *c->p;
+            n++;
+        }
+        c->p++;
+    } else {
+        const uint8_t *tok;
+        n = take_token(c, &tok);
+        if (!n) return -1;
+        memcpy(out, tok, n < 3 ? n : 3);
+    }
+    return n > 3 ? 3 : (int)n;
+}
+
+/* window_bits reads 8-15 (no leading zero, section 7.1.2), or returns 0. */
+static int window_bits(const uint8_t *v, int n) {
+    if (n == 1 && (v[0] == '8' || v[0] == '9')) return v[0] - '0';
+    if (n == 2 && v[0] == '1' && v[1] >= '0' && v[1] <= '5') return 10 + v[1] - '0';
+    return 0;
+}
+
+static int name_is(const uint8_t *tok, size_t n, const char *name) {
+    return n == strlen(name) && memcmp(tok, name, n) == 0;
+}
+
+enum { P_SERVER_NCT = 1, P_CLIENT_NCT = 2, P_SERVER_BITS = 4, P_CLIENT_BITS = 8 };
+
+/* offer_param judges one parameter of a permessage-deflate offer: the bit it sets in
+ * *seen, or 0 when it makes the offer one to decline. */
+static int offer_param(const uint8_t *name, size_t n, const uint8_t *v, int vlen,
+                       int *server_bits) {
+    if (name_is(name, n, "server_no_context_takeover")) return vlen < 0 ? P_SERVER_NCT : 0;
+    if (name_is(name, n, "client_no_context_takeover")) return vlen < 0 ? P_CLIENT_NCT : 0;
+    if (name_is(name, n, "server_max_window_bits")) {
+        *server_bits = vlen < 0 ? 0 : window_bits(v, vlen);
+        return *server_bits ? P_SERVER_BITS : 0;
+    }
+    if (name_is(name, n, "client_max_window_bits"))
+        return vlen < 0 || window_bits(v, vlen) ? P_CLIENT_BITS : 0;
+    return 0;
+}
+
+/* take_offer reads one element of the list (an extension and its parameters) up to the
+ * next ',' or the end. Returns -1 for a syntax error, else the lmw_pmd_negotiate result
+ * for it (0: another extension, or an offer declined). */
+static int take_offer(cursor *c) {
+    const uint8_t *name;
+    size_t n = take_token(c, &name);
+    if (!n) return -1;
+    int ok = name_is(name, n, "permessage-deflate"), seen = 0, server_bits = 0;
+    for (;;) {
+        skip_ows(c);
+        if (c->p >= c->end || *c->p == ',') break;
+        if (*c->p != ';') return -1;
+        c->p++;
+        const uint8_t *param;
+        size_t pn = take_token(c, &param);
+        if (!pn) return -1;
+        skip_ows(c);
+        uint8_t v[3];
+        int vlen = -1; /* no value */
+        if (c->p < c->end && *c->p == '=') {
+            c->p++;
+            vlen = take_value(c, v);
+            if (vlen < 0) return -1;
+        }
+        int bit = ok ? offer_param(param, pn, v, vlen, &server_bits) : 0;
+        if (!bit || (seen & bit)) ok = 0;
+        seen |= bit;
+    }
+    return ok ? LMW_PMD_ACCEPT | server_bits : 0;
+}
+
+int lmw_pmd_negotiate(const uint8_t *value, size_t len) {
+    cursor c = {value, value + len};
+    for (;;) {
+        skip_ows(&c);
+        while (c.p < c.end && (*c.p == ',' || *c.p == ' ' || *c.p == '\t')) c.p++; /* empty */
+        if (c.p >= c.end) return 0;
+        int r = take_offer(&c);
+        if (r) return r < 0 ? 0 : r;
+        if (c.p < c.end) c.p++; /* the ',' */
+    }
 }
 
 /* Reject responses: X(status, reason, extra header lines, body length). Each body is
@@ -965,12 +1092,13 @@ int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n) {
 int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_message) {
     if (f->opcode & 8) return 0;
     if (f->opcode == LMW_OP_CONTINUATION) {
-        if (m->opcode == 0) return 1002;
+        if (m->opcode == 0 || (f->rsv & 4)) return 1002;
     } else {
         if (m->opcode != 0) return 1002;
         m->opcode = f->opcode;
         m->length = 0;
         m->utf8 = LMW_UTF8_ACCEPT;
+        m->compressed = (f->rsv & 4) != 0;
     }
     if (m->length > max_message || f->payload_len > max_message - m->length) return 1009;
     m->length += f->payload_len;
@@ -978,7 +1106,7 @@ int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_mes
 }
 
 int lmw_message_payload(lmw_message_state *m, const uint8_t *p, size_t n) {
-    if (m->opcode != LMW_OP_TEXT) return 0;
+    if (m->opcode != LMW_OP_TEXT || m->compressed) return 0;
     return lmw_utf8_check(&m->utf8, p, n) >= 0 ? 1007 : 0;
 }
 

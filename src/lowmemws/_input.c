@@ -49,6 +49,25 @@ static void request_event(lmw_server *s, int fd, lmw_slot *sl, uint8_t type, con
     e->request = &s->reqs[s->nwork++];
 }
 
+/* negotiate_deflate answers the permessage-deflate offers of an upgrade (every
+ * Sec-WebSocket-Extensions field, in order: RFC 7230 3.2.2): the lmw_pmd_negotiate result of
+ * the first offer accepted, or 0. */
+static int negotiate_deflate(lmw_server *s, const uint8_t *buf, size_t head_len,
+                             const lmw_request *req) {
+    if (!s->cfg.deflate || !((req->present >> LMW_H_SEC_WEBSOCKET_EXTENSIONS) & 1)) return 0;
+    static const char field[] = "sec-websocket-extensions";
+    uint32_t pos = 0;
+    lmw_span name, value;
+    while (lmw_header_next(buf, head_len, &pos, &name, &value)) {
+        if (name.len != sizeof field - 1 ||
+            strncasecmp((const char *)buf + name.off, field, name.len))
+            continue;
+        int pmd = lmw_pmd_negotiate(buf + value.off, value.len);
+        if (pmd) return pmd;
+    }
+    return 0;
+}
+
 void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len) {
     lmw_ext *x = lmw__ext_of(s, sl);
     lmw_request req;
@@ -82,8 +101,9 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     }
     const uint8_t *key = buf + req.headers[LMW_H_SEC_WEBSOCKET_KEY].off;
     size_t key_len = req.headers[LMW_H_SEC_WEBSOCKET_KEY].len;
+    int pmd = negotiate_deflate(s, buf, head_len, &req);
     if (s->cfg.auto_upgrade) {
-        if (lmw__conn_upgrade(s, fd, sl, key, key_len, NULL, 0, 0) < 0) return;
+        if (lmw__conn_upgrade(s, fd, sl, key, key_len, NULL, 0, 0, pmd) < 0) return;
         if (len > head_len)
             lmw__process_frames(s, fd, sl, buf + head_len, len - head_len, (lmw_progress){0});
         return;
@@ -102,10 +122,15 @@ void lmw__process_head(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t
     u->gen = sl->gen;
     u->key = key;
     u->key_len = (uint32_t)key_len;
+    u->pmd = pmd;
     request_event(s, fd, sl, LMW_EV_UPGRADE, buf, head_len, &req);
 }
 
 /* ---------------------------------------------------------------- frames */
+
+/* rsv_allowed: RSV1 only on a connection that negotiated permessage-deflate (RFC 7692
+ * section 6); elsewhere any reserved bit is 1002 (RFC 6455 section 5.2). */
+static uint8_t rsv_allowed(const lmw_slot *sl) { return sl->deflate ? 4 : 0; }
 
 static void deliver(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, uint64_t n) {
     lmw_event *e = lmw__push_event(s);
@@ -146,11 +171,27 @@ static int on_control(lmw_server *s, int fd, lmw_slot *sl, const lmw_frame *f, u
     return 1;
 }
 
-/* on_data handles the unmasked payload of a complete data frame. */
+/* deliver_compressed decompresses a whole compressed message (RFC 7692 section 7.2.2) and
+ * delivers it; a bomb (1009), bad data or text (1007) or a spent budget (1013) ends the
+ * connection instead. Returns 1 when input processing must stop. */
+static int deliver_compressed(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p,
+                              uint64_t n) {
+    const uint8_t *out = NULL;
+    uint64_t out_len = 0;
+    int code = lmw__inflate_message(s, p, (size_t)n, opcode == LMW_OP_TEXT, &out, &out_len);
+    if (code == 1011) return lmw__conn_fail(s, fd, 1011), 1;
+    if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code), 1;
+    deliver(s, fd, sl, opcode, out, out_len);
+    return 0;
+}
+
+/* on_data handles the unmasked payload of a complete data frame; a compressed message is
+ * assembled as it came (compressed) and decompressed once whole. */
 static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_frame *f, uint8_t *p,
-                   int fragmented) {
+                   int fragmented, int compressed) {
     uint64_t n = f->payload_len;
     if (!fragmented && f->fin) {
+        if (compressed) return deliver_compressed(s, fd, sl, opcode, p, n);
         deliver(s, fd, sl, opcode, p, n);
         return 0;
     }
@@ -179,6 +220,12 @@ static int on_data(lmw_server *s, int fd, lmw_slot *sl, int opcode, const lmw_fr
     }
     if (n) memcpy(x->msg + x->msg_len, p, n);
     x->msg_len += n;
+    if (f->fin && compressed) {
+        int stop = deliver_compressed(s, fd, sl, opcode, x->msg, x->msg_len);
+        x = lmw__ext_of(s, sl); /* still there: a failed connection lingers, not freed */
+        if (x) lmw__msg_free(s, x);
+        return stop;
+    }
     if (f->fin) {
         static const uint8_t empty[1];
         deliver(s, fd, sl, opcode, x->msg ? x->msg : empty, x->msg_len); /* never NULL */
@@ -220,7 +267,7 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
             return lmw__backlog_add(s, fd, sl);
         }
         lmw_frame f;
-        int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
+        int r = lmw_parse_frame(buf + off, len - off, rsv_allowed(sl), 1, &f);
         if (r == LMW_ERROR)
             return lmw__conn_end(s, fd, sl, DEFER_FAIL, f.close_code ? f.close_code : 1002);
         if (r == LMW_INCOMPLETE) {
@@ -230,6 +277,8 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
         }
         int control = f.opcode >= 8;
         int fragmented = ms->opcode != 0;
+        if (control && f.rsv) /* RSV1 marks data messages only (RFC 7692 section 6.1) */
+            return lmw__conn_end(s, fd, sl, DEFER_FAIL, 1002);
         if (!done.begun) {
             int code = control ? 0 : lmw_message_frame(ms, &f, s->cfg.max_message);
             if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
@@ -268,9 +317,10 @@ void lmw__process_frames(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size
             /* the message's end is checked (UTF-8 complete, section 8.1) before it is
              * delivered: an invalid message never reaches the application */
             int opcode = ms->opcode ? ms->opcode : f.opcode;
+            int compressed = ms->compressed;
             int code = lmw_message_frame_end(ms, f.fin);
             if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
-            if (on_data(s, fd, sl, opcode, &f, p, fragmented)) return;
+            if (on_data(s, fd, sl, opcode, &f, p, fragmented, compressed)) return;
         }
     }
     lmw__ext_trim(s, sl);
@@ -335,12 +385,12 @@ static void read_into_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x) {
 /* complete_frames is how many leading bytes of buf are frames that complete without a
  * spill: whole control frames and whole unfragmented messages, as many as this poll can
  * hand to Python. A malformed frame counts in (parsing it fails the connection). */
-static size_t complete_frames(lmw_server *s, const uint8_t *buf, size_t len) {
+static size_t complete_frames(lmw_server *s, const lmw_slot *sl, const uint8_t *buf, size_t len) {
     size_t off = 0;
     int work = s->nwork;
     while (off < len) {
         lmw_frame f;
-        int r = lmw_parse_frame(buf + off, len - off, 0, 1, &f);
+        int r = lmw_parse_frame(buf + off, len - off, rsv_allowed(sl), 1, &f);
         if (r == LMW_ERROR) return len;
         if (r == LMW_INCOMPLETE || f.header_len + f.payload_len > len - off) break;
         if (f.opcode < 8) {
@@ -373,7 +423,7 @@ static void read_complete(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, siz
     if (n == 0) return;
     if (n < 0) return lmw__conn_free(s, fd, 0);
     int head = sl->state == ST_HEAD;
-    size_t take = head ? complete_head(s, buf, (size_t)n) : complete_frames(s, buf, (size_t)n);
+    size_t take = head ? complete_head(s, buf, (size_t)n) : complete_frames(s, sl, buf, (size_t)n);
     if (!take) return lmw__budget_pause(s, fd, sl);
     if (recv_some(fd, buf, take, 0) != (ssize_t)take) return lmw__conn_free(s, fd, 0);
     lmw__commit_read_space(s, take);

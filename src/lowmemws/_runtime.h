@@ -104,8 +104,9 @@ enum {
 #define LAG_WINDOW_TICKS 100u /* the lag gauge covers about the last 10 s */
 
 typedef struct lmw_slot {
-    uint32_t gen; /* bumped when the fd is freed: stale handles never match */
-    uint8_t state;
+    uint32_t gen;        /* bumped when the fd is freed: stale handles never match */
+    uint8_t state : 4;   /* ST_* */
+    uint8_t deflate : 4; /* permessage-deflate: 0 off, else server window bits - 7 (_deflate.c) */
     uint8_t flags;
     uint16_t close_code; /* close code received or sent, for the CLOSED event */
     uint32_t tick;       /* last activity, in ticks of 100 ms */
@@ -114,6 +115,8 @@ typedef struct lmw_slot {
     uint32_t user_next;  /* hub: next fd + 1 in the same user bucket, 0 = end */
     uint32_t ext;        /* index + 1 into the ext table, 0 = none */
 } lmw_slot;
+
+_Static_assert(sizeof(lmw_slot) == 32, "an idle connection costs its 32-byte slot");
 
 /* Sec-WebSocket-Key: base64 of 16 bytes (the parser refuses any other, RFC 6455 4.1). */
 #define WS_KEY_LEN 24
@@ -154,6 +157,7 @@ typedef struct lmw_ext {
      * returned at the next poll) */
     uint8_t parked_key[WS_KEY_LEN];
     uint8_t parked_key_len;
+    uint8_t parked_pmd; /* its lmw_pmd_negotiate result */
 } lmw_ext;
 
 /* An upgrade handed to Python: the key still points into this batch's read buffer. */
@@ -162,6 +166,7 @@ typedef struct lmw_upgrade_pending {
     uint32_t gen;
     const uint8_t *key;
     uint32_t key_len;
+    int pmd; /* lmw_pmd_negotiate result for its offers, 0: none accepted */
 } lmw_upgrade_pending;
 
 /* What of a partly received frame was handled on an earlier read: its header checked
@@ -269,7 +274,22 @@ struct lmw_server {
     uint32_t topics_live;
     uint32_t *user_buckets;
     uint32_t user_mask;
+    /* permessage-deflate (_deflate.c): z_streams, one per server window size and one inflater */
+    void *deflaters[8];
+    void *inflater;
 };
+
+/* lmw__deflate_class is the window class a message of len bytes to sl is compressed for
+ * (permessage-deflate negotiated and len at least deflate_min_size), or 0: sent plain. */
+static inline int lmw__deflate_class(const lmw_server *s, const lmw_slot *sl, size_t len) {
+    return len >= s->cfg.deflate_min_size ? sl->deflate : 0;
+}
+
+/* lmw__deflate_class_of is the window class a negotiation result (lmw_pmd_negotiate) gives
+ * a connection: the server window bits asked for (15 when none) - 7; 0 when none accepted. */
+static inline uint8_t lmw__deflate_class_of(int pmd) {
+    return pmd ? (uint8_t)(((pmd & 15) ? (pmd & 15) : 15) - 7) : 0;
+}
 
 /* lmw_open_table describes an open-addressing table to lmw__shift_delete. */
 typedef struct {
@@ -325,11 +345,12 @@ int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_
 int lmw__conn_accept(lmw_server *s, int fd);
 void lmw__conn_await_body(lmw_slot *sl);
 void lmw__conn_await_answer(lmw_slot *sl, int upgrade);
-int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len);
+int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
+                   int pmd);
 void lmw__conn_reject(lmw_server *s, int fd, lmw_slot *sl, int status);
 void lmw__conn_respond(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *data, size_t len);
 int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,
-                      const uint8_t *proto, size_t proto_len, uint64_t user_tag);
+                      const uint8_t *proto, size_t proto_len, uint64_t user_tag, int pmd);
 void lmw__conn_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
                      size_t reason_len);
 void lmw__conn_fail(lmw_server *s, int fd, int code);
@@ -341,6 +362,14 @@ int lmw__conn_send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, cons
 int lmw__conn_send_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                         const uint8_t *b, size_t blen, uint64_t topic, int policy);
 void lmw__conn_flush(lmw_server *s, int fd, lmw_slot *sl);
+/* _deflate.c: permessage-deflate, no state per connection (storage level, like _spill.c) */
+#define DEFLATE_STACK 4096
+uint8_t *lmw__deflate_frame(lmw_server *s, int cls, int opcode, const uint8_t *data, size_t len,
+                            uint8_t *stack, size_t *flen);
+void lmw__deflate_frame_free(uint8_t *stack, uint8_t *frame);
+int lmw__inflate_message(lmw_server *s, const uint8_t *in, size_t n, int text, const uint8_t **out,
+                         uint64_t *out_len);
+void lmw__deflate_free(lmw_server *s);
 /* _spill.c */
 int lmw__take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *cap);
 void lmw__commit_read_space(lmw_server *s, size_t used);

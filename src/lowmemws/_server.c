@@ -369,11 +369,11 @@ int lmw_park(lmw_server *s, int fd, uint32_t gen) {
     if (sl && sl->state == ST_UPGRADE_WAIT) {
         lmw_upgrade_pending *u = batch_upgrade(s, fd, gen);
         if (u) {
-            r = lmw__conn_park(s, fd, sl, u->key, u->key_len);
+            r = lmw__conn_park(s, fd, sl, u->key, u->key_len, u->pmd);
             u->fd = -1;
         }
     } else if (sl && sl->state == ST_HTTP_WAIT) {
-        r = lmw__conn_park(s, fd, sl, NULL, 0);
+        r = lmw__conn_park(s, fd, sl, NULL, 0, 0);
     }
     pthread_mutex_unlock(&s->lock);
     return r;
@@ -395,12 +395,13 @@ int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *proto
     if (sl && sl->state == ST_UPGRADE_WAIT) {
         lmw_upgrade_pending *u = batch_upgrade(s, fd, gen);
         if (u) {
-            r = lmw__conn_upgrade(s, fd, sl, u->key, u->key_len, protocol, protocol_len, user_tag);
+            r = lmw__conn_upgrade(s, fd, sl, u->key, u->key_len, protocol, protocol_len, user_tag,
+                                  u->pmd);
             u->fd = -1;
         }
     } else if (sl && sl->state == ST_UPGRADE_PARKED && x) {
         r = lmw__conn_upgrade(s, fd, sl, x->parked_key, x->parked_key_len, protocol, protocol_len,
-                              user_tag);
+                              user_tag, x->parked_pmd);
     }
     if (r == 0) {
         /* the loop is woken only when it has something to do: frames that came before the
@@ -443,9 +444,17 @@ int lmw_send(lmw_server *s, int fd, uint32_t gen, int opcode, const uint8_t *dat
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
     if (sl && lmw__may_receive_data(sl->state)) {
-        uint8_t hdr[10];
-        int hl = lmw_build_header(hdr, 1, opcode, len);
-        r = lmw__conn_send_data(s, fd, sl, hdr, (size_t)hl, data, len, 0, s->cfg.write_policy);
+        uint8_t stack[DEFLATE_STACK], hdr[10];
+        size_t zlen = 0;
+        int cls = lmw__deflate_class(s, sl, len);
+        uint8_t *z = cls ? lmw__deflate_frame(s, cls, opcode, data, len, stack, &zlen) : NULL;
+        if (z) {
+            r = lmw__conn_send_data(s, fd, sl, z, zlen, NULL, 0, 0, s->cfg.write_policy);
+            lmw__deflate_frame_free(stack, z);
+        } else {
+            int hl = lmw_build_header(hdr, 1, opcode, len);
+            r = lmw__conn_send_data(s, fd, sl, hdr, (size_t)hl, data, len, 0, s->cfg.write_policy);
+        }
     }
     pthread_mutex_unlock(&s->lock);
     return r;
@@ -565,6 +574,7 @@ void lmw_server_free(lmw_server *s) {
     for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
     lmw__hub_free(s);
+    lmw__deflate_free(s);
     if (s->epfd >= 0) close(s->epfd);
     if (s->wakefd >= 0) close(s->wakefd);
     free(s->pool);

@@ -189,17 +189,25 @@ def accept_key(key: bytes) -> bytes:
     return bytes(ffi.buffer(out))
 
 
-def build_101(key: bytes, protocol: bytes = b"") -> bytes:
-    """build_101 returns the 101 Switching Protocols response for key.
+def build_101(key: bytes, protocol: bytes = b"", pmd: int = 0) -> bytes:
+    """build_101 returns the 101 Switching Protocols response for key (pmd: a
+    negotiate_deflate result, accepting permessage-deflate when not 0).
 
     Raises ValueError when protocol is not a token (it would inject a header).
     """
-    cap = 256 + len(protocol)
+    cap = 384 + len(protocol)
     out = ffi.new("uint8_t[]", cap)
-    n = lib.lmw_build_101(key, len(key), protocol, len(protocol), out, cap)
+    n = lib.lmw_build_101(key, len(key), protocol, len(protocol), pmd, out, cap)
     if n < 0:
         raise ValueError(f"invalid subprotocol {protocol!r}")
     return bytes(ffi.buffer(out, n))
+
+
+def negotiate_deflate(offers: bytes) -> int:
+    """negotiate_deflate answers one Sec-WebSocket-Extensions value (RFC 7692 section 7.1):
+    0 when no permessage-deflate offer in it can be accepted, else LMW_PMD_ACCEPT plus the
+    server_max_window_bits the accepted offer asked for (0: none)."""
+    return int(lib.lmw_pmd_negotiate(offers, len(offers)))
 
 
 def reject_response(status: int) -> bytes | None:

@@ -80,12 +80,26 @@ class Config:
     """On SIGTERM/SIGINT: how long to wait for clients to answer close 1001."""
     backlog: int = 4096
     """listen() backlog of each listening socket (the kernel caps it at somaxconn)."""
+    compression: bool = True
+    """Accept permessage-deflate (RFC 7692) when a client offers it (browsers always do),
+    always with no context takeover both ways: no connection keeps a zlib stream, idle or
+    not; a message is compressed once per send, publish, send_to_user or broadcast. False
+    declines every offer."""
+    compression_level: int = 1
+    """zlib level (1 fastest - 9 smallest) of the messages sent compressed."""
+    compression_min_size: int = 128
+    """Messages shorter than this (bytes) are sent uncompressed, even on a connection that
+    negotiated compression (the RFC lets the sender choose per message)."""
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "write_limit", "write_budget", "read_buffer_size"):
             value = getattr(self, name)
             if not 0 < value < 1 << 62:
                 raise ValueError(f"Config.{name} must be a positive size below 2**62")
+        if not 1 <= self.compression_level <= 9:
+            raise ValueError("Config.compression_level must be 1 to 9")
+        if not 0 <= self.compression_min_size < 1 << 32:
+            raise ValueError("Config.compression_min_size must be 0 to 2**32 - 1")
 
     def resolved_max_connections(self) -> int:
         """resolved_max_connections returns max_connections, deriving it from RLIMIT_NOFILE."""

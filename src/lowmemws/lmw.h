@@ -122,10 +122,29 @@ int lmw_token_list_has(const uint8_t *list, size_t list_len, const uint8_t *toke
 void lmw_accept_key(const uint8_t *key, size_t key_len, uint8_t *out28);
 
 /* lmw_build_101 writes the 101 Switching Protocols response for key into out, with a
- * Sec-WebSocket-Protocol header when protocol_len > 0. Returns its length, or
- * LMW_ERROR when cap is too small. */
+ * Sec-WebSocket-Protocol header when protocol_len > 0 and a Sec-WebSocket-Extensions
+ * header accepting permessage-deflate when pmd is an lmw_pmd_negotiate result other than 0.
+ * Returns its length, or LMW_ERROR when cap is too small. */
 int lmw_build_101(const uint8_t *key, size_t key_len, const uint8_t *protocol, size_t protocol_len,
-                  uint8_t *out, size_t cap);
+                  int pmd, uint8_t *out, size_t cap);
+
+/* permessage-deflate negotiation (RFC 7692 section 7.1). The server accepts an offer only
+ * with no context takeover in both directions: its response always carries
+ * server_no_context_takeover and client_no_context_takeover (section 7.1.1), so each
+ * message is compressed and decompressed on its own and no connection keeps a zlib stream.
+ * LMW_PMD_ACCEPT is set in an accepted result; its low 4 bits are the
+ * server_max_window_bits the client asked for (8-15, echoed in the response, section
+ * 7.1.2.1), or 0 when it asked for none (then 15). */
+#define LMW_PMD_ACCEPT 128
+
+/* lmw_pmd_negotiate reads one Sec-WebSocket-Extensions field value (a comma-separated list
+ * of offers, RFC 6455 section 9.1) and returns the result for the first permessage-deflate
+ * offer that can be accepted, or 0. An offer is declined (section 5) when it has a
+ * parameter not defined for offers, a parameter twice, or an invalid value
+ * (server_max_window_bits needs 8-15, client_max_window_bits takes none or 8-15; a value
+ * may be a quoted string); a value that breaks the list's syntax declines every offer
+ * after it. Never fails the handshake. */
+int lmw_pmd_negotiate(const uint8_t *value, size_t len);
 
 /* lmw_reject_response returns a response built once at start-up for status (400, 401,
  * 403, 404, 405, 408, 413, 426, 429, 431, 500, 501, 503, 505), with Connection: close, or
@@ -189,16 +208,21 @@ int64_t lmw_utf8_check(uint32_t *state, const uint8_t *s, size_t n);
 /* lmw_message_state follows one connection's message across frames: fragmentation
  * (section 5.4), size limit and UTF-8 of text messages (section 8.1). */
 typedef struct {
-    uint64_t length; /* payload bytes of the message so far */
-    uint32_t utf8;   /* lmw_utf8_check state for a text message */
-    uint8_t opcode;  /* LMW_OP_TEXT/BINARY of the message in progress, 0 if none */
-    uint8_t pad[3];
+    uint64_t length;    /* payload bytes of the message so far */
+    uint32_t utf8;      /* lmw_utf8_check state for a text message */
+    uint8_t opcode;     /* LMW_OP_TEXT/BINARY of the message in progress, 0 if none */
+    uint8_t compressed; /* its first frame had RSV1 (permessage-deflate, RFC 7692 6.1) */
+    uint8_t pad[2];
 } lmw_message_state;
 
 /* lmw_message_frame checks a data or control frame header against the message in
  * progress. Returns 0, or the close code: 1002 for a continuation with no message in
- * progress or a new text/binary frame inside a fragmented message, 1009 when the
- * message would exceed max_message bytes. Control frames never change the state. */
+ * progress, a new text/binary frame inside a fragmented message or RSV1 on a
+ * continuation (RFC 7692 section 6.1: only the first frame of a compressed message
+ * carries it), 1009 when the message would exceed max_message bytes. RSV1 on a first
+ * frame (allowed by lmw_parse_frame only when permessage-deflate was negotiated) marks
+ * the message compressed: its payload is then not checked as UTF-8 (the caller checks
+ * the decompressed text). Control frames never change the state. */
 int lmw_message_frame(lmw_message_state *m, const lmw_frame *f, uint64_t max_message);
 
 /* lmw_message_payload validates n unmasked payload bytes of the current data frame.
@@ -261,7 +285,10 @@ typedef struct {
     uint32_t max_per_ip;         /* connections + handshakes per client address; 0 = no cap */
     uint8_t write_policy;        /* LMW_POLICY_DROP or LMW_POLICY_CLOSE for conn.send */
     uint8_t auto_upgrade;        /* 1: complete upgrades in C, no UPGRADE event */
-    uint8_t pad[2];
+    uint8_t deflate;             /* 1: accept permessage-deflate offers (RFC 7692) */
+    uint8_t deflate_level;       /* zlib level 1-9 for messages sent compressed */
+    uint32_t deflate_min_size;   /* messages shorter than this are sent uncompressed */
+    uint32_t pad;
 } lmw_config;
 
 /* Counters, in a struct so several worker processes can keep theirs in one shared
@@ -293,6 +320,11 @@ typedef struct {
     uint64_t loop_lag_max_us;          /* longest loop lag since start */
     uint64_t handshake_timeouts_total; /* heads answered 408 by the sweep */
     uint64_t ping_timeouts_total;      /* connections dropped for a missed pong (1006) */
+    uint64_t deflate_in_bytes_total;   /* payload bytes of the messages sent compressed */
+    uint64_t deflate_out_bytes_total;  /* the same messages' compressed payload bytes */
+    uint64_t messages_deflated_total;  /* messages compressed (once per publish) */
+    uint64_t messages_inflated_total;  /* compressed messages received */
+    uint64_t deflate_streams;          /* zlib streams held by the pool (bounded) */
     uint64_t closes[LMW_CLOSE_CODES];
     uint64_t dropped[LMW_DROP_REASONS];
     uint64_t errors[LMW_ERRORS]; /* LMW_ERR_*: failures handled, counted so none is silent */

@@ -17,6 +17,7 @@ _GAUGES = {
     "spill_bytes": "Bytes held for incomplete input.",
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",
+    "deflate_streams": "zlib streams held by the permessage-deflate pool (none per connection).",
 }
 #: Gauges in seconds, the largest over processes (not summed): microseconds in lmw_stats.
 _MAX_GAUGES = {
@@ -31,6 +32,10 @@ _COUNTERS = {
     "messages_received_total": "WebSocket messages received.",
     "handshake_timeouts_total": "Request heads answered 408 at the handshake deadline.",
     "ping_timeouts_total": "Connections dropped for a pong that did not arrive in time.",
+    "deflate_in_bytes_total": "Payload bytes of the messages sent compressed, before compression.",
+    "deflate_out_bytes_total": "Payload bytes of the messages sent compressed, after compression.",
+    "messages_deflated_total": "Messages compressed (once per publish, not per recipient).",
+    "messages_inflated_total": "Compressed messages received and decompressed.",
 }
 
 

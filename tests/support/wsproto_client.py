@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Sequence
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -24,6 +25,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension
 
 _RECV_CHUNK = 65536
 
@@ -35,16 +37,32 @@ class WsprotoClientError(RuntimeError):
 class WsprotoClient(contextlib.AbstractContextManager["WsprotoClient"]):
     """WsprotoClient is one client connection, opened (handshake done) by the constructor."""
 
-    def __init__(self, host: str, port: int, path: str = "/", timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str = "/",
+        timeout: float = 10.0,
+        extensions: Sequence[Extension] = (),
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         self.timeout = timeout
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self._pending: list[Event] = []
-        self._send(Request(host=f"{host}:{port}", target=path))
+        request = Request(
+            host=f"{host}:{port}",
+            target=path,
+            extensions=list(extensions),
+            extra_headers=list(extra_headers),
+        )
+        self._send(request)
         event = self.next_event()
         if not isinstance(event, AcceptConnection):
             self.sock.close()
             raise WsprotoClientError(f"handshake not accepted: {event!r}")
+        self.accepted = event
+        """accepted is the server's answer: its extensions (the ones wsproto now runs)."""
 
     def _send(self, event: Event) -> None:
         self.sock.sendall(self.ws.send(event))
