@@ -14,9 +14,9 @@ class BuildExtWithClearError(build_ext):
             super().run()
         except Exception as exc:  # CompileError, LinkError, CCompilerError...
             raise SystemExit(
-                "lowmemws: building the C codec failed (%s); lowmemws needs a C compiler "
-                "and the Python headers: on Debian/Ubuntu run "
-                "'apt-get install gcc python3-dev', then install again." % (exc,)
+                "lowmemws: building the C codec failed (%s); lowmemws needs a C compiler, "
+                "the Python headers and zlib: on Debian/Ubuntu run "
+                "'apt-get install gcc python3-dev zlib1g-dev', then install again." % (exc,)
             ) from exc
 
 

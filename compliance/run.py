@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", help="case patterns instead of the template's")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole run")
+    parser.add_argument("--timeout", type=float, default=2400.0, help="seconds for the whole run")
     parser.add_argument("--reports", type=Path, default=DEFAULT_REPORTS)
     parser.add_argument("--wstest", type=Path, default=DEFAULT_WSTEST)
     return parser.parse_args(argv)

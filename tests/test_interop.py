@@ -15,12 +15,14 @@ import json
 import random
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import websocket
 
 from tests.support.chromium import Chromium, find_chromium
 from tests.support.ci import skip_or_fail
+from tests.support.metrics import fetch_metrics, metric_value
 from tests.support.wsproto_client import WsprotoClient
 
 MiB = 1024 * 1024
@@ -208,6 +210,7 @@ ROUND_TRIP_JS = """
   const close = await closed;
   return {
     close,
+    extensions: ws.extensions,
     replies: replies.map((r) => typeof r === "string"
       ? {kind: "text", data: r}
       : {kind: "binary", b64: toBase64(r)}),
@@ -236,17 +239,26 @@ def browser() -> Iterator[Chromium]:
         yield chromium
 
 
-def browser_round_trip(
+def browser_session(
     browser: Chromium, echo_server: tuple[str, int], messages: list[str | bytes], close_code: int
-) -> tuple[list[str | bytes], dict[str, object]]:
-    """browser_round_trip sends messages from the page, then closes; returns echoes and close."""
+) -> dict[str, Any]:
+    """browser_session sends messages from the page, then closes; returns what the page saw:
+    replies (as JSON), close, and extensions (the page's ws.extensions)."""
     host, port = echo_server
     script = ROUND_TRIP_JS % {
         "outgoing": json.dumps([to_js(m) for m in messages]),
         "url": json.dumps(f"ws://{host}:{port}/"),
         "close_code": close_code,
     }
-    result = browser.evaluate(script, timeout=60)
+    result: dict[str, Any] = browser.evaluate(script, timeout=60)
+    return result
+
+
+def browser_round_trip(
+    browser: Chromium, echo_server: tuple[str, int], messages: list[str | bytes], close_code: int
+) -> tuple[list[str | bytes], dict[str, object]]:
+    """browser_round_trip sends messages from the page, then closes; returns echoes and close."""
+    result = browser_session(browser, echo_server, messages, close_code)
     return [from_js(reply) for reply in result["replies"]], result["close"]
 
 
@@ -274,6 +286,36 @@ def test_chromium_close_handshake_echoes_code(
 ) -> None:
     _, close = browser_round_trip(browser, echo_server, ["hello"], 4321)
     assert close == {"code": 4321, "wasClean": True}
+
+
+def test_chromium_negotiates_permessage_deflate_both_ways_up_to_1_mib(
+    browser: Chromium, echo_server: tuple[str, int]
+) -> None:
+    """Chromium offers permessage-deflate; client_max_window_bits and accepts the server's
+    answer (both no-context-takeover flags): compressed text and binary messages up to 1 MiB
+    go both ways, each compressed on its own."""
+    before = fetch_metrics(*echo_server)
+    row = '{"id": 12345, "subject": "Quarterly report", "unread": true} '
+    messages: list[str | bytes] = [
+        (row * 20000)[: 1 << 20],
+        (row.encode() * 20000)[: 1 << 20],
+        "ü€ " + row * 30,
+        bytes(range(256)) * 64,
+        binary_data(70_000),  # incompressible: sent plain by both sides
+    ]
+    result = browser_session(browser, echo_server, messages, 1000)
+    assert result["extensions"].startswith("permessage-deflate")
+    assert "server_no_context_takeover" in result["extensions"]
+    assert "client_no_context_takeover" in result["extensions"]
+    assert [from_js(reply) for reply in result["replies"]] == messages
+    after = fetch_metrics(*echo_server)
+
+    def grew(name: str) -> float:
+        return metric_value(after, name) - metric_value(before, name)
+
+    assert grew("lowmemws_messages_inflated_total") >= 4  # Chromium compressed them
+    assert grew("lowmemws_messages_deflated_total") >= 4  # and so did the server
+    assert grew("lowmemws_deflate_out_bytes_total") * 10 < grew("lowmemws_deflate_in_bytes_total")
 
 
 # -- plain HTTP on the same port -----------------------------------------------------------

@@ -68,6 +68,7 @@ def build(out: str) -> str:
         '#include "lmw.h"',
         sources=[os.path.join(SRC, name) for name in native.SOURCES],
         include_dirs=[SRC],
+        libraries=native.LIBRARIES,
         extra_compile_args=["-std=gnu11", "-Wall", "-Wno-unused-parameter"] + flags,
         extra_link_args=flags,
     )

@@ -22,6 +22,7 @@ SOURCES = [
     "_fanout.c",
     "_server.c",
 ]
+LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)
 _INT_DEFINE = re.compile(r"^#define\s+\w+\s+-?\d+\s*(/\*.*\*/)?\s*$")
 
 
@@ -40,7 +41,7 @@ ffibuilder.set_source(
     '#include "lmw.h"',
     sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
-    libraries=["z"],  # zlib, a system library, for permessage-deflate (_deflate.c)
+    libraries=LIBRARIES,
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     + os.environ.get("LOWMEMWS_CFLAGS", "").split(),
     extra_link_args=os.environ.get("LOWMEMWS_LDFLAGS", "").split(),
