@@ -9,6 +9,11 @@ every connection busy) and server CPU microseconds per message (request + echo);
 spread over R rounds.
 
     python benchmarks/echo.py [--connections 100] [--sizes 256,8192] [--seconds 2] [--rounds 3]
+
+With ``--deflate`` the clients offer permessage-deflate (as browsers do) and send a JSON
+document of each size; where the server negotiated it, each message goes compressed (made
+once by the client, RSV1 set), so the server's CPU per message includes decompressing it
+and compressing its echo with its library's default settings.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ def measure(
     seconds: float,
     rounds: int,
     log: Any = print,
+    deflate: bool = False,
 ) -> dict[str, Any]:
     """measure runs the echo experiment on one server (see the module docstring)."""
     figures: dict[str, Any] = {}
-    with Server(name) as srv, LoadClients(srv.host, srv.port, connections, min_workers=1) as lc:
-        lc.open()
+    with (
+        Server(name) as srv,
+        LoadClients(srv.host, srv.port, connections, min_workers=1, deflate=deflate) as lc,
+    ):
+        opened = lc.open()
         for size in sizes:
             lc.echo(size, 0.3, connections)  # warm-up, not measured
             rates, per_msg = [], []
@@ -55,7 +64,13 @@ def measure(
                 f"msg/s, {figures[str(size)]['us_per_message']['median']:.1f} us CPU each"
             )
         lc.close()
-    return {"server": name, "version": version(name), "connections": connections, "sizes": figures}
+    return {
+        "server": name,
+        "version": version(name),
+        "connections": connections,
+        "deflate_negotiated": opened.get("deflated", 0),
+        "sizes": figures,
+    }
 
 
 def run(
@@ -65,13 +80,17 @@ def run(
     seconds: float,
     rounds: int,
     log: Any = print,
+    deflate: bool = False,
 ) -> dict[str, Any]:
     """run measures every usable server in turn."""
     rows, skipped = report.each_server(
-        servers, lambda name: measure(name, connections, sizes, seconds, rounds, log), log
+        servers,
+        lambda name: measure(name, connections, sizes, seconds, rounds, log, deflate),
+        log,
     )
     return {
         "connections": connections,
+        "deflate": deflate,
         "sizes": sizes,
         "seconds": seconds,
         "rounds": rounds,
@@ -88,7 +107,8 @@ def render(result: dict[str, Any]) -> str:
             m, u = f["messages_per_s"], f["us_per_message"]
             rows.append(
                 [
-                    f"{r['server']} {r['version']}",
+                    f"{r['server']} {r['version']}"
+                    + (" (deflate)" if r.get("deflate_negotiated") else ""),
                     f"{int(size):,} B",
                     report.median_range(m, ",.0f"),
                     report.median_range(u, ".1f"),
@@ -104,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sizes", default="256,8192")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
     report.add_servers(p)
     return report.main(p, argv, run_args, render)
 
@@ -111,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
     sizes = [int(s) for s in a.sizes.split(",")]
-    return run(a.servers.split(","), a.connections, sizes, a.seconds, a.rounds)
+    return run(a.servers.split(","), a.connections, sizes, a.seconds, a.rounds, deflate=a.deflate)
 
 
 if __name__ == "__main__":

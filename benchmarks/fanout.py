@@ -14,12 +14,20 @@ of the same pre-built frame over the same number of loopback sockets, measured t
 with lowmemws's ratio to it.
 
     python benchmarks/fanout.py [--connections 19000] [--messages 20] [--rounds 5] [--size 256]
+
+With ``--deflate`` the clients offer permessage-deflate (as browsers do) and the message is a
+JSON document of SIZE bytes (``--size 4096``: a 4 KiB notification); a server that negotiates
+compression sends it compressed, and the floor sends the same compressed bytes (compressed
+once, outside the loop), so the ratio compares fan-out of the bytes on the wire.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 import procstats
@@ -27,23 +35,33 @@ import report
 from loadclients import ControlClient, LoadClients
 from serverctl import Server, version
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "servers"))
+from common import json_payload  # noqa: E402
+
 
 def measure(
-    name: str, connections: int, messages: int, rounds: int, size: int, log: Any = print
+    name: str,
+    connections: int,
+    messages: int,
+    rounds: int,
+    size: int,
+    log: Any = print,
+    deflate: bool = False,
 ) -> dict[str, Any]:
     """measure runs the fan-out experiment on one server (see the module docstring)."""
     per_frame, wall_rate, written = [], [], 0
-    with Server(name) as srv, LoadClients(srv.host, srv.port, connections) as lc:
+    kind = "json z" if deflate else ""
+    with Server(name) as srv, LoadClients(srv.host, srv.port, connections, deflate=deflate) as lc:
         opened = lc.open()
         control = ControlClient(srv.host, srv.port)
-        control.publish(1, size)  # warm-up round, not measured
+        control.publish(1, size, kind)  # warm-up round, not measured
         lc.wait_frames(1)
         for i in range(rounds):
             lc.reset()
             time.sleep(0.3)
             procstats.wait_idle(srv.pid)
             before, t0 = procstats.cpu_ticks(srv.pid), time.monotonic()
-            written = control.publish(messages, size)
+            written = control.publish(messages, size, kind)
             got = lc.wait_frames(messages)
             used = procstats.cpu_ticks(srv.pid) - before
             wall = time.monotonic() - t0
@@ -61,6 +79,7 @@ def measure(
         "server": name,
         "version": version(name),
         "connections": opened["opened"],
+        "deflate_negotiated": opened.get("deflated", 0),
         "messages": messages,
         "size": size,
         "written_last_round": written,
@@ -77,11 +96,12 @@ def run(
     rounds: int,
     size: int,
     log: Any = print,
+    deflate: bool = False,
 ) -> dict[str, Any]:
     """run measures the floor and every usable server in turn."""
     rows, skipped = report.each_server(
         ["floor", *servers],
-        lambda name: measure(name, connections, messages, rounds, size, log),
+        lambda name: measure(name, connections, messages, rounds, size, log, deflate),
         log,
     )
     floor = next((r for r in rows if r["server"] == "floor"), None)
@@ -93,10 +113,21 @@ def run(
         "messages": messages,
         "rounds": rounds,
         "size": size,
+        "deflate": deflate,
+        "wire_payload_bytes": wire_bytes(size, deflate),
         "floor": "plain Python loop of non-blocking socket.send() (servers/floor_server.py)",
         "rows": rows,
         "skipped": skipped,
     }
+
+
+def wire_bytes(size: int, deflate: bool) -> dict[str, int]:
+    """wire_bytes: the payload of one frame, plain and as lowmemws compresses it (level 1)."""
+    if not deflate:
+        return {"plain": size}
+    z = zlib.compressobj(1, zlib.DEFLATED, -15)
+    payload = json_payload(size)
+    return {"plain": size, "compressed": len(z.compress(payload) + z.flush(zlib.Z_SYNC_FLUSH)) - 4}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -123,7 +154,16 @@ def render(result: dict[str, Any]) -> str:
         "x floor",
         "wall frames/s",
     ]
-    return report.table(headers, rows)
+    table = report.table(headers, rows)
+    if result.get("deflate"):
+        wire = result["wire_payload_bytes"]
+        table += (
+            f"\npermessage-deflate offered; payload per frame: {wire['plain']:,} B JSON plain, "
+            f"{wire['compressed']:,} B compressed (negotiated by: "
+            + ", ".join(f"{r['server']} {r['deflate_negotiated']:,}" for r in result["rows"])
+            + ")\n"
+        )
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -132,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--messages", type=int, default=20, help="messages per round (K)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
     report.add_servers(p)
     return report.main(p, argv, run_args, render)
 
@@ -139,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
     connections = min(a.connections, 19_000)
-    return run(a.servers.split(","), connections, a.messages, a.rounds, a.size)
+    return run(a.servers.split(","), connections, a.messages, a.rounds, a.size, deflate=a.deflate)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,16 +78,36 @@ def mask(payload: bytes, key: bytes = MASK) -> bytes:
     return (int.from_bytes(payload, "big") ^ k).to_bytes(n, "big")
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """client_frame builds one masked, final client frame (RFC 6455 section 5.2)."""
+def client_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """client_frame builds one masked, final client frame (RFC 6455 section 5.2); rsv1 marks
+    a compressed message (RFC 7692 section 6)."""
     n = len(payload)
+    b0 = 0x80 | (0x40 if rsv1 else 0) | opcode
     if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
+        head = bytes([b0, 0x80 | n])
     elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        head = bytes([b0, 0x80 | 126]) + n.to_bytes(2, "big")
     else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        head = bytes([b0, 0x80 | 127]) + n.to_bytes(8, "big")
     return head + MASK + mask(payload)
+
+
+def json_document(size: int) -> bytes:
+    """json_document is a JSON list of mail notifications of exactly size bytes (the same
+    document as servers/common.py's json_payload)."""
+    items: list[str] = []
+    i = 0
+    while True:
+        item = (
+            f'{{"id":{1000 + i},"type":"mail","from":"user{i * 7 % 97}@example.com",'
+            f'"subject":"Quarterly report {i}","unread":{i % 13},"ts":{1764400000 + i * 61}}}'
+        )
+        if len(",".join([*items, item])) + 2 > size:
+            break
+        items.append(item)
+        i += 1
+    body = "[" + ",".join(items) + "]"
+    return (body + " " * (size - len(body))).encode()
 
 
 def upgrade_request(host: str, port: int, path: str, key: bytes, deflate: bool) -> bytes:
@@ -411,6 +432,11 @@ class Worker:
 
     def cmd_echo(self, size: int, seconds: float, connections: int) -> dict[str, Any]:
         self.echo_frame = client_frame(2, bytes(range(256)) * (size // 256) + b"e" * (size % 256))
+        if self.deflated:  # compressed by the client once: each message on its own
+            z = zlib.compressobj(6, zlib.DEFLATED, -15)
+            payload = json_document(size)
+            packed = (z.compress(payload) + z.flush(zlib.Z_SYNC_FLUSH))[:-4]
+            self.echo_frame = client_frame(2, packed, rsv1=True)
         conns = self.open_conns()[:connections]
         self.echo_messages = 0
         start = time.monotonic()
@@ -641,9 +667,10 @@ class ControlClient:
             raise RuntimeError("control connection closed by the server")
         return data
 
-    def publish(self, count: int, size: int) -> int:
-        """publish asks for ``count`` messages of ``size`` bytes; returns frames written."""
-        self.sock.sendall(client_frame(1, f"!publish {count} {size}".encode()))
+    def publish(self, count: int, size: int, kind: str = "") -> int:
+        """publish asks for ``count`` messages of ``size`` bytes (kind: "", "json" or
+        "json z", see servers/common.py); returns frames written."""
+        self.sock.sendall(client_frame(1, f"!publish {count} {size} {kind}".strip().encode()))
         while True:
             while len(self.buf) < 2 or len(self.buf) < 2 + (self.buf[1] & 0x7F):
                 self.buf += self.recv()

@@ -6,7 +6,10 @@ Every server in this folder does the same thing with its library's defaults:
   subscribed to the one topic ``"all"``; every message it sends is echoed back.
 - ``/control``: a connection that is neither a user nor a subscriber. A text message
   ``!publish K SIZE`` makes the server publish K messages of SIZE bytes (binary) to topic
-  ``"all"`` with the library's natural fan-out, then answer ``done N`` (N = frames written).
+  ``"all"`` with the library's natural fan-out, then answer ``done N`` (N = frames written);
+  ``!publish K SIZE json`` publishes a JSON document of SIZE bytes instead (a notification),
+  and a further ``z`` asks the floor to send it compressed (permessage-deflate bytes made
+  once: the floor of a server that compresses once per publish).
 - it prints ``listening on ws://HOST:PORT`` when ready and stops on SIGTERM / SIGINT.
 """
 
@@ -48,8 +51,31 @@ def publish_request(message: object) -> tuple[int, bytes] | None:
     """publish_request parses ``!publish K SIZE`` into (K, payload), else returns None."""
     if not isinstance(message, str) or not message.startswith(PUBLISH_PREFIX):
         return None
-    count, size = message[len(PUBLISH_PREFIX) :].split()
+    count, size, *kind = message[len(PUBLISH_PREFIX) :].split()
+    if "json" in kind:
+        return int(count), json_payload(int(size))
     return int(count), bytes(range(256)) * (int(size) // 256) + b"x" * (int(size) % 256)
+
+
+def json_payload(size: int) -> bytes:
+    """json_payload is a JSON list of mail notifications, exactly size bytes (size >= 2)."""
+    items, i = [], 0
+    while True:
+        item = (
+            f'{{"id":{1000 + i},"type":"mail","from":"user{i * 7 % 97}@example.com",'
+            f'"subject":"Quarterly report {i}","unread":{i % 13},"ts":{1764400000 + i * 61}}}'
+        )
+        if len(",".join([*items, item])) + 2 > size:
+            break
+        items.append(item)
+        i += 1
+    body = "[" + ",".join(items) + "]"
+    return (body + " " * (size - len(body))).encode()
+
+
+def wants_compressed(message: object) -> bool:
+    """wants_compressed: the publish request asks the floor for compressed frames (``z``)."""
+    return isinstance(message, str) and message.split()[-1:] == ["z"]
 
 
 def ready(host: str, port: int) -> None:

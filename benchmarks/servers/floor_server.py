@@ -14,21 +14,30 @@ import hashlib
 import select
 import signal
 import socket
+import zlib
 
-from common import is_subscriber, parse_args, publish_request, ready
+from common import is_subscriber, parse_args, publish_request, ready, wants_compressed
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 subscribers: dict[int, socket.socket] = {}
 
 
-def server_frame(opcode: int, payload: bytes) -> bytes:
+def server_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     n = len(payload)
-    head = bytes([0x80 | opcode, n]) if n < 126 else bytes([0x80 | opcode, 126]) + n.to_bytes(2)
+    b0 = 0x80 | (0x40 if rsv1 else 0) | opcode
+    head = bytes([b0, n]) if n < 126 else bytes([b0, 126]) + n.to_bytes(2)
     return head + payload
 
 
-def publish(count: int, payload: bytes) -> int:
-    frame = server_frame(2, payload)
+def compressed(payload: bytes) -> bytes:
+    """compressed is the permessage-deflate payload lowmemws sends (zlib level 1, raw, the
+    sync-flush tail removed: RFC 7692 7.2.1)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, -15)
+    return (z.compress(payload) + z.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def publish(count: int, payload: bytes, deflate: bool = False) -> int:
+    frame = server_frame(2, compressed(payload), True) if deflate else server_frame(2, payload)
     written = 0
     for _ in range(count):
         for sock in subscribers.values():
@@ -71,7 +80,8 @@ def on_frames(sock: socket.socket, data: bytes) -> bool:
         if opcode == 9:
             sock.send(server_frame(10, payload))
         elif opcode == 1 and (req := publish_request(payload.decode())) is not None:
-            sock.send(server_frame(1, f"done {publish(*req)}".encode()))
+            written = publish(*req, wants_compressed(payload.decode()))
+            sock.send(server_frame(1, f"done {written}".encode()))
     return True
 
 
