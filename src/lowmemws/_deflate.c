@@ -13,7 +13,9 @@
  * fragmented message: bounded by max_message and the spill budget) and decompressed once
  * its last fragment is in, so it holds no inflater between reads either. Decompression
  * counts its output against max_message as it goes (1009 as soon as it passes, never an
- * allocation past max_message + 1) and its buffer against the spill budget (1013).
+ * allocation past max_message + 1), and its buffer against the spill budget (1013) while it
+ * grows and while it is lent to Python (until the next poll): however many small compressed
+ * messages arrive in one batch, what they decompress to stays within the budget.
  *
  * Storage level: nothing here writes to a socket or changes a connection's state.
  */
@@ -122,6 +124,12 @@ void lmw__deflate_frame_free(uint8_t *stack, uint8_t *frame) {
 
 /* ---------------------------------------------------------------- receiving */
 
+/* inflate_fits: an output buffer may grow by more bytes within the spill budget, shared
+ * with the spills and the decompressed messages lent this batch. */
+static int inflate_fits(const lmw_server *s, uint64_t more) {
+    return s->stats->spill_bytes + s->inflated_lent + more <= s->cfg.spill_budget;
+}
+
 /* grow_output gives the inflater room past its full output buffer: doubling, up to
  * max_message + 1 (one byte more than a message may have, so passing it is seen), charged
  * to the spill budget. Returns 0, or the close code. */
@@ -129,7 +137,7 @@ static int grow_output(lmw_server *s, z_stream *z, uint8_t **buf, uint64_t *cap)
     uint64_t max = s->cfg.max_message, produced = (uint64_t)(z->next_out - *buf);
     if (*cap > max) return 1009; /* max_message + 1 bytes came out: too big */
     uint64_t want = *cap * 2 > max + 1 ? max + 1 : *cap * 2;
-    if (s->stats->spill_bytes + (want - *cap) > s->cfg.spill_budget) return 1013;
+    if (!inflate_fits(s, want - *cap)) return 1013;
     uint8_t *m = realloc(*buf, want);
     if (!m) {
         s->stats->errors[LMW_ERR_NOMEM]++;
@@ -181,7 +189,7 @@ int lmw__inflate_message(lmw_server *s, const uint8_t *in, size_t n, int text, c
     uint64_t max = s->cfg.max_message;
     uint64_t cap = (uint64_t)n * 4 < 1024 ? 1024 : (uint64_t)n * 4;
     if (cap > max + 1) cap = max + 1;
-    if (s->stats->spill_bytes + cap > s->cfg.spill_budget) return 1013;
+    if (!inflate_fits(s, cap)) return 1013;
     uint8_t *buf = malloc(cap ? cap : 1);
     if (!buf) return 1011;
     s->stats->spill_bytes += cap;
@@ -201,6 +209,7 @@ int lmw__inflate_message(lmw_server *s, const uint8_t *in, size_t n, int text, c
         return code;
     }
     s->stats->messages_inflated_total++;
+    s->inflated_lent += cap;
     lmw__lend(s, buf);
     *out = buf;
     *out_len = produced;

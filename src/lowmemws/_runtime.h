@@ -277,6 +277,7 @@ struct lmw_server {
     /* permessage-deflate (_deflate.c): z_streams, one per server window size and one inflater */
     void *deflaters[8];
     void *inflater;
+    uint64_t inflated_lent; /* decompressed messages lent this batch, under the spill budget */
 };
 
 /* lmw__deflate_class is the window class a message of len bytes to sl is compressed for

@@ -240,6 +240,7 @@ static void sweep(lmw_server *s) {
 static void release_batch(lmw_server *s) {
     for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     s->nlent = 0;
+    s->inflated_lent = 0;
     s->pool_next = 0;
     s->pool_off = 0;
     s->stats->buffer_pool_in_use = 0;
