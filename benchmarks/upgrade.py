@@ -24,10 +24,22 @@ from loadclients import LoadClients
 from serverctl import Server, version
 
 
-def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
-    """measure runs the upgrade-cost experiment on one server (see the module docstring)."""
+def measure(
+    name: str,
+    connections: int,
+    rounds: int,
+    log: Any = print,
+    *,
+    extra: tuple[str, ...] = (),
+    label: str = "",
+) -> dict[str, Any]:
+    """measure runs the upgrade-cost experiment on one server (see the module docstring).
+
+    ``extra`` is passed to the server script (a variant, such as auth_io.py's async
+    on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row.
+    """
     per_upgrade, opened_total, open_seconds = [], 0, []
-    with Server(name) as srv:
+    with Server(name, extra=extra) as srv:
         for i in range(rounds):
             with LoadClients(srv.host, srv.port, connections) as lc:
                 time.sleep(1.0)  # the client processes start; the server is idle again
@@ -41,7 +53,7 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
             opened_total += opened["opened"]
             open_seconds.append(opened["seconds"])
             log(
-                f"  {name}: round {i + 1}: {opened['opened']:,} upgrades, "
+                f"  {label or name}: round {i + 1}: {opened['opened']:,} upgrades, "
                 f"{per_upgrade[-1]:.1f} us CPU each"
             )
             time.sleep(1.0)
@@ -49,6 +61,8 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
     return {
         "server": name,
         "version": version(name),
+        "variant": label,
+        "server_args": list(extra),
         "connections": connections,
         "upgrades": opened_total,
         "us_per_upgrade": s,

@@ -8,6 +8,12 @@ Every server in this folder does the same thing with its library's defaults:
   ``!publish K SIZE`` makes the server publish K messages of SIZE bytes (binary) to topic
   ``"all"`` with the library's natural fan-out, then answer ``done N`` (N = frames written).
 - it prints ``listening on ws://HOST:PORT`` when ready and stops on SIGTERM / SIGINT.
+
+``--hook-delay SECONDS`` (auth_io.py, issue 11) makes the server's upgrade hook (on_connect,
+process_request) wait that long before accepting, like an auth lookup in a session store:
+``await asyncio.sleep`` in an async hook, ``time.sleep`` in a sync one. ``--hook`` and
+``--hook-threads`` choose how lowmemws runs its hooks; ``--backlog`` sets the listen() backlog.
+The defaults keep every other benchmark's server as it was.
 """
 
 from __future__ import annotations
@@ -29,6 +35,30 @@ def parse_args(description: str) -> argparse.Namespace:
         type=float,
         default=None,
         help="lowmemws heartbeat interval (scale.py only; default: the library's)",
+    )
+    p.add_argument(
+        "--hook-delay",
+        type=float,
+        default=0.0,
+        help="seconds the upgrade hook waits before accepting (default 0: no wait)",
+    )
+    p.add_argument(
+        "--hook",
+        choices=("sync", "async"),
+        default="sync",
+        help="lowmemws on_connect as a plain function or as async def (default sync)",
+    )
+    p.add_argument(
+        "--hook-threads",
+        type=int,
+        default=None,
+        help="lowmemws Config.hook_threads (default: the library's)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=None,
+        help="listen() backlog (default: the library's; asyncio's is 100, lowmemws' 4096)",
     )
     return p.parse_args()
 
