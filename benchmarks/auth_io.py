@@ -19,9 +19,11 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    give "worst echo" and "p99 echo" ("echo before": the median in the second before it).
    ``--rounds`` storms per server (the 1,000 connections are closed and the server left idle
    between them): medians and ranges over the rounds; worst echo over every round, p99 over
-   all the round trips pooled. Both servers get the same listen() backlog (``--backlog``,
-   4096 by default: lowmemws' default and somaxconn here; asyncio's own default is 100,
-   which makes the storm a test of SYN retransmission instead).
+   all the round trips pooled (a storm of 0.1 s holds ~10 round trips, so p99 is then close
+   to the worst). Both servers get the same listen() backlog (``--backlog``, 4096 by
+   default: lowmemws' default and somaxconn here). asyncio's own default is 100, which makes
+   the storm a test of SYN retransmission instead: websockets took 1.9-2.8 s here with it
+   (``--backlog 0``) against ~0.28 s with 4096.
 2. cpu: server CPU per upgrade (utime + stime from /proc/PID/stat), upgrade.py's measurement
    (Python load clients, 128 handshakes in flight, connections kept during the measured
    window, closed after it): ``--cpu-rounds`` rounds of ``--cpu-connections`` each on one
@@ -38,7 +40,7 @@ figure (benchmarks/results/auth_io-DATE.json by convention). The machine's load 
 printed with it: the machine is shared, and other work on it moves the wall-clock figures.
 
     python benchmarks/auth_io.py [--parts storm,cpu,idle] [--clients 1000] [--delay 0.005]
-        [--rounds 3] [--cpu-connections 18000] [--cpu-rounds 3] [--json PATH]
+        [--rounds 5] [--cpu-connections 18000] [--cpu-rounds 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clients", type=int, default=1000, help="upgrades at once in a storm")
     p.add_argument("--delay", type=float, default=0.005, help="the hook's wait, seconds")
     p.add_argument("--interval", type=float, default=0.010, help="echo probe pace, seconds")
-    p.add_argument("--rounds", type=int, default=3, help="storms per server")
+    p.add_argument("--rounds", type=int, default=5, help="storms per server")
     p.add_argument("--hook-threads", type=int, default=32, help="the threaded variant's threads")
     p.add_argument(
         "--backlog",
