@@ -242,6 +242,13 @@ def storm_round(
     return figures, during
 
 
+def server_said(srv: Server, lines: int = 6) -> str:
+    """server_said returns the last lines a server printed (a traceback, say), on one line."""
+    time.sleep(0.5)  # the server's output is read by a thread: let it catch up
+    said = [line.strip() for line in srv.output if line.strip()][-lines:]
+    return " | ".join(said) or "nothing"
+
+
 def measure_storm(variant: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, Any]:
     """measure_storm runs ``args.rounds`` storms on one fresh server (part 1)."""
     extra = tuple(variant["args"])
@@ -250,13 +257,19 @@ def measure_storm(variant: dict[str, Any], args: argparse.Namespace, log: Any) -
     rounds: list[dict[str, Any]] = []
     pooled: list[float] = []
     with Server(variant["server"], extra=extra) as srv:
-        probe = EchoProbe(srv.host, srv.port, args.interval)
+        try:
+            probe = EchoProbe(srv.host, srv.port, args.interval)
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}; the server said: {server_said(srv)}") from exc
         try:
             for i in range(args.rounds):
                 procstats.wait_idle(srv.pid)
                 figures, during = storm_round(srv, probe, args.clients, args.storm_timeout)
                 if not probe.alive():
-                    raise RuntimeError(f"the echo probe stopped: {probe.error}")
+                    raise RuntimeError(
+                        f"the echo probe stopped: {probe.error}; the server said:"
+                        f" {server_said(srv)}"
+                    )
                 rounds.append(figures)
                 pooled += during
                 worst = figures["echo_worst"]
