@@ -325,7 +325,7 @@ def test_metrics_names_count_what_happened(make_gateway: Callable[..., Gateway])
     assert metric(text, 'lowmemws_closes_total{code="1000"}') == 1
     assert metric(text, 'lowmemws_closes_total{code="other"}') == 1
     assert metric(text, "lowmemws_buffer_pool_in_use") >= 0
-    assert metric(text, "lowmemws_worker_queue_depth") >= 0
+    assert metric(text, "lowmemws_hooks_in_flight") >= 0
     for reason in ("write_limit", "closed", "latest", "worker_queue"):
         assert metric(text, f'lowmemws_dropped_messages_total{{reason="{reason}"}}') == 0
     assert metric(text, "lowmemws_processes") == 1
@@ -408,7 +408,7 @@ def test_hook_threads_process_every_message_with_back_pressure(
     stats = gateway.stats()
     assert stats["dropped"]["worker_queue"] == 0
     assert stats["messages_received_total"] == len(expected)
-    wait_until(lambda: gateway.stats()["worker_queue_depth"] == 0, "the queue to empty")
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 0, "the queue to empty")
     for client in clients:
         client.close()
 

@@ -267,6 +267,9 @@ class BusBase:
     """BusBase is the common part of the buses: the stats and the asyncio helper."""
 
     stats: BusStats
+    may_block: bool = True
+    """may_block: publish may wait (for a peer process or the network); Gateway.apublish
+    then calls it in a thread. False for a bus whose publish only queues or fans out."""
 
     def __init__(self) -> None:
         self.stats = BusStats()

@@ -71,6 +71,8 @@ class RedisBus(BusBase):
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
     """
 
+    may_block = False  # publish queues for the network and fans out here: no wait
+
     def __init__(
         self,
         url: str,

@@ -143,25 +143,45 @@ class CServer:
 
     def pause_reading(self, fd: int, gen: int) -> None:
         """pause_reading stops reading (fd, gen) until resume_reading (back-pressure)."""
+        if self._ptr is None:
+            return
         lib.lmw_pause_reading(self._ptr, fd, gen)
 
     def resume_reading(self, fd: int, gen: int) -> None:
         """resume_reading undoes pause_reading."""
+        if self._ptr is None:
+            return
         lib.lmw_resume_reading(self._ptr, fd, gen)
+
+    def accept_hold(self, hold: bool) -> None:
+        """accept_hold stops (True) or allows again (False) accepting: hooks at their cap."""
+        lib.lmw_accept_hold(self._ptr, 1 if hold else 0)
 
     # -- answers to events ------------------------------------------------------------------
 
+    def park(self, fd: int, gen: int) -> bool:
+        """park keeps an upgrade or HTTP request of this loop turn waiting for an answer
+        from another thread or a coroutine; False when it could not (C answered it 503)."""
+        return bool(lib.lmw_park(self._ptr, fd, gen) == 0)
+
     def accept_upgrade(self, fd: int, gen: int, subprotocol: bytes, user: int) -> bool:
-        """accept_upgrade sends the 101; False when the client went away meanwhile."""
+        """accept_upgrade sends the 101; False when the client went away meanwhile (or the
+        handshake was answered already: its deadline, or shutdown)."""
+        if self._ptr is None:
+            return False
         result = lib.lmw_upgrade_accept(self._ptr, fd, gen, subprotocol, len(subprotocol), user)
         return bool(result == 0)
 
     def reject(self, fd: int, gen: int, status: int) -> None:
         """reject answers a waiting request with a prebuilt HTTP error and closes it."""
+        if self._ptr is None:
+            return
         lib.lmw_reject(self._ptr, fd, gen, status)
 
     def respond(self, fd: int, gen: int, response: bytes) -> None:
         """respond sends a complete HTTP response to a waiting request and closes it."""
+        if self._ptr is None:
+            return
         lib.lmw_respond(self._ptr, fd, gen, response, len(response))
 
     # -- fan-out ----------------------------------------------------------------------------

@@ -14,6 +14,10 @@
  *   HEAD --valid upgrade, auto_upgrade: lmw__conn_upgrade--> OPEN
  *   HEAD --valid upgrade: await_answer--> UPGRADE_WAIT --lmw__conn_upgrade--> OPEN
  *                                                      --lmw__conn_reject--> LINGER
+ *   UPGRADE_WAIT --lmw__conn_park (an off-loop hook decides)--> UPGRADE_PARKED
+ *        --lmw__conn_upgrade--> OPEN; --lmw__conn_reject (the hook's answer, 408 by the
+ *        sweep, 503 at shutdown)--> LINGER; --the client hangs up--> FREE
+ *   HTTP_WAIT --lmw__conn_park--> HTTP_PARKED --lmw__conn_respond, lmw__conn_reject--> LINGER
  *   HEAD/HTTP_BODY --bad head, cap, deadline: lmw__conn_reject--> LINGER (HTTP error)
  *   OPEN --peer's close: lmw__conn_end(ANSWER)--> LINGER (its close echoed)
  *   OPEN --lmw_close, shutdown: lmw__conn_close--> CLOSING --peer's close, deadline--> FREE
@@ -28,7 +32,7 @@
  *
  * What each state may do (one predicate per question, in _runtime.h, used everywhere):
  *   state          counted as   may receive data   frames parsed   may subscribe
- *   HEAD..WAIT     handshake    no                 no              UPGRADE_WAIT only
+ *   HEAD..PARKED   handshake    no                 no              UPGRADE_WAIT/PARKED
  *   OPEN           connection   yes                yes             yes
  *   DEFERRED       connection   yes                no (stopped)    yes
  *   CLOSING        connection   no                 yes             no
@@ -59,10 +63,19 @@ static int was_upgraded(const lmw_slot *sl) { return sl->close_code != 0; }
 
 /* ---------------------------------------------------------------- free */
 
+/* unpark: the slot leaves a parked state (answered, or gone). */
+static void unpark(lmw_server *s, lmw_slot *sl) {
+    if (!lmw__is_parked_state(sl->state)) return;
+    s->stats->handshakes_parked--;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (x) x->parked_key_len = 0;
+}
+
 /* lmw__conn_free closes the fd and forgets everything about the connection. */
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     lmw_slot *sl = &s->slots[fd];
     if (sl->state == ST_FREE) return;
+    unpark(s, sl);
     if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
     if (was_upgraded(sl)) {
         uint16_t c = code ? code : sl->close_code;
@@ -130,6 +143,30 @@ void lmw__conn_await_answer(lmw_slot *sl, int upgrade) {
     sl->state = upgrade ? ST_UPGRADE_WAIT : ST_HTTP_WAIT;
 }
 
+/* lmw__conn_park keeps a request handed to Python waiting past its batch, for a hook that
+ * answers from another thread or coroutine: the upgrade's key is copied (its read buffer is
+ * returned at the next poll), the socket is no longer read (input waits in the kernel), a
+ * hang-up of the client frees the slot at once. The handshake deadline still runs. Returns
+ * 0, or -1 when there is no memory for the key (the request is answered with 503). */
+int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len) {
+    if (sl->state == ST_UPGRADE_WAIT) {
+        lmw_ext *x = key_len == WS_KEY_LEN ? lmw__ext_get(s, sl) : NULL;
+        if (!x) {
+            s->stats->errors[LMW_ERR_NOMEM] += key_len == WS_KEY_LEN;
+            lmw__conn_reject(s, fd, sl, key_len == WS_KEY_LEN ? 503 : 500);
+            return -1;
+        }
+        memcpy(x->parked_key, key, WS_KEY_LEN);
+        x->parked_key_len = WS_KEY_LEN;
+        sl->state = ST_UPGRADE_PARKED;
+    } else {
+        sl->state = ST_HTTP_PARKED;
+    }
+    s->stats->handshakes_parked++;
+    lmw__set_interest(s, fd, sl, 0);
+    return 0;
+}
+
 /* linger: we are done with the connection; it drains its output, then shuts down. */
 static void linger(lmw_server *s, int fd, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
@@ -153,6 +190,7 @@ static void linger(lmw_server *s, int fd, lmw_slot *sl) {
 
 /* answer_http writes a complete HTTP response and lingers (the connection ends with it). */
 static void answer_http(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *resp, size_t len) {
+    unpark(s, sl);
     if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
     sl->state = ST_LINGER; /* before writing: a dead socket frees as a non-handshake */
     if (written(s, fd, lmw__write_raw(s, fd, sl, resp, len, NULL, 0, 0, 0)) < 0) return;
@@ -183,11 +221,13 @@ int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, s
         lmw__conn_reject(s, fd, sl, 500);
         return -1;
     }
+    unpark(s, sl);
     s->stats->handshakes--;
     s->stats->handshakes_total++;
     s->stats->connections++;
     sl->state = ST_OPEN;
-    sl->close_code = 1006; /* until a close frame says otherwise */
+    lmw__set_interest(s, fd, sl, 0); /* a parked socket is read again */
+    sl->close_code = 1006;           /* until a close frame says otherwise */
     sl->tick = s->now;
     sl->user_tag = user_tag;
     if (user_tag) lmw__hub_user_add(s, fd);

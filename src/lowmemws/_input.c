@@ -390,6 +390,10 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
         if (recv_some(fd, sink, sizeof sink, 0) < 0) lmw__conn_free(s, fd, 0);
         return;
     }
+    if (lmw__is_parked_state(sl->state)) { /* only a hang-up or an error is watched for */
+        if (what & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) lmw__conn_free(s, fd, 0);
+        return;
+    }
     if ((sl->flags & (F_PAUSED | F_BUDGET)) && !(what & EPOLLIN)) {
         /* a paused socket reporting a hang-up or an error: the peer is gone (reported
          * every poll while it stays, so it is ended now, not paused again) */

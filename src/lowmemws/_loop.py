@@ -1,10 +1,18 @@
 """EventLoop: the thread that owns the sockets and hands C events to the hooks.
 
 Each turn calls lmw_poll, which does all per-frame work in C and returns only what needs
-the application: an upgrade to decide, a plain HTTP request, a message, a close. Messages
-go to on_message inline, or to a bounded pool of hook threads; when the pool's queue is
-full the loop keeps the message and stops reading that socket until room returns
-(back-pressure: nothing is dropped, the rest waits in the kernel).
+the application: an upgrade to decide, a plain HTTP request, a message, a close.
+
+A plain hook runs inline, on this thread, when Config.hook_threads is 0: the fastest way
+for hooks that never block (one that blocks stalls every connection of the process).
+Coroutine hooks, and plain hooks when there are hook threads, run off this thread through
+the Dispatcher (one connection's hooks in order, never overlapping). An upgrade or HTTP
+request whose hook runs off the thread is parked in C (lmw_park: still a handshake, under
+its deadline, its socket unread) and answered from whichever thread the hook ends on.
+
+Back-pressure: while the Dispatcher is at Config.hook_queue jobs, new jobs are held here in
+arrival order: the socket of a held message is paused (the rest waits in the kernel), a held
+upgrade stays parked, and accepting stops until room returns. Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -16,15 +24,24 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._aio import AsyncioHost
 from ._c_server import CServer
 from ._constants import OP_TEXT
-from ._hook_pool import HookPool
+from ._dispatch import Dispatcher, Job, Key
 from ._hooks import Hooks
 from ._native import ffi, lib
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
-from .handshake import Reject, Request, Response, negotiate
+from .handshake import (
+    Accept,
+    Reject,
+    Request,
+    Response,
+    check_response,
+    negotiate,
+    negotiate_async,
+)
 
 log = logging.getLogger("lowmemws")
 
@@ -34,12 +51,14 @@ _EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
 _EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
 _EV_HTTP = int(lib.LMW_EV_HTTP)
 _EV_CLOSED = int(lib.LMW_EV_CLOSED)
+_INTERNAL_ERROR = Response(500, b"internal error\n")
 
 
 class EventLoop:
     """EventLoop runs one CServer's loop and dispatches its events to hooks.
 
-    ``fallback_http`` answers a plain HTTP request that on_http left unanswered (None).
+    ``fallback_http`` answers a plain HTTP request that on_http left unanswered (None);
+    ``aio`` is where coroutine hooks run.
     """
 
     def __init__(
@@ -48,16 +67,26 @@ class EventLoop:
         hooks: Hooks,
         config: Config,
         fallback_http: Callable[[Request], Response],
+        aio: AsyncioHost,
     ) -> None:
         self._server = server
         self._hooks = hooks
         self._config = config
         self._fallback_http = fallback_http
-        self._pool: HookPool | None = None
-        if config.hook_threads > 0:
-            self._pool = HookPool(config.hook_threads, config.hook_queue, server.wake)
-        self._held: deque[tuple[Connection, str | bytes]] = deque()
-        self._paused: set[tuple[int, int]] = set()
+        self._threads = config.hook_threads > 0
+        self._dispatcher = Dispatcher(
+            config.hook_threads,
+            config.hook_queue,
+            aio,
+            on_room=server.wake,
+            pause=server.pause_reading,
+            resume=server.resume_reading,
+        )
+        self._held: deque[tuple[Key, Job]] = deque()
+        self._held_keys: set[Key] = set()
+        self._paused: set[Key] = set()
+        self._accept_held = False
+        self._in_flight_gauge = 0
 
     def run(self, stopping: threading.Event, ready: threading.Event) -> None:
         """run serves until stopping is set, then closes every client with 1001."""
@@ -69,25 +98,42 @@ class EventLoop:
                 n = self._server.poll(_POLL_MS, events, max_events)
                 if n > 0:
                     self._dispatch(events[0], n)
-                if self._held:
-                    self._release_held()
-                if self._pool is not None:  # the gauge falls as hook threads catch up, too
-                    self._update_queue_gauge()
+                self._after_turn()
             self._shutdown(events)
         finally:
-            if self._pool is not None:
-                self._pool.stop()
+            abandoned = self._dispatcher.close() + len(self._held)
+            if abandoned:
+                log.warning("lowmemws: %d hook calls abandoned at shutdown", abandoned)
+
+    def _after_turn(self) -> None:
+        """_after_turn releases held jobs when there is room, and keeps accepting stopped
+        while jobs are held or the dispatcher is at its bound."""
+        dispatcher = self._dispatcher
+        if self._held and dispatcher.has_room:
+            self._release_held()
+        hold = bool(self._held) or not dispatcher.has_room
+        if hold != self._accept_held:
+            self._accept_held = hold
+            self._server.accept_hold(hold)
+        in_flight = dispatcher.count + len(self._held)
+        if in_flight != self._in_flight_gauge:
+            self._in_flight_gauge = in_flight
+            self._server.stats().hooks_in_flight = in_flight
 
     def _shutdown(self, events: Any) -> None:
-        """_shutdown: stop accepting, close every client with 1001, wait a bounded time."""
+        """_shutdown: stop accepting, close every client with 1001 (a parked handshake gets
+        503), let the hooks in flight finish, all within shutdown_timeout."""
         server = self._server
         server.listen_stop()
         server.close_all(CloseCode.GOING_AWAY)
         deadline = time.monotonic() + self._config.shutdown_timeout
-        while server.connection_count and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            server.connection_count or self._held or self._dispatcher.count
+        ):
             n = server.poll(_SHUTDOWN_POLL_MS, events, self._config.max_events)
             if n > 0:
                 self._dispatch(events[0], n, closing=True)
+            self._after_turn()
 
     def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
         for i in range(n):
@@ -106,15 +152,44 @@ class EventLoop:
             except Exception:
                 log.exception("lowmemws: a hook raised")
 
-    def _connection(self, e: Any, user: int) -> Connection:
-        return Connection(self._server, e.fd, e.gen, user)
+    # -- running hooks ----------------------------------------------------------------------
 
-    def _on_closed_event(self, e: Any) -> None:
-        hook = self._hooks.close
-        if hook is not None:
-            hook(self._connection(e, e.user_tag), e.code)
+    def _inline(self, name: str) -> bool:
+        """_inline: hook name runs on this thread (a plain hook and no hook threads)."""
+        return not self._threads and name not in self._hooks.coroutine
 
-    # -- messages and back-pressure ---------------------------------------------------------
+    def _free_to_run_inline(self, key: Key) -> bool:
+        """_free_to_run_inline: nothing of key runs elsewhere or is held, so a hook for it
+        may run here now without overtaking one."""
+        return not self._dispatcher.busy(key) and key not in self._held_keys
+
+    def _submit(self, key: Key, job: Job, message: bool = False) -> None:
+        """_submit gives job to the dispatcher, or holds it while the dispatcher is full."""
+        if not self._held and self._dispatcher.has_room:
+            self._dispatcher.submit(key, job)
+            return
+        self._held.append((key, job))
+        self._held_keys.add(key)
+        if message and key not in self._paused:
+            self._paused.add(key)
+            self._server.pause_reading(*key)
+
+    def _release_held(self) -> None:
+        dispatcher = self._dispatcher
+        while self._held and dispatcher.has_room:
+            key, job = self._held.popleft()
+            dispatcher.submit(key, job)
+        if self._held:
+            return
+        self._held_keys.clear()
+        for key in self._paused:
+            self._server.resume_reading(*key)
+        self._paused.clear()
+
+    def _job(self, name: str, fn: Callable[..., Any], *args: Any) -> Job:
+        return Job(fn, args, name in self._hooks.coroutine, name)
+
+    # -- messages and closes ----------------------------------------------------------------
 
     def _on_message_event(self, e: Any) -> None:
         hook = self._hooks.message
@@ -122,71 +197,145 @@ class EventLoop:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)  # a copy: e.data is borrowed
         message: str | bytes = raw.decode("utf-8") if e.opcode == OP_TEXT else raw
-        conn = self._connection(e, e.user_tag)
-        if self._pool is None:
+        conn = Connection(self._server, e.fd, e.gen, e.user_tag)
+        key = (e.fd, e.gen)
+        if self._inline("message") and self._free_to_run_inline(key):
             hook(conn, message)
             return
-        if self._held or not self._pool.submit(hook, conn, message):
-            # keep the message in order behind those held, stop reading this socket
-            self._held.append((conn, message))
-            key = (conn.fd, conn.gen)
-            if key not in self._paused:
-                self._paused.add(key)
-                self._server.pause_reading(conn.fd, conn.gen)
-        self._update_queue_gauge()
+        self._submit(key, self._job("message", hook, conn, message), message=True)
 
-    def _release_held(self) -> None:
-        hook = self._hooks.message
-        assert self._pool is not None  # only the pool holds messages back
-        while self._held and hook is not None:
-            conn, message = self._held[0]
-            if not self._pool.submit(hook, conn, message):
-                return
-            self._held.popleft()
-        for fd, gen in self._paused:
-            self._server.resume_reading(fd, gen)
-        self._paused.clear()
+    def _on_closed_event(self, e: Any) -> None:
+        hook = self._hooks.close
+        if hook is None:
+            return
+        conn = Connection(self._server, e.fd, e.gen, e.user_tag)
+        key = (e.fd, e.gen)
+        if self._inline("close") and self._free_to_run_inline(key):
+            hook(conn, e.code)
+            return
+        self._submit(key, self._job("close", hook, conn, int(e.code)))
 
-    def _update_queue_gauge(self) -> None:
-        assert self._pool is not None
-        self._server.stats().worker_queue_depth = self._pool.depth + len(self._held)
-
-    # -- upgrades and plain HTTP ------------------------------------------------------------
+    # -- upgrades ---------------------------------------------------------------------------
 
     def _on_upgrade_event(self, e: Any) -> None:
+        hook = self._hooks.connect
+        fd, gen = e.fd, e.gen
+        if hook is not None and not self._inline("connect"):
+            if not self._server.park(fd, gen):
+                return  # no memory to keep it: C answered 503
+            request = Request._copy(e.data, e.len, e.request)
+            if "connect" in self._hooks.coroutine:
+                job = Job(self._connect_async, (request, fd, gen, hook), True, "connect")
+            else:
+                job = Job(self._connect_in_thread, (request, fd, gen, hook), False, "connect")
+            self._submit((fd, gen), job)
+            return
         request = Request(e.data, e.len, e.request)
         try:
-            decision = negotiate(
-                request, self._hooks.connect, self._config.origins, self._config.subprotocols
+            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
+        except Exception:
+            log.exception("lowmemws: on_connect raised; answering 500")
+            decision = Reject(500)
+        finally:
+            request._invalidate()
+        self._answer_upgrade(fd, gen, decision, in_drain=False)
+
+    async def _connect_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        try:
+            decision = await negotiate_async(
+                request, hook, self._config.origins, self._config.subprotocols
             )
         except Exception:
             log.exception("lowmemws: on_connect raised; answering 500")
             decision = Reject(500)
         finally:
             request._invalidate()
+        self._answer_upgrade(fd, gen, decision, in_drain=True)
+
+    def _connect_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        try:
+            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
+        except Exception:
+            log.exception("lowmemws: on_connect raised; answering 500")
+            decision = Reject(500)
+        finally:
+            request._invalidate()
+        self._answer_upgrade(fd, gen, decision, in_drain=True)
+
+    def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject, in_drain: bool) -> None:
+        """_answer_upgrade applies on_connect's decision (from any thread). A client that
+        left meanwhile, or a handshake already answered (408 at its deadline, 503 at
+        shutdown), makes the C calls fail: the decision is dropped, nothing is kept."""
+        server = self._server
         if isinstance(decision, Reject):
-            self._server.reject(e.fd, e.gen, decision.status)
+            server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
-        if not self._server.accept_upgrade(e.fd, e.gen, proto, decision.user):
-            return  # the client left while the application decided
+        if not server.accept_upgrade(fd, gen, proto, decision.user):
+            return
         for topic in decision.topics:
-            self._server.subscribe(e.fd, e.gen, topic)
-        if self._hooks.open is not None:
-            self._hooks.open(self._connection(e, decision.user))
+            server.subscribe(fd, gen, topic)
+        hook = self._hooks.open
+        if hook is None:
+            return
+        conn = Connection(server, fd, gen, decision.user)
+        key = (fd, gen)
+        if in_drain:  # on_open is next for this connection, before any of its messages
+            self._dispatcher.run_next(key, self._job("open", hook, conn))
+        elif self._inline("open") and self._free_to_run_inline(key):
+            hook(conn)
+        else:
+            self._submit(key, self._job("open", hook, conn))
+
+    # -- plain HTTP -------------------------------------------------------------------------
 
     def _on_http_event(self, e: Any) -> None:
         head_len = e.request.head_len
-        request = Request(e.data, head_len, e.request, body_len=int(e.len) - head_len)
+        body_len = int(e.len) - head_len
+        hook = self._hooks.http
+        fd, gen = e.fd, e.gen
+        if hook is not None and not self._inline("http"):
+            if not self._server.park(fd, gen):
+                return
+            request = Request._copy(e.data, head_len, e.request, body_len)
+            if "http" in self._hooks.coroutine:
+                job = Job(self._http_async, (request, fd, gen, hook), True, "http")
+            else:
+                job = Job(self._http_in_thread, (request, fd, gen, hook), False, "http")
+            self._submit((fd, gen), job)
+            return
+        request = Request(e.data, head_len, e.request, body_len=body_len)
         try:
-            hook = self._hooks.http
-            response = hook(request) if hook is not None else None
-            if response is None:
-                response = self._fallback_http(request)
-            payload = response.encode()
+            payload = self._http_answer(request, hook(request) if hook is not None else None)
         except Exception:
             log.exception("lowmemws: on_http raised; answering 500")
-            payload = Response(500, b"internal error\n").encode()
+            payload = _INTERNAL_ERROR.encode()
         finally:
             request._invalidate()
-        self._server.respond(e.fd, e.gen, payload)
+        self._server.respond(fd, gen, payload)
+
+    def _http_answer(self, request: Request, result: object) -> bytes:
+        response = check_response(result)
+        if response is None:
+            response = self._fallback_http(request)
+        return response.encode()
+
+    async def _http_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        try:
+            payload = self._http_answer(request, await hook(request))
+        except Exception:
+            log.exception("lowmemws: on_http raised; answering 500")
+            payload = _INTERNAL_ERROR.encode()
+        finally:
+            request._invalidate()
+        self._server.respond(fd, gen, payload)
+
+    def _http_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        try:
+            payload = self._http_answer(request, hook(request))
+        except Exception:
+            log.exception("lowmemws: on_http raised; answering 500")
+            payload = _INTERNAL_ERROR.encode()
+        finally:
+            request._invalidate()
+        self._server.respond(fd, gen, payload)

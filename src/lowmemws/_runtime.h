@@ -18,15 +18,18 @@
 /* Slot states. The state machine is written down, and made, in _conn.c. */
 enum {
     ST_FREE = 0,
-    ST_HEAD,         /* reading the request head */
-    ST_HTTP_BODY,    /* reading a plain HTTP request body */
-    ST_UPGRADE_WAIT, /* UPGRADE event handed to Python, not answered yet */
-    ST_HTTP_WAIT,    /* HTTP event handed to Python, not answered yet */
-    ST_OPEN,         /* WebSocket open */
-    ST_CLOSING,      /* our close frame sent; waiting for the peer's close */
-    ST_LINGER,       /* we are done; output flushing, then discard input until EOF */
-    ST_DEFERRED,     /* open, input stopped: a close waits until Python has answered
-                        the messages read just before it (see defer_end) */
+    ST_HEAD,           /* reading the request head */
+    ST_HTTP_BODY,      /* reading a plain HTTP request body */
+    ST_UPGRADE_WAIT,   /* UPGRADE event handed to Python, not answered yet */
+    ST_HTTP_WAIT,      /* HTTP event handed to Python, not answered yet */
+    ST_OPEN,           /* WebSocket open */
+    ST_CLOSING,        /* our close frame sent; waiting for the peer's close */
+    ST_LINGER,         /* we are done; output flushing, then discard input until EOF */
+    ST_DEFERRED,       /* open, input stopped: a close waits until Python has answered
+                          the messages read just before it (see defer_end) */
+    ST_UPGRADE_PARKED, /* UPGRADE_WAIT kept past its batch (lmw_park): an off-loop hook
+                          decides; not read, only a hang-up is watched for */
+    ST_HTTP_PARKED,    /* HTTP_WAIT kept past its batch (lmw_park) */
 };
 
 /* The questions asked of a state, each answered once (the table is in _conn.c). */
@@ -34,7 +37,26 @@ enum {
 /* lmw__is_handshake_state: a request head is being read or answered (counted in
  * lmw_stats.handshakes). */
 static inline int lmw__is_handshake_state(uint8_t st) {
-    return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT;
+    return st == ST_HEAD || st == ST_HTTP_BODY || st == ST_UPGRADE_WAIT || st == ST_HTTP_WAIT ||
+           st == ST_UPGRADE_PARKED || st == ST_HTTP_PARKED;
+}
+
+/* lmw__is_parked_state: a request waits for an off-loop hook's answer (lmw_park); its socket
+ * is not read (input waits in the kernel), only watched for a hang-up. */
+static inline int lmw__is_parked_state(uint8_t st) {
+    return st == ST_UPGRADE_PARKED || st == ST_HTTP_PARKED;
+}
+
+/* lmw__awaits_upgrade_answer: an upgrade handed to Python, answered by lmw_upgrade_accept or
+ * lmw_reject. */
+static inline int lmw__awaits_upgrade_answer(uint8_t st) {
+    return st == ST_UPGRADE_WAIT || st == ST_UPGRADE_PARKED;
+}
+
+/* lmw__awaits_http_answer: a plain HTTP request handed to Python, answered by lmw_respond or
+ * lmw_reject. */
+static inline int lmw__awaits_http_answer(uint8_t st) {
+    return st == ST_HTTP_WAIT || st == ST_HTTP_PARKED;
 }
 
 /* lmw__is_open_state: a WebSocket connection whose frames may still arrive. */
@@ -48,7 +70,7 @@ static inline int lmw__may_receive_data(uint8_t st) { return st == ST_OPEN || st
 
 /* lmw__may_subscribe: topic membership may be added (before the 101 too, for Accept). */
 static inline int lmw__may_subscribe(uint8_t st) {
-    return lmw__may_receive_data(st) || st == ST_UPGRADE_WAIT;
+    return lmw__may_receive_data(st) || lmw__awaits_upgrade_answer(st);
 }
 
 /* What a deferred connection does at the next lmw_poll. */
@@ -93,6 +115,9 @@ typedef struct lmw_slot {
     uint32_t ext;        /* index + 1 into the ext table, 0 = none */
 } lmw_slot;
 
+/* Sec-WebSocket-Key: base64 of 16 bytes (the parser refuses any other, RFC 6455 4.1). */
+#define WS_KEY_LEN 24
+
 /* One pending output frame (or the rest of one). */
 typedef struct lmw_out {
     struct lmw_out *next;
@@ -125,6 +150,10 @@ typedef struct lmw_ext {
     lmw_out *out_head;
     lmw_out *out_tail;
     uint64_t out_bytes;
+    /* a parked upgrade's Sec-WebSocket-Key, for its 101 (the read buffer it came in is
+     * returned at the next poll) */
+    uint8_t parked_key[WS_KEY_LEN];
+    uint8_t parked_key_len;
 } lmw_ext;
 
 /* An upgrade handed to Python: the key still points into this batch's read buffer. */
@@ -215,7 +244,8 @@ struct lmw_server {
     /* CLOSED events made outside lmw_poll (by sends on other threads) wait here */
     lmw_event *closed;
     uint32_t nclosed, cap_closed;
-    int emfile; /* accept4 hit the fd limit: accepting waits for a close */
+    int emfile;      /* accept4 hit the fd limit: accepting waits for a close */
+    int accept_held; /* lmw_accept_hold: Python's hooks are at their cap */
     lmw_deferred *deferred;
     uint32_t ndeferred, cap_deferred;
     /* per-address counts, only when cfg.max_per_ip is set (see _server.c, peers) */
@@ -295,6 +325,7 @@ int lmw__write_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_
 int lmw__conn_accept(lmw_server *s, int fd);
 void lmw__conn_await_body(lmw_slot *sl);
 void lmw__conn_await_answer(lmw_slot *sl, int upgrade);
+int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len);
 void lmw__conn_reject(lmw_server *s, int fd, lmw_slot *sl, int status);
 void lmw__conn_respond(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *data, size_t len);
 int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size_t key_len,

@@ -105,7 +105,7 @@ static void listeners_poll(lmw_server *s, int on) {
  * (answered with an HTTP error, or closed and draining) included, so the fds kept for
  * Python and the listeners are never eaten. */
 static int accepting_allowed(lmw_server *s) {
-    return !s->stopped && !s->emfile && s->live < s->cfg.max_connections &&
+    return !s->stopped && !s->emfile && !s->accept_held && s->live < s->cfg.max_connections &&
            s->stats->handshakes < s->cfg.max_handshakes;
 }
 
@@ -216,6 +216,13 @@ static void sweep(lmw_server *s) {
                 send_ping(s, (int)fd, sl);
             }
             break;
+        case ST_UPGRADE_PARKED:
+        case ST_HTTP_PARKED: /* the hook took too long: its late answer finds a stale handle */
+            if (idle >= hs) {
+                s->stats->handshake_timeouts_total++;
+                lmw__conn_reject(s, (int)fd, sl, 408);
+            }
+            break;
         case ST_CLOSING:
             if (idle >= ct && !input_first(s, (int)fd, sl)) lmw__conn_free(s, (int)fd, 0);
             break;
@@ -320,7 +327,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         if (sl->state == ST_FREE) continue;
         if (what & EPOLLOUT) lmw__conn_flush(s, fd, sl);
         if (sl->state == ST_FREE) continue;
-        if ((what & (EPOLLIN | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
+        if ((what & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
             lmw__on_readable(s, fd, sl, what);
     }
     if (s->wake_pending) {
@@ -348,24 +355,60 @@ int lmw_wake(lmw_server *s) {
 
 /* ---------------------------------------------------------------- answers, sends */
 
+/* batch_upgrade finds the upgrade of this batch that (fd, gen) is, or NULL. */
+static lmw_upgrade_pending *batch_upgrade(lmw_server *s, int fd, uint32_t gen) {
+    for (int i = 0; i < s->nups; i++)
+        if (s->ups[i].fd == fd && s->ups[i].gen == gen) return &s->ups[i];
+    return NULL;
+}
+
+int lmw_park(lmw_server *s, int fd, uint32_t gen) {
+    int r = LMW_ERROR;
+    pthread_mutex_lock(&s->lock);
+    lmw_slot *sl = lmw__slot(s, fd, gen);
+    if (sl && sl->state == ST_UPGRADE_WAIT) {
+        lmw_upgrade_pending *u = batch_upgrade(s, fd, gen);
+        if (u) {
+            r = lmw__conn_park(s, fd, sl, u->key, u->key_len);
+            u->fd = -1;
+        }
+    } else if (sl && sl->state == ST_HTTP_WAIT) {
+        r = lmw__conn_park(s, fd, sl, NULL, 0);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+void lmw_accept_hold(lmw_server *s, int hold) {
+    pthread_mutex_lock(&s->lock);
+    s->accept_held = hold != 0;
+    pthread_mutex_unlock(&s->lock);
+    lmw_wake(s); /* the loop sets the listeners' interest at its next turn */
+}
+
 int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *protocol,
                        size_t protocol_len, uint64_t user_tag) {
     int r = LMW_ERROR;
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
+    lmw_ext *x = sl ? lmw__ext_of(s, sl) : NULL;
     if (sl && sl->state == ST_UPGRADE_WAIT) {
-        for (int i = 0; i < s->nups; i++) {
-            lmw_upgrade_pending *u = &s->ups[i];
-            if (u->fd != fd || u->gen != gen) continue;
+        lmw_upgrade_pending *u = batch_upgrade(s, fd, gen);
+        if (u) {
             r = lmw__conn_upgrade(s, fd, sl, u->key, u->key_len, protocol, protocol_len, user_tag);
             u->fd = -1;
-            if (r == 0) {
-                lmw_ext *x = lmw__ext_of(s, sl);
-                if (x && x->in) lmw__backlog_add(s, fd, sl); /* frames sent before the 101 */
-                lmw_wake(s);
-            }
-            break;
         }
+    } else if (sl && sl->state == ST_UPGRADE_PARKED && x) {
+        r = lmw__conn_upgrade(s, fd, sl, x->parked_key, x->parked_key_len, protocol, protocol_len,
+                              user_tag);
+    }
+    if (r == 0) {
+        x = lmw__ext_of(s, sl);
+        if (x && x->in)
+            lmw__backlog_add(s, fd, sl); /* frames sent before the 101 */
+        else
+            lmw__ext_trim(s, sl); /* a parked key was all it held: idle holds no ext */
+        lmw_wake(s);
     }
     pthread_mutex_unlock(&s->lock);
     return r;
@@ -374,7 +417,7 @@ int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *proto
 int lmw_reject(lmw_server *s, int fd, uint32_t gen, int status) {
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    int ok = sl && (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT);
+    int ok = sl && (lmw__awaits_upgrade_answer(sl->state) || lmw__awaits_http_answer(sl->state));
     if (ok) lmw__conn_reject(s, fd, sl, status);
     pthread_mutex_unlock(&s->lock);
     return ok ? 0 : LMW_ERROR;
@@ -383,7 +426,7 @@ int lmw_reject(lmw_server *s, int fd, uint32_t gen, int status) {
 int lmw_respond(lmw_server *s, int fd, uint32_t gen, const uint8_t *data, size_t len) {
     pthread_mutex_lock(&s->lock);
     lmw_slot *sl = lmw__slot(s, fd, gen);
-    int ok = sl && sl->state == ST_HTTP_WAIT;
+    int ok = sl && lmw__awaits_http_answer(sl->state);
     if (ok) lmw__conn_respond(s, fd, sl, data, len);
     pthread_mutex_unlock(&s->lock);
     return ok ? 0 : LMW_ERROR;
@@ -422,7 +465,8 @@ int lmw_close_all(lmw_server *s, int code) {
         if (sl->state == ST_OPEN) {
             lmw__conn_close(s, (int)fd, sl, code, NULL, 0);
             n++;
-        } else if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY) {
+        } else if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY ||
+                   lmw__is_parked_state(sl->state)) {
             lmw__conn_reject(s, (int)fd, sl, 503);
         }
     }

@@ -133,7 +133,8 @@ void lmw__ext_drop(lmw_server *s, lmw_slot *sl) {
 /* An ext with nothing in it is freed at once: idle connections keep no ext. */
 void lmw__ext_trim(lmw_server *s, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
-    if (x && !x->in && !x->msg && !x->out_head && x->ms.opcode == 0) lmw__ext_drop(s, sl);
+    if (x && !x->in && !x->msg && !x->out_head && x->ms.opcode == 0 && !x->parked_key_len)
+        lmw__ext_drop(s, sl);
 }
 
 /* lmw__set_interest brings the epoll interest in line with the flags; out_changed says
@@ -141,11 +142,16 @@ void lmw__ext_trim(lmw_server *s, lmw_slot *sl) {
  * counted: the socket then keeps its previous interest (level-triggered, so nothing is
  * lost; at worst it is reported once more). */
 void lmw__set_interest(lmw_server *s, int fd, lmw_slot *sl, int out_changed) {
-    int want_in = !(sl->flags & (F_PAUSED | F_BUDGET));
+    int parked = lmw__is_parked_state(sl->state);
+    int want_in = !(sl->flags & (F_PAUSED | F_BUDGET)) && !parked;
     int has_in = (sl->flags & F_EPOLL_IN) != 0;
     if (want_in == has_in && !out_changed) return;
     int want_out = (sl->flags & F_WANT_OUT) != 0;
-    struct epoll_event ev = {.events = (want_in ? EPOLLIN : 0) | (want_out ? EPOLLOUT : 0),
+    /* a parked upgrade is not read, but a client that leaves (FIN) is noticed at once; a
+     * parked HTTP request waits even for a half-closed client (it may still read the
+     * answer): only a reset or a full hang-up (always reported) ends it */
+    uint32_t hangup = sl->state == ST_UPGRADE_PARKED ? EPOLLRDHUP : 0;
+    struct epoll_event ev = {.events = (want_in ? EPOLLIN : 0) | (want_out ? EPOLLOUT : 0) | hangup,
                              .data.fd = fd};
     if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, fd, &ev) < 0) {
         s->stats->errors[LMW_ERR_EPOLL]++;

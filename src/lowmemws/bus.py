@@ -54,6 +54,8 @@ class LocalBus(BusBase):
     ``deliver_errors``). publish before start or after close raises BusUnavailable.
     """
 
+    may_block = False  # publish fans out here and returns: nothing to wait for
+
     def __init__(self) -> None:
         super().__init__()
         self._closed = threading.Event()

@@ -61,10 +61,14 @@ class Config:
     max_per_ip: int = 0
     """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
     hook_threads: int = 0
-    """Threads running on_message (for hooks that block); 0 runs it inline on the loop
-    thread. Not processes: those are Gateway(processes=N)."""
+    """Threads that run the plain (not async def) hooks, for hooks that block; 0 runs them
+    inline on the loop thread: the fastest for hooks that never block, but a hook that
+    blocks there stalls every connection of the process. Not processes: those are
+    Gateway(processes=N). Coroutine hooks always run on an asyncio loop."""
     hook_queue: int = 1024
-    """Messages waiting for a hook thread; when full, reading stops (nothing is dropped)."""
+    """Hook calls off the loop thread (coroutines and hook-thread calls), running or
+    waiting, at most; at the bound the sockets with new work are not read and no
+    connection is accepted until half have finished (nothing is dropped)."""
     max_events: int = 512
     """Messages, upgrades and HTTP requests handed to Python per loop turn."""
     origins: tuple[str, ...] | None = None

@@ -5,7 +5,8 @@ RFC 6455 section 4.2 (the opening handshake) and RFC 7230 (HTTP/1.1 messages).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -17,17 +18,19 @@ from .headers import Headers
 
 
 class Request:
-    """Request is a zero-copy view of a request head in a pooled read buffer.
+    """Request is the view of a request head (and body) given to on_connect and on_http.
 
-    BORROWED: a Request is valid only during the hook it is passed to (on_connect,
-    on_http). Its strings are decoded on access; keep what you need (``str`` values are
-    copies, and so is `headers`) and never the Request itself.
+    VALID ONLY DURING THE HOOK: for a plain hook run on the loop thread it is a zero-copy
+    view of a pooled read buffer; for an ``async def`` hook or one run on a hook thread it
+    is a copy of the head (and body), valid until the hook returns. Its strings are decoded
+    on access; keep what you need (``str`` values are copies, and so is `headers`), never
+    the Request itself.
 
     Raises:
         RuntimeError: from any property or method used after the hook returned.
     """
 
-    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len", "_headers")
+    __slots__ = ("_data", "_req", "_head_len", "_valid", "_body_len", "_headers", "_keep")
 
     def __init__(self, data: Any, head_len: int, req: Any, body_len: int = 0) -> None:
         self._data = ffi.cast("char *", data)
@@ -36,6 +39,19 @@ class Request:
         self._body_len = body_len
         self._valid = True
         self._headers: Headers | None = None
+        self._keep: Any = None
+
+    @classmethod
+    def _copy(cls, data: Any, head_len: int, req: Any, body_len: int = 0) -> Request:
+        """_copy is a Request over a copy of a borrowed head (+ body) and its parse, for a
+        hook that outlives the loop turn (the C side keeps only the handshake waiting)."""
+        raw = ffi.new("char[]", max(1, head_len + body_len))
+        ffi.memmove(raw, data, head_len + body_len)
+        parsed = ffi.new("lmw_request *")
+        ffi.memmove(parsed, req, ffi.sizeof("lmw_request"))
+        request = cls(raw, head_len, parsed, body_len)
+        request._keep = raw  # the cdata owns the bytes the view points into
+        return request
 
     def _check(self) -> None:
         if not self._valid:
@@ -51,6 +67,7 @@ class Request:
         self._valid = False
         self._data = None
         self._req = None
+        self._keep = None
 
     @property
     def method(self) -> str:
@@ -272,31 +289,89 @@ class Response:
 _ACCEPT = Accept()
 
 
+def check_origin(request: Request, origins: tuple[str, ...] | None) -> Reject | None:
+    """check_origin refuses (403) an Origin not in ``origins`` (RFC 6455 section 10.2)."""
+    if origins is not None and request.header("origin") not in origins:
+        return Reject(403)
+    return None
+
+
+def conclude(request: Request, decision: object, subprotocols: tuple[str, ...]) -> Accept | Reject:
+    """conclude checks what on_connect returned and chooses the subprotocol: the one the
+    Accept names, else the first of ``subprotocols`` the client offered, else none
+    (RFC 6455 section 4.2.2).
+
+    Raises:
+        TypeError: the hook returned something other than Accept, Reject or None (a
+            coroutine from a plain function is named as such: declare the hook async def).
+        ValueError: the Accept names a subprotocol the client did not offer.
+    """
+    if isinstance(decision, Reject):
+        return decision
+    if decision is not None and not isinstance(decision, Accept):
+        raise TypeError(wrong_type("on_connect", decision, "Accept, Reject or None"))
+    return _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+
+
+def check_response(result: object) -> Response | None:
+    """check_response checks what on_http returned.
+
+    Raises:
+        TypeError: something other than a Response or None.
+    """
+    if result is not None and not isinstance(result, Response):
+        raise TypeError(wrong_type("on_http", result, "a Response or None"))
+    return result
+
+
+def wrong_type(hook: str, result: object, expected: str) -> str:
+    """wrong_type is the message for a hook that returned the wrong type."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: closed here, so Python does not warn about it
+        return (
+            f"{hook} returned an awaitable from a plain function: declare the hook itself "
+            f"with async def (lowmemws decides how to call a hook when it is set)"
+        )
+    return f"{hook} returned {type(result).__name__}; it must return {expected}"
+
+
 def negotiate(
     request: Request,
-    on_connect: Callable[[Request], Accept | Reject | None] | None,
+    on_connect: Callable[[Request], Any] | None,
     origins: tuple[str, ...] | None,
     subprotocols: tuple[str, ...],
 ) -> Accept | Reject:
-    """negotiate decides an upgrade: the Origin check, the application, the subprotocol.
-
-    The Origin is checked first (RFC 6455 section 10.2: 403 for one not in ``origins``),
-    then ``on_connect`` decides (None accepts), then the subprotocol is chosen: the one the
-    Accept names, else the first of ``subprotocols`` the client offered, else none
-    (RFC 6455 section 4.2.2).
+    """negotiate decides an upgrade with a plain on_connect: the Origin check, the
+    application (None accepts), the subprotocol (see conclude).
 
     Raises:
         TypeError: on_connect returned something other than Accept, Reject or None.
         ValueError: the Accept names a subprotocol the client did not offer.
     """
-    if origins is not None and request.header("origin") not in origins:
-        return Reject(403)
+    refused = check_origin(request, origins)
+    if refused is not None:
+        return refused
     decision = on_connect(request) if on_connect is not None else None
-    if isinstance(decision, Reject):
-        return decision
-    if decision is not None and not isinstance(decision, Accept):
-        raise TypeError("on_connect must return Accept, Reject or None")
-    return _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+    return conclude(request, decision, subprotocols)
+
+
+async def negotiate_async(
+    request: Request,
+    on_connect: Callable[[Request], Awaitable[Any]],
+    origins: tuple[str, ...] | None,
+    subprotocols: tuple[str, ...],
+) -> Accept | Reject:
+    """negotiate_async is negotiate with an ``async def`` on_connect.
+
+    Raises:
+        TypeError: on_connect returned something other than Accept, Reject or None.
+        ValueError: the Accept names a subprotocol the client did not offer.
+    """
+    refused = check_origin(request, origins)
+    if refused is not None:
+        return refused
+    return conclude(request, await on_connect(request), subprotocols)
 
 
 def _with_subprotocol(request: Request, accept: Accept, preferred: tuple[str, ...]) -> Accept:

@@ -287,7 +287,8 @@ typedef struct {
     uint64_t spill_bytes;
     uint64_t pending_write_bytes;
     uint64_t accept_paused;            /* 1 while the listeners are not polled */
-    uint64_t worker_queue_depth;       /* kept by Python */
+    uint64_t hooks_in_flight;          /* kept by Python: hook calls off the loop thread */
+    uint64_t handshakes_parked;        /* requests waiting for an off-loop hook (lmw_park) */
     uint64_t loop_lag_us;              /* longest loop lag of about the last 10 s (issue 17) */
     uint64_t loop_lag_max_us;          /* longest loop lag since start */
     uint64_t handshake_timeouts_total; /* heads answered 408 by the sweep */
@@ -308,7 +309,8 @@ int lmw_close_code_index(int code);
 #define LMW_EV_CLOSED 4  /* an open connection ended: code */
 #define LMW_EV_WAKE 5    /* lmw_wake was called */
 
-/* lmw_event: data and request are borrowed; valid only until the next lmw_poll. */
+/* lmw_event: data and request are borrowed; valid only until the next lmw_poll (copy them
+ * to keep them longer: lmw_park keeps the request itself waiting, not its bytes). */
 typedef struct {
     uint8_t type;
     uint8_t opcode;
@@ -355,6 +357,20 @@ int lmw_wake(lmw_server *s);
 
 /* Answers to events, and sends. All are thread-safe and check (fd, gen): a stale handle
  * gets LMW_ERROR and never touches a reused fd. */
+/* lmw_park keeps an UPGRADE or HTTP event of the current batch waiting for its answer
+ * beyond the next lmw_poll (a hook that answers from another thread or a coroutine). Call
+ * it before the next lmw_poll. The request stays a handshake: counted against
+ * max_handshakes, answered 408 by the sweep once handshake_timeout has passed since the
+ * connection was accepted, 503 by lmw_close_all; its socket is not read meanwhile, and a
+ * client that hangs up is freed at once (a later answer then gets LMW_ERROR, like any
+ * answer to a handle that is stale). Returns 0, or LMW_ERROR when (fd, gen) does not await
+ * an answer of this batch or there was no memory (then it is answered with 503). */
+int lmw_park(lmw_server *s, int fd, uint32_t gen);
+
+/* lmw_accept_hold stops (hold = 1) or allows again (hold = 0) accepting new connections:
+ * the application's hooks are at their cap, so new clients wait in the listen backlog. */
+void lmw_accept_hold(lmw_server *s, int hold);
+
 int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *protocol,
                        size_t protocol_len, uint64_t user_tag);
 int lmw_reject(lmw_server *s, int fd, uint32_t gen, int status);

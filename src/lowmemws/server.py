@@ -13,24 +13,44 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from . import metrics
+from ._aio import AsyncioHost
 from ._c_server import CServer, c_config
 from ._constants import POLICIES
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._listen import bind_listeners
 from ._loop import EventLoop
 from ._routes import builtin_response
-from ._signals import stop_signals_call
+from ._signals import STOP_SIGNALS, stop_signals_call
 from ._supervisor import Supervisor
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
 from .config import Config
 from .connection import Connection
+
+ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
+MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
+OpenHookT = TypeVar("OpenHookT", bound=OpenHook)
+CloseHookT = TypeVar("CloseHookT", bound=CloseHook)
+HttpHookT = TypeVar("HttpHookT", bound=HttpHook)
+
+
+def _add_signal_handlers(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
+) -> tuple[signal.Signals, ...]:
+    """_add_signal_handlers makes SIGTERM/SIGINT call callback on loop; only in the main
+    thread (elsewhere Python cannot, and the application owns signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, callback)
+    return STOP_SIGNALS
 
 
 class Gateway:
@@ -39,12 +59,23 @@ class Gateway:
     Hooks are set with the decorator methods (``@gateway.on_message``), one of each:
 
     - ``on_connect(request) -> Accept | Reject | None`` authorises an upgrade (None
-      accepts); the request is a borrowed view, valid only during the call.
+      accepts); the request is valid only during the call.
     - ``on_open(conn)``: the connection is open (the 101 is sent): send a greeting here.
     - ``on_message(conn, message)``: a complete message, str for text, bytes for binary.
     - ``on_close(conn, code)``: a connection ended (1006 when no close frame came).
     - ``on_http(request) -> Response | None``: a plain HTTP request on the same port;
       None falls back to the built-in /healthz and /metrics, else 404.
+
+    Any hook may be ``async def``: it runs on an asyncio loop (the gateway's own, or the
+    caller's with ``await serve()``) and may await I/O (a session store, a
+    database) without stalling anyone. A plain hook runs on the loop thread when
+    ``Config.hook_threads`` is 0 (the fastest way for a hook that never blocks; ONE THAT
+    BLOCKS STALLS EVERY CONNECTION OF THE PROCESS), else on one of that many threads.
+    Either way one connection's hooks run one at a time, in order (on_connect, on_open,
+    its messages, on_close), and while an upgrade or HTTP request waits for its hook it
+    is parked in C, under ``handshake_timeout`` (408 when the hook is slower). Hook calls
+    off the loop are bounded by ``Config.hook_queue``: at the bound reading and accepting
+    wait, nothing is dropped.
 
     A hook that raises is logged; an upgrade or request it was deciding gets HTTP 500.
     ``host`` may be one address or several (IPv4 and IPv6); ``processes`` > 1 forks
@@ -76,33 +107,54 @@ class Gateway:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._aio = AsyncioHost()  # serve() swaps in the caller's loop
         self.worker_index = 0
 
     # ------------------------------------------------------------------ hooks
 
-    def on_connect(self, fn: ConnectHook) -> ConnectHook:
-        """on_connect registers the upgrade hook (decorator)."""
-        self._hooks.connect = fn
+    def on_connect(self, fn: ConnectHookT) -> ConnectHookT:
+        """on_connect registers the upgrade hook, plain or async def (decorator).
+
+        Raises:
+            TypeError: fn is not callable.
+        """
+        self._hooks.set("connect", fn)
         return fn
 
-    def on_message(self, fn: MessageHook) -> MessageHook:
-        """on_message registers the message hook (decorator)."""
-        self._hooks.message = fn
+    def on_message(self, fn: MessageHookT) -> MessageHookT:
+        """on_message registers the message hook, plain or async def (decorator).
+
+        Raises:
+            TypeError: fn is not callable.
+        """
+        self._hooks.set("message", fn)
         return fn
 
-    def on_open(self, fn: OpenHook) -> OpenHook:
-        """on_open registers the hook called once a connection is open (decorator)."""
-        self._hooks.open = fn
+    def on_open(self, fn: OpenHookT) -> OpenHookT:
+        """on_open registers the hook called once a connection is open (decorator).
+
+        Raises:
+            TypeError: fn is not callable.
+        """
+        self._hooks.set("open", fn)
         return fn
 
-    def on_close(self, fn: CloseHook) -> CloseHook:
-        """on_close registers the close hook (decorator)."""
-        self._hooks.close = fn
+    def on_close(self, fn: CloseHookT) -> CloseHookT:
+        """on_close registers the close hook, plain or async def (decorator).
+
+        Raises:
+            TypeError: fn is not callable.
+        """
+        self._hooks.set("close", fn)
         return fn
 
-    def on_http(self, fn: HttpHook) -> HttpHook:
-        """on_http registers the plain HTTP hook (decorator)."""
-        self._hooks.http = fn
+    def on_http(self, fn: HttpHookT) -> HttpHookT:
+        """on_http registers the plain HTTP hook, plain or async def (decorator).
+
+        Raises:
+            TypeError: fn is not callable.
+        """
+        self._hooks.set("http", fn)
         return fn
 
     # ------------------------------------------------------------------ publishing
@@ -161,16 +213,27 @@ class Gateway:
         return self._publish(Envelope.for_all(data, policy=policy))
 
     async def apublish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
-        """apublish is publish for asyncio code: the bus may block, so it runs in a thread."""
-        return await asyncio.to_thread(self.publish, topic, data, policy)
+        """apublish is publish for asyncio code.
+
+        With a bus that never waits (LocalBus, RedisBus) it is publish itself, called on
+        the caller's loop (the local fan-out costs a few microseconds per member); with one
+        that may wait (ProcessBus in a worker, a bus without ``may_block = False``) it runs
+        in a thread. Calling publish directly from a coroutine is as good with the former.
+        """
+        return await self._apublish(Envelope.for_topic(topic, data, policy=policy))
 
     async def asend_to_user(self, user: int, data: str | bytes, policy: Policy = "drop") -> int:
-        """asend_to_user is send_to_user for asyncio code (run in a thread, like apublish)."""
-        return await asyncio.to_thread(self.send_to_user, user, data, policy)
+        """asend_to_user is send_to_user for asyncio code (see apublish)."""
+        return await self._apublish(Envelope.for_user(user, data, policy=policy))
 
     async def abroadcast(self, data: str | bytes, policy: Policy = "drop") -> int:
-        """abroadcast is broadcast for asyncio code (run in a thread, like apublish)."""
-        return await asyncio.to_thread(self.broadcast, data, policy)
+        """abroadcast is broadcast for asyncio code (see apublish)."""
+        return await self._apublish(Envelope.for_all(data, policy=policy))
+
+    async def _apublish(self, envelope: Envelope) -> int:
+        if getattr(self._bus, "may_block", True):
+            return await asyncio.to_thread(self._publish, envelope)
+        return self._publish(envelope)
 
     def _publish(self, envelope: Envelope) -> int:
         if self._bus is None:
@@ -231,6 +294,48 @@ class Gateway:
         with stop_signals_call(self._request_stop):
             self._serve()
 
+    async def serve(self, *, handle_signals: bool = True) -> None:
+        """serve serves inside the running asyncio loop until stop(), a signal or
+        cancellation, then closes clients with 1001 and returns.
+
+        For an asyncio application (aiohttp, Starlette, ...) that holds a gateway: async
+        hooks run on this loop, and handlers publish with ``gateway.publish`` directly.
+        The sockets are still served by the gateway's own thread in C, so a busy
+        application loop never delays heartbeats or fan-out. The port is bound before the
+        first await (``gateway.port`` is known once the task has started).
+
+        handle_signals: stop on SIGTERM/SIGINT as run() does (main thread only); pass
+        False when the application handles signals itself and calls stop().
+
+        Raises:
+            ValueError: processes > 1 (worker processes need run()).
+            OSError: an address cannot be bound, or the C server cannot be made.
+        """
+        if self.processes != 1:
+            raise ValueError("serve() runs one process; use run() for processes > 1")
+        loop = asyncio.get_running_loop()
+        self._aio = AsyncioHost(loop)
+        self._prepare_single()
+        finished = asyncio.Event()
+
+        def serve_then_signal() -> None:
+            try:
+                self._serve()
+            finally:
+                loop.call_soon_threadsafe(finished.set)
+
+        self._thread = threading.Thread(target=serve_then_signal, name="lowmemws-loop", daemon=True)
+        signals = _add_signal_handlers(loop, self._request_stop) if handle_signals else ()
+        self._thread.start()
+        try:
+            await finished.wait()
+        finally:
+            self._request_stop()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            if not finished.is_set():  # cancelled: still let the shutdown run on this loop
+                await asyncio.shield(finished.wait())
+
     def start(self, timeout: float = 10.0) -> Gateway:
         """start serves in a background thread of this process and returns once listening.
 
@@ -263,11 +368,15 @@ class Gateway:
         """stop closes every client with 1001 and ends the loop (and worker processes).
 
         It waits for the loop thread at most ``timeout`` seconds (default: the
-        shutdown_timeout plus 5); calling it again, or before start, does no harm.
+        shutdown_timeout plus 5); calling it again, or before start, does no harm. Called
+        on the loop serve() runs on, it does not wait: serve() returns once
+        the shutdown is done (its on_close coroutines need that loop meanwhile).
         """
         self._request_stop()
         if self._supervisor is not None:
             self._supervisor.terminate()
+        if self._aio.on_loop_thread():
+            return
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None else self.config.shutdown_timeout + 5)
 
@@ -304,7 +413,7 @@ class Gateway:
         for sock in self._listeners:
             self._server.listen_add(sock.fileno())
         fallback = functools.partial(builtin_response, metrics_text=self.metrics_text)
-        self._loop = EventLoop(self._server, self._hooks, self.config, fallback)
+        self._loop = EventLoop(self._server, self._hooks, self.config, fallback, self._aio)
 
     def _serve(self) -> None:
         assert self._loop is not None
@@ -315,6 +424,7 @@ class Gateway:
                 sock.close()
             if self._bus is not None:  # the gateway's bus ends with it (buffered: counted)
                 self._bus.close()
+            self._aio.close()
 
     # ------------------------------------------------------------------ processes
 

@@ -1,0 +1,113 @@
+"""AsyncioHost: the asyncio event loop on which coroutine hooks run.
+
+With ``Gateway.serve()`` it is the caller's running loop; with ``run()``/``start()`` it is
+a loop of the gateway's own, in a thread started the first time a coroutine hook runs (a
+gateway with only plain hooks never starts it). The gateway's loop thread hands coroutines
+over in batches: one wake-up of the asyncio loop per batch, not one per hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+log = logging.getLogger("lowmemws")
+
+T = TypeVar("T")
+CoroutineFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+class AsyncioHost:
+    """AsyncioHost runs hook coroutines as tasks on one asyncio loop (see the module doc).
+
+    Every method may be called from any thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._own = loop is None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._pending: deque[CoroutineFactory] = deque()
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """loop is the asyncio loop (the gateway's own one is started on first use)."""
+        if self._loop is None:
+            with self._start_lock:
+                if self._loop is None:
+                    self._loop = self._start_own()
+        return self._loop
+
+    def _start_own(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=loop.run_forever, name="lowmemws-asyncio", daemon=True
+        )
+        self._thread.start()
+        return loop
+
+    def spawn(self, factory: CoroutineFactory) -> None:
+        """spawn runs factory() as a task on the loop, soon (hands over in batches)."""
+        self._pending.append(factory)
+        if not self._scheduled:  # set False by _flush before it drains: nothing is stranded
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        loop = self.loop
+        while self._pending:
+            task = loop.create_task(self._pending.popleft()())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """run runs coroutine on the loop and waits for its result (from another thread).
+
+        Raises:
+            Exception: whatever the coroutine raised.
+        """
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result()
+
+    def on_loop_thread(self) -> bool:
+        """on_loop_thread: the caller runs on this host's asyncio loop right now."""
+        if self._loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    @property
+    def running(self) -> int:
+        """running is the number of hook tasks not finished yet."""
+        return len(self._tasks)
+
+    def cancel_all(self) -> None:
+        """cancel_all cancels every hook task still running (shutdown, after its wait)."""
+        if self._loop is None or self._loop.is_closed():
+            return
+
+        def cancel() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    def close(self) -> None:
+        """close stops the gateway's own loop (the caller's loop is the caller's to stop)."""
+        if not self._own or self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()

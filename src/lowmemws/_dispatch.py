@@ -1,0 +1,216 @@
+"""Dispatcher: hook calls off the loop thread, one connection at a time, in order, bounded.
+
+A job is one hook call for one connection (its key: fd and generation). Coroutine jobs run
+as tasks on the AsyncioHost; plain jobs on the hook threads (Config.hook_threads). While a
+job of a key runs, later jobs of that key wait in a queue behind it and are run by the
+same "drain" when it finishes, so one connection's hooks never overlap and keep their
+order (on_connect, on_open, each message, on_close), whatever mix of coroutine and plain
+hooks. When the drain finds the queue empty the key is forgotten: a connection with no
+hook running holds no task, future or entry here.
+
+Jobs running or queued are counted, and the loop submits only while the count is under
+Config.hook_queue (else it holds the job and stops reading and accepting: see _loop). A key
+whose queue grows past KEY_QUEUE_MAX has its socket paused until the queue halves, so one
+busy connection cannot fill the bound for everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from ._aio import AsyncioHost
+
+log = logging.getLogger("lowmemws")
+
+Key = tuple[int, int]
+
+#: Jobs that may wait behind a running one of the same connection before it is paused.
+KEY_QUEUE_MAX = 16
+
+
+class Job(NamedTuple):
+    """Job is one hook call: fn(*args), awaited when is_coroutine."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    is_coroutine: bool
+    name: str  # the hook's name, for the log when it raises
+
+
+class Dispatcher:
+    """Dispatcher runs jobs per connection (see the module doc). submit is for the loop
+    thread; the rest may run on any thread.
+
+    ``on_room`` is called (from whichever thread finishes a job) when the count falls to
+    half the limit after reaching it; ``pause``/``resume`` stop and restart reading a key's
+    socket.
+    """
+
+    def __init__(
+        self,
+        threads: int,
+        limit: int,
+        aio: AsyncioHost,
+        on_room: Callable[[], None],
+        pause: Callable[[int, int], None],
+        resume: Callable[[int, int], None],
+    ) -> None:
+        self._threads = (
+            ThreadPoolExecutor(threads, thread_name_prefix="lowmemws-hook") if threads else None
+        )
+        self._limit = max(1, limit)
+        self._aio = aio
+        self._on_room = on_room
+        self._pause = pause
+        self._resume = resume
+        self._lock = threading.Lock()
+        self._busy: dict[Key, deque[Job]] = {}
+        self._paused: set[Key] = set()
+        self._count = 0
+        self._full = False
+        self._closed = False
+
+    # -- loop thread ------------------------------------------------------------------------
+
+    def busy(self, key: Key) -> bool:
+        """busy: a job of key runs or waits (only the loop thread adds keys: an unlocked
+        "no" from the loop thread stays true until it submits)."""
+        return key in self._busy
+
+    @property
+    def has_room(self) -> bool:
+        """has_room: fewer jobs than the limit run or wait."""
+        return self._count < self._limit
+
+    @property
+    def count(self) -> int:
+        """count is the number of jobs running or waiting."""
+        return self._count
+
+    def submit(self, key: Key, job: Job) -> None:
+        """submit runs job now, or queues it behind the running job of its key."""
+        with self._lock:
+            self._count += 1
+            if self._count >= self._limit:
+                self._full = True
+            queue = self._busy.get(key)
+            if queue is not None:
+                queue.append(job)
+                if len(queue) >= KEY_QUEUE_MAX and key not in self._paused:
+                    self._paused.add(key)
+                    pause = True
+                else:
+                    pause = False
+            else:
+                self._busy[key] = deque()
+        if queue is None:
+            self._start(key, job)
+        elif pause:
+            self._pause(*key)
+
+    def _start(self, key: Key, job: Job) -> None:
+        if job.is_coroutine:
+            self._aio.spawn(functools.partial(self._drain_async, key, job))
+        elif self._threads is not None:
+            self._threads.submit(self._drain_in_thread, key, job)
+        else:  # a plain hook, no hook threads: it runs here, as inline hooks do
+            self._drain_in_thread(key, job, inline=True)
+
+    # -- any thread -------------------------------------------------------------------------
+
+    def run_next(self, key: Key, job: Job) -> None:
+        """run_next puts job first in key's queue: called by a running job of key (on_connect
+        queues on_open this way, so on_open runs before any message)."""
+        with self._lock:
+            self._count += 1
+            self._busy[key].appendleft(job)
+
+    def _finish(self, key: Key) -> Job | None:
+        """_finish ends the running job of key and returns the next one, or None (the key is
+        forgotten)."""
+        room = resume = False
+        with self._lock:
+            self._count -= 1
+            queue = self._busy[key]
+            following = queue.popleft() if queue else None
+            if following is None:
+                del self._busy[key]
+            if key in self._paused and len(queue) <= KEY_QUEUE_MAX // 2:
+                self._paused.discard(key)
+                resume = True
+            if self._full and self._count <= self._limit // 2:
+                self._full = False
+                room = True
+        if resume:
+            self._resume(*key)
+        if room:
+            self._on_room()
+        return following
+
+    def _abandon(self, key: Key) -> None:
+        """_abandon forgets key and its queued jobs (its drain was cancelled: shutdown)."""
+        with self._lock:
+            queue = self._busy.pop(key, None)
+            if queue is not None:
+                self._count -= 1 + len(queue)
+            self._paused.discard(key)
+
+    def _drain_in_thread(self, key: Key, job: Job | None, inline: bool = False) -> None:
+        while job is not None:
+            if inline and job.is_coroutine:  # the loop thread never waits for a coroutine
+                self._aio.spawn(functools.partial(self._drain_async, key, job))
+                return
+            try:
+                if job.is_coroutine:
+                    self._aio.run(job.fn(*job.args))
+                else:
+                    job.fn(*job.args)
+            except Exception:
+                log.exception("lowmemws: on_%s raised", job.name)
+            job = self._finish(key)
+
+    async def _drain_async(self, key: Key, job: Job | None) -> None:
+        try:
+            while job is not None:
+                try:
+                    if job.is_coroutine:
+                        await job.fn(*job.args)
+                    elif self._threads is not None:
+                        loop = asyncio.get_running_loop()
+                        await loop.run_in_executor(self._threads, job.fn, *job.args)
+                    else:
+                        job.fn(*job.args)
+                except Exception:
+                    log.exception("lowmemws: on_%s raised", job.name)
+                job = self._finish(key)
+        except asyncio.CancelledError:
+            self._abandon(key)
+            raise
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def wait_idle(self, deadline: float) -> bool:
+        """wait_idle waits until no job runs or waits, or the deadline (time.monotonic())."""
+        while self._count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._count
+
+    def close(self) -> int:
+        """close cancels what still runs (coroutines; a running thread cannot be stopped,
+        its result is discarded) and returns how many jobs were abandoned."""
+        if self._closed:
+            return 0
+        self._closed = True
+        left = self._count
+        self._aio.cancel_all()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        return left
