@@ -9,7 +9,10 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    awaiting ``asyncio.sleep``; lowmemws with an ``async def`` on_connect awaiting
    ``asyncio.sleep``; lowmemws with a blocking sync on_connect (``time.sleep``) and
    ``Config(hook_threads=32)``; and the same blocking hook inline (``hook_threads=0``: the
-   loop stalls; the reference row). Echo is a plain echo handler / sync inline on_message.
+   loop stalls; the reference row). Echo is a plain echo handler / a plain on_message, which
+   with hook_threads=32 runs on the hook threads too, queued behind the storm's on_connect
+   calls. A diagnostic row repeats the threaded variant with an ``async def`` echo (run on
+   the asyncio loop, not the hook threads), to tell that queueing from a stalled loop.
    The storm comes from the C load client (loadclient.c, one process): it connects all 1,000
    sockets at once (window = clients) and sends each Upgrade as soon as its connect completes;
    a connection refused or reset is retried. "upgraded after" is its time from the first
@@ -87,6 +90,22 @@ def storm_variants(delay: float, threads: int) -> list[dict[str, Any]]:
             "label": f"lowmemws, blocking sync on_connect, hook_threads={threads}",
             "server": "lowmemws",
             "args": ("--hook", "sync", "--hook-delay", d, "--hook-threads", str(threads)),
+        },
+        {
+            "key": "threads-async-echo",
+            "label": f"lowmemws, blocking sync on_connect, hook_threads={threads},"
+            " async def echo (diagnostic)",
+            "server": "lowmemws",
+            "args": (
+                "--hook",
+                "sync",
+                "--hook-delay",
+                d,
+                "--hook-threads",
+                str(threads),
+                "--message-hook",
+                "async",
+            ),
         },
         {
             "key": "inline",
@@ -416,6 +435,8 @@ def render(result: dict[str, Any]) -> str:
             target, check = "<= 1.0x websockets", verdict(ratio, 1.0)
         elif key == "inline":
             target, check = "reference (0.1.0: ~5 s)", ""
+        elif key == "threads-async-echo":
+            target, check = "diagnostic", ""
         if ratio is not None and key != "websockets":
             measured += f" = {ratio:.2f}x"
         if not r["all_upgraded"] or r["retried"]:
@@ -427,6 +448,8 @@ def render(result: dict[str, Any]) -> str:
             target, check = "<= 50 ms (goal 10 ms)", verdict(r["echo_worst"], 0.05, 0.01)
         elif key == "threads":
             target, check = "<= 50 ms", verdict(r["echo_worst"], 0.05)
+        elif key == "threads-async-echo":
+            target = "diagnostic"
         measured = (
             f"{ms(r['echo_worst'])} / p99 {ms(r['echo_p99'])}"
             f" ({r['echoes_during']} echoes; before {ms(r['echo_median_before'])})"
@@ -479,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--skip",
         default="",
-        help="variants to leave out, in every part: websockets,async,threads,inline,sync",
+        help="variants to leave out, in every part: websockets,async,threads,"
+        "threads-async-echo,inline,sync",
     )
     p.add_argument("--clients", type=int, default=1000, help="upgrades at once in a storm")
     p.add_argument("--delay", type=float, default=0.005, help="the hook's wait, seconds")

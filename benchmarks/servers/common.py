@@ -12,7 +12,8 @@ Every server in this folder does the same thing with its library's defaults:
 ``--hook-delay SECONDS`` (auth_io.py, issue 11) makes the server's upgrade hook (on_connect,
 process_request) wait that long before accepting, like an auth lookup in a session store:
 ``await asyncio.sleep`` in an async hook, ``time.sleep`` in a sync one. ``--hook`` and
-``--hook-threads`` choose how lowmemws runs its hooks; ``--backlog`` sets the listen() backlog.
+``--message-hook`` and ``--hook-threads`` choose how lowmemws runs
+its hooks; ``--backlog`` sets the listen() backlog.
 The defaults keep every other benchmark's server as it was.
 """
 
@@ -47,6 +48,12 @@ def parse_args(description: str) -> argparse.Namespace:
         choices=("sync", "async"),
         default="sync",
         help="lowmemws on_connect as a plain function or as async def (default sync)",
+    )
+    p.add_argument(
+        "--message-hook",
+        choices=("sync", "async"),
+        default="sync",
+        help="lowmemws on_message (the echo) as a plain function or as async def",
     )
     p.add_argument(
         "--hook-threads",

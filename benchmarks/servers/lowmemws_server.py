@@ -3,7 +3,8 @@
 ``--hook async`` declares on_connect as ``async def`` (issue 11); ``--hook-delay S`` makes it
 wait S seconds before accepting: ``await asyncio.sleep(S)`` when async, ``time.sleep(S)`` (a
 blocking lookup) when sync. ``--hook-threads N`` sets ``Config.hook_threads``, ``--backlog N``
-``Config.backlog``; every option left out keeps the library's default.
+``Config.backlog``; ``--message-hook async`` makes the echo an ``async def`` on_message.
+Every option left out keeps the library's default.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def main() -> None:
                 time.sleep(delay)
             return accept(request)
 
-    @gw.on_message
-    def on_message(conn: lowmemws.Connection, message: str | bytes) -> None:
+    def echo(conn: lowmemws.Connection, message: str | bytes) -> None:
         req = publish_request(message)
         if req is None:
             conn.send(message)
@@ -64,6 +64,15 @@ def main() -> None:
         count, payload = req
         written = sum(gw.publish("all", payload) for _ in range(count))
         conn.send(f"done {written}")
+
+    if args.message_hook == "async":
+
+        @gw.on_message
+        async def on_message_async(conn: lowmemws.Connection, message: str | bytes) -> None:
+            echo(conn, message)
+
+    else:
+        gw.on_message(echo)
 
     # The ready line waits until every worker process listens (run() blocks this thread).
     waiter = threading.Thread(target=lambda: gw.wait_ready(120) and ready(args.host, args.port))
