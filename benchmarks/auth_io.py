@@ -31,9 +31,10 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    (Python load clients, 128 handshakes in flight, connections kept during the measured
    window, closed after it): ``--cpu-rounds`` rounds of ``--cpu-connections`` each on one
    server, for lowmemws with an async on_connect that returns at once and with a sync one
-   run inline. Rounds are large (18,000) because /proc counts CPU in 10 ms ticks and each
-   round carries a few ticks of fixed cost: rounds of 5,000 read ~20 us where rounds of
-   19,000 read ~16 us for the same server.
+   run inline; split into the server's main thread (the loop) and its other threads (the
+   asyncio thread of the async hooks). Rounds are large (18,000) because /proc counts CPU
+   in 10 ms ticks and each round carries a few ticks of fixed cost: rounds of 5,000 read
+   ~20 us where rounds of 19,000 read ~16 us for the same server.
 3. idle: bytes per idle connection at ``--idle-connections`` (19,000) connections accepted
    through an async on_connect, and through the sync one for comparison (idle_memory.py's
    measurement: RSS delta after a warm-up / N, each with a user id and a topic).
@@ -465,7 +466,9 @@ def render(result: dict[str, Any]) -> str:
             [
                 f"server CPU per upgrade ({r['upgrades']:,} upgrades)",
                 r["variant"],
-                report.median_range(s, ".1f") + " us",
+                report.median_range(s, ".1f")
+                + f" us (main thread {r['us_per_upgrade_main_thread']['median']:.1f},"
+                f" other threads {r['us_per_upgrade_other_threads']['median']:.1f})",
                 target,
                 check,
             ]

@@ -39,17 +39,23 @@ def measure(
     on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row.
     """
     per_upgrade, opened_total, open_seconds = [], 0, []
+    main_thread, other_threads = [], []
     with Server(name, extra=extra) as srv:
         for i in range(rounds):
             with LoadClients(srv.host, srv.port, connections) as lc:
                 time.sleep(1.0)  # the client processes start; the server is idle again
                 procstats.wait_idle(srv.pid)
                 before = procstats.cpu_ticks(srv.pid)
+                threads_before = procstats.thread_cpu_ticks(srv.pid)
                 opened = lc.open()
                 used = procstats.cpu_ticks(srv.pid) - before
+                threads_after = procstats.thread_cpu_ticks(srv.pid)
                 lc.close()
             n = max(1, opened["opened"])
             per_upgrade.append(procstats.ticks_to_us(used) / n)
+            main = threads_after.get(srv.pid, 0) - threads_before.get(srv.pid, 0)
+            main_thread.append(procstats.ticks_to_us(main) / n)
+            other_threads.append(procstats.ticks_to_us(used - main) / n)
             opened_total += opened["opened"]
             open_seconds.append(opened["seconds"])
             log(
@@ -66,6 +72,10 @@ def measure(
         "connections": connections,
         "upgrades": opened_total,
         "us_per_upgrade": s,
+        # The server's main thread (lowmemws: the loop) and every other thread (hook
+        # threads, an asyncio thread); a thread that ended during a round counts as other.
+        "us_per_upgrade_main_thread": report.spread(main_thread),
+        "us_per_upgrade_other_threads": report.spread(other_threads),
         "upgrades_per_s_per_core": 1e6 / s["median"] if s["median"] else None,
         "open_seconds": report.spread(open_seconds),
     }
