@@ -34,7 +34,10 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    run inline; split into the server's main thread (the loop) and its other threads (the
    asyncio thread of the async hooks). Rounds are large (18,000) because /proc counts CPU
    in 10 ms ticks and each round carries a few ticks of fixed cost: rounds of 5,000 read
-   ~20 us where rounds of 19,000 read ~16 us for the same server.
+   ~20 us where rounds of 19,000 read ~16 us for the same server. "Not slower" is judged
+   against ``--baseline-python`` (an interpreter with the build before the change, e.g. a
+   venv of ``git archive`` of the previous commit) measured in the same run: the sync row
+   may be at most 10 % above it; without one, against 17 us (0.1.0 read 15.3 us).
 3. idle: bytes per idle connection at ``--idle-connections`` (19,000) connections accepted
    through an async on_connect, and through the sync one for comparison (idle_memory.py's
    measurement: RSS delta after a warm-up / N, each with a user id and a topic).
@@ -45,6 +48,7 @@ printed with it: the machine is shared, and other work on it moves the wall-cloc
 
     python benchmarks/auth_io.py [--parts storm,cpu,idle] [--clients 1000] [--delay 0.005]
         [--rounds 5] [--cpu-connections 18000] [--cpu-rounds 3] [--json PATH]
+        [--baseline-python OTHER/.venv/bin/python --baseline-label c52d4cc]
 """
 
 from __future__ import annotations
@@ -342,6 +346,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "rounds": args.rounds,
         "backlog": args.backlog,
         "hook_threads": args.hook_threads,
+        "baseline_python": args.baseline_python,
+        "baseline_label": args.baseline_label,
         "storm": [],
         "cpu": [],
         "idle": [],
@@ -363,7 +369,18 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             attempt("storm", v["label"], lambda v=v: measure_storm(v, args, log))
     if "cpu" in args.parts:
         log(f"cpu: {args.cpu_rounds} x {args.cpu_connections:,} upgrades per server")
-        for v in CPU_VARIANTS:
+        variants = list(CPU_VARIANTS)
+        if args.baseline_python:
+            variants.append(
+                {
+                    "key": "sync-baseline",
+                    "label": f"lowmemws {args.baseline_label}, sync on_connect inline,"
+                    " returns at once",
+                    "args": ("--hook", "sync", "--hook-threads", "0"),
+                    "python": args.baseline_python,
+                }
+            )
+        for v in variants:
             if v["key"] in args.skip:
                 continue
             attempt(
@@ -377,6 +394,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                         log,
                         extra=v["args"],
                         label=v["label"],
+                        python=v.get("python"),
                     ),
                     key=v["key"],
                 ),
@@ -456,10 +474,17 @@ def render(result: dict[str, Any]) -> str:
             f" ({r['echoes_during']} echoes; before {ms(r['echo_median_before'])})"
         )
         rows.append(["echo during the storm: worst / p99", r["variant"], measured, target, check])
+    base = next((r for r in result["cpu"] if r["key"] == "sync-baseline"), None)
     for r in result["cpu"]:
         s = r["us_per_upgrade"]
         if r["key"] == "async":
             target, check = "goal <= 25 us", verdict(s["median"], 25.0)
+        elif r["key"] == "sync-baseline":
+            target, check = "baseline for the row above", ""
+        elif base is not None:
+            bound = base["us_per_upgrade"]["median"] * 1.1
+            target = f"not slower than the baseline (<= {bound:.1f} us: +10 %)"
+            check = verdict(s["median"], bound)
         else:
             target, check = "~15 us, not slower (0.1.0: 15.3 us)", verdict(s["median"], 17.0)
         rows.append(
@@ -478,7 +503,7 @@ def render(result: dict[str, Any]) -> str:
             [
                 f"bytes per idle connection ({r['connections']:,})",
                 r["variant"],
-                f"{r['bytes_per_conn']:,.0f} B (RssAnon {r['anon_bytes_per_conn']:,.0f} B)",
+                f"{r['bytes_per_conn']:,.1f} B (RssAnon {r['anon_bytes_per_conn']:,.1f} B)",
                 "<= 64 B",
                 verdict(r["bytes_per_conn"], 64.0),
             ]
@@ -523,6 +548,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cpu-connections", type=int, default=18_000, help="upgrades per CPU round")
     p.add_argument("--cpu-rounds", type=int, default=3)
     p.add_argument("--idle-connections", type=int, default=19_000)
+    p.add_argument(
+        "--baseline-python",
+        help="an interpreter with another build of lowmemws (the one before the change): its"
+        " sync inline CPU per upgrade is measured in the same run, as the row to compare with",
+    )
+    p.add_argument("--baseline-label", default="baseline", help="names that build in the table")
 
     def run_args(a: argparse.Namespace) -> dict[str, Any]:
         a.parts = [x for x in a.parts.split(",") if x]

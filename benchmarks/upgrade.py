@@ -32,15 +32,17 @@ def measure(
     *,
     extra: tuple[str, ...] = (),
     label: str = "",
+    python: str | None = None,
 ) -> dict[str, Any]:
     """measure runs the upgrade-cost experiment on one server (see the module docstring).
 
     ``extra`` is passed to the server script (a variant, such as auth_io.py's async
-    on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row.
+    on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row;
+    ``python`` runs the server with another interpreter (another build of the library).
     """
     per_upgrade, opened_total, open_seconds = [], 0, []
     main_thread, other_threads = [], []
-    with Server(name, extra=extra) as srv:
+    with Server(name, extra=extra, python=python) as srv:
         for i in range(rounds):
             with LoadClients(srv.host, srv.port, connections) as lc:
                 time.sleep(1.0)  # the client processes start; the server is idle again
