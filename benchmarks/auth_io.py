@@ -12,7 +12,9 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    loop stalls; the reference row). Echo is a plain echo handler / a plain on_message, which
    with hook_threads=32 runs on the hook threads too, queued behind the storm's on_connect
    calls. A diagnostic row repeats the threaded variant with an ``async def`` echo (run on
-   the asyncio loop, not the hook threads), to tell that queueing from a stalled loop.
+   the asyncio loop, not the hook threads), to tell that queueing from a stalled loop; a
+   floor row runs lowmemws' sync hook with no wait at all: what a storm costs on this
+   machine (the C client, the probe and the server share 2 cores) whatever the hook does.
    The storm comes from the C load client (loadclient.c, one process): it connects all 1,000
    sockets at once (window = clients) and sends each Upgrade as soon as its connect completes;
    a connection refused or reset is retried. "upgraded after" is its time from the first
@@ -77,6 +79,7 @@ PROBE_SIZE = 16
 def storm_variants(delay: float, threads: int) -> list[dict[str, Any]]:
     """storm_variants lists the servers of part 1: key, label, server name, server flags."""
     d = str(delay)
+    blocking = "blocking " if delay > 0 else ""
     return [
         {
             "key": "websockets",
@@ -92,13 +95,13 @@ def storm_variants(delay: float, threads: int) -> list[dict[str, Any]]:
         },
         {
             "key": "threads",
-            "label": f"lowmemws, blocking sync on_connect, hook_threads={threads}",
+            "label": f"lowmemws, {blocking}sync on_connect, hook_threads={threads}",
             "server": "lowmemws",
             "args": ("--hook", "sync", "--hook-delay", d, "--hook-threads", str(threads)),
         },
         {
             "key": "threads-async-echo",
-            "label": f"lowmemws, blocking sync on_connect, hook_threads={threads},"
+            "label": f"lowmemws, {blocking}sync on_connect, hook_threads={threads},"
             " async def echo (diagnostic)",
             "server": "lowmemws",
             "args": (
@@ -114,9 +117,15 @@ def storm_variants(delay: float, threads: int) -> list[dict[str, Any]]:
         },
         {
             "key": "inline",
-            "label": "lowmemws, blocking sync on_connect inline (hook_threads=0)",
+            "label": f"lowmemws, {blocking}sync on_connect inline (hook_threads=0)",
             "server": "lowmemws",
             "args": ("--hook", "sync", "--hook-delay", d, "--hook-threads", "0"),
+        },
+        {
+            "key": "floor",
+            "label": "lowmemws, sync on_connect inline that does not wait (floor)",
+            "server": "lowmemws",
+            "args": ("--hook", "sync", "--hook-threads", "0"),
         },
     ]
 
@@ -456,6 +465,8 @@ def render(result: dict[str, Any]) -> str:
             target, check = "reference (0.1.0: ~5 s)", ""
         elif key == "threads-async-echo":
             target, check = "diagnostic", ""
+        elif key == "floor":
+            target, check = "what no wait costs here", ""
         if ratio is not None and key != "websockets":
             measured += f" = {ratio:.2f}x"
         if not r["all_upgraded"] or r["retried"]:
@@ -469,6 +480,8 @@ def render(result: dict[str, Any]) -> str:
             target, check = "<= 50 ms", verdict(r["echo_worst"], 0.05)
         elif key == "threads-async-echo":
             target = "diagnostic"
+        elif key == "floor":
+            target = "what no wait costs here"
         measured = (
             f"{ms(r['echo_worst'])} / p99 {ms(r['echo_p99'])}"
             f" ({r['echoes_during']} echoes; before {ms(r['echo_median_before'])})"
@@ -531,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--skip",
         default="",
         help="variants to leave out, in every part: websockets,async,threads,"
-        "threads-async-echo,inline,sync",
+        "threads-async-echo,inline,floor,sync",
     )
     p.add_argument("--clients", type=int, default=1000, help="upgrades at once in a storm")
     p.add_argument("--delay", type=float, default=0.005, help="the hook's wait, seconds")
