@@ -22,13 +22,15 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    blocking socket, its own connection made before the storm) sends a 16-byte binary message
    every ``--interval`` (10 ms) and waits for its echo; the round trips that overlap the storm
    give "worst echo" and "p99 echo" ("echo before": the median in the second before it).
-   ``--rounds`` storms per server (the 1,000 connections are closed and the server left idle
-   between them): medians and ranges over the rounds; worst echo over every round, p99 over
-   all the round trips pooled (a storm of 0.1 s holds ~10 round trips, so p99 is then close
-   to the worst). Both servers get the same listen() backlog (``--backlog``, 4096 by
-   default: lowmemws' default and somaxconn here). asyncio's own default is 100, which makes
-   the storm a test of SYN retransmission instead: websockets took 1.9-2.8 s here with it
-   (``--backlog 0``) against ~0.28 s with 4096.
+   ``--rounds`` storms per server, round-robin over the servers (all started first, each
+   idle with its probe paused while another one is stormed, so load from elsewhere on a
+   shared machine falls on every variant alike; the 1,000 connections are closed after each
+   storm and the server left to settle): medians and ranges over the rounds; worst echo
+   over every round, p99 over all the round trips pooled (a storm of 0.1 s holds ~10 round
+   trips, so p99 is then close to the worst). Every server gets the same listen() backlog
+   (``--backlog``, 4096 by default: lowmemws' default and somaxconn here). asyncio's own
+   default is 100, which makes the storm a test of SYN retransmission instead: websockets
+   took 1.9-2.8 s here with it (``--backlog 0``) against ~0.28 s with 4096.
 2. cpu: server CPU per upgrade (utime + stime from /proc/PID/stat), upgrade.py's measurement
    (Python load clients, 128 handshakes in flight, connections kept during the measured
    window, closed after it): ``--cpu-rounds`` rounds of ``--cpu-connections`` each on one
@@ -152,14 +154,16 @@ IDLE_VARIANTS = [
 class EchoProbe:
     """EchoProbe is one established WebSocket client that echoes at a fixed pace in a thread.
 
-    Every ``interval`` it sends a masked 16-byte binary message and blocks until the echo
-    arrives (pings are answered, other frames skipped); each round trip is kept as
-    (sent, received) in time.monotonic() seconds. A late echo delays the next message (one
-    in flight at a time), as a client waiting for its answer would.
+    While active, every ``interval`` it sends a masked 16-byte binary message and blocks
+    until the echo arrives; each round trip is kept as (sent, received) in time.monotonic()
+    seconds. A late echo delays the next message (one in flight at a time), as a client
+    waiting for its answer would. While paused it only reads, so the server's pings are
+    still answered (a paused probe's server keeps it). It starts paused.
     """
 
     def __init__(self, host: str, port: int, interval: float, timeout: float = 60.0) -> None:
         self.interval = interval
+        self.timeout = timeout
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
@@ -173,6 +177,7 @@ class EchoProbe:
             raise RuntimeError(f"echo probe refused: {lines[0]!r}")
         self.samples: list[tuple[float, float]] = []
         self.error = ""
+        self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -183,37 +188,55 @@ class EchoProbe:
             raise ConnectionError("the server closed the echo probe's connection")
         return data
 
-    def _frame(self) -> tuple[int, bytes]:
-        """_frame reads one whole server frame (unmasked, RFC 6455 section 5.2)."""
-        while True:
-            if len(self.buf) >= 2:
-                n, head = self.buf[1] & 0x7F, 2
-                if n == 126 and len(self.buf) >= 4:
-                    n, head = int.from_bytes(self.buf[2:4], "big"), 4
-                elif n == 127 and len(self.buf) >= 10:
-                    n, head = int.from_bytes(self.buf[2:10], "big"), 10
-                if n < 126 and len(self.buf) >= head + n:
-                    opcode, payload = self.buf[0] & 0x0F, self.buf[head : head + n]
-                    self.buf = self.buf[head + n :]
-                    return opcode, payload
-            self.buf += self._recv()
+    def _take(self) -> tuple[int, bytes] | None:
+        """_take removes one whole server frame from the buffer (RFC 6455 section 5.2)."""
+        if len(self.buf) < 2:
+            return None
+        n, head = self.buf[1] & 0x7F, 2
+        if n >= 126:
+            head = 4 if n == 126 else 10
+            if len(self.buf) < head:
+                return None
+            n = int.from_bytes(self.buf[2:head], "big")
+        if len(self.buf) < head + n:
+            return None
+        opcode, payload = self.buf[0] & 0x0F, self.buf[head : head + n]
+        self.buf = self.buf[head + n :]
+        if opcode == 9:
+            self.sock.sendall(client_frame(10, payload))
+        elif opcode == 8:
+            raise ConnectionError("the server closed the echo probe's connection")
+        return opcode, payload
 
     def _echo(self, message: bytes) -> None:
         self.sock.sendall(client_frame(2, message))
         while True:
-            opcode, payload = self._frame()
-            if opcode == 9:
-                self.sock.sendall(client_frame(10, payload))
-            elif opcode == 8:
-                raise ConnectionError("the server closed the echo probe's connection")
-            elif opcode == 2 and payload == message:
+            frame = self._take()
+            if frame is None:
+                self.buf += self._recv()
+            elif frame == (2, message):
                 return
 
+    def _idle(self) -> None:
+        """_idle reads for a moment while paused: answers pings, notices a closed socket."""
+        self.sock.settimeout(0.05)
+        try:
+            self.buf += self._recv()
+        except TimeoutError:
+            pass
+        finally:
+            self.sock.settimeout(self.timeout)
+        while self._take() is not None:
+            pass
+
     def _run(self) -> None:
-        pace = time.monotonic()
         count = 0
         try:
             while not self._stop.is_set():
+                if not self._active.is_set():
+                    self._idle()
+                    pace = time.monotonic()
+                    continue
                 count += 1
                 message = count.to_bytes(PROBE_SIZE, "big")
                 sent = time.monotonic()
@@ -226,8 +249,16 @@ class EchoProbe:
         finally:
             self._stop.set()
 
+    def resume(self) -> None:
+        """resume starts echoing (again)."""
+        self._active.set()
+
+    def pause(self) -> None:
+        """pause stops echoing after the round trip in flight; pings are still answered."""
+        self._active.clear()
+
     def alive(self) -> bool:
-        """alive tells whether the probe is still echoing."""
+        """alive tells whether the probe still has its connection."""
         return not self._stop.is_set()
 
     def between(self, start: float, end: float) -> list[float]:
@@ -252,17 +283,21 @@ def storm_round(
     srv: Server, probe: EchoProbe, clients: int, timeout: float
 ) -> tuple[dict[str, Any], list[float]]:
     """storm_round runs one storm of ``clients`` upgrades; returns its figures and round trips."""
-    with LoadClients(
-        srv.host, srv.port, clients, engine="c", min_workers=1, per_worker=clients
-    ) as lc:
-        time.sleep(1.0)  # the client process is up; the probe has a quiet second to compare
-        start = time.monotonic()
-        opened = lc.open(window=clients, timeout=timeout)
-        end = time.monotonic()
-        time.sleep(0.05)
-        during = probe.between(start, end)
-        quiet = probe.between(start - 1.0, start - 0.01)
-        lc.close()
+    probe.resume()
+    try:
+        with LoadClients(
+            srv.host, srv.port, clients, engine="c", min_workers=1, per_worker=clients
+        ) as lc:
+            time.sleep(1.0)  # the client process is up; the probe has a quiet second to compare
+            start = time.monotonic()
+            opened = lc.open(window=clients, timeout=timeout)
+            end = time.monotonic()
+            time.sleep(0.05)
+            during = probe.between(start, end)
+            quiet = probe.between(start - 1.0, start - 0.01)
+            lc.close()
+    finally:
+        probe.pause()
     figures = {
         "opened": opened["opened"],
         "failed": opened["failed"],
@@ -282,57 +317,101 @@ def server_said(srv: Server, lines: int = 6) -> str:
     return " | ".join(said) or "nothing"
 
 
-def measure_storm(variant: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    """measure_storm runs ``args.rounds`` storms on one fresh server (part 1)."""
-    extra = tuple(variant["args"])
-    if args.backlog:
-        extra += ("--backlog", str(args.backlog))
-    rounds: list[dict[str, Any]] = []
-    pooled: list[float] = []
-    with Server(variant["server"], extra=extra) as srv:
+class StormTarget:
+    """StormTarget is one storm variant: its fresh server, its echo probe, its rounds so far."""
+
+    def __init__(self, variant: dict[str, Any], args: argparse.Namespace) -> None:
+        self.variant = variant
+        self.extra = tuple(variant["args"])
+        if args.backlog:
+            self.extra += ("--backlog", str(args.backlog))
+        self.rounds: list[dict[str, Any]] = []
+        self.pooled: list[float] = []
+        self.srv = Server(variant["server"], extra=self.extra)
         try:
-            probe = EchoProbe(srv.host, srv.port, args.interval)
+            self.probe = EchoProbe(self.srv.host, self.srv.port, args.interval)
         except (OSError, RuntimeError) as exc:
-            raise RuntimeError(f"{exc}; the server said: {server_said(srv)}") from exc
-        try:
-            for i in range(args.rounds):
-                procstats.wait_idle(srv.pid)
-                figures, during = storm_round(srv, probe, args.clients, args.storm_timeout)
-                if not probe.alive():
-                    raise RuntimeError(
-                        f"the echo probe stopped: {probe.error}; the server said:"
-                        f" {server_said(srv)}"
-                    )
-                rounds.append(figures)
-                pooled += during
-                worst = figures["echo_worst"]
-                log(
-                    f"  {variant['label']}: round {i + 1}: {figures['opened']:,} upgraded in"
-                    f" {figures['seconds']:.3f} s ({figures['failed']} retried), worst echo"
-                    f" {worst * 1000 if worst is not None else float('nan'):.1f} ms"
-                    f" over {figures['echoes_during']} echoes"
-                )
-        finally:
-            probe.stop()
-        alive = srv.alive()
-    worsts = [r["echo_worst"] for r in rounds if r["echo_worst"] is not None]
-    befores = [r["echo_median_before"] for r in rounds if r["echo_median_before"] is not None]
-    return {
-        "key": variant["key"],
-        "variant": variant["label"],
-        "server": variant["server"],
-        "version": version(variant["server"]),
-        "server_args": list(extra),
-        "server_alive": alive,
-        "rounds": rounds,
-        "seconds": report.spread([r["seconds"] for r in rounds]),
-        "all_upgraded": all(r["opened"] == args.clients for r in rounds),
-        "retried": sum(r["failed"] for r in rounds),
-        "echo_worst": max(worsts) if worsts else None,
-        "echo_p99": percentile(pooled, 99) if pooled else None,
-        "echo_median_before": statistics.median(befores) if befores else None,
-        "echoes_during": len(pooled),
-    }
+            said = server_said(self.srv)
+            self.srv.stop()
+            raise RuntimeError(f"{exc}; the server said: {said}") from exc
+
+    def storm(self, args: argparse.Namespace, log: Any) -> None:
+        """storm runs one more storm on this variant's server."""
+        procstats.wait_idle(self.srv.pid)
+        figures, during = storm_round(self.srv, self.probe, args.clients, args.storm_timeout)
+        if not self.probe.alive():
+            raise RuntimeError(
+                f"the echo probe stopped: {self.probe.error}; the server said:"
+                f" {server_said(self.srv)}"
+            )
+        self.rounds.append(figures)
+        self.pooled += during
+        worst = figures["echo_worst"]
+        log(
+            f"  {self.variant['label']}: round {len(self.rounds)}: {figures['opened']:,}"
+            f" upgraded in {figures['seconds']:.3f} s ({figures['failed']} retried), worst echo"
+            f" {worst * 1000 if worst is not None else float('nan'):.1f} ms"
+            f" over {figures['echoes_during']} echoes"
+        )
+
+    def close(self) -> None:
+        """close ends the probe and stops the server by PID."""
+        self.probe.stop()
+        self.srv.stop()
+
+    def summary(self, clients: int) -> dict[str, Any]:
+        """summary gives this variant's figures over its rounds (its row of the table)."""
+        rounds = self.rounds
+        worsts = [r["echo_worst"] for r in rounds if r["echo_worst"] is not None]
+        befores = [r["echo_median_before"] for r in rounds if r["echo_median_before"] is not None]
+        v = self.variant
+        return {
+            "key": v["key"],
+            "variant": v["label"],
+            "server": v["server"],
+            "version": version(v["server"]),
+            "server_args": list(self.extra),
+            "server_alive": self.srv.alive(),
+            "rounds": rounds,
+            "seconds": report.spread([r["seconds"] for r in rounds]),
+            "all_upgraded": all(r["opened"] == clients for r in rounds),
+            "retried": sum(r["failed"] for r in rounds),
+            "echo_worst": max(worsts) if worsts else None,
+            "echo_p99": percentile(self.pooled, 99) if self.pooled else None,
+            "echo_median_before": statistics.median(befores) if befores else None,
+            "echoes_during": len(self.pooled),
+        }
+
+
+def measure_storms(
+    variants: list[dict[str, Any]], args: argparse.Namespace, log: Any
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """measure_storms runs part 1: every variant's fresh server is started first, then the
+    rounds go round-robin over the variants (storm 1 of each, then storm 2 of each, ...), so
+    that load from elsewhere on a shared machine falls on every variant alike; servers not
+    under a storm are idle, their probes paused. Returns the rows and the failed variants."""
+    targets: list[StormTarget] = []
+    failed: dict[str, str] = {}
+    try:
+        for v in variants:
+            try:
+                targets.append(StormTarget(v, args))
+            except Exception as exc:  # one broken variant must not hide the others' figures
+                log(f"  {v['label']}: failed ({exc})")
+                failed[v["label"]] = str(exc)
+        for _ in range(args.rounds):
+            for t in list(targets):
+                try:
+                    t.storm(args, log)
+                except Exception as exc:
+                    log(f"  {t.variant['label']}: failed ({exc})")
+                    failed[t.variant["label"]] = str(exc)
+                    targets.remove(t)
+                    t.close()
+        return [t.summary(args.clients) for t in targets], failed
+    finally:
+        for t in targets:
+            t.close()
 
 
 def loadavg() -> list[float]:
@@ -372,10 +451,12 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
 
     if "storm" in args.parts:
         log(f"storm: {args.clients:,} upgrades at once, hook waits {args.delay * 1000:g} ms")
-        for v in storm_variants(args.delay, args.hook_threads):
-            if v["key"] in args.skip:
-                continue
-            attempt("storm", v["label"], lambda v=v: measure_storm(v, args, log))
+        variants = [
+            v for v in storm_variants(args.delay, args.hook_threads) if v["key"] not in args.skip
+        ]
+        rows, failed = measure_storms(variants, args, log)
+        result["storm"] += rows
+        result["failed"].update({f"storm: {label}": why for label, why in failed.items()})
     if "cpu" in args.parts:
         log(f"cpu: {args.cpu_rounds} x {args.cpu_connections:,} upgrades per server")
         variants = list(CPU_VARIANTS)
