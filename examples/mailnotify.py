@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     secret = args.secret or secrets.token_hex(16)
     counts: Counts = RedisCounts(args.redis) if args.redis else SharedCounts()
     bus = lowmemws.RedisBus(args.redis) if args.redis else None
-    config = lowmemws.Config(max_http_body=4 * MAX_BODY)
+    # With Redis, on_connect and POST /mail wait for it (a blocking client): they run on
+    # hook threads, so a slow Redis delays only those requests, never the other connections.
+    # The in-process counts never block: their hooks run inline, the fastest way.
+    config = lowmemws.Config(max_http_body=4 * MAX_BODY, hook_threads=8 if args.redis else 0)
     gateway = lowmemws.Gateway(
         args.host, args.port, processes=args.processes, config=config, bus=bus
     )

@@ -247,7 +247,8 @@ class Bus(Protocol):
     `lowmemws.errors.BusUnavailable` when the bus cannot take the envelope (nothing was
     delivered anywhere then, so a retry never duplicates); it returns what this node's
     deliver returned if the bus delivered to this node before publish returned, else 0;
-    ``close()`` stops the bus.
+    ``close()`` stops the bus. An optional ``may_block = False`` attribute says publish
+    never waits, so Gateway.apublish calls it directly instead of in a thread.
     """
 
     stats: BusStats

@@ -126,13 +126,6 @@ class Dispatcher:
 
     # -- any thread -------------------------------------------------------------------------
 
-    def run_next(self, key: Key, job: Job) -> None:
-        """run_next puts job first in key's queue: called by a running job of key (on_connect
-        queues on_open this way, so on_open runs before any message)."""
-        with self._lock:
-            self._count += 1
-            self._busy[key].appendleft(job)
-
     def _finish(self, key: Key) -> Job | None:
         """_finish ends the running job of key and returns the next one, or None (the key is
         forgotten)."""

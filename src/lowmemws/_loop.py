@@ -8,7 +8,8 @@ for hooks that never block (one that blocks stalls every connection of the proce
 Coroutine hooks, and plain hooks when there are hook threads, run off this thread through
 the Dispatcher (one connection's hooks in order, never overlapping). An upgrade or HTTP
 request whose hook runs off the thread is parked in C (lmw_park: still a handshake, under
-its deadline, its socket unread) and answered from whichever thread the hook ends on.
+its deadline, its socket unread); the hook's answer comes back to this thread, which
+writes it at its next turn (the thread that owns the sockets writes to them).
 
 Back-pressure: while the Dispatcher is at Config.hook_queue jobs, new jobs are held here in
 arrival order: the socket of a held message is paused (the rest waits in the kernel), a held
@@ -74,6 +75,7 @@ class EventLoop:
         self._config = config
         self._fallback_http = fallback_http
         self._threads = config.hook_threads > 0
+        self._aio = aio
         self._dispatcher = Dispatcher(
             config.hook_threads,
             config.hook_queue,
@@ -87,6 +89,9 @@ class EventLoop:
         self._paused: set[Key] = set()
         self._accept_held = False
         self._in_flight_gauge = 0
+        # answers of off-loop hooks, applied by this thread (see _post_answer)
+        self._answers: deque[tuple[int, int, Accept | Reject | bytes]] = deque()
+        self._answers_woken = False
 
     def run(self, stopping: threading.Event, ready: threading.Event) -> None:
         """run serves until stopping is set, then closes every client with 1001."""
@@ -98,6 +103,8 @@ class EventLoop:
                 n = self._server.poll(_POLL_MS, events, max_events)
                 if n > 0:
                     self._dispatch(events[0], n)
+                if self._answers:
+                    self._apply_answers()
                 self._after_turn()
             self._shutdown(events)
         finally:
@@ -111,6 +118,7 @@ class EventLoop:
         dispatcher = self._dispatcher
         if self._held and dispatcher.has_room:
             self._release_held()
+        self._aio.kick()
         hold = bool(self._held) or not dispatcher.has_room
         if hold != self._accept_held:
             self._accept_held = hold
@@ -133,6 +141,8 @@ class EventLoop:
             n = server.poll(_SHUTDOWN_POLL_MS, events, self._config.max_events)
             if n > 0:
                 self._dispatch(events[0], n, closing=True)
+            if self._answers:
+                self._apply_answers()
             self._after_turn()
 
     def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
@@ -238,9 +248,16 @@ class EventLoop:
             decision = Reject(500)
         finally:
             request._invalidate()
-        self._answer_upgrade(fd, gen, decision, in_drain=False)
+        self._answer_upgrade(fd, gen, decision)
+
+    def _watch_handshake(self) -> None:
+        """_watch_handshake: a handshake hook still running after handshake_timeout (its
+        request answered 408 by then, since the deadline counts from accept) is cancelled,
+        so a hook that never returns cannot keep its place in hook_queue for ever."""
+        self._aio.watch(self._aio.loop.time() + self._config.handshake_timeout)
 
     async def _connect_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        self._watch_handshake()
         try:
             decision = await negotiate_async(
                 request, hook, self._config.origins, self._config.subprotocols
@@ -249,8 +266,9 @@ class EventLoop:
             log.exception("lowmemws: on_connect raised; answering 500")
             decision = Reject(500)
         finally:
+            self._aio.unwatch()
             request._invalidate()
-        self._answer_upgrade(fd, gen, decision, in_drain=True)
+        self._post_answer(fd, gen, decision)
 
     def _connect_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
         try:
@@ -260,12 +278,12 @@ class EventLoop:
             decision = Reject(500)
         finally:
             request._invalidate()
-        self._answer_upgrade(fd, gen, decision, in_drain=True)
+        self._post_answer(fd, gen, decision)
 
-    def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject, in_drain: bool) -> None:
-        """_answer_upgrade applies on_connect's decision (from any thread). A client that
-        left meanwhile, or a handshake already answered (408 at its deadline, 503 at
-        shutdown), makes the C calls fail: the decision is dropped, nothing is kept."""
+    def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject) -> None:
+        """_answer_upgrade applies on_connect's decision. A client that left meanwhile, or a
+        handshake already answered (408 at its deadline, 503 at shutdown), makes the C calls
+        fail: the decision is dropped, nothing is kept."""
         server = self._server
         if isinstance(decision, Reject):
             server.reject(fd, gen, decision.status)
@@ -280,12 +298,38 @@ class EventLoop:
             return
         conn = Connection(server, fd, gen, decision.user)
         key = (fd, gen)
-        if in_drain:  # on_open is next for this connection, before any of its messages
-            self._dispatcher.run_next(key, self._job("open", hook, conn))
-        elif self._inline("open") and self._free_to_run_inline(key):
+        if self._inline("open") and self._free_to_run_inline(key):
             hook(conn)
-        else:
+        else:  # no message of the connection can be queued yet: its 101 was just sent
             self._submit(key, self._job("open", hook, conn))
+
+    # -- answers from other threads ---------------------------------------------------------
+
+    def _post_answer(self, fd: int, gen: int, answer: Accept | Reject | bytes) -> None:
+        """_post_answer hands an off-loop hook's answer (a decision, or an HTTP response) to
+        this loop thread, which applies it at its next turn: the thread that owns the
+        sockets writes the 101, and the hook's thread makes no C call (each one would
+        contend with the loop for the server lock and the GIL). One wake-up per batch."""
+        self._answers.append((fd, gen, answer))
+        if not self._answers_woken:  # cleared by _apply_answers before it drains
+            self._answers_woken = True
+            if self._aio.on_loop_thread():  # after the other tasks ready now: one wake
+                self._aio.call_soon(self._server.wake)
+            else:
+                self._server.wake()
+
+    def _apply_answers(self) -> None:
+        self._answers_woken = False
+        answers = self._answers
+        while answers:
+            fd, gen, answer = answers.popleft()
+            try:
+                if isinstance(answer, bytes):
+                    self._server.respond(fd, gen, answer)
+                else:
+                    self._answer_upgrade(fd, gen, answer)
+            except Exception:
+                log.exception("lowmemws: on_open raised")
 
     # -- plain HTTP -------------------------------------------------------------------------
 
@@ -321,14 +365,16 @@ class EventLoop:
         return response.encode()
 
     async def _http_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
+        self._watch_handshake()
         try:
             payload = self._http_answer(request, await hook(request))
         except Exception:
             log.exception("lowmemws: on_http raised; answering 500")
             payload = _INTERNAL_ERROR.encode()
         finally:
+            self._aio.unwatch()
             request._invalidate()
-        self._server.respond(fd, gen, payload)
+        self._post_answer(fd, gen, payload)
 
     def _http_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
         try:
@@ -338,4 +384,4 @@ class EventLoop:
             payload = _INTERNAL_ERROR.encode()
         finally:
             request._invalidate()
-        self._server.respond(fd, gen, payload)
+        self._post_answer(fd, gen, payload)

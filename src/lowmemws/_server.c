@@ -403,12 +403,18 @@ int lmw_upgrade_accept(lmw_server *s, int fd, uint32_t gen, const uint8_t *proto
                               user_tag);
     }
     if (r == 0) {
+        /* the loop is woken only when it has something to do: frames that came before the
+         * 101, or listeners to poll again now that a handshake left the cap (a wake per
+         * upgrade would cost a loop turn each) */
+        int wake = !s->listening && accepting_allowed(s);
         x = lmw__ext_of(s, sl);
-        if (x && x->in)
+        if (x && x->in) {
             lmw__backlog_add(s, fd, sl); /* frames sent before the 101 */
-        else
+            wake = 1;
+        } else {
             lmw__ext_trim(s, sl); /* a parked key was all it held: idle holds no ext */
-        lmw_wake(s);
+        }
+        if (wake) lmw_wake(s);
     }
     pthread_mutex_unlock(&s->lock);
     return r;

@@ -15,7 +15,7 @@ class Config:
     """Config holds every limit of a gateway; memory is bounded by these, never by clients.
 
     Sizes are bytes, times seconds. Reaching a limit has one documented outcome each (see
-    the README's "Limits and defaults").
+    docs/limits.md, "Limits and defaults").
     """
 
     max_connections: int | None = None
@@ -61,14 +61,15 @@ class Config:
     max_per_ip: int = 0
     """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
     hook_threads: int = 0
-    """Threads that run the plain (not async def) hooks, for hooks that block; 0 runs them
-    inline on the loop thread: the fastest for hooks that never block, but a hook that
-    blocks there stalls every connection of the process. Not processes: those are
-    Gateway(processes=N). Coroutine hooks always run on an asyncio loop."""
+    """Threads that run the plain (not async def) hooks, for hooks that block. 0 runs them
+    inline: on the loop thread (or, right after a coroutine hook of the same connection,
+    on the asyncio loop): the fastest for hooks that never block, but A PLAIN HOOK THAT
+    BLOCKS WITH hook_threads=0 STALLS EVERY CONNECTION OF THE PROCESS. Not processes:
+    those are Gateway(processes=N). Coroutine hooks always run on an asyncio loop."""
     hook_queue: int = 1024
     """Hook calls off the loop thread (coroutines and hook-thread calls), running or
-    waiting, at most; at the bound the sockets with new work are not read and no
-    connection is accepted until half have finished (nothing is dropped)."""
+    waiting, at most. At the bound nothing is dropped: new hook work is held in order, the
+    sockets it came from are not read, and no connection is accepted, until calls finish."""
     max_events: int = 512
     """Messages, upgrades and HTTP requests handed to Python per loop turn."""
     origins: tuple[str, ...] | None = None

@@ -12,7 +12,7 @@ _GAUGES = {
     "connections": "Open WebSocket connections.",
     "handshakes": "Request heads being read.",
     "buffer_pool_in_use": "Pooled read buffers lent out in the current loop turn.",
-    "hooks_in_flight": "Hook calls off the loop thread, running or waiting (Config.hook_queue).",
+    "hooks_in_flight": "Hook calls off the loop thread: running, waiting or held at the cap.",
     "handshakes_parked": "Upgrades and HTTP requests waiting for a hook off the loop thread.",
     "spill_bytes": "Bytes held for incomplete input.",
     "pending_write_bytes": "Bytes queued for slow readers.",

@@ -68,9 +68,11 @@ class Gateway:
 
     Any hook may be ``async def``: it runs on an asyncio loop (the gateway's own, or the
     caller's with ``await serve()``) and may await I/O (a session store, a
-    database) without stalling anyone. A plain hook runs on the loop thread when
-    ``Config.hook_threads`` is 0 (the fastest way for a hook that never blocks; ONE THAT
-    BLOCKS STALLS EVERY CONNECTION OF THE PROCESS), else on one of that many threads.
+    database) without stalling anyone. A plain hook runs inline when
+    ``Config.hook_threads`` is 0 (on the loop thread, or right after a coroutine hook of
+    the same connection on the asyncio loop: the fastest way for a hook that never blocks;
+    ONE THAT BLOCKS STALLS EVERY CONNECTION OF THE PROCESS), else on one of that many
+    threads.
     Either way one connection's hooks run one at a time, in order (on_connect, on_open,
     its messages, on_close), and while an upgrade or HTTP request waits for its hook it
     is parked in C, under ``handshake_timeout`` (408 when the hook is slower). Hook calls
@@ -131,7 +133,8 @@ class Gateway:
         return fn
 
     def on_open(self, fn: OpenHookT) -> OpenHookT:
-        """on_open registers the hook called once a connection is open (decorator).
+        """on_open registers the hook called once a connection is open, plain or async def
+        (decorator); it runs before any of the connection's messages reach on_message.
 
         Raises:
             TypeError: fn is not callable.
@@ -304,8 +307,10 @@ class Gateway:
         application loop never delays heartbeats or fan-out. The port is bound before the
         first await (``gateway.port`` is known once the task has started).
 
-        handle_signals: stop on SIGTERM/SIGINT as run() does (main thread only); pass
-        False when the application handles signals itself and calls stop().
+        handle_signals: stop on SIGTERM/SIGINT as run() does (main thread only). The loop's
+        own handlers for these two signals, if it had any, are replaced while serve() runs
+        and removed when it returns; pass False when the application handles signals
+        itself and calls stop().
 
         Raises:
             ValueError: processes > 1 (worker processes need run()).
