@@ -28,7 +28,8 @@ request later (accept, reject, respond), answer a stale handle, hang the client 
 parked (a full close, or a half close), move the runtime's clock (fake_clock.c in the
 instrumented build, a sleep elsewhere) past handshake_timeout (0.2 s when bit 6 is set,
 else 10 s that an input never reaches), lmw_accept_hold on and off with clients that
-connect through a listener, lmw_close_all. Their invariants:
+connect through a listener, lmw_close_all, lmw_pause_reading and lmw_resume_reading. Their
+invariants:
   * handshakes_parked never exceeds the parked requests not known to be answered, and is 0
     when there are none; it is 0 right after lmw_close_all and once the clock has moved
     two ticks past a short handshake_timeout (no slot stays parked past its deadline);
@@ -608,7 +609,7 @@ class Session:
         self.all_stale()
 
     def parking_op(self, c: Client) -> None:
-        op = self.r.pick(10)
+        op = self.r.pick(12)
         if op in (0, 1):
             self.answer_later()
         elif op == 2:
@@ -627,9 +628,12 @@ class Session:
             c.outbox += make_frame(self.r)
             self.write(c, 1 << 20)
             self.poll()
-        else:
+        elif op == 9:
             for _ in range(4):
                 self.poll()
+        else:  # the Dispatcher pauses the socket of a held message (any handle may come)
+            pause = lib.lmw_pause_reading if op == 10 else lib.lmw_resume_reading
+            assert pause(self.server, c.fd, c.gen) in (0, lib.LMW_ERROR)
 
     def write(self, c: Client, size: int) -> None:
         if c.hung_up or c.write_shut or not c.outbox:
