@@ -28,9 +28,21 @@ from serverctl import Server, version
 WARMUP_CONNECTIONS = 500
 
 
-def measure(name: str, connections: int, deflate: bool, log: Any = print) -> dict[str, Any]:
-    """measure runs the idle-memory experiment on one server (see the module docstring)."""
-    with Server(name) as srv:
+def measure(
+    name: str,
+    connections: int,
+    deflate: bool,
+    log: Any = print,
+    *,
+    extra: tuple[str, ...] = (),
+    label: str = "",
+) -> dict[str, Any]:
+    """measure runs the idle-memory experiment on one server (see the module docstring).
+
+    ``extra`` is passed to the server script (a variant, such as auth_io.py's async
+    on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row.
+    """
+    with Server(name, extra=extra) as srv:
         time.sleep(0.5)
         raw = procstats.settled_memory(srv.pid, timeout=10)
         with LoadClients(srv.host, srv.port, WARMUP_CONNECTIONS, deflate=deflate) as lc:
@@ -41,7 +53,10 @@ def measure(name: str, connections: int, deflate: bool, log: Any = print) -> dic
         kernel0 = procstats.kernel_memory()
         with LoadClients(srv.host, srv.port, connections, deflate=deflate) as lc:
             opened = lc.open()
-            log(f"  {name}: {opened['opened']:,} open in {opened['seconds']:.1f} s; settling")
+            log(
+                f"  {label or name}: {opened['opened']:,} open in {opened['seconds']:.1f} s;"
+                " settling"
+            )
             idle = procstats.settled_memory(srv.pid, timeout=60)
             kernel1 = procstats.kernel_memory()
             ping = lc.ping()
@@ -52,6 +67,8 @@ def measure(name: str, connections: int, deflate: bool, log: Any = print) -> dic
     return {
         "server": name,
         "version": version(name),
+        "variant": label,
+        "server_args": list(extra),
         "deflate_offered": deflate,
         "deflate_negotiated": opened["deflated"],
         "connections": opened["opened"],

@@ -87,6 +87,21 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def thread_cpu_ticks(pid: int) -> dict[int, int]:
+    """thread_cpu_ticks returns utime + stime of every live thread of a process, by thread id
+    (/proc/PID/task/TID/stat; the main thread's id is the PID)."""
+    ticks: dict[int, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        ticks[int(tid)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def tree_cpu_ticks(pid: int) -> int:
     """tree_cpu_ticks sums cpu_ticks over a process tree (live processes only)."""
     total = 0

@@ -86,12 +86,14 @@ class Server:
         port: int = 0,
         extra: tuple[str, ...] = (),
         timeout: float = 60.0,
+        python: str | None = None,
     ) -> None:
         self.name = name
         self.host = host
         self.port = port or free_port(host)
         script = os.path.join(SERVERS_DIR, f"{name}_server.py")
-        args = [sys.executable, script, "--host", host, "--port", str(self.port), *extra]
+        # python: another interpreter (another build of the library) instead of this one.
+        args = [python or sys.executable, script, "--host", host, "--port", str(self.port), *extra]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=SERVERS_DIR
         )

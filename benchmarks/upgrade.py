@@ -24,24 +24,44 @@ from loadclients import LoadClients
 from serverctl import Server, version
 
 
-def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
-    """measure runs the upgrade-cost experiment on one server (see the module docstring)."""
+def measure(
+    name: str,
+    connections: int,
+    rounds: int,
+    log: Any = print,
+    *,
+    extra: tuple[str, ...] = (),
+    label: str = "",
+    python: str | None = None,
+) -> dict[str, Any]:
+    """measure runs the upgrade-cost experiment on one server (see the module docstring).
+
+    ``extra`` is passed to the server script (a variant, such as auth_io.py's async
+    on_connect: ``("--hook", "async")``); ``label`` names the variant in the log and the row;
+    ``python`` runs the server with another interpreter (another build of the library).
+    """
     per_upgrade, opened_total, open_seconds = [], 0, []
-    with Server(name) as srv:
+    main_thread, other_threads = [], []
+    with Server(name, extra=extra, python=python) as srv:
         for i in range(rounds):
             with LoadClients(srv.host, srv.port, connections) as lc:
                 time.sleep(1.0)  # the client processes start; the server is idle again
                 procstats.wait_idle(srv.pid)
                 before = procstats.cpu_ticks(srv.pid)
+                threads_before = procstats.thread_cpu_ticks(srv.pid)
                 opened = lc.open()
                 used = procstats.cpu_ticks(srv.pid) - before
+                threads_after = procstats.thread_cpu_ticks(srv.pid)
                 lc.close()
             n = max(1, opened["opened"])
             per_upgrade.append(procstats.ticks_to_us(used) / n)
+            main = threads_after.get(srv.pid, 0) - threads_before.get(srv.pid, 0)
+            main_thread.append(procstats.ticks_to_us(main) / n)
+            other_threads.append(procstats.ticks_to_us(used - main) / n)
             opened_total += opened["opened"]
             open_seconds.append(opened["seconds"])
             log(
-                f"  {name}: round {i + 1}: {opened['opened']:,} upgrades, "
+                f"  {label or name}: round {i + 1}: {opened['opened']:,} upgrades, "
                 f"{per_upgrade[-1]:.1f} us CPU each"
             )
             time.sleep(1.0)
@@ -49,9 +69,15 @@ def measure(name: str, connections: int, rounds: int, log: Any = print) -> dict[
     return {
         "server": name,
         "version": version(name),
+        "variant": label,
+        "server_args": list(extra),
         "connections": connections,
         "upgrades": opened_total,
         "us_per_upgrade": s,
+        # The server's main thread (lowmemws: the loop) and every other thread (hook
+        # threads, an asyncio thread); a thread that ended during a round counts as other.
+        "us_per_upgrade_main_thread": report.spread(main_thread),
+        "us_per_upgrade_other_threads": report.spread(other_threads),
         "upgrades_per_s_per_core": 1e6 / s["median"] if s["median"] else None,
         "open_seconds": report.spread(open_seconds),
     }

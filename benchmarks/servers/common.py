@@ -11,6 +11,13 @@ Every server in this folder does the same thing with its library's defaults:
   and a further ``z`` asks the floor to send it compressed (permessage-deflate bytes made
   once: the floor of a server that compresses once per publish).
 - it prints ``listening on ws://HOST:PORT`` when ready and stops on SIGTERM / SIGINT.
+
+``--hook-delay SECONDS`` (auth_io.py, issue 11) makes the server's upgrade hook (on_connect,
+process_request) wait that long before accepting, like an auth lookup in a session store:
+``await asyncio.sleep`` in an async hook, ``time.sleep`` in a sync one. ``--hook`` and
+``--message-hook`` and ``--hook-threads`` choose how lowmemws runs
+its hooks; ``--backlog`` sets the listen() backlog.
+The defaults keep every other benchmark's server as it was.
 """
 
 from __future__ import annotations
@@ -32,6 +39,36 @@ def parse_args(description: str) -> argparse.Namespace:
         type=float,
         default=None,
         help="lowmemws heartbeat interval (scale.py only; default: the library's)",
+    )
+    p.add_argument(
+        "--hook-delay",
+        type=float,
+        default=0.0,
+        help="seconds the upgrade hook waits before accepting (default 0: no wait)",
+    )
+    p.add_argument(
+        "--hook",
+        choices=("sync", "async"),
+        default="sync",
+        help="lowmemws on_connect as a plain function or as async def (default sync)",
+    )
+    p.add_argument(
+        "--message-hook",
+        choices=("sync", "async"),
+        default="sync",
+        help="lowmemws on_message (the echo) as a plain function or as async def",
+    )
+    p.add_argument(
+        "--hook-threads",
+        type=int,
+        default=None,
+        help="lowmemws Config.hook_threads (default: the library's)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=None,
+        help="listen() backlog (default: the library's; asyncio's is 100, lowmemws' 4096)",
     )
     return p.parse_args()
 

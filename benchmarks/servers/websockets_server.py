@@ -1,12 +1,19 @@
-"""websockets_server: the benchmark server on websockets (asyncio API, default settings)."""
+"""websockets_server: the benchmark server on websockets (asyncio API, default settings).
+
+With ``--hook-delay S`` an ``async def process_request`` awaits ``asyncio.sleep(S)`` before
+every handshake goes on (an auth lookup); ``--backlog N`` is passed to the listening socket.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from common import is_subscriber, parse_args, publish_request, ready, user_id
 from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.http11 import Request
 
 users: dict[int, ServerConnection] = {}
 topics: dict[str, set[ServerConnection]] = {"all": set()}
@@ -36,12 +43,26 @@ async def handler(ws: ServerConnection) -> None:
             topics["all"].discard(ws)
 
 
+def auth_hook(delay: float) -> Callable[[ServerConnection, Request], Awaitable[None]] | None:
+    """auth_hook returns a process_request that waits ``delay`` seconds, or None for none."""
+    if delay <= 0:
+        return None
+
+    async def process_request(connection: ServerConnection, request: Request) -> None:
+        await asyncio.sleep(delay)
+
+    return process_request
+
+
 async def main() -> None:
     args = parse_args(__doc__)
+    options: dict[str, Any] = {"process_request": auth_hook(args.hook_delay)}
+    if args.backlog is not None:
+        options["backlog"] = args.backlog
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
-    async with serve(handler, args.host, args.port):
+    async with serve(handler, args.host, args.port, **options):
         ready(args.host, args.port)
         await stop
 

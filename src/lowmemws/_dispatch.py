@@ -8,6 +8,10 @@ order (on_connect, on_open, each message, on_close), whatever mix of coroutine a
 hooks. When the drain finds the queue empty the key is forgotten: a connection with no
 hook running holds no task, future or entry here.
 
+A job of an open connection (on_open, on_message, on_close) is taken by the hook threads
+before any handshake job (on_connect, on_http): a reconnect storm of blocking on_connect
+calls does not delay the messages of the clients already connected.
+
 Jobs running or queued are counted, and the loop submits only while the count is under
 Config.hook_queue (else it holds the job and stops reading and accepting: see _loop). A key
 whose queue grows past KEY_QUEUE_MAX has its socket paused until the queue halves, so one
@@ -23,10 +27,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from ._aio import AsyncioHost
+from ._hook_threads import HookThreads
 
 log = logging.getLogger("lowmemws")
 
@@ -43,6 +47,14 @@ class Job(NamedTuple):
     args: tuple[Any, ...]
     is_coroutine: bool
     name: str  # the hook's name, for the log when it raises
+
+    @property
+    def urgent(self) -> bool:
+        """urgent: work of an open connection, taken by the hook threads before handshakes."""
+        return self.name not in HANDSHAKE_HOOKS
+
+
+HANDSHAKE_HOOKS = ("connect", "http")
 
 
 class Dispatcher:
@@ -63,9 +75,7 @@ class Dispatcher:
         pause: Callable[[int, int], None],
         resume: Callable[[int, int], None],
     ) -> None:
-        self._threads = (
-            ThreadPoolExecutor(threads, thread_name_prefix="lowmemws-hook") if threads else None
-        )
+        self._threads = HookThreads(threads) if threads else None
         self._limit = max(1, limit)
         self._aio = aio
         self._on_room = on_room
@@ -120,7 +130,7 @@ class Dispatcher:
         if job.is_coroutine:
             self._aio.spawn(functools.partial(self._drain_async, key, job))
         elif self._threads is not None:
-            self._threads.submit(self._drain_in_thread, key, job)
+            self._threads.submit(self._drain_in_thread, (key, job), job.urgent)
         else:  # a plain hook, no hook threads: it runs here, as inline hooks do
             self._drain_in_thread(key, job, inline=True)
 
@@ -177,8 +187,7 @@ class Dispatcher:
                     if job.is_coroutine:
                         await job.fn(*job.args)
                     elif self._threads is not None:
-                        loop = asyncio.get_running_loop()
-                        await loop.run_in_executor(self._threads, job.fn, *job.args)
+                        await asyncio.wrap_future(self._threads.call(job.fn, job.args, job.urgent))
                     else:
                         job.fn(*job.args)
                 except Exception:
@@ -205,5 +214,5 @@ class Dispatcher:
         left = self._count
         self._aio.cancel_all()
         if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.close()
         return left
