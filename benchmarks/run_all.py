@@ -89,6 +89,24 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     record["echo"] = step(
         "echo", echo.run, servers, 100, [256, 8192], 1.0 if a.quick else 2.0, 1 if a.quick else 3
     )
+    record["fanout_deflate"] = step(
+        "fan-out, 4 KiB JSON, permessage-deflate",
+        lambda *args, log: fanout.run(*args, log=log, deflate=True),
+        servers,
+        n,
+        5 if a.quick else 20,
+        2 if a.quick else 5,
+        4096,
+    )
+    record["echo_deflate"] = step(
+        "echo, permessage-deflate",
+        lambda *args, log: echo.run(*args, log=log, deflate=True),
+        servers,
+        100,
+        [256, 8192],
+        1.0 if a.quick else 2.0,
+        1 if a.quick else 3,
+    )
     if a.scale_connections and "lowmemws" in servers and usable("lowmemws")[0]:
         procs = max(1, -(-a.scale_connections // 18_000))
         record["scale"] = step(
@@ -245,6 +263,25 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "100 connections, one binary message in flight each, the same Python client for every "
         "server; messages/s is wall clock, CPU is the server's. The Python client is the "
         "bottleneck for the faster servers, so compare CPU per message.",
+    )
+    lines += section(
+        "Fan-out with permessage-deflate",
+        record,
+        "fanout_deflate",
+        fanout.render,
+        "The clients offer permessage-deflate as browsers do; a 4 KiB JSON notification is "
+        "published K times to every subscriber. A server that negotiates compression sends it "
+        "compressed (lowmemws compresses it once per publish); the floor sends the same "
+        "compressed bytes, compressed once outside its loop.",
+    )
+    lines += section(
+        "Echo with permessage-deflate",
+        record,
+        "echo_deflate",
+        echo.render,
+        "As the echo above, with the clients offering permessage-deflate and sending JSON "
+        "documents compressed where it was negotiated (each server with its library's default "
+        "compression settings; picows does not implement it and runs uncompressed).",
     )
     scale_notes = {
         "scale": ("Scale (quick run, in this run)", "`run_all.py --scale-connections N`"),
