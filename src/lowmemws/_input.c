@@ -179,8 +179,10 @@ static int deliver_compressed(lmw_server *s, int fd, lmw_slot *sl, int opcode, c
     const uint8_t *out = NULL;
     uint64_t out_len = 0;
     int code = lmw__inflate_message(s, p, (size_t)n, opcode == LMW_OP_TEXT, &out, &out_len);
-    if (code == 1011) return lmw__conn_fail(s, fd, 1011), 1;
-    if (code) return lmw__conn_end(s, fd, sl, DEFER_FAIL, code), 1;
+    if (code) {
+        lmw__conn_end(s, fd, sl, DEFER_FAIL, code);
+        return 1;
+    }
     deliver(s, fd, sl, opcode, out, out_len);
     return 0;
 }
