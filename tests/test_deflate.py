@@ -349,3 +349,30 @@ def test_a_publish_is_compressed_once_for_all_its_deflate_members() -> None:
         assert gw.stats()["messages_deflated_total"] == before + 6
     finally:
         gw.stop()
+
+
+def test_the_zlib_pool_stays_bounded_however_many_connections_compress() -> None:
+    gw = _echo_gateway(compression_min_size=16).start()
+    try:
+        clients = [RawClient(gw.port) for _ in range(40)]
+        text = b"the same pool for every connection " * 20
+        for client in clients:
+            client.send_frame(1, deflate(text), rsv1=True)
+        for client in clients:
+            opcode, rsv1, payload = client.read_frame()
+            assert (opcode, rsv1, inflate(payload)) == (1, True, text)
+        stats = gw.stats()
+        assert stats["messages_inflated_total"] == stats["messages_deflated_total"] == 40
+        assert stats["deflate_streams"] == 2  # one deflater, one inflater: none per connection
+        assert stats["spill_bytes"] == 0
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"compression_level": 0}, {"compression_level": 10}, {"compression_min_size": -1}],
+)
+def test_compression_settings_are_checked(settings: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        lowmemws.Config(**settings)  # type: ignore[arg-type]
