@@ -50,6 +50,9 @@ class AsyncioHost:
 
     def _start_own(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.new_event_loop()
+        eager = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+
+        if eager is not None:  # a hook that returns without waiting costs no loop turn
+            loop.set_task_factory(eager)
         self._thread = threading.Thread(
             target=loop.run_forever, name="lowmemws-asyncio", daemon=True
         )
@@ -79,7 +82,9 @@ class AsyncioHost:
         loop = self.loop
         tasks = self._tasks
         while self._pending:
-            tasks.add(loop.create_task(self._tracked(self._pending.popleft())))
+            task = loop.create_task(self._tracked(self._pending.popleft()))
+            if not task.done():  # an eager task (3.12+) may have finished already
+                tasks.add(task)
 
     async def _tracked(self, factory: CoroutineFactory) -> None:
         """_tracked runs one hook coroutine and forgets its task at the end (cheaper than a
