@@ -271,10 +271,10 @@ class EventLoop:
             server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
+        for topic in decision.topics:  # before the 101: a publish the client sees it for
+            server.subscribe(fd, gen, topic)  # reaches it (nothing is sent before the 101)
         if not server.accept_upgrade(fd, gen, proto, decision.user):
             return
-        for topic in decision.topics:
-            server.subscribe(fd, gen, topic)
         hook = self._hooks.open
         if hook is None:
             return
