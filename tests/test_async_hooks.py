@@ -1,0 +1,377 @@
+"""Hooks off the loop thread (issue 11): ``async def`` hooks on an asyncio loop, plain hooks on
+Config.hook_threads threads, as clients on the wire see them.
+
+Most tests run twice: "async" (every hook is ``async def`` and awaits before it decides) and
+"threads" (plain hooks, ``hook_threads=2``). Both park an upgrade or HTTP request in C while
+the hook decides, keep one connection's hooks in order, and are bounded by Config.hook_queue.
+Slow hooks wait on events the test sets, never on sleeps the test must outlast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import websocket
+
+from lowmemws import Accept, Config, Connection, Gateway, Reject, Request, Response
+from tests.support import waiting
+from tests.support.wire import read_until
+
+DEADLINE = 10.0  # bounds every wait; not a performance figure
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MODES = ("async", "threads")
+
+wait_until = waiting.waiter(DEADLINE)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def mode_config(mode: str, **fields: Any) -> Config:
+    """mode_config is the Config of a mode: plain hooks run on two hook threads in "threads"."""
+    if mode == "threads":
+        fields.setdefault("hook_threads", 2)
+    return Config(**fields)
+
+
+def hook(mode: str, body: Callable[..., Any]) -> Callable[..., Any]:
+    """hook turns body into the mode's hook: an ``async def`` that first yields to its loop
+    (so the decision really comes after an await), or body itself for the hook threads."""
+    if mode == "threads":
+        return body
+
+    async def coroutine_hook(*args: Any) -> Any:
+        await asyncio.sleep(0)
+        return body(*args)
+
+    return coroutine_hook
+
+
+def blocking_hook(mode: str, gate: threading.Event, body: Callable[..., Any]) -> Callable[..., Any]:
+    """blocking_hook is a hook of the mode that waits for gate (bounded), then returns body():
+    awaiting in "async" (the asyncio loop stays free), blocking its thread in "threads"."""
+    if mode == "threads":
+
+        def thread_hook(*args: Any) -> Any:
+            gate.wait(DEADLINE)
+            return body(*args)
+
+        return thread_hook
+
+    async def coroutine_hook(*args: Any) -> Any:
+        end = time.monotonic() + DEADLINE
+        while not gate.is_set() and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        return body(*args)
+
+    return coroutine_hook
+
+
+def off_loop_thread(mode: str) -> bool:
+    """off_loop_thread: the caller runs where the mode's hooks should (never the loop thread)."""
+    name = threading.current_thread().name
+    if mode == "threads":
+        return name.startswith("lowmemws-hook")
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return name != "lowmemws-loop"
+
+
+class RawResponse:
+    """RawResponse is an HTTP response head read off a raw socket (and what followed it)."""
+
+    def __init__(self, data: bytes, sock: socket.socket) -> None:
+        head, _, self.rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1]) if lines[0] else 0
+        self.headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.sock = sock
+
+
+def upgrade_request(port: int, target: str = "/", key: str | None = None) -> bytes:
+    """upgrade_request is a WebSocket upgrade request head."""
+    key = key or base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode("latin-1")
+
+
+def send_upgrade(port: int, target: str = "/", after: bytes = b"") -> socket.socket:
+    """send_upgrade opens a socket and sends an upgrade request (and after, in the same
+    write) without reading the answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.sendall(upgrade_request(port, target) + after)
+    return sock
+
+
+def read_response(sock: socket.socket) -> RawResponse:
+    """read_response reads an HTTP response head off sock ("" status 0 when it closed)."""
+    return RawResponse(read_until(sock, b"\r\n\r\n", timeout=DEADLINE), sock)
+
+
+def raw_upgrade(port: int, target: str = "/") -> RawResponse:
+    """raw_upgrade sends an upgrade request by hand and reads the response head."""
+    return read_response(send_upgrade(port, target))
+
+
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """masked_frame is one final client frame (payload shorter than 126 bytes)."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
+
+
+def read_frame(sock: socket.socket, buffered: bytes = b"") -> tuple[int, bytes, bytes]:
+    """read_frame reads one unmasked server frame: (opcode, payload, bytes left over)."""
+    data = buffered
+    while True:
+        if len(data) >= 2:
+            length = data[1] & 0x7F
+            start = 2
+            if length == 126:
+                start = 4
+                length = struct.unpack("!H", data[2:4])[0] if len(data) >= 4 else 1 << 30
+            if len(data) >= start + length:
+                return data[0] & 0x0F, data[start : start + length], data[start + length :]
+        sock.settimeout(DEADLINE)
+        got = sock.recv(65536)
+        if not got:
+            raise AssertionError(f"the server closed the socket; read so far: {data!r}")
+        data += got
+
+
+def http_request(
+    port: int, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+    try:
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def ws_connect(port: int, target: str = "/", **kwargs: Any) -> websocket.WebSocket:
+    return websocket.create_connection(f"ws://127.0.0.1:{port}{target}", timeout=DEADLINE, **kwargs)
+
+
+def close_code(client: websocket.WebSocket) -> int:
+    """close_code reads frames until the server's close frame and returns its code."""
+    while True:
+        frame = client.recv_frame()
+        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+            return int(struct.unpack("!H", frame.data[:2])[0])
+
+
+def settled(gateway: Gateway) -> bool:
+    """settled: no hook call runs or waits and no request is parked."""
+    stats = gateway.stats()
+    return stats["hooks_in_flight"] == 0 and stats["handshakes_parked"] == 0
+
+
+def hook_errors(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "lowmemws" and text in r.getMessage()]
+
+
+@pytest.fixture
+def gates() -> Iterator[list[threading.Event]]:
+    """gates collects the events slow hooks wait on; all are set at teardown, so no hook
+    thread outlives its test waiting."""
+    made: list[threading.Event] = []
+    yield made
+    for gate in made:
+        gate.set()
+
+
+def new_gate(gates: list[threading.Event]) -> threading.Event:
+    gate = threading.Event()
+    gates.append(gate)
+    return gate
+
+
+# -- the hook tests, async and on hook threads ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_on_connect_reads_the_request_and_its_accept_applies(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    gateway = make_gateway(mode_config(mode, subprotocols=("chat",)))
+    seen: dict[str, Any] = {}
+
+    def inspect(request: Request) -> Accept:
+        seen.update(
+            where=off_loop_thread(mode),
+            path=request.path,
+            params=request.params,
+            cookies=dict(request.cookies),
+            token=request.header("x-token"),
+            offered=request.subprotocols,
+        )
+        return Accept(user=int(request.params["user"]), topics=("news",), subprotocol="v9")
+
+    gateway.on_connect(hook(mode, inspect))
+    gateway.start()
+    client = ws_connect(
+        gateway.port,
+        "/notify?user=42&room=a%20b",
+        cookie="session=abc123",
+        header=["X-Token: s3cret"],
+        subprotocols=["chat", "v9"],
+    )
+    try:
+        assert seen == {
+            "where": True,
+            "path": "/notify",
+            "params": {"user": "42", "room": "a b"},
+            "cookies": {"session": "abc123"},
+            "token": "s3cret",
+            "offered": ["chat", "v9"],
+        }
+        assert client.getsubprotocol() == "v9"
+        assert gateway.send_to_user(42, "tagged") == 1
+        assert client.recv() == "tagged"
+        assert gateway.publish("news", "subscribed") == 1
+        assert client.recv() == "subscribed"
+        wait_until(lambda: settled(gateway), "the hooks to settle")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("status", [401, 403, 429])
+def test_a_reject_answers_its_status_and_never_opens(
+    make_gateway: Callable[..., Gateway], mode: str, status: int
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    opened: list[Connection] = []
+
+    def check(request: Request) -> Accept | Reject:
+        return Accept() if request.params.get("token") == "good" else Reject(status)
+
+    gateway.on_connect(hook(mode, check))
+    gateway.on_open(hook(mode, opened.append))
+    gateway.start()
+    refused = raw_upgrade(gateway.port, "/?token=bad")
+    assert refused.status == status
+    assert "sec-websocket-accept" not in refused.headers
+    refused.sock.close()
+    good = raw_upgrade(gateway.port, "/?token=good")
+    assert good.status == 101
+    wait_until(lambda: len(opened) == 1, "on_open of the accepted client")
+    good.sock.close()
+    wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the gateway to settle")
+    assert len(opened) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_on_http_gets_the_body_and_falls_back_to_the_built_ins(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    where: list[bool] = []
+
+    def api(request: Request) -> Response | None:
+        where.append(off_loop_thread(mode))
+        if request.method == "POST" and request.path == "/publish":
+            reached = gateway.publish(request.params["topic"], request.body)
+            return Response(202, f"{len(request.body)} bytes to {reached}\n")
+        return None
+
+    gateway.on_http(hook(mode, api))
+    gateway.on_connect(hook(mode, lambda request: Accept(topics=("news",))))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    try:
+        body = b"\x00breaking\xff" * 100
+        status, _, answer = http_request(gateway.port, "POST", "/publish?topic=news", body)
+        assert (status, answer) == (202, b"1000 bytes to 1\n")
+        assert client.recv() == body
+        status, _, answer = http_request(gateway.port, "GET", "/healthz")
+        assert (status, answer.strip()) == (200, b"ok")
+        status, _, _ = http_request(gateway.port, "GET", "/nothing-here")
+        assert status == 404
+        assert where == [True, True, True]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_connections_hooks_run_in_order(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    """on_connect, on_open (its greeting first on the wire), every message, on_close."""
+    gateway = make_gateway(mode_config(mode))
+    events: dict[int, list[str]] = defaultdict(list)
+
+    def connect(request: Request) -> Accept:
+        user = int(request.params["user"])
+        events[user].append("connect")
+        return Accept(user=user)
+
+    def opened(conn: Connection) -> None:
+        events[conn.user].append("open")
+        conn.send("hello")
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        events[conn.user].append(str(data))
+        conn.send(f"echo {data!s}")
+
+    gateway.on_connect(hook(mode, connect))
+    gateway.on_open(hook(mode, opened))
+    gateway.on_message(hook(mode, message))
+    gateway.on_close(hook(mode, lambda conn, code: events[conn.user].append(f"close {code}")))
+    gateway.start()
+    codes = {1: 1000, 2: 4321}
+    clients = {user: ws_connect(gateway.port, f"/?user={user}") for user in codes}
+    count = 20
+    for n in range(count):
+        for client in clients.values():
+            client.send(f"m{n}")
+    for user, client in clients.items():
+        assert client.recv() == "hello"
+        assert [client.recv() for _ in range(count)] == [f"echo m{n}" for n in range(count)]
+        client.close(status=codes[user])
+    wait_until(lambda: all(len(events[user]) == count + 3 for user in codes), "every hook")
+    for user, code in codes.items():
+        assert events[user] == ["connect", "open", *(f"m{n}" for n in range(count)), f"close {code}"]
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+
+
+@pytest.mark.parametrize("mode", ("inline", *MODES))
+def test_the_topics_of_an_accept_apply_before_the_101(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    """A publish made as soon as the client has its 101 reaches it: the Accept's topics are
+    in place before the 101 leaves, whichever thread applies the decision."""
+    gateway = make_gateway(mode_config(mode) if mode != "inline" else Config())
+    decide = lambda request: Accept(topics=(request.params["topic"],))  # noqa: E731
+    gateway.on_connect(decide if mode == "inline" else hook(mode, decide))
+    gateway.start()
+    reached = []
+    for n in range(30):
+        client = ws_connect(gateway.port, f"/?topic=t{n}")
+        reached.append(gateway.publish(f"t{n}", "first"))
+        client.close()
+    assert reached == [1] * 30
