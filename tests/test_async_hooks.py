@@ -81,6 +81,20 @@ def blocking_hook(mode: str, gate: threading.Event, body: Callable[..., Any]) ->
     return coroutine_hook
 
 
+def by_path(
+    mode: str, hooks: dict[str, Callable[..., Any]], default: Callable[..., Any]
+) -> Callable[..., Any]:
+    """by_path is an on_connect or on_http hook of the mode that hands the request to the hook
+    of its path, else to default."""
+    if mode == "threads":
+        return lambda request: hooks.get(request.path, default)(request)
+
+    async def route(request: Request) -> Any:
+        return await hooks.get(request.path, default)(request)
+
+    return route
+
+
 def off_loop_thread(mode: str) -> bool:
     """off_loop_thread: the caller runs where the mode's hooks should (never the loop thread)."""
     name = threading.current_thread().name
@@ -375,3 +389,308 @@ def test_the_topics_of_an_accept_apply_before_the_101(
         reached.append(gateway.publish(f"t{n}", "first"))
         client.close()
     assert reached == [1] * 30
+
+
+# -- exceptions and wrong types ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hook_exceptions_are_logged_and_answered_like_sync_ones(
+    make_gateway: Callable[..., Gateway], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    closed: list[int] = []
+
+    def connect(request: Request) -> None:
+        if "fail" in request.params:
+            raise KeyError("no such session")
+
+    def opened(conn: Connection) -> None:
+        raise ValueError("on_open broke")
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        if data == "boom":
+            raise ZeroDivisionError("on_message broke")
+        conn.send(f"echo {data!s}")
+
+    def close(conn: Connection, code: int) -> None:
+        closed.append(code)
+        raise LookupError("on_close broke")
+
+    def api(request: Request) -> Response:
+        raise RuntimeError("on_http broke")
+
+    for name, fn in (
+        ("connect", connect),
+        ("open", opened),
+        ("message", message),
+        ("close", close),
+        ("http", api),
+    ):
+        getattr(gateway, f"on_{name}")(hook(mode, fn))
+    gateway.start()
+    refused = raw_upgrade(gateway.port, "/?fail")
+    assert refused.status == 500
+    refused.sock.close()
+    status, _, _ = http_request(gateway.port, "GET", "/anything")
+    assert status == 500
+    client = ws_connect(gateway.port)  # on_open raised: the connection stays open
+    client.send("boom")
+    client.send("after")  # the message after one whose hook raised is still handled
+    assert client.recv() == "echo after"
+    client.close()
+    wait_until(lambda: closed == [1000] and settled(gateway), "on_close")
+    for hook_name, error in (
+        ("on_connect", "KeyError"),
+        ("on_open", "ValueError"),
+        ("on_message", "ZeroDivisionError"),
+        ("on_close", "LookupError"),
+        ("on_http", "RuntimeError"),
+    ):
+        records = hook_errors(caplog, f"{hook_name} raised")
+        assert len(records) == 1, f"{hook_name}: {[r.getMessage() for r in caplog.records]}"
+        assert records[0].exc_info is not None and records[0].exc_info[0].__name__ == error
+
+
+async def returns_an_int(request: Request) -> int:
+    return 5
+
+
+def returns_a_coroutine(request: Request) -> Any:
+    async def decide() -> Accept:
+        return Accept()
+
+    return decide()
+
+
+@pytest.mark.parametrize(
+    ("hook_name", "fn", "threads", "message"),
+    [
+        ("connect", returns_an_int, 0, "on_connect returned int"),
+        ("connect", lambda request: 5, 2, "on_connect returned int"),
+        ("connect", returns_a_coroutine, 0, "on_connect returned an awaitable from a plain"),
+        ("connect", returns_a_coroutine, 2, "on_connect returned an awaitable from a plain"),
+        ("http", returns_an_int, 0, "on_http returned int"),
+        ("http", lambda request: b"bytes", 2, "on_http returned bytes"),
+        ("http", returns_a_coroutine, 0, "on_http returned an awaitable from a plain"),
+        ("http", returns_a_coroutine, 2, "on_http returned an awaitable from a plain"),
+    ],
+    ids=[
+        "connect-async-int",
+        "connect-thread-int",
+        "connect-inline-coroutine",
+        "connect-thread-coroutine",
+        "http-async-int",
+        "http-thread-bytes",
+        "http-inline-coroutine",
+        "http-thread-coroutine",
+    ],
+)
+def test_a_hook_returning_the_wrong_type_gets_500_and_a_log_line_naming_it(
+    make_gateway: Callable[..., Gateway],
+    caplog: pytest.LogCaptureFixture,
+    hook_name: str,
+    fn: Callable[..., Any],
+    threads: int,
+    message: str,
+) -> None:
+    gateway = make_gateway(Config(hook_threads=threads))
+    getattr(gateway, f"on_{hook_name}")(fn)
+    gateway.start()
+    if hook_name == "connect":
+        response = raw_upgrade(gateway.port)
+        response.sock.close()
+        status = response.status
+    else:
+        status, _, _ = http_request(gateway.port, "GET", "/")
+    assert status == 500
+    wait_until(lambda: settled(gateway), "the hook to settle")
+    (record,) = [r for r in caplog.records if r.name == "lowmemws"]
+    assert record.exc_info is not None and record.exc_info[0] is TypeError
+    assert message in str(record.exc_info[1])
+    assert gateway.connection_count == 0
+
+
+# -- a Request outlives its hook only as a dead handle ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_request_is_valid_until_the_hook_returns_and_dead_after(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    """A slow hook reads its own request after other requests went through the read
+    buffers meanwhile; once it has returned, the Request raises RuntimeError."""
+    gateway = make_gateway(mode_config(mode, hook_threads=4))
+    gate = new_gate(gates)
+    kept: list[Request] = []
+    seen: dict[str, tuple[str, str | None, str, bytes]] = {}
+
+    def keep(request: Request) -> Response | None:
+        kept.append(request)
+        seen[request.path] = (request.query, request.header("x-n"), request.method, request.body)
+        return Response(200, "kept") if request.method == "POST" else None
+
+    slow = blocking_hook(mode, gate, keep)
+    route = by_path(mode, {"/slow": slow, "/slow-post": slow}, hook(mode, keep))
+    gateway.on_connect(route)
+    gateway.on_http(route)
+    gateway.start()
+    waiting_upgrade = send_upgrade(gateway.port, "/slow?mine=1")
+    waiting_post = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+    waiting_post.sendall(
+        b"POST /slow-post?r=2 HTTP/1.1\r\nHost: x\r\nX-N: slow\r\nContent-Length: 8\r\n\r\nthe body"
+    )
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 2, "both slow hooks to run")
+    for n in range(5):  # other requests pass through the read buffers meanwhile
+        client = ws_connect(gateway.port, f"/other{n}?q={n}", header=[f"X-N: {n}"])
+        client.close()
+    gate.set()
+    assert read_response(waiting_upgrade).status == 101
+    assert read_response(waiting_post).status == 200
+    waiting_upgrade.close()
+    waiting_post.close()
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    assert seen["/slow"] == ("mine=1", None, "GET", b"")
+    assert seen["/slow-post"] == ("r=2", "slow", "POST", b"the body")
+    assert len(kept) == 7
+    for n in range(5):
+        assert seen[f"/other{n}"] == (f"q={n}", str(n), "GET", b"")
+    for request in kept:
+        for use in (
+            lambda: request.path,
+            lambda: request.method,
+            lambda: request.query,
+            lambda: request.params,
+            lambda: request.header("host"),
+            lambda: request.headers,
+            lambda: request.cookies,
+            lambda: request.body,
+            lambda: request.subprotocols,
+        ):
+            with pytest.raises(RuntimeError, match="valid only during the hook"):
+                use()
+
+
+# -- slow hooks, clients that leave ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_hook_slower_than_handshake_timeout_gets_408_and_leaks_nothing(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode, handshake_timeout=0.5))
+    gate = new_gate(gates)
+    opened: list[Connection] = []
+    finished: list[str] = []
+
+    def decide(request: Request) -> Accept | Response:
+        finished.append(request.path)  # the request is still readable: the hook has not returned
+        if request.method == "POST":
+            return Response(200, "too late")
+        return Accept(user=1, topics=("news",))
+
+    route = by_path(mode, {"/slow": blocking_hook(mode, gate, decide)}, hook(mode, decide))
+    gateway.on_connect(route)
+    gateway.on_http(route)
+    gateway.on_open(hook(mode, opened.append))
+    gateway.start()
+    upgrade = send_upgrade(gateway.port, "/slow")
+    post = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+    post.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    assert read_response(upgrade).status == 408
+    assert read_response(post).status == 408
+    stats = gateway.stats()
+    assert stats["handshake_timeouts_total"] == 2
+    assert stats["handshakes_parked"] == 0
+    assert stats["hooks_in_flight"] == 2  # the hooks still run: their answers come too late
+    gate.set()
+    wait_until(lambda: finished == ["/slow", "/slow"], "the slow hooks to return")
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    upgrade.close()
+    post.close()
+    wait_until(lambda: gateway.stats()["handshakes"] == 0, "the timed out requests to end")
+    assert opened == [] and gateway.connection_count == 0
+    assert gateway.send_to_user(1, "x") == 0 and gateway.topic_size("news") == 0
+    client = ws_connect(gateway.port, "/fast")  # the gateway still serves
+    assert gateway.send_to_user(1, "after") == 1
+    assert client.recv() == "after"
+    client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("hangup", ["reset", "fin"])
+def test_a_client_gone_while_its_hook_runs_costs_nothing_and_misleads_no_one(
+    make_gateway: Callable[..., Gateway], mode: str, hangup: str, gates: list[threading.Event]
+) -> None:
+    """A hangs up while its on_connect runs: its slot is freed at once; B, likely on A's
+    reused fd, is not opened by A's late Accept, only by its own."""
+    gateway = make_gateway(mode_config(mode))
+    gate_a, gate_b = new_gate(gates), new_gate(gates)
+    opened: list[int] = []
+
+    def accept(request: Request) -> Accept:
+        return Accept(user=int(request.params["user"]), topics=("news",))
+
+    gateway.on_connect(
+        by_path(
+            mode,
+            {"/a": blocking_hook(mode, gate_a, accept), "/b": blocking_hook(mode, gate_b, accept)},
+            hook(mode, accept),
+        )
+    )
+    gateway.on_open(hook(mode, lambda conn: opened.append(conn.user)))
+    gateway.start()
+    a = send_upgrade(gateway.port, "/a?user=1")
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "A's hook to run")
+    if hangup == "reset":
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()  # the client is gone
+    wait_until(lambda: gateway.stats()["handshakes"] == 0, "A's slot to be freed")
+    assert gateway.stats()["handshakes_parked"] == 0
+    assert gateway.stats()["hooks_in_flight"] == 1  # A's hook still runs
+    b = send_upgrade(gateway.port, "/b?user=2")
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "B's hook to run")
+    gate_a.set()
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 1, "A's hook to return")
+    assert gateway.connection_count == 0 and opened == []
+    assert gateway.stats()["handshakes_parked"] == 1  # B still waits for its own hook
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(1)  # nothing was sent to B
+    b.setblocking(True)
+    gate_b.set()
+    response = read_response(b)
+    assert response.status == 101
+    wait_until(lambda: opened == [2], "B's on_open")
+    assert gateway.send_to_user(1, "to A") == 0
+    assert gateway.publish("news", "to B") == 1
+    assert read_frame(b, response.rest)[:2] == (1, b"to B")
+    b.close()
+    wait_until(lambda: gateway.connection_count == 0 and settled(gateway), "B to close")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_http_client_gone_while_on_http_runs_costs_nothing(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    answered: list[str] = []
+
+    def answer(request: Request) -> Response:
+        answered.append(request.path)
+        return Response(200, "nobody reads this")
+
+    gateway.on_http(by_path(mode, {"/slow": blocking_hook(mode, gate, answer)}, hook(mode, answer)))
+    gateway.start()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+    sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "on_http to run")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    wait_until(lambda: gateway.stats()["handshakes"] == 0, "the slot to be freed")
+    assert gateway.stats()["handshakes_parked"] == 0
+    gate.set()
+    wait_until(lambda: answered == ["/slow"] and settled(gateway), "on_http to return")
+    status, _, body = http_request(gateway.port, "GET", "/fast")
+    assert (status, body) == (200, b"nobody reads this")
