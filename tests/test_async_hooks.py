@@ -14,6 +14,7 @@ import base64
 import gc
 import hashlib
 import http.client
+import inspect
 import logging
 import os
 import socket
@@ -694,3 +695,386 @@ def test_an_http_client_gone_while_on_http_runs_costs_nothing(
     wait_until(lambda: answered == ["/slow"] and settled(gateway), "on_http to return")
     status, _, body = http_request(gateway.port, "GET", "/fast")
     assert (status, body) == (200, b"nobody reads this")
+
+
+# -- one connection's messages: in order, one at a time ----------------------------------------------
+
+
+class OrderLog:
+    """OrderLog records each connection's messages as its on_message sees them, and whether
+    two calls for one connection (or more than ``cap`` calls in all) ever overlapped."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[int, list[str]] = defaultdict(list)
+        self.active: dict[int, int] = defaultdict(int)
+        self.overlaps = 0
+        self.running = 0
+        self.most_running = 0
+        self.threads: set[str] = set()
+
+    def enter(self, user: int, message: str) -> None:
+        with self.lock:
+            self.active[user] += 1
+            self.overlaps += self.active[user] > 1
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.seen[user].append(message)
+            self.threads.add(threading.current_thread().name)
+
+    def leave(self, user: int) -> None:
+        with self.lock:
+            self.active[user] -= 1
+            self.running -= 1
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(messages) for messages in self.seen.values())
+
+
+def connect_users(port: int, users: range) -> dict[int, websocket.WebSocket]:
+    return {user: ws_connect(port, f"/?user={user}") for user in users}
+
+
+def by_user(request: Request) -> Accept:
+    return Accept(user=int(request.params["user"]))
+
+
+def test_async_on_message_sees_one_connections_messages_in_order_one_at_a_time(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = make_gateway(Config())
+    log = OrderLog()
+
+    @gateway.on_message
+    async def slow(conn: Connection, message: str | bytes) -> None:
+        log.enter(conn.user, str(message))
+        try:
+            n = int(str(message)[1:])
+            await asyncio.sleep(0.001 * (n % 3))  # uneven waits: a later call could overtake
+        finally:
+            log.leave(conn.user)
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 4))
+    per_client = 100
+    for n in range(per_client):
+        for client in clients.values():
+            client.send(f"m{n}")
+    wait_until(lambda: log.count() == 3 * per_client, "every message")
+    for user in clients:
+        assert log.seen[user] == [f"m{n}" for n in range(per_client)]
+    assert log.overlaps == 0
+    assert log.most_running > 1  # connections do not wait for each other
+    assert log.threads == {"lowmemws-asyncio"}
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    for client in clients.values():
+        client.close()
+
+
+def test_threaded_on_message_keeps_each_connections_order(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = make_gateway(Config(hook_threads=4))
+    log = OrderLog()
+
+    @gateway.on_message
+    def slow(conn: Connection, message: str | bytes) -> None:
+        log.enter(conn.user, str(message))
+        try:
+            time.sleep(0.0005 * (int(str(message)[1:]) % 3))
+        finally:
+            log.leave(conn.user)
+        conn.send(f"done {message!s}")
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 5))
+    per_client = 100
+    for n in range(per_client):
+        for client in clients.values():
+            client.send(f"m{n}")
+    for client in clients.values():
+        assert [client.recv() for _ in range(per_client)] == [
+            f"done m{n}" for n in range(per_client)
+        ]
+    for user in clients:
+        assert log.seen[user] == [f"m{n}" for n in range(per_client)]
+    assert log.overlaps == 0
+    assert len(log.threads) > 1 and all(t.startswith("lowmemws-hook") for t in log.threads)
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    for client in clients.values():
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("connect_kind", "open_kind", "message_kind"),
+    [
+        ("async", "inline", "inline"),
+        ("async", "inline", "async"),
+        ("inline", "async", "inline"),
+        ("async", "async", "inline"),
+        ("async", "thread", "thread"),
+        ("thread", "async", "thread"),
+        ("thread", "thread", "async"),
+    ],
+)
+def test_mixed_hooks_keep_on_open_before_the_first_message(
+    make_gateway: Callable[..., Gateway], connect_kind: str, open_kind: str, message_kind: str
+) -> None:
+    """The first message comes in the same write as the upgrade request, so it is read as
+    soon as the 101 is out: on_open (and its greeting) must still come first. "thread":
+    plain hooks on hook threads (then no hook runs inline)."""
+    kinds = (connect_kind, open_kind, message_kind)
+    gateway = make_gateway(Config(hook_threads=2 if "thread" in kinds else 0))
+    events: list[str] = []
+
+    def connect(request: Request) -> Accept:
+        events.append("connect")
+        return Accept(user=1)
+
+    def opened(conn: Connection) -> None:
+        events.append("open")
+        conn.send("hello")
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        events.append(str(data))
+        conn.send(f"echo {data!s}")
+
+    for name, fn, kind in (
+        ("connect", connect, connect_kind),
+        ("open", opened, open_kind),
+        ("message", message, message_kind),
+    ):
+        getattr(gateway, f"on_{name}")(hook("async", fn) if kind == "async" else fn)
+    gateway.start()
+    for round_ in range(10):
+        events.clear()
+        sock = send_upgrade(gateway.port, after=masked_frame(1, b"first") + masked_frame(1, b"2nd"))
+        response = read_response(sock)
+        assert response.status == 101
+        got = []
+        rest = response.rest
+        for _ in range(3):
+            opcode, payload, rest = read_frame(sock, rest)
+            got.append(payload)
+        assert got == [b"hello", b"echo first", b"echo 2nd"], f"round {round_}"
+        assert events == ["connect", "open", "first", "2nd"], f"round {round_}"
+        sock.close()
+        wait_until(lambda: gateway.connection_count == 0, "the client to leave")
+
+
+# -- back-pressure at Config.hook_queue ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_at_hook_queue_slow_hooks_make_reading_wait_and_nothing_is_dropped(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    cap = 4
+    gateway = make_gateway(mode_config(mode, hook_queue=cap, hook_threads=8))
+    log = OrderLog()
+
+    if mode == "threads":
+
+        @gateway.on_message
+        def slow(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            time.sleep(0.002)
+            log.leave(conn.user)
+            conn.send(f"done {message!s}")
+
+    else:
+
+        @gateway.on_message
+        async def slow_async(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            await asyncio.sleep(0.002)
+            log.leave(conn.user)
+            conn.send(f"done {message!s}")
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 7))
+    per_client = 40
+    for n in range(per_client):
+        for client in clients.values():
+            client.send(f"m{n}")
+    for client in clients.values():
+        assert [client.recv() for _ in range(per_client)] == [
+            f"done m{n}" for n in range(per_client)
+        ]
+    for user in clients:
+        assert log.seen[user] == [f"m{n}" for n in range(per_client)]
+    assert log.overlaps == 0
+    assert 1 < log.most_running <= cap
+    stats = gateway.stats()
+    assert stats["messages_received_total"] == 6 * per_client
+    assert stats["dropped"] == {"write_limit": 0, "closed": 0, "latest": 0, "worker_queue": 0}
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    for client in clients.values():
+        client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_at_hook_queue_accepting_waits_until_hooks_finish(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    """Four messages fill hook_queue=4 and two more are held: new clients then wait in the
+    listen backlog (not accepted) until the hooks return; then everyone is served."""
+    cap = 4
+    gateway = make_gateway(mode_config(mode, hook_queue=cap, hook_threads=cap))
+    gate = new_gate(gates)
+    log = OrderLog()
+
+    if mode == "threads":
+
+        @gateway.on_message
+        def blocked(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            gate.wait(DEADLINE)
+            log.leave(conn.user)
+            conn.send(f"done {message!s}")
+
+    else:
+
+        @gateway.on_message
+        async def blocked_async(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            log.leave(conn.user)
+            conn.send(f"done {message!s}")
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 7))
+    for client in clients.values():
+        client.send("first")
+    wait_until(lambda: log.count() == cap, "the hooks to fill hook_queue")
+    wait_until(lambda: gateway.stats()["accept_paused"] == 1, "accepting to stop")
+    assert gateway.stats()["hooks_in_flight"] == 6  # four running, two held
+    late = [send_upgrade(gateway.port, f"/?user={user}") for user in (7, 8)]
+    time.sleep(0.3)  # time the gateway would need to accept them, were it accepting
+    stats = gateway.stats()
+    assert stats["handshakes"] == 0 and stats["handshakes_total"] == 6
+    assert log.count() == cap and log.most_running == cap
+    gate.set()
+    for client in clients.values():
+        assert client.recv() == "done first"
+    for sock in late:
+        assert read_response(sock).status == 101
+        sock.close()
+    for client in clients.values():
+        client.send("second")
+        assert client.recv() == "done second"
+    assert log.most_running == cap
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    assert gateway.stats()["accept_paused"] == 0
+    for client in clients.values():
+        client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_at_hook_queue_every_upgrade_is_decided_in_the_end(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    """Twelve upgrades at once with on_connect blocked and hook_queue=4: at most four hooks
+    run, the rest wait (parked or in the backlog); once the hooks return all are upgraded."""
+    cap = 4
+    gateway = make_gateway(mode_config(mode, hook_queue=cap, hook_threads=cap))
+    gate = new_gate(gates)
+    log = OrderLog()
+
+    def decide(request: Request) -> Accept:
+        user = int(request.params["user"])
+        log.leave(user)
+        return Accept(user=user)
+
+    inner = blocking_hook(mode, gate, decide)
+    if mode == "threads":
+
+        def connect(request: Request) -> Accept:
+            log.enter(int(request.params["user"]), "connect")
+            return inner(request)  # type: ignore[no-any-return]
+
+    else:
+
+        async def connect(request: Request) -> Accept:  # type: ignore[misc]
+            log.enter(int(request.params["user"]), "connect")
+            return await inner(request)  # type: ignore[no-any-return]
+
+    gateway.on_connect(connect)
+    opened: list[int] = []
+    gateway.on_open(lambda conn: opened.append(conn.user))
+    gateway.start()
+    users = range(1, 13)
+    socks = [send_upgrade(gateway.port, f"/?user={user}") for user in users]
+    wait_until(lambda: log.count() == cap, "the hooks to fill hook_queue")
+    time.sleep(0.2)  # time for more hooks to start, were the cap not kept
+    assert log.count() == cap
+    gate.set()
+    for sock in socks:
+        assert read_response(sock).status == 101
+    wait_until(lambda: sorted(opened) == list(users), "every on_open")
+    assert log.most_running <= cap and sorted(log.seen) == list(users)
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    for sock in socks:
+        sock.close()
+
+
+# -- zero idle cost --------------------------------------------------------------------------------
+
+
+def hook_leftovers() -> dict[int, str]:
+    """hook_leftovers lists (by id) the objects of hook calls alive now: Jobs, Requests,
+    Connections, asyncio tasks and coroutines, and thread-pool futures."""
+    from concurrent.futures import Future
+
+    from lowmemws._dispatch import Job
+
+    gc.collect()
+    found: dict[int, str] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, Job | Request | Connection | asyncio.Task | Future):
+            found[id(obj)] = repr(obj)[:120]
+        elif inspect.iscoroutine(obj) and "lowmemws" in obj.cr_code.co_filename:
+            found[id(obj)] = repr(obj)[:120]
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_hook_object_remains_once_the_hooks_have_returned(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gateway.on_connect(hook(mode, by_user))
+    gateway.on_open(hook(mode, lambda conn: conn.send("hello")))
+    gateway.on_message(hook(mode, lambda conn, message: conn.send(f"echo {message!s}")))
+    closed: list[int] = []
+    gateway.on_close(hook(mode, lambda conn, code: closed.append(code)))
+    before = hook_leftovers()
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 51))
+    for client in clients.values():
+        client.send("ping")
+    for client in clients.values():
+        assert client.recv() == "hello" and client.recv() == "echo ping"
+    clients[1].close()  # one on_close too
+    wait_until(lambda: closed == [1000] and settled(gateway), "the hooks to settle")
+
+    def left() -> dict[int, str]:
+        return {key: text for key, text in hook_leftovers().items() if key not in before}
+
+    # the last hook's drain may still be finishing: bounded wait, then nothing may remain
+    try:
+        wait_until(lambda: not left(), "the hook objects to go")
+    except AssertionError:
+        remaining = left()
+        raise AssertionError(f"{len(remaining)} left, e.g. {list(remaining.values())[:5]}") from None
+    stats = gateway.stats()
+    assert stats["hooks_in_flight"] == 0 and stats["handshakes_parked"] == 0
+    assert stats["handshakes"] == 0 and gateway.connection_count == 49
+    for client in list(clients.values())[1:]:
+        client.close()
