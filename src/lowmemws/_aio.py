@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 log = logging.getLogger("lowmemws")
 
 T = TypeVar("T")
+
+#: How long close() lets cancelled hook tasks run their except/finally blocks.
+_CANCEL_WAIT = 1.0
 CoroutineFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -104,10 +107,26 @@ class AsyncioHost:
         self._loop.call_soon_threadsafe(cancel)
 
     def close(self) -> None:
-        """close stops the gateway's own loop (the caller's loop is the caller's to stop)."""
+        """close stops the gateway's own loop (the caller's loop is the caller's to stop),
+        once the tasks cancel_all cancelled have ended (at most _CANCEL_WAIT seconds): each
+        hook gets its CancelledError (its except and finally blocks run) instead of being
+        dropped pending with the loop."""
         if not self._own or self._loop is None or self._thread is None:
             return
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        loop = self._loop
+        if loop.is_closed():
+            return
+
+        async def cancelled_tasks_end() -> None:  # runs after cancel_all's callback (FIFO)
+            tasks = [task for task in self._tasks if not task.done()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=_CANCEL_WAIT)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancelled_tasks_end(), loop).result(_CANCEL_WAIT + 1)
+        except Exception:  # a hook that blocks the loop: stop it all the same
+            log.warning("lowmemws: hook tasks did not end after their cancellation")
+        loop.call_soon_threadsafe(loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():
-            self._loop.close()
+            loop.close()
