@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
-import hashlib
 import http.client
 import inspect
 import logging
@@ -370,7 +369,12 @@ def test_one_connections_hooks_run_in_order(
         client.close(status=codes[user])
     wait_until(lambda: all(len(events[user]) == count + 3 for user in codes), "every hook")
     for user, code in codes.items():
-        assert events[user] == ["connect", "open", *(f"m{n}" for n in range(count)), f"close {code}"]
+        assert events[user] == [
+            "connect",
+            "open",
+            *(f"m{n}" for n in range(count)),
+            f"close {code}",
+        ]
     wait_until(lambda: settled(gateway), "the hooks to settle")
 
 
@@ -557,19 +561,24 @@ def test_a_request_is_valid_until_the_hook_returns_and_dead_after(
     for n in range(5):
         assert seen[f"/other{n}"] == (f"q={n}", str(n), "GET", b"")
     for request in kept:
-        for use in (
-            lambda: request.path,
-            lambda: request.method,
-            lambda: request.query,
-            lambda: request.params,
-            lambda: request.header("host"),
-            lambda: request.headers,
-            lambda: request.cookies,
-            lambda: request.body,
-            lambda: request.subprotocols,
-        ):
+        for use in request_uses(request):
             with pytest.raises(RuntimeError, match="valid only during the hook"):
                 use()
+
+
+def request_uses(request: Request) -> list[Callable[[], object]]:
+    """request_uses are the ways to read a Request."""
+    return [
+        lambda: request.path,
+        lambda: request.method,
+        lambda: request.query,
+        lambda: request.params,
+        lambda: request.header("host"),
+        lambda: request.headers,
+        lambda: request.cookies,
+        lambda: request.body,
+        lambda: request.subprotocols,
+    ]
 
 
 # -- slow hooks, clients that leave ----------------------------------------------------------------
@@ -697,7 +706,7 @@ def test_an_http_client_gone_while_on_http_runs_costs_nothing(
     assert (status, body) == (200, b"nobody reads this")
 
 
-# -- one connection's messages: in order, one at a time ----------------------------------------------
+# -- one connection's messages: in order, one at a time --------------------------------------------
 
 
 class OrderLog:
@@ -865,7 +874,7 @@ def test_mixed_hooks_keep_on_open_before_the_first_message(
         wait_until(lambda: gateway.connection_count == 0, "the client to leave")
 
 
-# -- back-pressure at Config.hook_queue ----------------------------------------------------------------
+# -- back-pressure at Config.hook_queue ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -1072,9 +1081,206 @@ def test_no_hook_object_remains_once_the_hooks_have_returned(
         wait_until(lambda: not left(), "the hook objects to go")
     except AssertionError:
         remaining = left()
-        raise AssertionError(f"{len(remaining)} left, e.g. {list(remaining.values())[:5]}") from None
+        raise AssertionError(
+            f"{len(remaining)} left, e.g. {list(remaining.values())[:5]}"
+        ) from None
     stats = gateway.stats()
     assert stats["hooks_in_flight"] == 0 and stats["handshakes_parked"] == 0
     assert stats["handshakes"] == 0 and gateway.connection_count == 49
     for client in list(clients.values())[1:]:
         client.close()
+
+
+# -- shutdown with hooks in flight -----------------------------------------------------------------
+
+
+def answer_close(client: websocket.WebSocket) -> int:
+    """answer_close reads frames until the server's close, answers it and returns its code."""
+    code = close_code(client)
+    client.send_close(code)
+    client.shutdown()
+    return code
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shutdown_with_hooks_in_flight_is_bounded_and_clients_get_1001(
+    make_gateway: Callable[..., Gateway],
+    mode: str,
+    gates: list[threading.Event],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three on_message calls and one on_connect never finish by themselves: stop() closes
+    the clients with 1001 (the parked upgrade gets 503), waits shutdown_timeout for the
+    hooks, cancels the coroutines (a hook thread cannot be stopped: its late result is
+    dropped) and returns."""
+    shutdown_timeout = 1.0
+    gateway = make_gateway(mode_config(mode, shutdown_timeout=shutdown_timeout, hook_threads=4))
+    gate = new_gate(gates)
+    log = OrderLog()
+    cancelled: list[str] = []
+    late: list[object] = []
+
+    def record_late(conn: Connection, message: str | bytes) -> None:
+        late.append(conn.send("too late"))
+
+    if mode == "threads":
+
+        @gateway.on_message
+        def stuck(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            gate.wait(DEADLINE)
+            record_late(conn, message)
+
+    else:
+
+        @gateway.on_message
+        async def stuck_async(conn: Connection, message: str | bytes) -> None:
+            log.enter(conn.user, str(message))
+            try:
+                await asyncio.sleep(3 * DEADLINE)
+            except asyncio.CancelledError:
+                cancelled.append(str(message))
+                raise
+
+    def accept(request: Request) -> Accept:
+        late.append("accept")
+        return by_user(request)
+
+    gateway.on_connect(
+        by_path(mode, {"/slow": blocking_hook(mode, gate, accept)}, hook(mode, by_user))
+    )
+    gateway.start()
+    clients = connect_users(gateway.port, range(1, 4))
+    for client in clients.values():
+        client.send("stuck")
+    wait_until(lambda: log.count() == 3, "the three hooks to run")
+    parked = send_upgrade(gateway.port, "/slow?user=9")
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "the slow on_connect to run")
+    results: dict[int, int] = {}
+    readers = [
+        threading.Thread(target=lambda u=user, c=client: results.__setitem__(u, answer_close(c)))
+        for user, client in clients.items()
+    ]
+    for reader in readers:
+        reader.start()
+    started = time.monotonic()
+    gateway.stop(timeout=3 * DEADLINE)
+    took = time.monotonic() - started
+    for reader in readers:
+        reader.join(DEADLINE)
+    assert results == {1: 1001, 2: 1001, 3: 1001}
+    assert read_response(parked).status == 503
+    parked.close()
+    # bounded: the hooks (30 s, or until the gate) are not waited for past shutdown_timeout
+    assert took < shutdown_timeout + DEADLINE / 2, f"stop() took {took:.1f} s"
+    assert hook_errors(caplog, "abandoned at shutdown")
+    if mode == "async":
+        wait_until(lambda: sorted(cancelled) == ["stuck"] * 3, "the coroutines to be cancelled")
+        assert late == []
+    else:
+        gate.set()  # the hook threads finish now: their sends and Accept find nothing
+        wait_until(lambda: len(late) == 4, "the hook threads to finish")
+        assert sorted(map(str, late)) == ["SendResult.GONE"] * 3 + ["accept"]
+    assert gateway.connection_count == 0
+
+
+# -- publishing from coroutines --------------------------------------------------------------------
+
+
+def test_apublish_from_a_coroutine_goes_straight_in_with_local_bus(
+    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LocalBus never waits, so apublish, asend_to_user and abroadcast publish on the
+    caller's loop: no thread hop (asyncio.to_thread would raise here)."""
+
+    def no_thread_hop(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        raise AssertionError("apublish went through asyncio.to_thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread_hop)
+    gateway = make_gateway(Config())
+    reached: list[tuple[str, int]] = []
+
+    @gateway.on_message
+    async def fan_out(conn: Connection, message: str | bytes) -> None:
+        reached.append(("topic", await gateway.apublish("news", f"topic: {message!s}")))
+        reached.append(("user", await gateway.asend_to_user(7, b"to seven")))
+        reached.append(("all", await gateway.abroadcast("to everyone")))
+
+    gateway.on_connect(hook("async", lambda request: Accept(user=7, topics=("news",))))
+    gateway.start()
+    clients = [ws_connect(gateway.port) for _ in range(2)]
+    clients[0].send("go")
+    for client in clients:
+        assert [client.recv() for _ in range(3)] == ["topic: go", b"to seven", "to everyone"]
+    assert reached == [("topic", 2), ("user", 2), ("all", 2)]
+    for client in clients:
+        client.close()
+
+
+def test_one_busy_connection_is_paused_not_the_others(
+    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
+) -> None:
+    """A connection whose messages queue behind its slow on_message (KEY_QUEUE_MAX of them)
+    is no longer read: its next messages wait in the kernel while other connections are
+    served; once its hook returns every message is handled, in order."""
+    from lowmemws._dispatch import KEY_QUEUE_MAX
+
+    gateway = make_gateway(Config())
+    gate = new_gate(gates)
+    log = OrderLog()
+
+    @gateway.on_message
+    async def handle(conn: Connection, message: str | bytes) -> None:
+        if conn.user == 1:
+            log.enter(1, str(message))
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            log.leave(1)
+        conn.send(f"done {message!s}")
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    busy, other = ws_connect(gateway.port, "/?user=1"), ws_connect(gateway.port, "/?user=2")
+
+    def received() -> int:
+        return int(gateway.stats()["messages_received_total"])
+
+    queued = KEY_QUEUE_MAX + 1  # one running, KEY_QUEUE_MAX waiting behind it: paused
+    for n in range(queued):
+        busy.send(f"m{n}")
+        wait_until(lambda n=n: received() == n + 1, f"message {n} to be read")
+    total = 3 * KEY_QUEUE_MAX
+    for n in range(queued, total):
+        busy.send(f"m{n}")
+    other.send("hi")
+    assert other.recv() == "done hi"
+    time.sleep(0.2)  # time to read the busy socket, were it read
+    assert received() == queued + 1
+    assert log.count() == 1
+    gate.set()
+    assert [busy.recv() for _ in range(total)] == [f"done m{n}" for n in range(total)]
+    assert log.seen[1] == [f"m{n}" for n in range(total)] and log.overlaps == 0
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    busy.close()
+    other.close()
+
+
+def test_parked_handshakes_count_against_max_handshakes(
+    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(Config(max_handshakes=2))
+    gate = new_gate(gates)
+    gateway.on_connect(
+        by_path("async", {"/slow": blocking_hook("async", gate, by_user)}, hook("async", by_user))
+    )
+    gateway.start()
+    slow = [send_upgrade(gateway.port, f"/slow?user={user}") for user in (1, 2)]
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 2, "two parked handshakes")
+    third = send_upgrade(gateway.port, "/?user=3")
+    time.sleep(0.2)  # time to accept it, were there room
+    assert gateway.stats()["handshakes"] == 2 and gateway.stats()["accept_paused"] == 1
+    gate.set()
+    for sock in (*slow, third):
+        assert read_response(sock).status == 101
+        sock.close()
+    wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the clients to go")

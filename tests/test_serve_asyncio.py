@@ -148,7 +148,7 @@ def test_cancelling_serve_closes_the_clients_with_1001_and_returns(
     asyncio.run(asyncio.wait_for(main(), 3 * DEADLINE))
 
 
-# -- the application as a child process --------------------------------------------------------------
+# -- the application as a child process ------------------------------------------------------------
 
 
 @pytest.fixture
@@ -237,9 +237,11 @@ def test_idle_connections_accepted_through_an_async_on_connect_cost_little_rss(
     socks = open_upgraded(server.port, 2000)
     try:
         wait_until(
-            lambda: (stats := app_stats(http_port))["hooks_in_flight"] == 0
-            and stats["handshakes_parked"] == 0
-            and stats["connections"] == 2000,
+            lambda: (
+                (stats := app_stats(http_port))["hooks_in_flight"] == 0
+                and stats["handshakes_parked"] == 0
+                and stats["connections"] == 2000
+            ),
             "the hooks to settle",
         )
         grown = rss_bytes(server.pid) - before
@@ -248,4 +250,3 @@ def test_idle_connections_accepted_through_an_async_on_connect_cost_little_rss(
     finally:
         for sock in socks:
             sock.close()
-

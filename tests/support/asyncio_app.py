@@ -67,7 +67,8 @@ async def http_app(gateway: lowmemws.Gateway) -> asyncio.Server:
                 status, answer = 404, b"not found\n"
             writer.write(
                 f"HTTP/1.1 {status} X\r\nContent-Length: {len(answer)}\r\n"
-                f"Connection: close\r\n\r\n".encode("latin-1") + answer
+                f"Connection: close\r\n\r\n".encode("latin-1")
+                + answer
             )
             await writer.drain()
         finally:
