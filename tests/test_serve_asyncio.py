@@ -148,6 +148,44 @@ def test_cancelling_serve_closes_the_clients_with_1001_and_returns(
     asyncio.run(asyncio.wait_for(main(), 3 * DEADLINE))
 
 
+def test_serve_stops_within_its_bound_while_hooks_are_in_flight(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """Two on_message coroutines that would await 30 s: stop() closes the clients with 1001,
+    serve() returns after shutdown_timeout and the coroutines are cancelled on the loop."""
+    gateway = make_gateway(Config(shutdown_timeout=1.0))
+    cancelled: list[str | bytes] = []
+
+    @gateway.on_message
+    async def stuck(conn: Connection, message: str | bytes) -> None:
+        try:
+            await asyncio.sleep(3 * DEADLINE)
+        except asyncio.CancelledError:
+            cancelled.append(message)
+            raise
+
+    async def main() -> None:
+        serving = asyncio.create_task(gateway.serve(handle_signals=False))
+        assert await asyncio.to_thread(gateway.wait_ready, DEADLINE)
+        clients = [await asyncio.to_thread(ws_connect, gateway.port) for _ in range(2)]
+        for client in clients:
+            await asyncio.to_thread(client.send, "stuck")
+        await asyncio.to_thread(
+            wait_until, lambda: gateway.stats()["hooks_in_flight"] == 2, "the hooks to run"
+        )
+        closes = [asyncio.create_task(asyncio.to_thread(close_code, c)) for c in clients]
+        gateway.stop()
+        await asyncio.wait_for(serving, DEADLINE)  # bounded: the hooks are not waited for
+        assert await asyncio.gather(*closes) == [1001, 1001]
+        for _ in range(100):
+            if len(cancelled) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert cancelled == ["stuck", "stuck"]
+
+    asyncio.run(asyncio.wait_for(main(), 3 * DEADLINE))
+
+
 # -- the application as a child process ------------------------------------------------------------
 
 
