@@ -1285,3 +1285,54 @@ def test_parked_handshakes_count_against_max_handshakes(
         assert read_response(sock).status == 101
         sock.close()
     wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the clients to go")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_gone_while_on_message_runs_gets_on_close_after_it(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    events: list[str] = []
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        events.append(f"{data!s} ends")
+        events.append(f"send after the client left: {conn.send('late')!s}")
+
+    gateway.on_message(blocking_hook(mode, gate, message))
+    gateway.on_close(hook(mode, lambda conn, code: events.append(f"close {code}")))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("m")
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 1, "on_message to run")
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+    wait_until(lambda: gateway.connection_count == 0, "the connection to end")
+    time.sleep(0.1)  # time for on_close to overtake on_message, were it allowed to
+    assert events == []
+    gate.set()
+    wait_until(lambda: len(events) == 3, "on_message, then on_close")
+    assert events == ["m ends", "send after the client left: SendResult.GONE", "close 1006"]
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_half_closed_http_client_still_gets_the_answer_of_a_slow_on_http(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    gateway.on_http(blocking_hook(mode, gate, lambda request: Response(200, request.body)))
+    gateway.start()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+    sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    sock.shutdown(socket.SHUT_WR)  # the request is complete; the client only reads now
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "on_http to run")
+    time.sleep(0.1)  # time to notice the half-close, were it taken for a hang-up
+    gate.set()
+    response = read_response(sock)
+    assert response.status == 200
+    body = response.rest + read_until(sock, b"never sent", timeout=DEADLINE)  # to EOF
+    assert body == b"hello"
+    sock.close()
+    wait_until(lambda: settled(gateway), "the hooks to settle")

@@ -94,6 +94,8 @@ def test_serve_runs_the_hooks_on_the_callers_loop_next_to_an_http_app_that_publi
         loop = asyncio.get_running_loop()
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         serving = asyncio.create_task(gateway.serve(handle_signals=False))
+        await asyncio.sleep(0)
+        assert gateway.port != 0  # bound before serve()'s first await
         assert await asyncio.to_thread(gateway.wait_ready, DEADLINE)
         assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the app's own
         app = await http_app(gateway)
