@@ -271,8 +271,12 @@ class EventLoop:
             server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
-        for topic in decision.topics:  # before the 101: a publish the client sees it for
-            server.subscribe(fd, gen, topic)  # reaches it (nothing is sent before the 101)
+        try:  # before the 101: a publish the client sees it for reaches it
+            for topic in decision.topics:  # (nothing is sent to it before the 101)
+                server.subscribe(fd, gen, topic)
+        except Exception:  # a topic that is not a str: answered like a hook that raised
+            server.reject(fd, gen, 500)
+            raise
         if not server.accept_upgrade(fd, gen, proto, decision.user):
             return
         hook = self._hooks.open
