@@ -1336,3 +1336,27 @@ def test_a_half_closed_http_client_still_gets_the_answer_of_a_slow_on_http(
     assert body == b"hello"
     sock.close()
     wait_until(lambda: settled(gateway), "the hooks to settle")
+
+
+@pytest.mark.parametrize("mode", ("inline", *MODES))
+def test_an_accept_whose_topics_cannot_be_subscribed_gets_500(
+    make_gateway: Callable[..., Gateway], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic that is not a str fails while the decision is applied: answered 500 at once
+    (not left waiting for handshake_timeout), like a hook that raised."""
+    gateway = make_gateway(
+        mode_config(mode, handshake_timeout=60.0)
+        if mode != "inline"
+        else Config(handshake_timeout=60.0)
+    )
+    decide = lambda request: Accept(topics=(b"not a str",))  # noqa: E731
+    gateway.on_connect(decide if mode == "inline" else hook(mode, decide))
+    opened: list[Connection] = []
+    gateway.on_open(opened.append)
+    gateway.start()
+    response = raw_upgrade(gateway.port)
+    assert response.status == 500
+    response.sock.close()
+    wait_until(lambda: settled(gateway) and not gateway.stats()["handshakes"], "the request to end")
+    assert opened == [] and gateway.connection_count == 0
+    assert [r for r in caplog.records if r.name == "lowmemws" and r.levelno >= logging.ERROR]
