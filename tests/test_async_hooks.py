@@ -1360,3 +1360,33 @@ def test_an_accept_whose_topics_cannot_be_subscribed_gets_500(
     wait_until(lambda: settled(gateway) and not gateway.stats()["handshakes"], "the request to end")
     assert opened == [] and gateway.connection_count == 0
     assert [r for r in caplog.records if r.name == "lowmemws" and r.levelno >= logging.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a plain on_message/on_open/on_close that returns a coroutine is called and its "
+    "coroutine dropped: only Python's 'coroutine ... was never awaited' RuntimeWarning says "
+    "so, no error naming the hook (on_connect and on_http check their results)",
+)
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threads"])
+def test_a_plain_on_message_returning_a_coroutine_gets_an_error_naming_the_hook(
+    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, threads: int
+) -> None:
+    gateway = make_gateway(Config(hook_threads=threads))
+
+    async def echo(conn: Connection, message: str | bytes) -> None:
+        conn.send(message)
+
+    gateway.on_message(lambda conn, message: echo(conn, message))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("lost")
+    try:
+        waiting.wait_until(
+            lambda: bool(hook_errors(caplog, "on_message returned an awaitable")),
+            "an error naming on_message",
+            2.0,
+        )
+    finally:
+        client.close()
