@@ -445,13 +445,17 @@ def test_hook_exceptions_are_logged_and_answered_like_sync_ones(
     assert client.recv() == "echo after"
     client.close()
     wait_until(lambda: closed == [1000] and settled(gateway), "on_close")
-    for hook_name, error in (
-        ("on_connect", "KeyError"),
-        ("on_open", "ValueError"),
-        ("on_message", "ZeroDivisionError"),
-        ("on_close", "LookupError"),
-        ("on_http", "RuntimeError"),
-    ):
+    raised = {
+        "on_connect": "KeyError",
+        "on_open": "ValueError",
+        "on_message": "ZeroDivisionError",
+        "on_close": "LookupError",
+        "on_http": "RuntimeError",
+    }
+    wait_until(  # on_close's is logged just after it ran
+        lambda: all(hook_errors(caplog, f"{name} raised") for name in raised), "every error"
+    )
+    for hook_name, error in raised.items():
         records = hook_errors(caplog, f"{hook_name} raised")
         assert len(records) == 1, f"{hook_name}: {[r.getMessage() for r in caplog.records]}"
         assert records[0].exc_info is not None and records[0].exc_info[0].__name__ == error
@@ -604,6 +608,7 @@ def test_a_hook_slower_than_handshake_timeout_gets_408_and_leaks_nothing(
     gateway.on_http(route)
     gateway.on_open(hook(mode, opened.append))
     gateway.start()
+    before = hook_leftovers()
     upgrade = send_upgrade(gateway.port, "/slow")
     post = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
     post.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
@@ -621,6 +626,9 @@ def test_a_hook_slower_than_handshake_timeout_gets_408_and_leaks_nothing(
     wait_until(lambda: gateway.stats()["handshakes"] == 0, "the timed out requests to end")
     assert opened == [] and gateway.connection_count == 0
     assert gateway.send_to_user(1, "x") == 0 and gateway.topic_size("news") == 0
+    wait_until(
+        lambda: all(key in before for key in hook_leftovers()), "the late hooks' objects to go"
+    )
     client = ws_connect(gateway.port, "/fast")  # the gateway still serves
     assert gateway.send_to_user(1, "after") == 1
     assert client.recv() == "after"
@@ -1359,7 +1367,10 @@ def test_an_accept_whose_topics_cannot_be_subscribed_gets_500(
     response.sock.close()
     wait_until(lambda: settled(gateway) and not gateway.stats()["handshakes"], "the request to end")
     assert opened == [] and gateway.connection_count == 0
-    assert [r for r in caplog.records if r.name == "lowmemws" and r.levelno >= logging.ERROR]
+    wait_until(  # logged just after the 500 is sent
+        lambda: any(r.name == "lowmemws" and r.levelno >= logging.ERROR for r in caplog.records),
+        "the error to be logged",
+    )
 
 
 @pytest.mark.xfail(
