@@ -32,7 +32,6 @@ from tests.support import waiting
 from tests.support.wire import read_until
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MODES = ("async", "threads")
 
 wait_until = waiting.waiter(DEADLINE)
@@ -520,6 +519,63 @@ def test_a_hook_returning_the_wrong_type_gets_500_and_a_log_line_naming_it(
     assert gateway.connection_count == 0
 
 
+@pytest.mark.parametrize("mode", ("inline", *MODES))
+def test_an_accept_whose_topics_cannot_be_subscribed_gets_500(
+    make_gateway: Callable[..., Gateway], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic that is not a str fails while the decision is applied: answered 500 at once
+    (not left waiting for handshake_timeout), like a hook that raised."""
+    gateway = make_gateway(
+        mode_config(mode, handshake_timeout=60.0)
+        if mode != "inline"
+        else Config(handshake_timeout=60.0)
+    )
+    decide = lambda request: Accept(topics=(b"not a str",))  # noqa: E731
+    gateway.on_connect(decide if mode == "inline" else hook(mode, decide))
+    opened: list[Connection] = []
+    gateway.on_open(opened.append)
+    gateway.start()
+    response = raw_upgrade(gateway.port)
+    assert response.status == 500
+    response.sock.close()
+    wait_until(lambda: settled(gateway) and not gateway.stats()["handshakes"], "the request to end")
+    assert opened == [] and gateway.connection_count == 0
+    wait_until(  # logged just after the 500 is sent
+        lambda: any(r.name == "lowmemws" and r.levelno >= logging.ERROR for r in caplog.records),
+        "the error to be logged",
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a plain on_message/on_open/on_close that returns a coroutine is called and its "
+    "coroutine dropped: only Python's 'coroutine ... was never awaited' RuntimeWarning says "
+    "so, no error naming the hook (on_connect and on_http check their results)",
+)
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threads"])
+def test_a_plain_on_message_returning_a_coroutine_gets_an_error_naming_the_hook(
+    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, threads: int
+) -> None:
+    gateway = make_gateway(Config(hook_threads=threads))
+
+    async def echo(conn: Connection, message: str | bytes) -> None:
+        conn.send(message)
+
+    gateway.on_message(lambda conn, message: echo(conn, message))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("lost")
+    try:
+        waiting.wait_until(
+            lambda: bool(hook_errors(caplog, "on_message returned an awaitable")),
+            "an error naming on_message",
+            2.0,
+        )
+    finally:
+        client.close()
+
+
 # -- a Request outlives its hook only as a dead handle ---------------------------------------------
 
 
@@ -713,6 +769,57 @@ def test_an_http_client_gone_while_on_http_runs_costs_nothing(
     wait_until(lambda: answered == ["/slow"] and settled(gateway), "on_http to return")
     status, _, body = http_request(gateway.port, "GET", "/fast")
     assert (status, body) == (200, b"nobody reads this")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_gone_while_on_message_runs_gets_on_close_after_it(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    events: list[str] = []
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        events.append(f"{data!s} ends")
+        events.append(f"send after the client left: {conn.send('late')!s}")
+
+    gateway.on_message(blocking_hook(mode, gate, message))
+    gateway.on_close(hook(mode, lambda conn, code: events.append(f"close {code}")))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("m")
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 1, "on_message to run")
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+    wait_until(lambda: gateway.connection_count == 0, "the connection to end")
+    time.sleep(0.1)  # time for on_close to overtake on_message, were it allowed to
+    assert events == []
+    gate.set()
+    wait_until(lambda: len(events) == 3, "on_message, then on_close")
+    assert events == ["m ends", "send after the client left: SendResult.GONE", "close 1006"]
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_half_closed_http_client_still_gets_the_answer_of_a_slow_on_http(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    gateway.on_http(blocking_hook(mode, gate, lambda request: Response(200, request.body)))
+    gateway.start()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
+    sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    sock.shutdown(socket.SHUT_WR)  # the request is complete; the client only reads now
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "on_http to run")
+    time.sleep(0.1)  # time to notice the half-close, were it taken for a hang-up
+    gate.set()
+    response = read_response(sock)
+    assert response.status == 200
+    body = response.rest + read_until(sock, b"never sent", timeout=DEADLINE)  # to EOF
+    assert body == b"hello"
+    sock.close()
+    wait_until(lambda: settled(gateway), "the hooks to settle")
 
 
 # -- one connection's messages: in order, one at a time --------------------------------------------
@@ -1042,6 +1149,75 @@ def test_at_hook_queue_every_upgrade_is_decided_in_the_end(
         sock.close()
 
 
+def test_one_busy_connection_is_paused_not_the_others(
+    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
+) -> None:
+    """A connection whose messages queue behind its slow on_message (KEY_QUEUE_MAX of them)
+    is no longer read: its next messages wait in the kernel while other connections are
+    served; once its hook returns every message is handled, in order."""
+    from lowmemws._dispatch import KEY_QUEUE_MAX
+
+    gateway = make_gateway(Config())
+    gate = new_gate(gates)
+    log = OrderLog()
+
+    @gateway.on_message
+    async def handle(conn: Connection, message: str | bytes) -> None:
+        if conn.user == 1:
+            log.enter(1, str(message))
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            log.leave(1)
+        conn.send(f"done {message!s}")
+
+    gateway.on_connect(by_user)
+    gateway.start()
+    busy, other = ws_connect(gateway.port, "/?user=1"), ws_connect(gateway.port, "/?user=2")
+
+    def received() -> int:
+        return int(gateway.stats()["messages_received_total"])
+
+    queued = KEY_QUEUE_MAX + 1  # one running, KEY_QUEUE_MAX waiting behind it: paused
+    for n in range(queued):
+        busy.send(f"m{n}")
+        wait_until(lambda n=n: received() == n + 1, f"message {n} to be read")
+    total = 3 * KEY_QUEUE_MAX
+    for n in range(queued, total):
+        busy.send(f"m{n}")
+    other.send("hi")
+    assert other.recv() == "done hi"
+    time.sleep(0.2)  # time to read the busy socket, were it read
+    assert received() == queued + 1
+    assert log.count() == 1
+    gate.set()
+    assert [busy.recv() for _ in range(total)] == [f"done m{n}" for n in range(total)]
+    assert log.seen[1] == [f"m{n}" for n in range(total)] and log.overlaps == 0
+    wait_until(lambda: settled(gateway), "the hooks to settle")
+    busy.close()
+    other.close()
+
+
+def test_parked_handshakes_count_against_max_handshakes(
+    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(Config(max_handshakes=2))
+    gate = new_gate(gates)
+    gateway.on_connect(
+        by_path("async", {"/slow": blocking_hook("async", gate, by_user)}, hook("async", by_user))
+    )
+    gateway.start()
+    slow = [send_upgrade(gateway.port, f"/slow?user={user}") for user in (1, 2)]
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 2, "two parked handshakes")
+    third = send_upgrade(gateway.port, "/?user=3")
+    time.sleep(0.2)  # time to accept it, were there room
+    assert gateway.stats()["handshakes"] == 2 and gateway.stats()["accept_paused"] == 1
+    gate.set()
+    for sock in (*slow, third):
+        assert read_response(sock).status == 101
+        sock.close()
+    wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the clients to go")
+
+
 # -- zero idle cost --------------------------------------------------------------------------------
 
 
@@ -1223,181 +1399,4 @@ def test_apublish_from_a_coroutine_goes_straight_in_with_local_bus(
         assert [client.recv() for _ in range(3)] == ["topic: go", b"to seven", "to everyone"]
     assert reached == [("topic", 2), ("user", 2), ("all", 2)]
     for client in clients:
-        client.close()
-
-
-def test_one_busy_connection_is_paused_not_the_others(
-    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
-) -> None:
-    """A connection whose messages queue behind its slow on_message (KEY_QUEUE_MAX of them)
-    is no longer read: its next messages wait in the kernel while other connections are
-    served; once its hook returns every message is handled, in order."""
-    from lowmemws._dispatch import KEY_QUEUE_MAX
-
-    gateway = make_gateway(Config())
-    gate = new_gate(gates)
-    log = OrderLog()
-
-    @gateway.on_message
-    async def handle(conn: Connection, message: str | bytes) -> None:
-        if conn.user == 1:
-            log.enter(1, str(message))
-            while not gate.is_set():
-                await asyncio.sleep(0.005)
-            log.leave(1)
-        conn.send(f"done {message!s}")
-
-    gateway.on_connect(by_user)
-    gateway.start()
-    busy, other = ws_connect(gateway.port, "/?user=1"), ws_connect(gateway.port, "/?user=2")
-
-    def received() -> int:
-        return int(gateway.stats()["messages_received_total"])
-
-    queued = KEY_QUEUE_MAX + 1  # one running, KEY_QUEUE_MAX waiting behind it: paused
-    for n in range(queued):
-        busy.send(f"m{n}")
-        wait_until(lambda n=n: received() == n + 1, f"message {n} to be read")
-    total = 3 * KEY_QUEUE_MAX
-    for n in range(queued, total):
-        busy.send(f"m{n}")
-    other.send("hi")
-    assert other.recv() == "done hi"
-    time.sleep(0.2)  # time to read the busy socket, were it read
-    assert received() == queued + 1
-    assert log.count() == 1
-    gate.set()
-    assert [busy.recv() for _ in range(total)] == [f"done m{n}" for n in range(total)]
-    assert log.seen[1] == [f"m{n}" for n in range(total)] and log.overlaps == 0
-    wait_until(lambda: settled(gateway), "the hooks to settle")
-    busy.close()
-    other.close()
-
-
-def test_parked_handshakes_count_against_max_handshakes(
-    make_gateway: Callable[..., Gateway], gates: list[threading.Event]
-) -> None:
-    gateway = make_gateway(Config(max_handshakes=2))
-    gate = new_gate(gates)
-    gateway.on_connect(
-        by_path("async", {"/slow": blocking_hook("async", gate, by_user)}, hook("async", by_user))
-    )
-    gateway.start()
-    slow = [send_upgrade(gateway.port, f"/slow?user={user}") for user in (1, 2)]
-    wait_until(lambda: gateway.stats()["handshakes_parked"] == 2, "two parked handshakes")
-    third = send_upgrade(gateway.port, "/?user=3")
-    time.sleep(0.2)  # time to accept it, were there room
-    assert gateway.stats()["handshakes"] == 2 and gateway.stats()["accept_paused"] == 1
-    gate.set()
-    for sock in (*slow, third):
-        assert read_response(sock).status == 101
-        sock.close()
-    wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the clients to go")
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_a_client_gone_while_on_message_runs_gets_on_close_after_it(
-    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
-) -> None:
-    gateway = make_gateway(mode_config(mode))
-    gate = new_gate(gates)
-    events: list[str] = []
-
-    def message(conn: Connection, data: str | bytes) -> None:
-        events.append(f"{data!s} ends")
-        events.append(f"send after the client left: {conn.send('late')!s}")
-
-    gateway.on_message(blocking_hook(mode, gate, message))
-    gateway.on_close(hook(mode, lambda conn, code: events.append(f"close {code}")))
-    gateway.start()
-    client = ws_connect(gateway.port)
-    client.send("m")
-    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 1, "on_message to run")
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    client.sock.close()
-    wait_until(lambda: gateway.connection_count == 0, "the connection to end")
-    time.sleep(0.1)  # time for on_close to overtake on_message, were it allowed to
-    assert events == []
-    gate.set()
-    wait_until(lambda: len(events) == 3, "on_message, then on_close")
-    assert events == ["m ends", "send after the client left: SendResult.GONE", "close 1006"]
-    wait_until(lambda: settled(gateway), "the hooks to settle")
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_a_half_closed_http_client_still_gets_the_answer_of_a_slow_on_http(
-    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
-) -> None:
-    gateway = make_gateway(mode_config(mode))
-    gate = new_gate(gates)
-    gateway.on_http(blocking_hook(mode, gate, lambda request: Response(200, request.body)))
-    gateway.start()
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE)
-    sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-    sock.shutdown(socket.SHUT_WR)  # the request is complete; the client only reads now
-    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "on_http to run")
-    time.sleep(0.1)  # time to notice the half-close, were it taken for a hang-up
-    gate.set()
-    response = read_response(sock)
-    assert response.status == 200
-    body = response.rest + read_until(sock, b"never sent", timeout=DEADLINE)  # to EOF
-    assert body == b"hello"
-    sock.close()
-    wait_until(lambda: settled(gateway), "the hooks to settle")
-
-
-@pytest.mark.parametrize("mode", ("inline", *MODES))
-def test_an_accept_whose_topics_cannot_be_subscribed_gets_500(
-    make_gateway: Callable[..., Gateway], mode: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A topic that is not a str fails while the decision is applied: answered 500 at once
-    (not left waiting for handshake_timeout), like a hook that raised."""
-    gateway = make_gateway(
-        mode_config(mode, handshake_timeout=60.0)
-        if mode != "inline"
-        else Config(handshake_timeout=60.0)
-    )
-    decide = lambda request: Accept(topics=(b"not a str",))  # noqa: E731
-    gateway.on_connect(decide if mode == "inline" else hook(mode, decide))
-    opened: list[Connection] = []
-    gateway.on_open(opened.append)
-    gateway.start()
-    response = raw_upgrade(gateway.port)
-    assert response.status == 500
-    response.sock.close()
-    wait_until(lambda: settled(gateway) and not gateway.stats()["handshakes"], "the request to end")
-    assert opened == [] and gateway.connection_count == 0
-    wait_until(  # logged just after the 500 is sent
-        lambda: any(r.name == "lowmemws" and r.levelno >= logging.ERROR for r in caplog.records),
-        "the error to be logged",
-    )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a plain on_message/on_open/on_close that returns a coroutine is called and its "
-    "coroutine dropped: only Python's 'coroutine ... was never awaited' RuntimeWarning says "
-    "so, no error naming the hook (on_connect and on_http check their results)",
-)
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threads"])
-def test_a_plain_on_message_returning_a_coroutine_gets_an_error_naming_the_hook(
-    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, threads: int
-) -> None:
-    gateway = make_gateway(Config(hook_threads=threads))
-
-    async def echo(conn: Connection, message: str | bytes) -> None:
-        conn.send(message)
-
-    gateway.on_message(lambda conn, message: echo(conn, message))
-    gateway.start()
-    client = ws_connect(gateway.port)
-    client.send("lost")
-    try:
-        waiting.wait_until(
-            lambda: bool(hook_errors(caplog, "on_message returned an awaitable")),
-            "an error naming on_message",
-            2.0,
-        )
-    finally:
         client.close()
