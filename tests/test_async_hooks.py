@@ -395,6 +395,44 @@ def test_the_topics_of_an_accept_apply_before_the_101(
     assert reached == [1] * 30
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_origin_check_comes_before_on_connect(
+    make_gateway: Callable[..., Gateway], mode: str
+) -> None:
+    gateway = make_gateway(mode_config(mode, origins=("https://app.example",)))
+    asked: list[str | None] = []
+    gateway.on_connect(hook(mode, lambda request: asked.append(request.header("origin"))))
+    gateway.start()
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        ws_connect(gateway.port, origin="https://evil.example")
+    assert refused.value.status_code == 403
+    ws_connect(gateway.port, origin="https://app.example").close()
+    assert asked == ["https://app.example"]
+
+
+def test_a_callable_object_with_an_async_call_is_an_async_hook(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    class Echo:
+        def __init__(self) -> None:
+            self.loops: list[asyncio.AbstractEventLoop] = []
+
+        async def __call__(self, conn: Connection, message: str | bytes) -> None:
+            self.loops.append(asyncio.get_running_loop())
+            await asyncio.sleep(0)
+            conn.send(message)
+
+    gateway = make_gateway(Config())
+    echo = Echo()
+    gateway.on_message(echo)
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("awaited")
+    assert client.recv() == "awaited"
+    assert len(echo.loops) == 1
+    client.close()
+
+
 # -- exceptions and wrong types ------------------------------------------------------------------
 
 
@@ -1367,6 +1405,32 @@ def test_shutdown_with_hooks_in_flight_is_bounded_and_clients_get_1001(
         wait_until(lambda: len(late) == 4, "the hook threads to finish")
         assert sorted(map(str, late)) == ["SendResult.GONE"] * 3 + ["accept"]
     assert gateway.connection_count == 0
+
+
+def test_stop_lets_the_async_on_close_of_every_client_run(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = make_gateway(Config(shutdown_timeout=5.0))
+    codes: list[int] = []
+
+    @gateway.on_close
+    async def note(conn: Connection, code: int) -> None:
+        await asyncio.sleep(0.01)
+        codes.append(code)
+
+    gateway.start()
+    clients = [ws_connect(gateway.port) for _ in range(3)]
+    results: list[int] = []
+    readers = [
+        threading.Thread(target=lambda c=c: results.append(answer_close(c))) for c in clients
+    ]
+    for reader in readers:
+        reader.start()
+    gateway.stop(timeout=3 * DEADLINE)
+    for reader in readers:
+        reader.join(DEADLINE)
+    assert results == [1001] * 3
+    assert codes == [1001] * 3  # run before stop() returned, not cancelled
 
 
 # -- publishing from coroutines --------------------------------------------------------------------

@@ -188,6 +188,12 @@ def test_serve_stops_within_its_bound_while_hooks_are_in_flight(
     asyncio.run(asyncio.wait_for(main(), 3 * DEADLINE))
 
 
+def test_serve_refuses_worker_processes() -> None:
+    gateway = Gateway("127.0.0.1", 0, processes=2)
+    with pytest.raises(ValueError, match="processes"):
+        asyncio.run(gateway.serve())
+
+
 # -- the application as a child process ------------------------------------------------------------
 
 
