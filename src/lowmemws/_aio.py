@@ -39,6 +39,7 @@ class AsyncioHost:
         self._pending: deque[CoroutineFactory] = deque()
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
+        self._waiting: set[Future[Any]] = set()  # results other threads wait for (run)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -75,11 +76,37 @@ class AsyncioHost:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """run runs coroutine on the loop and waits for its result (from another thread).
 
+        The coroutine runs as a hook task, so cancel_all cancels it like the others; one
+        the loop never started (it stopped first) is given up by close(): the waiting
+        thread always wakes.
+
         Raises:
             Exception: whatever the coroutine raised.
+            concurrent.futures.CancelledError: it was cancelled or given up (shutdown).
         """
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result()
+        done: Future[T] = Future()
+
+        async def relay() -> None:
+            try:
+                result = await coroutine
+            except asyncio.CancelledError:
+                done.cancel()
+                raise
+            except BaseException as exc:  # handed to the waiting thread, not left on the task
+                if not done.done():
+                    done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit, KeyboardInterrupt: the loop's to handle
+            else:
+                if not done.done():
+                    done.set_result(result)
+
+        self._waiting.add(done)
+        try:
+            self.spawn(relay)
+            return done.result()
+        finally:
+            self._waiting.discard(done)
 
     def on_loop_thread(self) -> bool:
         """on_loop_thread: the caller runs on this host's asyncio loop right now."""
@@ -130,3 +157,5 @@ class AsyncioHost:
         self._thread.join(5.0)
         if not self._thread.is_alive():
             loop.close()
+        for waiting in list(self._waiting):  # run() calls the stopped loop will never start
+            waiting.cancel()

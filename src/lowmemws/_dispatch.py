@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from ._aio import AsyncioHost
@@ -173,6 +173,9 @@ class Dispatcher:
                     self._aio.run(job.fn(*job.args))
                 else:
                     job.fn(*job.args)
+            except CancelledError:  # the coroutine was cancelled: shutdown
+                self._abandon(key)
+                return
             except Exception:
                 log.exception("lowmemws: on_%s raised", job.name)
             job = self._finish(key)
