@@ -1407,6 +1407,76 @@ def test_shutdown_with_hooks_in_flight_is_bounded_and_clients_get_1001(
     assert gateway.connection_count == 0
 
 
+#: A process whose async on_open never ends is run by a hook thread (it follows a plain
+#: on_connect in that connection's drain); it stops the gateway, then prints what its hook saw
+#: and exits: "start" with start()/stop(), "serve" inside asyncio.run with serve() (the
+#: coroutine must be cancelled when the gateway stops, not only when the application's
+#: loop ends).
+STUCK_IN_A_HOOK_THREAD = """
+import asyncio, sys, time
+import websocket
+from lowmemws import Accept, Config, Gateway
+
+gateway = Gateway("127.0.0.1", 0, config=Config(hook_threads=2, shutdown_timeout=0.5))
+gateway.on_connect(lambda request: Accept())
+seen = []
+
+@gateway.on_open
+async def stuck(conn):
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+        raise
+
+def connect_and_wait():
+    client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=5)
+    deadline = time.monotonic() + 5
+    while not gateway.stats()["hooks_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return client
+
+async def serve():
+    serving = asyncio.create_task(gateway.serve(handle_signals=False))
+    await asyncio.to_thread(gateway.wait_ready, 5)
+    client = await asyncio.to_thread(connect_and_wait)
+    gateway.stop()
+    await serving
+    await asyncio.sleep(0.1)
+    print(seen, flush=True)  # before asyncio.run cancels what is left
+
+if sys.argv[1] == "start":
+    gateway.start()
+    client = connect_and_wait()
+    gateway.stop()
+    print(seen, flush=True)
+else:
+    asyncio.run(serve())
+"""
+
+
+@pytest.mark.parametrize("how", ["start", "serve"])
+def test_a_coroutine_hook_run_by_a_hook_thread_is_cancelled_and_the_process_exits(
+    how: str,
+) -> None:
+    """The hook thread waits for the coroutine; at shutdown the coroutine is cancelled and
+    the thread wakes, so the interpreter can exit (it joins the hook threads)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", STUCK_IN_A_HOOK_THREAD, how],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the process did not exit; it printed {exc.stdout!r}") from None
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['cancelled']", done.stderr
+
+
 def test_stop_lets_the_async_on_close_of_every_client_run(
     make_gateway: Callable[..., Gateway],
 ) -> None:
