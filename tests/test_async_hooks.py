@@ -783,6 +783,38 @@ def test_a_client_gone_while_its_hook_runs_costs_nothing_and_misleads_no_one(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_frames_sent_while_the_upgrade_is_parked_reach_on_message_after_on_open(
+    make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
+) -> None:
+    gateway = make_gateway(mode_config(mode))
+    gate = new_gate(gates)
+    events: list[str] = []
+    gateway.on_connect(blocking_hook(mode, gate, lambda request: Accept(user=5)))
+    gateway.on_open(hook(mode, lambda conn: events.append("open")))
+
+    def message(conn: Connection, data: str | bytes) -> None:
+        events.append(str(data))
+        conn.send(f"echo {data!s}")
+
+    gateway.on_message(hook(mode, message))
+    gateway.start()
+    sock = send_upgrade(gateway.port)
+    wait_until(lambda: gateway.stats()["handshakes_parked"] == 1, "on_connect to run")
+    sock.sendall(masked_frame(1, b"early") + masked_frame(1, b"eager"))  # before the 101
+    time.sleep(0.1)  # time to read them, were the parked socket read
+    assert gateway.stats()["messages_received_total"] == 0
+    gate.set()
+    response = read_response(sock)
+    assert response.status == 101
+    first = read_frame(sock, response.rest)
+    assert first[:2] == (1, b"echo early")
+    assert read_frame(sock, first[2])[:2] == (1, b"echo eager")
+    assert events == ["open", "early", "eager"]
+    sock.close()
+    wait_until(lambda: settled(gateway) and gateway.connection_count == 0, "the client to go")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_an_http_client_gone_while_on_http_runs_costs_nothing(
     make_gateway: Callable[..., Gateway], mode: str, gates: list[threading.Event]
 ) -> None:
