@@ -215,8 +215,9 @@ def asyncio_app() -> Iterator[Callable[..., tuple[ServerProcess, int]]]:
         server.stop()
 
 
-def test_sigterm_stops_serve_with_1001_for_every_client(
-    asyncio_app: Callable[..., tuple[ServerProcess, int]],
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_serve_with_1001_for_every_client(
+    asyncio_app: Callable[..., tuple[ServerProcess, int]], sig: signal.Signals
 ) -> None:
     server, http_port = asyncio_app()
     clients = [ws_connect(server.port, f"/?user={n}&topic=news") for n in range(3)]
@@ -225,7 +226,7 @@ def test_sigterm_stops_serve_with_1001_for_every_client(
         assert client.recv() == b"breaking"
     clients[0].send("echo me")
     assert clients[0].recv() == "echo me"
-    server.terminate()
+    server.proc.send_signal(sig)
     for client in clients:
         assert close_code(client) == 1001
     assert server.proc.wait(DEADLINE) == 0
