@@ -433,6 +433,29 @@ def test_a_callable_object_with_an_async_call_is_an_async_hook(
     client.close()
 
 
+def test_a_hook_replaced_after_start_by_an_async_one_is_awaited(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = make_gateway(Config())
+    gateway.on_message(lambda conn, message: conn.send(f"plain {message!s}"))
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("1")
+    assert client.recv() == "plain 1"
+
+    @gateway.on_message
+    async def awaited(conn: Connection, message: str | bytes) -> None:
+        await asyncio.sleep(0)
+        conn.send(f"async {message!s}")
+
+    client.send("2")
+    assert client.recv() == "async 2"
+    gateway.on_message(lambda conn, message: conn.send(f"plain again {message!s}"))
+    client.send("3")
+    assert client.recv() == "plain again 3"
+    client.close()
+
+
 # -- exceptions and wrong types ------------------------------------------------------------------
 
 
