@@ -13,16 +13,16 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 log = logging.getLogger("lowmemws")
 
 T = TypeVar("T")
+CoroutineFactory = Callable[[], Coroutine[Any, Any, None]]
 
 #: How long close() lets cancelled hook tasks run their except/finally blocks.
 _CANCEL_WAIT = 1.0
-CoroutineFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
 class AsyncioHost:
@@ -40,6 +40,7 @@ class AsyncioHost:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
         self._waiting: set[Future[Any]] = set()  # results other threads wait for (run)
+        self._closed = False  # the gateway's own loop is stopped (or never to start): close
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -101,10 +102,18 @@ class AsyncioHost:
                 if not done.done():
                     done.set_result(result)
 
-        self._waiting.add(done)
+        self._waiting.add(done)  # before the check: close() cancels it, or we see _closed
         try:
-            self.spawn(relay)
-            return done.result()
+            if not self._closed:
+                try:
+                    self.spawn(relay)
+                except RuntimeError:  # the loop closed meanwhile
+                    if not self._closed:
+                        raise
+                else:
+                    return done.result()
+            coroutine.close()  # a hook thread that outlived the shutdown: no loop runs it now
+            raise CancelledError()
         finally:
             self._waiting.discard(done)
 
@@ -137,8 +146,12 @@ class AsyncioHost:
         """close stops the gateway's own loop (the caller's loop is the caller's to stop),
         once the tasks cancel_all cancelled have ended (at most _CANCEL_WAIT seconds): each
         hook gets its CancelledError (its except and finally blocks run) instead of being
-        dropped pending with the loop."""
-        if not self._own or self._loop is None or self._thread is None:
+        dropped pending with the loop. Coroutines that hook threads still hand over
+        afterwards are given up (run raises CancelledError): no loop is started again."""
+        if not self._own:
+            return
+        self._closed = True
+        if self._loop is None or self._thread is None:
             return
         loop = self._loop
         if loop.is_closed():
