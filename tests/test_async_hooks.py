@@ -1626,6 +1626,45 @@ def test_a_coroutine_hook_run_by_a_hook_thread_is_cancelled_and_the_process_exit
     assert done.stdout.strip() == "['cancelled']", done.stderr
 
 
+def test_a_hook_thread_that_outlives_stop_runs_no_coroutine_after_it(
+    make_gateway: Callable[..., Gateway],
+    gates: list[threading.Event],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plain on_message blocks its hook thread past stop(); the connection's async on_close
+    waits behind it. When the thread is released after the gateway stopped, the coroutine is
+    given up quietly: no asyncio loop is started again for it, no error is logged."""
+    gateway = make_gateway(Config(hook_threads=2, shutdown_timeout=0.5))
+    gate = new_gate(gates)
+    released: list[bool] = []
+    closed: list[int] = []
+
+    @gateway.on_message
+    def blocked(conn: Connection, message: str | bytes) -> None:
+        released.append(gate.wait(DEADLINE))
+
+    @gateway.on_close
+    async def note(conn: Connection, code: int) -> None:
+        closed.append(code)
+
+    gateway.start()
+    client = ws_connect(gateway.port)
+    client.send("stuck")
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 1, "on_message to run")
+    client.close()
+    wait_until(lambda: gateway.stats()["hooks_in_flight"] == 2, "on_close to wait behind it")
+    gateway.stop()
+    loops_before = {t for t in threading.enumerate() if t.name == "lowmemws-asyncio"}
+    gate.set()
+    wait_until(lambda: released == [True], "the hook thread to go on")
+    time.sleep(0.2)  # time for the thread to reach on_close
+    loops_after = {t for t in threading.enumerate() if t.name == "lowmemws-asyncio"}
+    assert loops_after <= loops_before, "an asyncio loop was started after stop()"
+    assert closed == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
 def test_stop_lets_the_async_on_close_of_every_client_run(
     make_gateway: Callable[..., Gateway],
 ) -> None:
