@@ -40,9 +40,10 @@ from .handshake import (
     Reject,
     Request,
     Response,
+    check_origin,
     check_response,
+    conclude,
     negotiate,
-    negotiate_async,
 )
 
 log = logging.getLogger("lowmemws")
@@ -254,15 +255,18 @@ class EventLoop:
                 job = Job(self._connect_in_thread, (request, fd, gen, hook), False, "connect")
             self._submit((fd, gen), job)
             return
-        request = Request(e.data, e.len, e.request)
+        self._answer_upgrade(fd, gen, self._decide(Request(e.data, e.len, e.request), hook))
+
+    def _decide(self, request: Request, hook: Any) -> Accept | Reject:
+        """_decide runs a plain on_connect (here or on a hook thread): its decision, or 500
+        when it raised. The request is dead afterwards."""
         try:
-            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
+            return negotiate(request, hook, self._config.origins, self._config.subprotocols)
         except Exception:
             log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
+            return Reject(500)
         finally:
             request._invalidate()
-        self._answer_upgrade(fd, gen, decision)
 
     def _watch_handshake(self) -> None:
         """_watch_handshake: a handshake hook still running after handshake_timeout (its
@@ -273,9 +277,8 @@ class EventLoop:
     async def _connect_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
         self._watch_handshake()
         try:
-            decision = await negotiate_async(
-                request, hook, self._config.origins, self._config.subprotocols
-            )
+            refused = check_origin(request, self._config.origins)
+            decision = refused or conclude(request, await hook(request), self._config.subprotocols)
         except Exception:
             log.exception("lowmemws: on_connect raised; answering 500")
             decision = Reject(500)
@@ -285,14 +288,7 @@ class EventLoop:
         self._post_answer(fd, gen, decision)
 
     def _connect_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
-        try:
-            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
-        except Exception:
-            log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
-        finally:
-            request._invalidate()
-        self._post_answer(fd, gen, decision)
+        self._post_answer(fd, gen, self._decide(request, hook))
 
     def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject) -> None:
         """_answer_upgrade applies on_connect's decision. A client that left meanwhile, or a
@@ -388,14 +384,18 @@ class EventLoop:
             self._submit((fd, gen), job)
             return
         request = Request(e.data, head_len, e.request, body_len=body_len)
+        self._server.respond(fd, gen, self._http_payload(request, hook))
+
+    def _http_payload(self, request: Request, hook: Any) -> bytes:
+        """_http_payload runs a plain on_http (here or on a hook thread): the response's
+        bytes, or a 500 when it raised. The request is dead afterwards."""
         try:
-            payload = self._http_answer(request, hook(request) if hook is not None else None)
+            return self._http_answer(request, hook(request) if hook is not None else None)
         except Exception:
             log.exception("lowmemws: on_http raised; answering 500")
-            payload = _INTERNAL_ERROR.encode()
+            return _INTERNAL_ERROR.encode()
         finally:
             request._invalidate()
-        self._server.respond(fd, gen, payload)
 
     def _http_answer(self, request: Request, result: object) -> bytes:
         response = check_response(result)
@@ -416,11 +416,4 @@ class EventLoop:
         self._post_answer(fd, gen, payload)
 
     def _http_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
-        try:
-            payload = self._http_answer(request, hook(request))
-        except Exception:
-            log.exception("lowmemws: on_http raised; answering 500")
-            payload = _INTERNAL_ERROR.encode()
-        finally:
-            request._invalidate()
-        self._post_answer(fd, gen, payload)
+        self._post_answer(fd, gen, self._http_payload(request, hook))
