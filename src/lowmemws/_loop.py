@@ -363,9 +363,9 @@ class EventLoop:
                         future.set_exception(exc)
                 continue
             try:
-                fn(*args)
+                fn(*args)  # a hook's answer, then maybe an inline on_open
             except Exception:
-                log.exception("lowmemws: on_open raised")
+                log.exception("lowmemws: applying a hook's answer raised")
 
     # -- plain HTTP -------------------------------------------------------------------------
 
