@@ -1703,3 +1703,27 @@ def test_apublish_from_a_coroutine_goes_straight_in_with_local_bus(
     assert reached == [("topic", 2), ("user", 2), ("all", 2)]
     for client in clients:
         client.close()
+
+
+def test_a_cancelled_error_let_out_by_an_async_on_message_is_logged_and_the_next_runs(
+    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = make_gateway(Config())
+
+    @gateway.on_message
+    async def echo(conn: Connection, message: str | bytes) -> None:
+        if message == "cancel":  # e.g. a timeout of its own, not the gateway's cancellation
+            raise asyncio.CancelledError()
+        conn.send(message)
+
+    gateway.start()
+    client = ws_connect(gateway.port)
+    try:
+        client.send("cancel")
+        client.send("after")
+        assert client.recv() == "after"  # the connection's later hooks still run
+        waiting.wait_until(
+            lambda: bool(hook_errors(caplog, "on_message raised")), "the log line", 5.0
+        )
+    finally:
+        client.close()

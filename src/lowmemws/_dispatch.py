@@ -25,7 +25,6 @@ import functools
 import inspect
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
@@ -69,6 +68,14 @@ def check_result(name: str, result: object) -> None:
     wrapped in a plain one, or a lambda): it was never awaited, so its work never ran."""
     if result is not None and inspect.isawaitable(result):
         log.error("lowmemws: %s", wrong_type(f"on_{name}", result, "None"))
+
+
+def _cancelling() -> bool:
+    """_cancelling: the current task is being cancelled (not merely a hook that let a
+    CancelledError of its own out). Python 3.10 cannot tell: it counts as cancelled."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or bool(cancelling())
 
 
 class Dispatcher:
@@ -193,7 +200,8 @@ class Dispatcher:
         return following
 
     def _abandon(self, key: Key) -> None:
-        """_abandon forgets key and its queued jobs (its drain was cancelled: shutdown)."""
+        """_abandon forgets key and its queued jobs: its drain was cancelled (shutdown, or a
+        handshake hook past its deadline: nothing can queue behind a handshake)."""
         with self._lock:
             queue = self._busy.pop(key, None)
             if queue is not None:
@@ -231,20 +239,18 @@ class Dispatcher:
                     else:  # a plain hook with no hook threads: on the gateway's loop thread
                         result = await asyncio.wrap_future(self._run_inline(job.fn, job.args))
                         check_result(job.name, result)
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                    log.exception("lowmemws: on_%s raised", job.name)  # it let one out
                 except Exception:
                     log.exception("lowmemws: on_%s raised", job.name)
                 job = self._finish(key)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # shutdown, or a handshake hook past its deadline
             self._abandon(key)
             raise
 
     # -- shutdown ---------------------------------------------------------------------------
-
-    def wait_idle(self, deadline: float) -> bool:
-        """wait_idle waits until no job runs or waits, or the deadline (time.monotonic())."""
-        while self._count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._count
 
     def close(self) -> int:
         """close cancels what still runs (coroutines; a running thread cannot be stopped,
