@@ -28,7 +28,8 @@ _CANCEL_WAIT = 1.0
 class AsyncioHost:
     """AsyncioHost runs hook coroutines as tasks on one asyncio loop (see the module doc).
 
-    Every method may be called from any thread.
+    spawn, kick, run, cancel_all and close may be called from any thread; watch, unwatch
+    and call_soon only from a task or callback on the loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
