@@ -8,7 +8,7 @@
  * it has reached. Nothing is kept per member: no queue, no list of recipients.
  *
  * The loop advances every paced send once per turn (lmw__paced_advance, after the turn's
- * events; lmw_poll wakes at least every PACE_TURN_MS while one is in flight). Each advance
+ * events; while one is in flight lmw_poll wakes every tick, see lmw__paced_wait_ms). Each advance
  * works out the quota the pace allows by now and scans the slot table from the cursor, in
  * fd order, sending to each member it finds until the quota is met. A member is judged when
  * the cursor reaches it, so:
@@ -179,7 +179,24 @@ void lmw__paced_drop_all(lmw_server *s) {
     }
 }
 
-int lmw__paced_in_flight(const lmw_server *s) { return s->paced != NULL; }
+/* lmw__paced_wait_ms is how long the loop may wait before the paced sends need a turn, or -1
+ * when none is in flight: a tick (PACE_TURN_MS) while any reaches 10 members a second or
+ * more (each tick sends the share that came due), else until the slowest's next member
+ * is due (at most a second). Each turn of the loop costs a wake-up and the sends of a
+ * batch cost more than the same sends in one burst (fewer of them share warm caches), so
+ * a turn per tick, not per member, keeps a paced send's CPU near an unpaced one's while
+ * every second, and every tenth of one, gets its share. */
+int lmw__paced_wait_ms(const lmw_server *s) {
+    int wait = -1;
+    for (const lmw_paced *p = s->paced; p; p = p->next) {
+        double per_s = p->spread_us ? (double)p->total * SECOND_US / (double)p->spread_us : p->rate;
+        double due_ms = per_s > 0 ? 1000.0 / per_s : 1000.0;
+        int m = due_ms < PACE_TURN_MS ? PACE_TURN_MS : due_ms > 1000.0 ? 1000 : (int)due_ms;
+        if (!p->start_us) m = 0; /* not started: at the next turn */
+        if (wait < 0 || m < wait) wait = m;
+    }
+    return wait;
+}
 
 /* paced_new builds the frame once and copies the user set (sorted, without repeats). */
 static lmw_paced *paced_new(int opcode, const uint8_t *data, size_t len, const uint64_t *users,

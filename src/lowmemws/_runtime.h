@@ -360,10 +360,10 @@ uint64_t lmw__bytes_waiting(int fd);
 enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 }; /* lmw__grow_spill */
 int lmw__grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x);
 /* _paced.c */
-#define PACE_TURN_MS 20 /* while a paced send is in flight, the loop turns at least this often */
+#define PACE_TURN_MS 100 /* a paced send's share goes out once per tick of the loop */
 void lmw__paced_advance(lmw_server *s);
 void lmw__paced_drop_all(lmw_server *s);
-int lmw__paced_in_flight(const lmw_server *s);
+int lmw__paced_wait_ms(const lmw_server *s);
 /* _input.c */
 void lmw__run_backlog(lmw_server *s);
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);

@@ -296,8 +296,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     lmw__resume_budget_paused(s);
     listeners_poll(s, accepting_allowed(s));
     if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
-    if (lmw__paced_in_flight(s) && (timeout_ms < 0 || timeout_ms > PACE_TURN_MS))
-        timeout_ms = PACE_TURN_MS;
+    int pace_ms = lmw__paced_wait_ms(s);
+    if (pace_ms >= 0 && (timeout_ms < 0 || timeout_ms > pace_ms)) timeout_ms = pace_ms;
     pthread_mutex_unlock(&s->lock);
 
     uint64_t waiting_since = monotonic_us();
