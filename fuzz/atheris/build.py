@@ -5,6 +5,8 @@ _lowmemws extension compiled by clang with AddressSanitizer, UBSan and libFuzzer
 coverage instrumentation (fuzzer-no-link: the libFuzzer runtime comes from atheris).
 The targets put fuzz/build/atheris first on sys.path, so `import lowmemws` finds this
 copy and never the uninstrumented one installed in the project's .venv.
+The runtime's clock is fake_clock.c's (real time plus an offset that
+lib.lmw_fuzz_clock_advance moves): the session target moves time without sleeping.
 
     python fuzz/atheris/build.py [OUTDIR]
 """
@@ -62,13 +64,16 @@ def build(out: str) -> str:
     os.environ["LDSHARED"] = os.environ["CC"] + " -shared"
     flags = SANITIZE + os.environ.get("FUZZ_CFLAGS", "").split()
     ffi = FFI()
-    ffi.cdef(native.cdef_text())
+    ffi.cdef(native.cdef_text() + "\nvoid lmw_fuzz_clock_advance(uint64_t us);\n")
     ffi.set_source(
         "lowmemws._lowmemws",
-        '#include "lmw.h"',
-        sources=[os.path.join(SRC, name) for name in native.SOURCES],
+        '#include "lmw.h"\nvoid lmw_fuzz_clock_advance(uint64_t us);',
+        sources=[os.path.join(SRC, name) for name in native.SOURCES]
+        + [os.path.join(HERE, "fake_clock.c")],
         include_dirs=[SRC],
-        extra_compile_args=["-std=gnu11", "-Wall", "-Wno-unused-parameter"] + flags,
+        extra_compile_args=["-std=gnu11", "-Wall", "-Wno-unused-parameter"]
+        + ["-Dclock_gettime=lmw_fuzz_clock_gettime"]
+        + flags,
         extra_link_args=flags,
     )
     tmp = os.path.join(out, "tmp")

@@ -163,7 +163,7 @@ int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size
         sl->state = ST_HTTP_PARKED;
     }
     s->stats->handshakes_parked++;
-    lmw__set_interest(s, fd, sl, 0);
+    lmw__set_interest(s, fd, sl, 1); /* always rewritten: EPOLLRDHUP even if input was off */
     return 0;
 }
 

@@ -39,6 +39,10 @@ Key = tuple[int, int]
 #: Jobs that may wait behind a running one of the same connection before it is paused.
 KEY_QUEUE_MAX = 16
 
+# Why a connection's reading is paused; it is read again only when no reason is left.
+_PAUSED_QUEUE = 1  # its queue here passed KEY_QUEUE_MAX
+_PAUSED_HELD = 2  # the loop holds a message of it (the dispatcher was at its bound)
+
 
 class Job(NamedTuple):
     """Job is one hook call: fn(*args), awaited when is_coroutine."""
@@ -83,7 +87,7 @@ class Dispatcher:
         self._resume = resume
         self._lock = threading.Lock()
         self._busy: dict[Key, deque[Job]] = {}
-        self._paused: set[Key] = set()
+        self._paused: dict[Key, int] = {}  # key -> _PAUSED_* bits
         self._count = 0
         self._full = False
         self._closed = False
@@ -114,17 +118,38 @@ class Dispatcher:
             queue = self._busy.get(key)
             if queue is not None:
                 queue.append(job)
-                if len(queue) >= KEY_QUEUE_MAX and key not in self._paused:
-                    self._paused.add(key)
-                    pause = True
-                else:
-                    pause = False
+                if len(queue) >= KEY_QUEUE_MAX:
+                    self._pause_for(key, _PAUSED_QUEUE, True)
             else:
                 self._busy[key] = deque()
         if queue is None:
             self._start(key, job)
-        elif pause:
+
+    def _pause_for(self, key: Key, reason: int, on: bool) -> None:
+        """_pause_for sets or clears one reason to pause key's reading (lock held: the C
+        calls are made in the order the reasons change)."""
+        before = self._paused.get(key, 0)
+        after = before | reason if on else before & ~reason
+        if after:
+            self._paused[key] = after
+        else:
+            self._paused.pop(key, None)
+        if before and not after:
+            self._resume(*key)
+        elif after and not before:
             self._pause(*key)
+
+    def hold_reading(self, key: Key) -> None:
+        """hold_reading pauses key's reading while the loop holds a message of it."""
+        with self._lock:
+            self._pause_for(key, _PAUSED_HELD, True)
+
+    def release_reading(self, keys: set[Key]) -> None:
+        """release_reading ends hold_reading for keys (each is read again unless its queue
+        here is still too long)."""
+        with self._lock:
+            for key in keys:
+                self._pause_for(key, _PAUSED_HELD, False)
 
     def _start(self, key: Key, job: Job) -> None:
         if job.is_coroutine:
@@ -139,21 +164,18 @@ class Dispatcher:
     def _finish(self, key: Key) -> Job | None:
         """_finish ends the running job of key and returns the next one, or None (the key is
         forgotten)."""
-        room = resume = False
+        room = False
         with self._lock:
             self._count -= 1
             queue = self._busy[key]
             following = queue.popleft() if queue else None
             if following is None:
                 del self._busy[key]
-            if key in self._paused and len(queue) <= KEY_QUEUE_MAX // 2:
-                self._paused.discard(key)
-                resume = True
+            if len(queue) <= KEY_QUEUE_MAX // 2 and self._paused.get(key, 0) & _PAUSED_QUEUE:
+                self._pause_for(key, _PAUSED_QUEUE, False)
             if self._full and self._count <= self._limit // 2:
                 self._full = False
                 room = True
-        if resume:
-            self._resume(*key)
         if room:
             self._on_room()
         return following
@@ -164,7 +186,7 @@ class Dispatcher:
             queue = self._busy.pop(key, None)
             if queue is not None:
                 self._count -= 1 + len(queue)
-            self._paused.discard(key)
+            self._paused.pop(key, None)  # shutdown: no need to read it again
 
     def _drain_in_thread(self, key: Key, job: Job | None, inline: bool = False) -> None:
         while job is not None:

@@ -182,7 +182,7 @@ class EventLoop:
         self._held_keys.add(key)
         if message and key not in self._paused:
             self._paused.add(key)
-            self._server.pause_reading(*key)
+            self._dispatcher.hold_reading(key)
 
     def _release_held(self) -> None:
         dispatcher = self._dispatcher
@@ -192,8 +192,7 @@ class EventLoop:
         if self._held:
             return
         self._held_keys.clear()
-        for key in self._paused:
-            self._server.resume_reading(*key)
+        self._dispatcher.release_reading(self._paused)
         self._paused.clear()
 
     def _job(self, name: str, fn: Callable[..., Any], *args: Any) -> Job:
