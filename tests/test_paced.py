@@ -10,6 +10,7 @@ test_paced_nodes.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -195,3 +196,18 @@ def test_a_gateway_stopping_during_a_paced_send_drops_the_rest_and_counts_it(
 def test_a_bad_pacing_is_refused(gateway: Gateway, kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         gateway.broadcast("x", **kwargs)  # type: ignore[arg-type]
+
+
+def test_asyncio_callers_pace_too(gateway: Gateway, clients: list[Recorder]) -> None:
+    connect(gateway, clients, 4, "user=9&topics=t")
+
+    async def publish() -> list[int]:
+        return [
+            await gateway.apublish("t", "a", spread=0.3),
+            await gateway.asend_to_user(9, "b", rate=50),
+            await gateway.abroadcast("c", spread=0.3, pace_id="x"),
+        ]
+
+    assert asyncio.run(publish()) == [4, 4, 4]
+    finish_with_fence(gateway, clients)
+    assert [count(clients, text) for text in "abc"] == [4, 4, 4]

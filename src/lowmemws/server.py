@@ -231,7 +231,7 @@ class Gateway:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
             ValueError: an unknown policy, user outside 0..2**64-1, or a bad pacing.
         """
-        if spread is not None or rate is not None:
+        if spread is not None or rate is not None or pace_id is not None:
             return self.send_to_users((user,), data, policy, spread=spread, rate=rate,
                                       pace_id=pace_id)  # fmt: skip
         return self._publish(Envelope.for_user(user, data, policy=policy))
@@ -309,23 +309,54 @@ class Gateway:
         nodes = getattr(self._bus, "node_count", lambda: 1)()
         return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
 
-    async def apublish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> int:
-        """apublish is publish for asyncio code.
+    async def apublish(
+        self,
+        topic: str,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> int:
+        """apublish is publish for asyncio code (the same pacing keywords).
 
         With a bus that never waits (LocalBus, RedisBus) it is publish itself, called on
         the caller's loop (the local fan-out costs a few microseconds per member); with one
         that may wait (ProcessBus in a worker, a bus without ``may_block = False``) it runs
         in a thread. Calling publish directly from a coroutine is as good with the former.
         """
-        return await self._apublish(Envelope.for_topic(topic, data, policy=policy))
+        envelope = Envelope.for_topic(topic, data, policy=policy)
+        return await self._apublish(self._paced(envelope, spread, rate, pace_id))
 
-    async def asend_to_user(self, user: int, data: str | bytes, policy: Policy = "drop") -> int:
+    async def asend_to_user(
+        self,
+        user: int,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> int:
         """asend_to_user is send_to_user for asyncio code (see apublish)."""
-        return await self._apublish(Envelope.for_user(user, data, policy=policy))
+        if spread is None and rate is None and pace_id is None:
+            return await self._apublish(Envelope.for_user(user, data, policy=policy))
+        envelope = Envelope.for_users((user,), data, policy=policy)
+        return await self._apublish(self._paced(envelope, spread, rate, pace_id))
 
-    async def abroadcast(self, data: str | bytes, policy: Policy = "drop") -> int:
+    async def abroadcast(
+        self,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> int:
         """abroadcast is broadcast for asyncio code (see apublish)."""
-        return await self._apublish(Envelope.for_all(data, policy=policy))
+        envelope = Envelope.for_all(data, policy=policy)
+        return await self._apublish(self._paced(envelope, spread, rate, pace_id))
 
     async def _apublish(self, envelope: Envelope) -> int:
         if getattr(self._bus, "may_block", True):
