@@ -190,6 +190,7 @@ def test_a_gateway_stopping_during_a_paced_send_drops_the_rest_and_counts_it(
         {"spread": 0},
         {"rate": -1},
         {"spread": float("nan")},
+        {"spread": 1e7},
         {"pace_id": "no pace"},
     ],
 )

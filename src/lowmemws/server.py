@@ -43,6 +43,8 @@ OpenHookT = TypeVar("OpenHookT", bound=OpenHook)
 CloseHookT = TypeVar("CloseHookT", bound=CloseHook)
 HttpHookT = TypeVar("HttpHookT", bound=HttpHook)
 
+_MAX_SPREAD = 1e6  # seconds (11.6 days); the C runtime refuses more than 1e7
+
 
 def _add_signal_handlers(
     loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
@@ -208,7 +210,8 @@ class Gateway:
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
             ValueError: an unknown policy, a topic longer than 65535 UTF-8 bytes, spread
-                and rate both given, either not > 0, or pace_id without either.
+                and rate both given, either not > 0 (or spread over 1e6 s), or pace_id
+                without either.
         """
         envelope = Envelope.for_topic(topic, data, policy=policy)
         return self._publish(self._paced(envelope, spread, rate, pace_id))
@@ -305,6 +308,8 @@ class Gateway:
         value = spread if spread is not None else rate
         if not (isinstance(value, int | float) and 0 < value < math.inf):
             raise ValueError("spread and rate are numbers > 0")
+        if spread is not None and spread > _MAX_SPREAD:
+            raise ValueError(f"spread is at most {_MAX_SPREAD:g} seconds")
         number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
         nodes = getattr(self._bus, "node_count", lambda: 1)()
         return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
