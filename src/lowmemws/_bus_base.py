@@ -173,7 +173,7 @@ class Envelope:
         A batch of users, a paced send or a cancel is version 2 (see `_encode_v2`): a node
         that only knows version 1 refuses it as malformed instead of sending it unpaced.
         """
-        if self.kind in ("users", "cancel") or self.paced:
+        if self.kind in ("users", "cancel") or self.paced or self.pace_id or self.nodes != 1:
             return self._encode_v2()
         flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
         head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
