@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
 from typing import Any, NamedTuple
 
 from ._aio import AsyncioHost
 from ._hook_threads import HookThreads
+from .handshake import wrong_type
 
 log = logging.getLogger("lowmemws")
 
@@ -61,6 +64,13 @@ class Job(NamedTuple):
 HANDSHAKE_HOOKS = ("connect", "http")
 
 
+def check_result(name: str, result: object) -> None:
+    """check_result logs a plain hook that returned an awaitable (an ``async`` function
+    wrapped in a plain one, or a lambda): it was never awaited, so its work never ran."""
+    if result is not None and inspect.isawaitable(result):
+        log.error("lowmemws: %s", wrong_type(f"on_{name}", result, "None"))
+
+
 class Dispatcher:
     """Dispatcher runs jobs per connection (see the module doc). submit is for the loop
     thread; the rest may run on any thread.
@@ -78,6 +88,7 @@ class Dispatcher:
         on_room: Callable[[], None],
         pause: Callable[[int, int], None],
         resume: Callable[[int, int], None],
+        run_inline: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
     ) -> None:
         self._threads = HookThreads(threads) if threads else None
         self._limit = max(1, limit)
@@ -85,6 +96,7 @@ class Dispatcher:
         self._on_room = on_room
         self._pause = pause
         self._resume = resume
+        self._run_inline = run_inline
         self._lock = threading.Lock()
         self._busy: dict[Key, deque[Job]] = {}
         self._paused: dict[Key, int] = {}  # key -> _PAUSED_* bits
@@ -197,7 +209,10 @@ class Dispatcher:
                 if job.is_coroutine:
                     self._aio.run(job.fn(*job.args))
                 else:
-                    job.fn(*job.args)
+                    check_result(job.name, job.fn(*job.args))
+            except CancelledError:  # the coroutine was cancelled: shutdown
+                self._abandon(key)
+                return
             except Exception:
                 log.exception("lowmemws: on_%s raised", job.name)
             job = self._finish(key)
@@ -209,9 +224,13 @@ class Dispatcher:
                     if job.is_coroutine:
                         await job.fn(*job.args)
                     elif self._threads is not None:
-                        await asyncio.wrap_future(self._threads.call(job.fn, job.args, job.urgent))
-                    else:
-                        job.fn(*job.args)
+                        result = await asyncio.wrap_future(
+                            self._threads.call(job.fn, job.args, job.urgent)
+                        )
+                        check_result(job.name, result)
+                    else:  # a plain hook with no hook threads: on the gateway's loop thread
+                        result = await asyncio.wrap_future(self._run_inline(job.fn, job.args))
+                        check_result(job.name, result)
                 except Exception:
                     log.exception("lowmemws: on_%s raised", job.name)
                 job = self._finish(key)

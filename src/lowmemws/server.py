@@ -73,11 +73,9 @@ class Gateway:
 
     Any hook may be ``async def``: it runs on an asyncio loop (the gateway's own, or the
     caller's with ``await serve()``) and may await I/O (a session store, a
-    database) without stalling anyone. A plain hook runs inline when
-    ``Config.hook_threads`` is 0 (on the loop thread, or right after a coroutine hook of
-    the same connection on the asyncio loop: the fastest way for a hook that never blocks;
-    ONE THAT BLOCKS STALLS EVERY CONNECTION OF THE PROCESS), else on one of that many
-    threads.
+    database) without stalling anyone. A plain hook runs inline, on the loop thread,
+    when ``Config.hook_threads`` is 0 (the fastest way for a hook that never blocks; ONE
+    THAT BLOCKS STALLS EVERY CONNECTION OF THE PROCESS), else on one of that many threads.
     Either way one connection's hooks run one at a time, in order (on_connect, on_open,
     its messages, on_close), and while an upgrade or HTTP request waits for its hook it
     is parked in C, under ``handshake_timeout`` (408 when the hook is slower). Hook calls
