@@ -12,6 +12,9 @@ until every client has its frame:
 - the server doing nothing for S seconds (its loop and sweep: the floor under any paced send).
 
     python benchmarks/paced.py [--connections 19000] [--spread 10] [--size 256] [--json F]
+
+``--rate R --processes N`` measures the other form instead: the same broadcast capped at R
+deliveries a second over N worker processes (each paces at R / N), arrivals per second only.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ BUCKET = 0.1  # seconds per arrival bucket
 TOLERANCE = 0.2  # the issue's target: each second within 20 % of N / S
 
 
-def broadcast(srv: Server, size: int, spread: float) -> int:
+def broadcast(srv: Server, size: int, spread: float, rate: float = 0.0) -> int:
     """broadcast asks the server for one broadcast; returns the connections it goes to."""
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
     try:
-        conn.request("POST", f"/broadcast?size={size}&spread={spread}", body=b"")
+        conn.request("POST", f"/broadcast?size={size}&spread={spread}&rate={rate}", body=b"")
         answer = conn.getresponse().read().decode()
     finally:
         conn.close()
@@ -47,9 +50,9 @@ def broadcast(srv: Server, size: int, spread: float) -> int:
 def cpu_of(srv: Server, action: Any) -> tuple[float, Any]:
     """cpu_of runs action once the server is idle; returns (server CPU seconds, result)."""
     procstats.wait_idle(srv.pid)
-    before = procstats.cpu_ticks(srv.pid)
+    before = procstats.tree_cpu_ticks(srv.pid)  # worker processes too
     result = action()
-    return procstats.ticks_to_us(procstats.cpu_ticks(srv.pid) - before) / 1e6, result
+    return procstats.ticks_to_us(procstats.tree_cpu_ticks(srv.pid) - before) / 1e6, result
 
 
 def per_second(replies: list[dict[str, Any]], start: float, seconds: int) -> list[int]:
@@ -63,10 +66,14 @@ def per_second(replies: list[dict[str, Any]], start: float, seconds: int) -> lis
     return counts
 
 
-def paced_round(srv: Server, lc: LoadClients, size: int, spread: float) -> dict[str, Any]:
-    """paced_round measures one paced broadcast: its CPU and its arrivals per second."""
+def paced_round(
+    srv: Server, lc: LoadClients, size: int, spread: float, rate: float = 0.0
+) -> dict[str, Any]:
+    """paced_round measures one paced broadcast (spread, or rate when given): its CPU and
+    its arrivals per second."""
     lc.reset()
-    timeout = spread * 3 + 60
+    seconds = spread or sum(lc.counts) / rate
+    timeout = seconds * 3 + 60
     lc.begin(
         [{"cmd": "arrivals", "per_conn": 1, "bucket": BUCKET, "timeout": timeout}] * len(lc.procs)
     )
@@ -75,16 +82,15 @@ def paced_round(srv: Server, lc: LoadClients, size: int, spread: float) -> dict[
 
     def send() -> list[dict[str, Any]]:
         started.append(time.monotonic())
-        broadcast(srv, size, spread)
+        broadcast(srv, size, 0.0 if rate else spread, rate)
         return lc.finish()
 
     cpu, replies = cpu_of(srv, send)
-    seconds = per_second(replies, started[0], math.ceil(spread))
     return {
         "cpu_s": cpu,
         "frames": sum(r["frames"] for r in replies),
         "ok": all(r["ok"] for r in replies),
-        "per_second": seconds,
+        "per_second": per_second(replies, started[0], math.ceil(seconds)),
     }
 
 
@@ -144,8 +150,58 @@ def run(
     }
 
 
+def run_rate(
+    connections: int, rate: float, size: int, processes: int, rounds: int, log: Any = print
+) -> dict[str, Any]:
+    """run_rate measures a broadcast capped at rate deliveries a second over ``processes``
+    worker processes (each paces at rate / processes): the arrivals per second."""
+    extra = ("--processes", str(processes))
+    with (
+        Server("lowmemws_paced", extra=extra) as srv,
+        LoadClients(srv.host, srv.port, connections) as lc,
+    ):
+        opened = lc.open()
+        rows = []
+        for i in range(rounds):
+            rows.append(paced_round(srv, lc, size, 0.0, rate))
+            log(f"  rate round {i + 1}: per second {rows[-1]['per_second']}")
+        lc.close()
+    full = rows[-1]["per_second"][: int(connections / rate)]
+    return {
+        "mode": "rate",
+        "version": version("lowmemws"),
+        "connections": opened["opened"],
+        "processes": processes,
+        "size": size,
+        "rate": rate,
+        "per_second": rows[-1]["per_second"],
+        "per_second_ok": all(abs(n - rate) <= TOLERANCE * rate for n in full),
+        "never_over": all(n <= rate * (1 + TOLERANCE) for n in rows[-1]["per_second"]),
+        "all_delivered": all(r["ok"] for r in rows),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def render_rate(r: dict[str, Any]) -> str:
+    """render_rate writes the rate figures."""
+    seconds = ", ".join(f"{n:,}" for n in r["per_second"][:-1])
+    return "\n".join(
+        [
+            f"lowmemws {r['version']}: {r['connections']:,} subscribers on {r['processes']} "
+            f"worker processes, one {r['size']} B broadcast at rate={r['rate']:g}",
+            f"- arrivals per second (each process paces at rate / {r['processes']}): {seconds}; "
+            f"later: {r['per_second'][-1]:,} -> "
+            f"{'ok' if r['per_second_ok'] else 'MISSED'} (within 20 % of {r['rate']:,.0f})",
+            f"- delivered: {'all' if r['all_delivered'] else 'NOT all'}; load average "
+            f"{', '.join(f'{x:.1f}' for x in r['load_average'])}",
+        ]
+    )
+
+
 def render(r: dict[str, Any]) -> str:
     """render writes the figures the way the issue's closing note gives them."""
+    if r.get("mode") == "rate":
+        return render_rate(r)
     target = r["target_per_second"]
     low, high = target * (1 - TOLERANCE), target * (1 + TOLERANCE)
     seconds = ", ".join(f"{n:,}" for n in r["per_second"][:-1])
@@ -177,12 +233,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="unpaced rounds")
     p.add_argument("--paced-rounds", type=int, default=2)
+    p.add_argument("--rate", type=float, default=0.0, help="measure rate=R instead (arrivals only)")
+    p.add_argument("--processes", type=int, default=1, help="worker processes (with --rate)")
     return report.main(p, argv, run_args, render)
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
-    return run(min(a.connections, 19_000), a.spread, a.size, a.rounds, a.paced_rounds)
+    connections = min(a.connections, 19_000)
+    if a.rate:
+        return run_rate(connections, a.rate, a.size, a.processes, a.paced_rounds)
+    return run(connections, a.spread, a.size, a.rounds, a.paced_rounds)
 
 
 if __name__ == "__main__":
