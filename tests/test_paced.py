@@ -212,3 +212,10 @@ def test_asyncio_callers_pace_too(gateway: Gateway, clients: list[Recorder]) -> 
     assert asyncio.run(publish()) == [4, 4, 4]
     finish_with_fence(gateway, clients)
     assert [count(clients, text) for text in "abc"] == [4, 4, 4]
+
+
+def test_an_enormous_rate_is_no_rate_at_all(gateway: Gateway, clients: list[Recorder]) -> None:
+    connect(gateway, clients, 3)
+    assert gateway.broadcast("now", rate=1e300) == 3
+    finish_with_fence(gateway, clients)
+    assert count(clients, "now") == 3

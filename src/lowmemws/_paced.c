@@ -108,7 +108,8 @@ static uint64_t quota(const lmw_paced *p, uint64_t now) {
         if (elapsed >= p->spread_us) return UINT64_MAX;
         return (uint64_t)((double)p->total * (double)elapsed / (double)p->spread_us) + 1;
     }
-    if (p->rate > 0) return 1 + (uint64_t)(p->rate * (double)elapsed / SECOND_US);
+    double due = p->rate * (double)elapsed / SECOND_US; /* any finite rate: no overflow */
+    if (p->rate > 0) return due < 1e19 ? 1 + (uint64_t)due : UINT64_MAX;
     return UINT64_MAX;
 }
 
