@@ -8,7 +8,8 @@
  *              _server.c (the epoll loop, accept, the sweep, this API), _input.c
  *              (reading, heads, frames, the spill budget), _conn.c (the connection state
  *              machine), _output.c (sends, queues, write bounds), _fanout.c (one frame to
- *              many), _hub.c (topic and user membership), _slot.c (per-connection memory).
+ *              many), _paced.c (one frame to many, over time), _hub.c (topic and user
+ *              membership), _slot.c (per-connection memory).
  *
  * Locking: every public runtime function takes the server's one mutex, so any thread may
  * call any of them; lmw_poll drops it only while it waits in epoll_wait. The trade-off:
