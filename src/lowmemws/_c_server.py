@@ -164,6 +164,11 @@ class CServer:
 
     # -- answers to events ------------------------------------------------------------------
 
+    def park_waiting(self) -> int:
+        """park_waiting parks every upgrade and HTTP request of this loop turn still waiting
+        for its answer (one C call for all of them); returns how many."""
+        return int(lib.lmw_park_waiting(self._ptr))
+
     def park(self, fd: int, gen: int) -> bool:
         """park keeps an upgrade or HTTP request of this loop turn waiting for an answer
         from another thread or a coroutine; False when it could not (C answered it 503)."""

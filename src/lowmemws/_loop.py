@@ -91,6 +91,7 @@ class EventLoop:
         self._paused: set[Key] = set()
         self._accept_held = False
         self._in_flight_gauge = 0
+        self._park = False  # an event of this batch waits for an off-loop hook
         # calls other threads hand to this one: hook answers, inline hooks (see _call_here)
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any] | None]] = deque()
         self._calls_woken = False
@@ -148,6 +149,17 @@ class EventLoop:
             self._after_turn()
 
     def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
+        try:
+            self._dispatch_events(ev, n, closing)
+        finally:
+            if self._park:
+                # the requests whose hooks run elsewhere wait past this batch; their
+                # answers are applied by this thread, after this (see _call_here). A
+                # request that could not be parked (no memory) was answered 503 by C.
+                self._park = False
+                self._server.park_waiting()
+
+    def _dispatch_events(self, ev: Any, n: int, closing: bool) -> None:
         for i in range(n):
             e = ev[i]
             kind = e.type
@@ -234,8 +246,7 @@ class EventLoop:
         hook = self._hooks.connect
         fd, gen = e.fd, e.gen
         if hook is not None and not self._inline("connect"):
-            if not self._server.park(fd, gen):
-                return  # no memory to keep it: C answered 503
+            self._park = True  # parked at the end of this batch (_dispatch), all in one call
             request = Request._copy(e.data, e.len, e.request)
             if "connect" in self._hooks.coroutine:
                 job = Job(self._connect_async, (request, fd, gen, hook), True, "connect")
@@ -368,8 +379,7 @@ class EventLoop:
         hook = self._hooks.http
         fd, gen = e.fd, e.gen
         if hook is not None and not self._inline("http"):
-            if not self._server.park(fd, gen):
-                return
+            self._park = True
             request = Request._copy(e.data, head_len, e.request, body_len)
             if "http" in self._hooks.coroutine:
                 job = Job(self._http_async, (request, fd, gen, hook), True, "http")

@@ -382,6 +382,27 @@ int lmw_park(lmw_server *s, int fd, uint32_t gen) {
     return r;
 }
 
+int lmw_park_waiting(lmw_server *s) {
+    int n = 0;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < s->nev; i++) {
+        lmw_event *e = &s->ev[i];
+        if (e->type != LMW_EV_UPGRADE && e->type != LMW_EV_HTTP) continue;
+        lmw_slot *sl = lmw__slot(s, e->fd, e->gen);
+        if (!sl) continue;
+        if (sl->state == ST_UPGRADE_WAIT) {
+            lmw_upgrade_pending *u = batch_upgrade(s, e->fd, e->gen);
+            if (!u) continue;
+            n += lmw__conn_park(s, e->fd, sl, u->key, u->key_len) == 0;
+            u->fd = -1;
+        } else if (sl->state == ST_HTTP_WAIT) {
+            n += lmw__conn_park(s, e->fd, sl, NULL, 0) == 0;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
 void lmw_accept_hold(lmw_server *s, int hold) {
     pthread_mutex_lock(&s->lock);
     s->accept_held = hold != 0;

@@ -373,6 +373,11 @@ int lmw_wake(lmw_server *s);
  * an answer of this batch or there was no memory (then it is answered with 503). */
 int lmw_park(lmw_server *s, int fd, uint32_t gen);
 
+/* lmw_park_waiting parks (as lmw_park) every UPGRADE and HTTP event of the current batch
+ * still waiting for its answer: one call per batch instead of one per event (each call
+ * lets other Python threads take the GIL). Returns how many were parked. */
+int lmw_park_waiting(lmw_server *s);
+
 /* lmw_accept_hold stops (hold = 1) or allows again (hold = 0) accepting new connections:
  * the application's hooks are at their cap, so new clients wait in the listen backlog. */
 void lmw_accept_hold(lmw_server *s, int hold);
