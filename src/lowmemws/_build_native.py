@@ -19,6 +19,7 @@ SOURCES = [
     "_conn.c",
     "_input.c",
     "_fanout.c",
+    "_paced.c",
     "_server.c",
 ]
 _INT_DEFINE = re.compile(r"^#define\s+\w+\s+-?\d+\s*(/\*.*\*/)?\s*$")

@@ -296,6 +296,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     lmw__resume_budget_paused(s);
     listeners_poll(s, accepting_allowed(s));
     if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
+    int pace_ms = lmw__paced_wait_ms(s);
+    if (pace_ms >= 0 && (timeout_ms < 0 || timeout_ms > pace_ms)) timeout_ms = pace_ms;
     pthread_mutex_unlock(&s->lock);
 
     uint64_t waiting_since = monotonic_us();
@@ -339,6 +341,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         s->last_sweep = s->now;
         sweep(s);
     }
+    lmw__paced_advance(s);
     drain_closed(s);
     listeners_poll(s, accepting_allowed(s));
     *out = s->ev;
@@ -487,6 +490,7 @@ int lmw_close(lmw_server *s, int fd, uint32_t gen, int code, const uint8_t *reas
 int lmw_close_all(lmw_server *s, int code) {
     int n = 0;
     pthread_mutex_lock(&s->lock);
+    lmw__paced_drop_all(s); /* shutdown: a paced remainder is dropped (counted), never sent */
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
         if (sl->state == ST_OPEN) {
@@ -585,6 +589,7 @@ void lmw_server_free(lmw_server *s) {
         if (s->slots[fd].state != ST_FREE) lmw__conn_free(s, (int)fd, 1001);
     for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
+    lmw__paced_drop_all(s);
     lmw__hub_free(s);
     if (s->epfd >= 0) close(s->epfd);
     if (s->wakefd >= 0) close(s->wakefd);

@@ -17,6 +17,8 @@ _GAUGES = {
     "spill_bytes": "Bytes held for incomplete input.",
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",
+    "paced_in_flight": "Paced sends (spread or rate) not finished yet.",
+    "paced_rate": "Members reached by paced sends per second, over the last second.",
 }
 #: Gauges in seconds, the largest over processes (not summed): microseconds in lmw_stats.
 _MAX_GAUGES = {
@@ -31,6 +33,9 @@ _COUNTERS = {
     "messages_received_total": "WebSocket messages received.",
     "handshake_timeouts_total": "Request heads answered 408 at the handshake deadline.",
     "ping_timeouts_total": "Connections dropped for a pong that did not arrive in time.",
+    "paced_deliveries_total": "Connections that took the frame of a paced send.",
+    "paced_dropped_total": "Members a paced send had not reached when its gateway stopped.",
+    "paced_cancelled_total": "Members a cancelled paced send had not reached.",
 }
 
 
