@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE := $(wildcard src/lowmemws/*.c src/lowmemws/*.h) src/lowmemws/_build_native.py setup.py pyproject.toml
 # Every C file is kept in the .clang-format style (checked by `make lint`).
-C_FILES := $(wildcard src/lowmemws/*.c src/lowmemws/*.h fuzz/*.c benchmarks/*.c)
+C_FILES := $(wildcard src/lowmemws/*.c src/lowmemws/*.h fuzz/*.c fuzz/atheris/*.c benchmarks/*.c)
 FUZZ_SECONDS ?= 8
 
 .PHONY: all build demo test lint typecheck docs pytest sysdeps fuzz fuzz-smoke bench compliance clean

@@ -10,8 +10,9 @@ process (benchmarks/servers/*_server.py with the flags below) stopped by PID aft
    ``asyncio.sleep``; lowmemws with a blocking sync on_connect (``time.sleep``) and
    ``Config(hook_threads=32)``; and the same blocking hook inline (``hook_threads=0``: the
    loop stalls; the reference row). Echo is a plain echo handler / a plain on_message, which
-   with hook_threads=32 runs on the hook threads too, queued behind the storm's on_connect
-   calls. A diagnostic row repeats the threaded variant with an ``async def`` echo (run on
+   with hook_threads=32 runs on the hook threads too (which take the work of open
+   connections before handshakes). A diagnostic row repeats the threaded variant with an
+   ``async def`` echo (run on
    the asyncio loop, not the hook threads), to tell that queueing from a stalled loop; a
    floor row runs lowmemws' sync hook with no wait at all: what a storm costs on this
    machine (the C client, the probe and the server share 2 cores) whatever the hook does.

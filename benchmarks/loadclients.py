@@ -196,6 +196,8 @@ class Worker:
         self.echo_until = 0.0
         self.echo_messages = 0
         self.pong_frame_cache: dict[bytes, bytes] = {}
+        self.arrival_bucket = 0.0  # > 0 while cmd_arrivals counts frames per time bucket
+        self.arrivals: dict[int, int] = {}
 
     # -- connections -------------------------------------------------------------------------
 
@@ -341,6 +343,9 @@ class Worker:
         conn.frames += 1
         self.frames += 1
         self.payload_bytes += length
+        if self.arrival_bucket:
+            at = int(time.monotonic() / self.arrival_bucket)
+            self.arrivals[at] = self.arrivals.get(at, 0) + 1
         if conn.echo:
             self.echo_messages += 1
             if time.monotonic() < self.echo_until:
@@ -424,6 +429,18 @@ class Worker:
             "ok": ok,
             "seconds": time.monotonic() - start,
         }
+
+    def cmd_arrivals(self, per_conn: int, bucket: float, timeout: float) -> dict[str, Any]:
+        """cmd_arrivals is wait_frames that also counts the frames by arrival time: buckets of
+        ``bucket`` seconds of the monotonic clock, which every process of the machine shares,
+        keyed by int(time / bucket) (paced fan-out, issue 18)."""
+        self.arrivals, self.arrival_bucket = {}, bucket
+        try:
+            reply = self.cmd_wait_frames(per_conn, timeout)
+        finally:
+            self.arrival_bucket = 0.0
+        reply["arrivals"] = {str(k): v for k, v in sorted(self.arrivals.items())}
+        return reply
 
     def cmd_reset(self) -> dict[str, Any]:
         self.poll(0)
@@ -552,6 +569,12 @@ class LoadClients:
 
     def command(self, per_worker: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """command sends one command to every worker, then collects every reply."""
+        self.begin(per_worker)
+        return self.finish()
+
+    def begin(self, per_worker: Sequence[dict[str, Any]]) -> None:
+        """begin sends one command to every worker without waiting (finish() collects the
+        replies): for a command that must be running before the server acts."""
         for cmd in per_worker:
             if self.engine == "c" and cmd["cmd"] not in C_COMMANDS:
                 raise NotImplementedError(
@@ -562,6 +585,9 @@ class LoadClients:
             assert proc.stdin is not None
             proc.stdin.write((json.dumps(cmd) + "\n").encode())
             proc.stdin.flush()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """finish collects every worker's reply to the command begin() sent."""
         replies = []
         for proc in self.procs:
             assert proc.stdout is not None

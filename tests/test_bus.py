@@ -98,6 +98,54 @@ def test_envelope_rejects_inconsistent_fields(args: tuple[Any, ...]) -> None:
         Envelope(*args)
 
 
+paced_envelopes = (
+    st.builds(
+        Envelope.with_pace,
+        st.one_of(envelopes, envelopes_of("users", st.tuples(st.integers(0, 2**64 - 1)))),
+        st.sampled_from([0.0, 0.5, 10.0]),
+        st.just(0.0),
+        st.integers(1, 65535),
+        st.integers(0, 2**64 - 1),
+    )
+    | st.builds(
+        Envelope.with_pace,
+        envelopes,
+        st.just(0.0),
+        st.floats(0.001, 1e6),
+        st.integers(1, 9),
+        st.just(7),
+    )
+    | st.builds(Envelope.for_cancel, st.integers(0, 2**64 - 1))
+)
+
+
+@given(paced_envelopes)
+def test_paced_envelopes_round_trip_through_their_wire_form(envelope: Envelope) -> None:
+    assert Envelope.decode(envelope.encode()) == envelope
+
+
+@given(st.binary(max_size=64))
+def test_envelope_decode_of_version_2_accepts_or_raises_value_error(data: bytes) -> None:
+    try:
+        Envelope.decode(b"\x02" + data)
+    except ValueError:
+        pass
+
+
+def test_only_envelopes_that_need_it_travel_as_version_2() -> None:
+    assert Envelope.for_topic("t", "x").encode()[0] == 1  # what every node reads
+    assert Envelope.for_topic("t", "x").with_pace(1.0, 0.0, 1, 5).encode()[0] == 2
+    assert Envelope.for_users((1, 2), "x").encode()[0] == 2
+    assert Envelope.for_cancel(5).encode()[0] == 2
+
+
+def test_an_envelope_is_spread_or_rated_not_both() -> None:
+    with pytest.raises(ValueError):
+        Envelope.for_all("x").with_pace(1.0, 5.0, 1, 0)
+    with pytest.raises(ValueError):
+        Envelope.for_all("x").with_pace(0.0, 5.0, 0, 0)  # no node to share the rate
+
+
 # -- LocalBus ---------------------------------------------------------------------------------
 
 

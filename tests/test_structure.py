@@ -68,6 +68,8 @@ def test_the_runtime_files_form_layers() -> None:
     assert len(defined_in) > 20, "the definition pattern no longer finds the functions"
     assert find_cycle(calls) is None, f"a cycle between runtime files: {find_cycle(calls)}"
     assert calls["_output.c"] <= {"_slot.c"}, "the write path only uses storage"
+    # paced fan-out sits beside _fanout.c: it sends through the state machine, reads the hub
+    assert calls["_paced.c"] <= {"_conn.c", "_hub.c", "_slot.c"}, "paced sends stay a layer"
 
 
 def runtime_imports(path: Path) -> set[str]:

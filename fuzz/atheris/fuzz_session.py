@@ -21,6 +21,11 @@ Invariants, checked after every poll and on the bytes each client receives:
     pending output all return to 0 and every server-side fd is closed.
 Every outcome is thus "accepted" or a documented close code or status.
 
+The application's operations include paced sends (issue 18): lmw_paced_start to a topic, a
+set of users or everyone, spread, at a rate or at once, and lmw_paced_cancel; what they
+answer stays within the clients there are, and once the clients hang up a cancel finds
+no member of any paced send left.
+
 Parking (issue 11: hooks that answer from another thread or a coroutine), when the first
 byte's bit 7 is set: an UPGRADE or HTTP event may be parked (lmw_park) instead of answered
 in its batch, and operation 15 then chooses among the parking operations: answer a parked
@@ -220,6 +225,7 @@ class Session:
         self.messages = 0
         self.http = 0
         self.parked: list[Parked] = []
+        self.paced = 0  # paced sends started (issue 18)
         self.answered: list[tuple[int, int, int]] = []  # (kind, fd, gen) answered already
         self.ticks = 0  # how far the clock was moved
         self.held = False  # lmw_accept_hold
@@ -326,6 +332,8 @@ class Session:
         assert lib.lmw_connection_count(self.server) == st.connections
         assert st.hooks_in_flight == 0  # kept by Python only
         assert st.handshakes_parked <= st.handshakes, (st.handshakes_parked, st.handshakes)
+        assert st.paced_in_flight <= self.paced, (st.paced_in_flight, self.paced)
+        assert st.paced_deliveries_total < WRAP
         maybe_parked = sum(1 for p in self.parked if not p.stale)
         assert st.handshakes_parked <= maybe_parked, (st.handshakes_parked, maybe_parked)
 
@@ -685,6 +693,8 @@ class Session:
         elif what == 2:
             rc = lib.lmw_subscribe(s, c.fd, gen, 1 + r.pick(3))
             assert rc in (0, 1, lib.LMW_ERROR) and not (stale and rc >= 0)
+        elif what in (6, 7):
+            self.pace(what == 7)
         else:
             size = r.pick(3) * 3000
             policy = r.pick(3)
@@ -695,6 +705,32 @@ class Session:
             else:
                 n = lib.lmw_broadcast(s, 1, b"b" * size, size, policy)
             assert 0 <= n <= len(self.clients), n
+
+    def pace(self, cancel: bool) -> None:
+        """pace starts a paced send (issue 18) to a topic, a set of users or everyone, spread
+        over a fraction of a second, at a rate, or at once; or cancels the sends of one id.
+        The counts it answers stay within the clients there are; once the clients hang up,
+        a cancel finds no member left to count (finish)."""
+        r, s = self.r, self.server
+        pace_id = r.pick(3)
+        if cancel:
+            left = lib.lmw_paced_cancel(s, pace_id)
+            assert 0 <= left <= len(self.all) * max(1, self.paced), left
+            return
+        to = r.pick(4)  # 3: an unknown target, refused
+        users = [r.pick(3) for _ in range(r.pick(4))]
+        size = r.pick(3) * 3000
+        paces = ((0.0, 0.0), (0.05 * (1 + r.pick(4)), 0.0), (0.0, 1.0 + r.pick(200)))
+        spread, rate = paces[r.pick(3)]  # at once, spread, or at a rate
+        n = lib.lmw_paced_start(
+            s, pace_id, to, 1 + r.pick(3), users, len(users), 2, b"q" * size, size, r.pick(3),
+            spread, rate,
+        )  # fmt: skip
+        if to == 3:
+            assert n == lib.LMW_ERROR
+            return
+        assert 0 <= n <= len(self.clients), n
+        self.paced += 1
 
     # ------------------------------------------------------------------ run
 
@@ -720,7 +756,7 @@ class Session:
             elif op in (6, 7, 8):
                 self.poll()
             elif op in (9, 10):
-                self.app(c, r.pick(6))
+                self.app(c, r.pick(8))
             elif op == 11:
                 self.read(c)
             elif op == 12 and not c.write_shut and not c.hung_up:
@@ -764,10 +800,13 @@ class Session:
                 f"connections did not end: connections={st.connections} "
                 f"handshakes={st.handshakes} parked={st.handshakes_parked} "
                 f"spill={st.spill_bytes} "
-                f"pending={st.pending_write_bytes} "
+                f"pending={st.pending_write_bytes} paced={st.paced_in_flight} "
                 f"open={[fd for fd in self.clients if fd_open(fd)]}"
             )
         assert st.buffer_pool_in_use <= self.read_buffers
+        for pace_id in range(3):  # a paced send may still wait for its next member's turn:
+            assert lib.lmw_paced_cancel(self.server, pace_id) == 0  # none is left to count
+        assert st.paced_in_flight == 0
 
     def close(self) -> None:
         lib.lmw_server_free(self.server)

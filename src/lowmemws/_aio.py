@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 log = logging.getLogger("lowmemws")
@@ -21,11 +21,15 @@ log = logging.getLogger("lowmemws")
 T = TypeVar("T")
 CoroutineFactory = Callable[[], Coroutine[Any, Any, None]]
 
+#: How long close() lets cancelled hook tasks run their except/finally blocks.
+_CANCEL_WAIT = 1.0
+
 
 class AsyncioHost:
     """AsyncioHost runs hook coroutines as tasks on one asyncio loop (see the module doc).
 
-    Every method may be called from any thread.
+    spawn, kick, run, cancel_all and close may be called from any thread; watch, unwatch
+    and call_soon only from a task or callback on the loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -38,6 +42,8 @@ class AsyncioHost:
         self._tasks: set[asyncio.Task[None]] = set()  # strong references while they run
         self._deadlines: dict[asyncio.Task[Any], float] = {}  # see watch()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._waiting: set[Future[Any]] = set()  # results other threads wait for (run)
+        self._closed = False  # the gateway's own loop is stopped (or never to start): close
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -50,6 +56,9 @@ class AsyncioHost:
 
     def _start_own(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.new_event_loop()
+        eager = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+
+        if eager is not None:  # a hook that returns without waiting costs no loop turn
+            loop.set_task_factory(eager)
         self._thread = threading.Thread(
             target=loop.run_forever, name="lowmemws-asyncio", daemon=True
         )
@@ -79,7 +88,9 @@ class AsyncioHost:
         loop = self.loop
         tasks = self._tasks
         while self._pending:
-            tasks.add(loop.create_task(self._tracked(self._pending.popleft())))
+            task = loop.create_task(self._tracked(self._pending.popleft()))
+            if not task.done():  # an eager task (3.12+) may have finished already
+                tasks.add(task)
 
     async def _tracked(self, factory: CoroutineFactory) -> None:
         """_tracked runs one hook coroutine and forgets its task at the end (cheaper than a
@@ -125,11 +136,46 @@ class AsyncioHost:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """run runs coroutine on the loop and waits for its result (from another thread).
 
+        The coroutine runs as a hook task, so cancel_all cancels it like the others; one
+        the loop never started (it stopped first) is given up by close(): the waiting
+        thread always wakes.
+
         Raises:
             Exception: whatever the coroutine raised.
+            concurrent.futures.CancelledError: it was cancelled or given up (shutdown).
         """
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result()
+        done: Future[T] = Future()
+
+        async def relay() -> None:
+            try:
+                result = await coroutine
+            except asyncio.CancelledError:
+                done.cancel()
+                raise
+            except BaseException as exc:  # handed to the waiting thread, not left on the task
+                if not done.done():
+                    done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit, KeyboardInterrupt: the loop's to handle
+            else:
+                if not done.done():
+                    done.set_result(result)
+
+        self._waiting.add(done)  # before the check: close() cancels it, or we see _closed
+        try:
+            if not self._closed:
+                try:
+                    self.spawn(relay)
+                    self.kick()
+                except RuntimeError:  # the loop closed meanwhile
+                    if not self._closed:
+                        raise
+                else:
+                    return done.result()
+            coroutine.close()  # a hook thread that outlived the shutdown: no loop runs it now
+            raise CancelledError()
+        finally:
+            self._waiting.discard(done)
 
     def on_loop_thread(self) -> bool:
         """on_loop_thread: the caller runs on this host's asyncio loop right now."""
@@ -157,23 +203,35 @@ class AsyncioHost:
         self._loop.call_soon_threadsafe(cancel)
 
     async def _cancel_and_wait(self) -> None:
-        tasks = list(self._tasks)
+        """_cancel_and_wait cancels the hook tasks still running and lets them unwind (their
+        except and finally blocks run) for at most _CANCEL_WAIT seconds."""
+        tasks = [task for task in self._tasks if not task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
+            await asyncio.wait(tasks, timeout=_CANCEL_WAIT)
 
     def close(self) -> None:
-        """close stops the gateway's own loop once its hook tasks are cancelled and have
-        unwound (briefly); the caller's loop is the caller's to stop."""
-        if not self._own or self._loop is None or self._thread is None:
+        """close stops the gateway's own loop (the caller's loop is the caller's to stop),
+        once the tasks cancel_all cancelled have ended (at most _CANCEL_WAIT seconds): each
+        hook gets its CancelledError (its except and finally blocks run) instead of being
+        dropped pending with the loop. Coroutines that hook threads still hand over
+        afterwards are given up (run raises CancelledError): no loop is started again."""
+        if not self._own:
             return
-        if self._tasks:
-            try:
-                asyncio.run_coroutine_threadsafe(self._cancel_and_wait(), self._loop).result(2.0)
-            except Exception:  # a task that will not unwind: the loop is stopped anyway
-                log.warning("lowmemws: hook tasks did not end at shutdown")
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._closed = True
+        if self._loop is None or self._thread is None:
+            return
+        loop = self._loop
+        if loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._cancel_and_wait(), loop).result(_CANCEL_WAIT + 1)
+        except Exception:  # a hook that blocks the loop: stop it all the same
+            log.warning("lowmemws: hook tasks did not end after their cancellation")
+        loop.call_soon_threadsafe(loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():
-            self._loop.close()
+            loop.close()
+        for waiting in list(self._waiting):  # run() calls the stopped loop will never start
+            waiting.cancel()

@@ -20,6 +20,7 @@ SOURCES = [
     "_conn.c",
     "_input.c",
     "_fanout.c",
+    "_paced.c",
     "_server.c",
 ]
 LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
@@ -33,21 +34,27 @@ __all__ = [
 
 log = logging.getLogger("lowmemws.bus")
 
-Kind = Literal["topic", "user", "broadcast"]
+Kind = Literal["topic", "user", "broadcast", "users", "cancel"]
 
 #: OPCODE_TEXT is the RFC 6455 section 5.2 opcode of a text frame.
 OPCODE_TEXT = OP_TEXT
 #: OPCODE_BINARY is the RFC 6455 section 5.2 opcode of a binary frame.
 OPCODE_BINARY = OP_BINARY
 
-_KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast")
+_KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast", "users", "cancel")
 _POLICY_BY_VALUE: dict[int, Policy] = {value: name for name, value in POLICIES.items()}
-_WIRE_VERSION = 1
+_WIRE_VERSION = 1  # an unpaced topic, user or broadcast envelope: what every node reads
+_WIRE_VERSION_PACED = 2  # any other: a batch of users, a paced send, a cancel (issue 18)
 _HEAD = struct.Struct(">BBB")  # version, kind | policy << 2, opcode
+_HEAD2 = struct.Struct(">BBBB")  # version 2, kind, policy, opcode
+_PACE = struct.Struct(">QddH")  # pace id, spread seconds, rate per second, nodes
 _TOPIC_LEN = struct.Struct(">H")
 _USER_TAG = struct.Struct(">Q")
+_USER_COUNT = struct.Struct(">I")
 _MAX_TOPIC_BYTES = 0xFFFF
 _MAX_USER_TAG = 2**64 - 1
+_MAX_USERS = 2**32 - 1
+_MAX_NODES = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +63,16 @@ class Envelope:
 
     ``kind`` says who receives it on each node: the members of topic ``key`` (a str), the
     connections tagged with user ``key`` (an int in 0..2**64-1, the C slot's 64-bit user tag),
+    the connections tagged with any of the users ``key`` (a tuple of such ints, "users"),
     or every connection (``key`` is None). ``opcode`` is the RFC 6455 section 5.2 data opcode
     (1 text, 2 binary); ``policy`` is the slow-consumer policy of issue 4 ("drop", "close" or
     "latest"). The payload is owned by the envelope (bytes, never a borrowed view).
+
+    Pacing (issue 18): ``spread`` > 0 spreads each node's deliveries over that many seconds;
+    else ``rate`` > 0 caps the deployment's deliveries per second, each node taking
+    ``rate / nodes`` (``nodes``: how many nodes the publisher's bus reached).
+    ``pace_id`` names the send; a "cancel" envelope (``key`` the pace id, no payload) ends
+    every paced send of that id on every node.
 
     Raises:
         ValueError: an unknown kind or policy, an opcode other than 1 or 2, a bad key.
@@ -66,10 +80,24 @@ class Envelope:
     """
 
     kind: Kind
-    key: str | int | None
+    key: str | int | tuple[int, ...] | None
     opcode: int
     payload: bytes
     policy: Policy = "drop"
+    spread: float = 0.0
+    rate: float = 0.0
+    nodes: int = 1
+    pace_id: int = 0
+
+    @property
+    def paced(self) -> bool:
+        """paced is True when the envelope is delivered over time (spread or rate)."""
+        return self.spread > 0 or self.rate > 0
+
+    @property
+    def node_rate(self) -> float:
+        """node_rate is the rate each node paces at: its share of ``rate``."""
+        return self.rate / self.nodes
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -81,6 +109,7 @@ class Envelope:
         if not isinstance(self.payload, bytes):
             raise TypeError("Envelope: payload must be bytes")
         _check_key(self.kind, self.key)
+        _check_pace(self.spread, self.rate, self.nodes, self.pace_id)
 
     @classmethod
     def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
@@ -112,22 +141,65 @@ class Envelope:
         opcode, payload = frame_data(data)
         return cls("broadcast", None, opcode, payload, policy)
 
+    @classmethod
+    def for_users(
+        cls, user_tags: Iterable[int], data: str | bytes, *, policy: Policy = "drop"
+    ) -> Envelope:
+        """for_users builds the envelope of ``send_to_users(user_tags, data)``.
+
+        Raises:
+            ValueError: an unknown policy, or a user tag outside 0..2**64-1.
+        """
+        opcode, payload = frame_data(data)
+        return cls("users", tuple(user_tags), opcode, payload, policy)
+
+    @classmethod
+    def for_cancel(cls, pace_id: int) -> Envelope:
+        """for_cancel builds the envelope that cancels every paced send named pace_id."""
+        return cls("cancel", pace_id, OPCODE_BINARY, b"")
+
+    def with_pace(self, spread: float, rate: float, nodes: int, pace_id: int) -> Envelope:
+        """with_pace returns this envelope delivered over time (see the class docstring)."""
+        return Envelope(
+            self.kind, self.key, self.opcode, self.payload, self.policy, spread, rate, nodes,
+            pace_id,
+        )  # fmt: skip
+
     def encode(self) -> bytes:
         """encode returns the compact wire form: 3 header bytes, the key, then the payload.
 
         The key is a 2-byte length and UTF-8 for a topic, 8 bytes big-endian for a user tag,
         and absent for a broadcast; the payload runs to the end, so it needs no length.
+        A batch of users, a paced send or a cancel is version 2 (see `_encode_v2`): a node
+        that only knows version 1 refuses it as malformed instead of sending it unpaced.
         """
+        if self.kind in ("users", "cancel") or self.paced or self.pace_id or self.nodes != 1:
+            return self._encode_v2()
         flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
         head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
+        return b"".join((head, self._encode_key(), self.payload))
+
+    def _encode_key(self) -> bytes:
         if self.kind == "topic":
             assert isinstance(self.key, str)
             name = self.key.encode()
-            return b"".join((head, _TOPIC_LEN.pack(len(name)), name, self.payload))
-        if self.kind == "user":
+            return _TOPIC_LEN.pack(len(name)) + name
+        if self.kind in ("user", "cancel"):
             assert isinstance(self.key, int)
-            return b"".join((head, _USER_TAG.pack(self.key), self.payload))
-        return head + self.payload
+            return _USER_TAG.pack(self.key)
+        if self.kind == "users":
+            assert isinstance(self.key, tuple)
+            return _USER_COUNT.pack(len(self.key)) + struct.pack(f">{len(self.key)}Q", *self.key)
+        return b""
+
+    def _encode_v2(self) -> bytes:
+        """_encode_v2: 4 header bytes (version 2, kind, policy, opcode), the key, the pacing
+        (pace id, spread, rate, nodes), then the payload."""
+        head = _HEAD2.pack(
+            _WIRE_VERSION_PACED, _KINDS.index(self.kind), POLICIES[self.policy], self.opcode
+        )
+        pace = _PACE.pack(self.pace_id, self.spread, self.rate, self.nodes)
+        return b"".join((head, self._encode_key(), pace, self.payload))
 
     @classmethod
     def decode(cls, data: bytes | bytearray | memoryview) -> Envelope:
@@ -139,12 +211,31 @@ class Envelope:
         view = memoryview(data)
         if len(view) < _HEAD.size:
             raise ValueError("Envelope.decode: truncated header")
+        if view[0] == _WIRE_VERSION_PACED:
+            return cls._decode_v2(view)
         version, flags, opcode = _HEAD.unpack_from(view)
         if version != _WIRE_VERSION or flags & 3 == 3 or flags >> 2 not in _POLICY_BY_VALUE:
             raise ValueError("Envelope.decode: unknown version or flags")
         kind, policy = _KINDS[flags & 3], _POLICY_BY_VALUE[flags >> 2]
         key, offset = _decode_key(kind, view, _HEAD.size)
         return cls(kind, key, opcode, bytes(view[offset:]), policy)
+
+    @classmethod
+    def _decode_v2(cls, view: memoryview) -> Envelope:
+        if len(view) < _HEAD2.size:
+            raise ValueError("Envelope.decode: truncated header")
+        _, kind_index, policy_value, opcode = _HEAD2.unpack_from(view)
+        if kind_index >= len(_KINDS) or policy_value not in _POLICY_BY_VALUE:
+            raise ValueError("Envelope.decode: unknown kind or policy")
+        kind = _KINDS[kind_index]
+        key, offset = _decode_key(kind, view, _HEAD2.size)
+        try:
+            pace_id, spread, rate, nodes = _PACE.unpack_from(view, offset)
+        except struct.error:
+            raise ValueError("Envelope.decode: truncated pacing") from None
+        payload = bytes(view[offset + _PACE.size :])
+        policy = _POLICY_BY_VALUE[policy_value]
+        return cls(kind, key, opcode, payload, policy, spread, rate, nodes, pace_id)
 
 
 def frame_data(data: str | bytes | bytearray | memoryview) -> tuple[int, bytes]:
@@ -158,14 +249,32 @@ def _check_key(kind: Kind, key: object) -> None:
     if kind == "topic":
         if not isinstance(key, str) or len(key.encode()) > _MAX_TOPIC_BYTES:
             raise ValueError("Envelope: a topic key is a str of at most 65535 UTF-8 bytes")
-    elif kind == "user":
-        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= _MAX_USER_TAG:
-            raise ValueError("Envelope: a user key is an int in 0..2**64-1")
+    elif kind in ("user", "cancel"):
+        if not _is_tag(key):
+            raise ValueError("Envelope: a user key or pace id is an int in 0..2**64-1")
+    elif kind == "users":
+        if not isinstance(key, tuple) or len(key) > _MAX_USERS or not all(map(_is_tag, key)):
+            raise ValueError("Envelope: a users key is a tuple of ints in 0..2**64-1")
     elif key is not None:
         raise ValueError("Envelope: a broadcast has no key")
 
 
-def _decode_key(kind: Kind, view: memoryview, offset: int) -> tuple[str | int | None, int]:
+def _is_tag(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_USER_TAG
+
+
+def _check_pace(spread: float, rate: float, nodes: int, pace_id: int) -> None:
+    if not (0 <= spread < math.inf and 0 <= rate < math.inf):  # NaN fails too
+        raise ValueError("Envelope: spread and rate are finite numbers >= 0")
+    if spread and rate:
+        raise ValueError("Envelope: give spread or rate, not both")
+    if not (isinstance(nodes, int) and 1 <= nodes <= _MAX_NODES) or not _is_tag(pace_id):
+        raise ValueError("Envelope: nodes is in 1..65535 and pace_id in 0..2**64-1")
+
+
+def _decode_key(
+    kind: Kind, view: memoryview, offset: int
+) -> tuple[str | int | tuple[int, ...] | None, int]:
     try:
         if kind == "topic":
             (length,) = _TOPIC_LEN.unpack_from(view, offset)
@@ -173,9 +282,15 @@ def _decode_key(kind: Kind, view: memoryview, offset: int) -> tuple[str | int | 
             if start + length > len(view):
                 raise ValueError("Envelope.decode: truncated topic")
             return str(view[start : start + length], "utf-8"), start + length
-        if kind == "user":
+        if kind in ("user", "cancel"):
             (tag,) = _USER_TAG.unpack_from(view, offset)
             return int(tag), offset + _USER_TAG.size
+        if kind == "users":
+            (count,) = _USER_COUNT.unpack_from(view, offset)
+            start = offset + _USER_COUNT.size
+            if start + 8 * count > len(view):
+                raise ValueError("Envelope.decode: truncated users")
+            return struct.unpack_from(f">{count}Q", view, start), start + 8 * count
     except (struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"Envelope.decode: bad key: {exc}") from None
     return None, offset
@@ -248,7 +363,9 @@ class Bus(Protocol):
     delivered anywhere then, so a retry never duplicates); it returns what this node's
     deliver returned if the bus delivered to this node before publish returned, else 0;
     ``close()`` stops the bus. An optional ``may_block = False`` attribute says publish
-    never waits, so Gateway.apublish calls it directly instead of in a thread.
+    never waits, so Gateway.apublish calls it directly instead of in a thread. An optional
+    ``node_count()`` says how many nodes a publish reaches (1 when absent): a paced send
+    with a rate gives each node that share of it.
     """
 
     stats: BusStats
@@ -279,6 +396,10 @@ class BusBase:
     def publish(self, envelope: Envelope) -> int:  # pragma: no cover - overridden
         """publish sends ``envelope`` to every node; each bus overrides it."""
         raise NotImplementedError
+
+    def node_count(self) -> int:
+        """node_count is how many nodes a publish reaches, this one included (at least 1)."""
+        return 1
 
     async def apublish(self, envelope: Envelope) -> int:
         """apublish is `publish` for asyncio callers: it runs in the loop's default executor,

@@ -139,6 +139,7 @@ class ProcessBus(BusBase):
         if workers < 1:
             raise ValueError("ProcessBus: workers must be at least 1")
         super().__init__()
+        self._workers = workers
         self._max_message = max_message
         self._max_queued = max_queued_bytes
         self._send_timeout = send_timeout
@@ -266,6 +267,10 @@ class ProcessBus(BusBase):
             return 0
         self._publish_to_parent(data)
         return 0
+
+    def node_count(self) -> int:
+        """node_count is the number of worker processes a publish reaches."""
+        return self._workers
 
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""

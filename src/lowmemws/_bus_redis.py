@@ -183,6 +183,11 @@ class RedisBus(BusBase):
         self.stats.add("buffered_bytes", len(message))
         return self._deliver_safely(envelope)
 
+    def node_count(self) -> int:
+        """node_count is the number of nodes subscribed to the channel (this one included) as
+        last seen: by every batch sent, and once a second while idle."""
+        return max(1, self._peers)
+
     def close(self, timeout: float = 2.0) -> None:
         """close stops taking publishes, gives the writer up to ``timeout`` seconds to send
         what is buffered (the rest is counted in ``dropped``) and stops both threads."""

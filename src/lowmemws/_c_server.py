@@ -19,6 +19,11 @@ from ._native import ffi, lib
 from .config import Config
 from .connection import SendResult
 
+PaceTarget = str | tuple[int, ...] | None
+"""PaceTarget: who a paced send reaches: a topic name, a tuple of user tags, or everyone."""
+Pace = tuple[int, float, float]
+"""Pace: (pace id, spread seconds, rate per second) of a paced send."""
+
 _TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
 
 
@@ -159,6 +164,11 @@ class CServer:
 
     # -- answers to events ------------------------------------------------------------------
 
+    def park_waiting(self) -> int:
+        """park_waiting parks every upgrade and HTTP request of this loop turn still waiting
+        for its answer (one C call for all of them); returns how many."""
+        return int(lib.lmw_park_waiting(self._ptr))
+
     def park(self, fd: int, gen: int) -> bool:
         """park keeps an upgrade or HTTP request of this loop turn waiting for an answer
         from another thread or a coroutine; False when it could not (C answered it 503)."""
@@ -212,6 +222,35 @@ class CServer:
         if self._ptr is None:
             return 0
         return max(0, int(lib.lmw_broadcast(self._ptr, opcode, payload, len(payload), policy)))
+
+    # -- paced fan-out (issue 18) -----------------------------------------------------------
+
+    def paced_start(
+        self, to: PaceTarget, opcode: int, payload: bytes, policy: int, pace: Pace
+    ) -> int:
+        """paced_start sends payload to a topic's members (to: the topic name), the
+        connections of a set of users (a tuple of tags) or everyone (None), over time
+        (pace: id, spread seconds, rate per second; neither spread nor rate: now).
+        Returns the members found now (paced) or the number that took it (not paced)."""
+        if self._ptr is None:
+            return 0
+        pace_id, spread, rate = pace
+        topic, users, nusers, kind = 0, ffi.NULL, 0, int(lib.LMW_PACE_ALL)
+        if isinstance(to, str):
+            topic, kind = self.topic_id(to), int(lib.LMW_PACE_TOPIC)
+        elif to is not None:
+            users, nusers, kind = ffi.new("uint64_t[]", to), len(to), int(lib.LMW_PACE_USERS)
+        n = lib.lmw_paced_start(
+            self._ptr, pace_id, kind, topic, users, nusers,
+            opcode, payload, len(payload), policy, spread, rate,
+        )  # fmt: skip
+        return max(0, int(n))  # LMW_ERROR: no memory for it; nobody gets it
+
+    def paced_cancel(self, pace_id: int) -> int:
+        """paced_cancel ends every paced send named pace_id; returns the members not reached."""
+        if self._ptr is None:
+            return 0
+        return int(lib.lmw_paced_cancel(self._ptr, pace_id))
 
 
 def c_config(config: Config, auto_upgrade: bool) -> Any:

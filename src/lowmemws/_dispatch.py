@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
 from typing import Any, NamedTuple
 
 from ._aio import AsyncioHost
 from ._hook_threads import HookThreads
+from .handshake import wrong_type
 
 log = logging.getLogger("lowmemws")
 
@@ -38,6 +40,10 @@ Key = tuple[int, int]
 
 #: Jobs that may wait behind a running one of the same connection before it is paused.
 KEY_QUEUE_MAX = 16
+
+# Why a connection's reading is paused; it is read again only when no reason is left.
+_PAUSED_QUEUE = 1  # its queue here passed KEY_QUEUE_MAX
+_PAUSED_HELD = 2  # the loop holds a message of it (the dispatcher was at its bound)
 
 
 class Job(NamedTuple):
@@ -57,6 +63,21 @@ class Job(NamedTuple):
 HANDSHAKE_HOOKS = ("connect", "http")
 
 
+def check_result(name: str, result: object) -> None:
+    """check_result logs a plain hook that returned an awaitable (an ``async`` function
+    wrapped in a plain one, or a lambda): it was never awaited, so its work never ran."""
+    if result is not None and inspect.isawaitable(result):
+        log.error("lowmemws: %s", wrong_type(f"on_{name}", result, "None"))
+
+
+def _cancelling() -> bool:
+    """_cancelling: the current task is being cancelled (not merely a hook that let a
+    CancelledError of its own out). Python 3.10 cannot tell: it counts as cancelled."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or bool(cancelling())
+
+
 class Dispatcher:
     """Dispatcher runs jobs per connection (see the module doc). submit is for the loop
     thread; the rest may run on any thread.
@@ -74,6 +95,7 @@ class Dispatcher:
         on_room: Callable[[], None],
         pause: Callable[[int, int], None],
         resume: Callable[[int, int], None],
+        run_inline: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
     ) -> None:
         self._threads = HookThreads(threads) if threads else None
         self._limit = max(1, limit)
@@ -81,9 +103,10 @@ class Dispatcher:
         self._on_room = on_room
         self._pause = pause
         self._resume = resume
+        self._run_inline = run_inline
         self._lock = threading.Lock()
         self._busy: dict[Key, deque[Job]] = {}
-        self._paused: set[Key] = set()
+        self._paused: dict[Key, int] = {}  # key -> _PAUSED_* bits
         self._count = 0
         self._full = False
         self._closed = False
@@ -114,17 +137,38 @@ class Dispatcher:
             queue = self._busy.get(key)
             if queue is not None:
                 queue.append(job)
-                if len(queue) >= KEY_QUEUE_MAX and key not in self._paused:
-                    self._paused.add(key)
-                    pause = True
-                else:
-                    pause = False
+                if len(queue) >= KEY_QUEUE_MAX:
+                    self._pause_for(key, _PAUSED_QUEUE, True)
             else:
                 self._busy[key] = deque()
         if queue is None:
             self._start(key, job)
-        elif pause:
+
+    def _pause_for(self, key: Key, reason: int, on: bool) -> None:
+        """_pause_for sets or clears one reason to pause key's reading (lock held: the C
+        calls are made in the order the reasons change)."""
+        before = self._paused.get(key, 0)
+        after = before | reason if on else before & ~reason
+        if after:
+            self._paused[key] = after
+        else:
+            self._paused.pop(key, None)
+        if before and not after:
+            self._resume(*key)
+        elif after and not before:
             self._pause(*key)
+
+    def hold_reading(self, key: Key) -> None:
+        """hold_reading pauses key's reading while the loop holds a message of it."""
+        with self._lock:
+            self._pause_for(key, _PAUSED_HELD, True)
+
+    def release_reading(self, keys: set[Key]) -> None:
+        """release_reading ends hold_reading for keys (each is read again unless its queue
+        here is still too long)."""
+        with self._lock:
+            for key in keys:
+                self._pause_for(key, _PAUSED_HELD, False)
 
     def _start(self, key: Key, job: Job) -> None:
         if job.is_coroutine:
@@ -139,32 +183,30 @@ class Dispatcher:
     def _finish(self, key: Key) -> Job | None:
         """_finish ends the running job of key and returns the next one, or None (the key is
         forgotten)."""
-        room = resume = False
+        room = False
         with self._lock:
             self._count -= 1
             queue = self._busy[key]
             following = queue.popleft() if queue else None
             if following is None:
                 del self._busy[key]
-            if key in self._paused and len(queue) <= KEY_QUEUE_MAX // 2:
-                self._paused.discard(key)
-                resume = True
+            if len(queue) <= KEY_QUEUE_MAX // 2 and self._paused.get(key, 0) & _PAUSED_QUEUE:
+                self._pause_for(key, _PAUSED_QUEUE, False)
             if self._full and self._count <= self._limit // 2:
                 self._full = False
                 room = True
-        if resume:
-            self._resume(*key)
         if room:
             self._on_room()
         return following
 
     def _abandon(self, key: Key) -> None:
-        """_abandon forgets key and its queued jobs (its drain was cancelled: shutdown)."""
+        """_abandon forgets key and its queued jobs: its drain was cancelled (shutdown, or a
+        handshake hook past its deadline: nothing can queue behind a handshake)."""
         with self._lock:
             queue = self._busy.pop(key, None)
             if queue is not None:
                 self._count -= 1 + len(queue)
-            self._paused.discard(key)
+            self._paused.pop(key, None)  # shutdown: no need to read it again
 
     def _drain_in_thread(self, key: Key, job: Job | None, inline: bool = False) -> None:
         while job is not None:
@@ -175,7 +217,10 @@ class Dispatcher:
                 if job.is_coroutine:
                     self._aio.run(job.fn(*job.args))
                 else:
-                    job.fn(*job.args)
+                    check_result(job.name, job.fn(*job.args))
+            except CancelledError:  # the coroutine was cancelled: shutdown
+                self._abandon(key)
+                return
             except Exception:
                 log.exception("lowmemws: on_%s raised", job.name)
             job = self._finish(key)
@@ -187,23 +232,25 @@ class Dispatcher:
                     if job.is_coroutine:
                         await job.fn(*job.args)
                     elif self._threads is not None:
-                        await asyncio.wrap_future(self._threads.call(job.fn, job.args, job.urgent))
-                    else:
-                        job.fn(*job.args)
+                        result = await asyncio.wrap_future(
+                            self._threads.call(job.fn, job.args, job.urgent)
+                        )
+                        check_result(job.name, result)
+                    else:  # a plain hook with no hook threads: on the gateway's loop thread
+                        result = await asyncio.wrap_future(self._run_inline(job.fn, job.args))
+                        check_result(job.name, result)
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                    log.exception("lowmemws: on_%s raised", job.name)  # it let one out
                 except Exception:
                     log.exception("lowmemws: on_%s raised", job.name)
                 job = self._finish(key)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # shutdown, or a handshake hook past its deadline
             self._abandon(key)
             raise
 
     # -- shutdown ---------------------------------------------------------------------------
-
-    def wait_idle(self, deadline: float) -> bool:
-        """wait_idle waits until no job runs or waits, or the deadline (time.monotonic())."""
-        while self._count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._count
 
     def close(self) -> int:
         """close cancels what still runs (coroutines; a running thread cannot be stopped,

@@ -68,13 +68,18 @@ class HookThreads:
             return (self._urgent or self._later).popleft()
 
     def _run(self) -> None:
-        while (work := self._take()) is not None:
-            fn, args, future = work
-            if future is None:
-                fn(*args)
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
+        while True:
+            work = self._take()
+            if work is None:
+                return
+            self._do(*work)
+            del work  # a waiting thread keeps no reference to its last call's objects
+
+    @staticmethod
+    def _do(fn: Callable[..., Any], args: tuple[Any, ...], future: Future[Any] | None) -> None:
+        if future is None:
+            fn(*args)
+        elif future.set_running_or_notify_cancel():
             try:
                 future.set_result(fn(*args))
             except BaseException as exc:  # handed to the waiting coroutine

@@ -23,12 +23,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from ._aio import AsyncioHost
 from ._c_server import CServer
 from ._constants import OP_TEXT
-from ._dispatch import Dispatcher, Job, Key
+from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
 from .close_codes import CloseCode
@@ -39,9 +40,10 @@ from .handshake import (
     Reject,
     Request,
     Response,
+    check_origin,
     check_response,
+    conclude,
     negotiate,
-    negotiate_async,
 )
 
 log = logging.getLogger("lowmemws")
@@ -83,15 +85,17 @@ class EventLoop:
             on_room=server.wake,
             pause=server.pause_reading,
             resume=server.resume_reading,
+            run_inline=self.run_inline,
         )
         self._held: deque[tuple[Key, Job]] = deque()
         self._held_keys: set[Key] = set()
         self._paused: set[Key] = set()
         self._accept_held = False
         self._in_flight_gauge = 0
-        # answers of off-loop hooks, applied by this thread (see _post_answer)
-        self._answers: deque[tuple[int, int, Accept | Reject | bytes]] = deque()
-        self._answers_woken = False
+        self._park = False  # an event of this batch waits for an off-loop hook
+        # calls other threads hand to this one: hook answers, inline hooks (see _call_here)
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any] | None]] = deque()
+        self._calls_woken = False
 
     def run(self, stopping: threading.Event, ready: threading.Event) -> None:
         """run serves until stopping is set, then closes every client with 1001."""
@@ -103,8 +107,8 @@ class EventLoop:
                 n = self._server.poll(_POLL_MS, events, max_events)
                 if n > 0:
                     self._dispatch(events[0], n)
-                if self._answers:
-                    self._apply_answers()
+                if self._calls:
+                    self._run_calls()
                 self._after_turn()
             self._shutdown(events)
         finally:
@@ -141,11 +145,22 @@ class EventLoop:
             n = server.poll(_SHUTDOWN_POLL_MS, events, self._config.max_events)
             if n > 0:
                 self._dispatch(events[0], n, closing=True)
-            if self._answers:
-                self._apply_answers()
+            if self._calls:
+                self._run_calls()
             self._after_turn()
 
     def _dispatch(self, ev: Any, n: int, closing: bool = False) -> None:
+        try:
+            self._dispatch_events(ev, n, closing)
+        finally:
+            if self._park:
+                # the requests whose hooks run elsewhere wait past this batch; their
+                # answers are applied by this thread, after this (see _call_here). A
+                # request that could not be parked (no memory) was answered 503 by C.
+                self._park = False
+                self._server.park_waiting()
+
+    def _dispatch_events(self, ev: Any, n: int, closing: bool) -> None:
         for i in range(n):
             e = ev[i]
             kind = e.type
@@ -182,7 +197,7 @@ class EventLoop:
         self._held_keys.add(key)
         if message and key not in self._paused:
             self._paused.add(key)
-            self._server.pause_reading(*key)
+            self._dispatcher.hold_reading(key)
 
     def _release_held(self) -> None:
         dispatcher = self._dispatcher
@@ -192,8 +207,7 @@ class EventLoop:
         if self._held:
             return
         self._held_keys.clear()
-        for key in self._paused:
-            self._server.resume_reading(*key)
+        self._dispatcher.release_reading(self._paused)
         self._paused.clear()
 
     def _job(self, name: str, fn: Callable[..., Any], *args: Any) -> Job:
@@ -210,7 +224,9 @@ class EventLoop:
         conn = Connection(self._server, e.fd, e.gen, e.user_tag)
         key = (e.fd, e.gen)
         if self._inline("message") and self._free_to_run_inline(key):
-            hook(conn, message)
+            result = hook(conn, message)
+            if result is not None:
+                check_result("message", result)
             return
         self._submit(key, self._job("message", hook, conn, message), message=True)
 
@@ -221,7 +237,7 @@ class EventLoop:
         conn = Connection(self._server, e.fd, e.gen, e.user_tag)
         key = (e.fd, e.gen)
         if self._inline("close") and self._free_to_run_inline(key):
-            hook(conn, e.code)
+            check_result("close", hook(conn, e.code))
             return
         self._submit(key, self._job("close", hook, conn, int(e.code)))
 
@@ -231,8 +247,7 @@ class EventLoop:
         hook = self._hooks.connect
         fd, gen = e.fd, e.gen
         if hook is not None and not self._inline("connect"):
-            if not self._server.park(fd, gen):
-                return  # no memory to keep it: C answered 503
+            self._park = True  # parked at the end of this batch (_dispatch), all in one call
             request = Request._copy(e.data, e.len, e.request)
             if "connect" in self._hooks.coroutine:
                 job = Job(self._connect_async, (request, fd, gen, hook), True, "connect")
@@ -240,15 +255,18 @@ class EventLoop:
                 job = Job(self._connect_in_thread, (request, fd, gen, hook), False, "connect")
             self._submit((fd, gen), job)
             return
-        request = Request(e.data, e.len, e.request)
+        self._answer_upgrade(fd, gen, self._decide(Request(e.data, e.len, e.request), hook))
+
+    def _decide(self, request: Request, hook: Any) -> Accept | Reject:
+        """_decide runs a plain on_connect (here or on a hook thread): its decision, or 500
+        when it raised. The request is dead afterwards."""
         try:
-            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
+            return negotiate(request, hook, self._config.origins, self._config.subprotocols)
         except Exception:
             log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
+            return Reject(500)
         finally:
             request._invalidate()
-        self._answer_upgrade(fd, gen, decision)
 
     def _watch_handshake(self) -> None:
         """_watch_handshake: a handshake hook still running after handshake_timeout (its
@@ -259,9 +277,8 @@ class EventLoop:
     async def _connect_async(self, request: Request, fd: int, gen: int, hook: Any) -> None:
         self._watch_handshake()
         try:
-            decision = await negotiate_async(
-                request, hook, self._config.origins, self._config.subprotocols
-            )
+            refused = check_origin(request, self._config.origins)
+            decision = refused or conclude(request, await hook(request), self._config.subprotocols)
         except Exception:
             log.exception("lowmemws: on_connect raised; answering 500")
             decision = Reject(500)
@@ -271,14 +288,7 @@ class EventLoop:
         self._post_answer(fd, gen, decision)
 
     def _connect_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
-        try:
-            decision = negotiate(request, hook, self._config.origins, self._config.subprotocols)
-        except Exception:
-            log.exception("lowmemws: on_connect raised; answering 500")
-            decision = Reject(500)
-        finally:
-            request._invalidate()
-        self._post_answer(fd, gen, decision)
+        self._post_answer(fd, gen, self._decide(request, hook))
 
     def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject) -> None:
         """_answer_upgrade applies on_connect's decision. A client that left meanwhile, or a
@@ -289,47 +299,73 @@ class EventLoop:
             server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
+        try:  # before the 101: a publish the client sees it for reaches it
+            for topic in decision.topics:  # (nothing is sent to it before the 101)
+                server.subscribe(fd, gen, topic)
+        except Exception:  # a topic that is not a str: answered like a hook that raised
+            server.reject(fd, gen, 500)
+            raise
         if not server.accept_upgrade(fd, gen, proto, decision.user):
             return
-        for topic in decision.topics:
-            server.subscribe(fd, gen, topic)
         hook = self._hooks.open
         if hook is None:
             return
         conn = Connection(server, fd, gen, decision.user)
         key = (fd, gen)
         if self._inline("open") and self._free_to_run_inline(key):
-            hook(conn)
+            check_result("open", hook(conn))
         else:  # no message of the connection can be queued yet: its 101 was just sent
             self._submit(key, self._job("open", hook, conn))
 
-    # -- answers from other threads ---------------------------------------------------------
+    # -- calls from other threads -----------------------------------------------------------
 
     def _post_answer(self, fd: int, gen: int, answer: Accept | Reject | bytes) -> None:
         """_post_answer hands an off-loop hook's answer (a decision, or an HTTP response) to
         this loop thread, which applies it at its next turn: the thread that owns the
         sockets writes the 101, and the hook's thread makes no C call (each one would
-        contend with the loop for the server lock and the GIL). One wake-up per batch."""
-        self._answers.append((fd, gen, answer))
-        if not self._answers_woken:  # cleared by _apply_answers before it drains
-            self._answers_woken = True
-            if self._aio.on_loop_thread():  # after the other tasks ready now: one wake
+        contend with the loop for the server lock and the GIL)."""
+        if isinstance(answer, bytes):
+            self._call_here(self._server.respond, (fd, gen, answer), None)
+        else:
+            self._call_here(self._answer_upgrade, (fd, gen, answer), None)
+
+    def run_inline(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        """run_inline runs a plain hook on this loop thread at its next turn (a plain hook
+        that follows a coroutine hook of the same connection, with hook_threads=0: plain
+        hooks then never run on two threads at once)."""
+        future: Future[Any] = Future()
+        self._call_here(fn, args, future)
+        return future
+
+    def _call_here(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], future: Future[Any] | None
+    ) -> None:
+        """_call_here queues fn(*args) for this thread's next turn; one wake-up per batch
+        (from the asyncio thread, after the other tasks ready now)."""
+        self._calls.append((fn, args, future))
+        if not self._calls_woken:  # cleared by _run_calls before it drains
+            self._calls_woken = True
+            if self._aio.on_loop_thread():
                 self._aio.call_soon(self._server.wake)
             else:
                 self._server.wake()
 
-    def _apply_answers(self) -> None:
-        self._answers_woken = False
-        answers = self._answers
-        while answers:
-            fd, gen, answer = answers.popleft()
+    def _run_calls(self) -> None:
+        self._calls_woken = False
+        calls = self._calls
+        while calls:
+            fn, args, future = calls.popleft()
+            if future is not None:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as exc:  # the waiting drain logs it, naming the hook
+                        future.set_exception(exc)
+                continue
             try:
-                if isinstance(answer, bytes):
-                    self._server.respond(fd, gen, answer)
-                else:
-                    self._answer_upgrade(fd, gen, answer)
+                fn(*args)  # a hook's answer, then maybe an inline on_open
             except Exception:
-                log.exception("lowmemws: on_open raised")
+                log.exception("lowmemws: applying a hook's answer raised")
 
     # -- plain HTTP -------------------------------------------------------------------------
 
@@ -339,8 +375,7 @@ class EventLoop:
         hook = self._hooks.http
         fd, gen = e.fd, e.gen
         if hook is not None and not self._inline("http"):
-            if not self._server.park(fd, gen):
-                return
+            self._park = True
             request = Request._copy(e.data, head_len, e.request, body_len)
             if "http" in self._hooks.coroutine:
                 job = Job(self._http_async, (request, fd, gen, hook), True, "http")
@@ -349,14 +384,18 @@ class EventLoop:
             self._submit((fd, gen), job)
             return
         request = Request(e.data, head_len, e.request, body_len=body_len)
+        self._server.respond(fd, gen, self._http_payload(request, hook))
+
+    def _http_payload(self, request: Request, hook: Any) -> bytes:
+        """_http_payload runs a plain on_http (here or on a hook thread): the response's
+        bytes, or a 500 when it raised. The request is dead afterwards."""
         try:
-            payload = self._http_answer(request, hook(request) if hook is not None else None)
+            return self._http_answer(request, hook(request) if hook is not None else None)
         except Exception:
             log.exception("lowmemws: on_http raised; answering 500")
-            payload = _INTERNAL_ERROR.encode()
+            return _INTERNAL_ERROR.encode()
         finally:
             request._invalidate()
-        self._server.respond(fd, gen, payload)
 
     def _http_answer(self, request: Request, result: object) -> bytes:
         response = check_response(result)
@@ -377,11 +416,4 @@ class EventLoop:
         self._post_answer(fd, gen, payload)
 
     def _http_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
-        try:
-            payload = self._http_answer(request, hook(request))
-        except Exception:
-            log.exception("lowmemws: on_http raised; answering 500")
-            payload = _INTERNAL_ERROR.encode()
-        finally:
-            request._invalidate()
-        self._post_answer(fd, gen, payload)
+        self._post_answer(fd, gen, self._http_payload(request, hook))

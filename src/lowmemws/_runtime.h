@@ -103,6 +103,8 @@ enum {
 #define LAG_SLOW_US 250000u
 #define LAG_WINDOW_TICKS 100u /* the lag gauge covers about the last 10 s */
 
+typedef struct lmw_paced lmw_paced; /* one paced send: _paced.c */
+
 typedef struct lmw_slot {
     uint32_t gen;        /* bumped when the fd is freed: stale handles never match */
     uint8_t state : 4;   /* ST_* */
@@ -278,6 +280,9 @@ struct lmw_server {
     void *deflaters[8];
     void *inflater;
     uint64_t inflated_lent; /* decompressed messages lent this batch, under the spill budget */
+    /* paced sends in flight (_paced.c), and the window of lmw_stats.paced_rate */
+    struct lmw_paced *paced;
+    uint64_t paced_window_start_us, paced_window_count;
 };
 
 /* lmw__deflate_class is the window class a message of len bytes to sl is compressed for
@@ -305,7 +310,8 @@ typedef struct {
 /* Internal functions shared by the runtime files, all called with s->lock held. The files
  * form layers; each calls only the ones below it (no cycles):
  *   _server.c (loop, accept, sweep, the public API)
- *   _fanout.c (one frame to many)   _input.c (reading, heads, frames)
+ *   _fanout.c (one frame to many)   _paced.c (one frame to many, over time)
+ *   _input.c  (reading, heads, frames)
  *   _conn.c   (the state machine: every state change)
  *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
  *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
@@ -383,6 +389,11 @@ lmw_pending lmw__take_spill(lmw_server *s, lmw_ext *x);
 uint64_t lmw__bytes_waiting(int fd);
 enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 }; /* lmw__grow_spill */
 int lmw__grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x);
+/* _paced.c */
+#define PACE_TURN_MS 100 /* a paced send's share goes out once per tick of the loop */
+void lmw__paced_advance(lmw_server *s);
+void lmw__paced_drop_all(lmw_server *s);
+int lmw__paced_wait_ms(const lmw_server *s);
 /* _input.c */
 void lmw__run_backlog(lmw_server *s);
 void lmw__backlog_add(lmw_server *s, int fd, lmw_slot *sl);

@@ -297,6 +297,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     lmw__resume_budget_paused(s);
     listeners_poll(s, accepting_allowed(s));
     if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
+    int pace_ms = lmw__paced_wait_ms(s);
+    if (pace_ms >= 0 && (timeout_ms < 0 || timeout_ms > pace_ms)) timeout_ms = pace_ms;
     pthread_mutex_unlock(&s->lock);
 
     uint64_t waiting_since = monotonic_us();
@@ -340,6 +342,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         s->last_sweep = s->now;
         sweep(s);
     }
+    lmw__paced_advance(s);
     drain_closed(s);
     listeners_poll(s, accepting_allowed(s));
     *out = s->ev;
@@ -378,6 +381,27 @@ int lmw_park(lmw_server *s, int fd, uint32_t gen) {
     }
     pthread_mutex_unlock(&s->lock);
     return r;
+}
+
+int lmw_park_waiting(lmw_server *s) {
+    int n = 0;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < s->nev; i++) {
+        lmw_event *e = &s->ev[i];
+        if (e->type != LMW_EV_UPGRADE && e->type != LMW_EV_HTTP) continue;
+        lmw_slot *sl = lmw__slot(s, e->fd, e->gen);
+        if (!sl) continue;
+        if (sl->state == ST_UPGRADE_WAIT) {
+            lmw_upgrade_pending *u = batch_upgrade(s, e->fd, e->gen);
+            if (!u) continue;
+            n += lmw__conn_park(s, e->fd, sl, u->key, u->key_len, u->pmd) == 0;
+            u->fd = -1;
+        } else if (sl->state == ST_HTTP_WAIT) {
+            n += lmw__conn_park(s, e->fd, sl, NULL, 0, 0) == 0;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 void lmw_accept_hold(lmw_server *s, int hold) {
@@ -476,6 +500,7 @@ int lmw_close(lmw_server *s, int fd, uint32_t gen, int code, const uint8_t *reas
 int lmw_close_all(lmw_server *s, int code) {
     int n = 0;
     pthread_mutex_lock(&s->lock);
+    lmw__paced_drop_all(s); /* shutdown: a paced remainder is dropped (counted), never sent */
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
         if (sl->state == ST_OPEN) {
@@ -574,6 +599,7 @@ void lmw_server_free(lmw_server *s) {
         if (s->slots[fd].state != ST_FREE) lmw__conn_free(s, (int)fd, 1001);
     for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
+    lmw__paced_drop_all(s);
     lmw__hub_free(s);
     lmw__deflate_free(s);
     if (s->epfd >= 0) close(s->epfd);

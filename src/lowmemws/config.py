@@ -62,9 +62,9 @@ class Config:
     """Connections plus handshakes per client address; 0: no cap. Past it: HTTP 503."""
     hook_threads: int = 0
     """Threads that run the plain (not async def) hooks, for hooks that block. 0 runs them
-    inline: on the loop thread (or, right after a coroutine hook of the same connection,
-    on the asyncio loop): the fastest for hooks that never block, but A PLAIN HOOK THAT
-    BLOCKS WITH hook_threads=0 STALLS EVERY CONNECTION OF THE PROCESS. Not processes:
+    inline, on the loop thread (one at a time, never two at once): the fastest for hooks
+    that never block, but A PLAIN HOOK THAT BLOCKS WITH hook_threads=0 STALLS EVERY
+    CONNECTION OF THE PROCESS. Not processes:
     those are Gateway(processes=N). Coroutine hooks always run on an asyncio loop."""
     hook_queue: int = 1024
     """Hook calls off the loop thread (coroutines and hook-thread calls), running or

@@ -6,7 +6,7 @@ RFC 6455 section 4.2 (the opening handshake) and RFC 7230 (HTTP/1.1 messages).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -354,24 +354,6 @@ def negotiate(
         return refused
     decision = on_connect(request) if on_connect is not None else None
     return conclude(request, decision, subprotocols)
-
-
-async def negotiate_async(
-    request: Request,
-    on_connect: Callable[[Request], Awaitable[Any]],
-    origins: tuple[str, ...] | None,
-    subprotocols: tuple[str, ...],
-) -> Accept | Reject:
-    """negotiate_async is negotiate with an ``async def`` on_connect.
-
-    Raises:
-        TypeError: on_connect returned something other than Accept, Reject or None.
-        ValueError: the Accept names a subprotocol the client did not offer.
-    """
-    refused = check_origin(request, origins)
-    if refused is not None:
-        return refused
-    return conclude(request, await on_connect(request), subprotocols)
 
 
 def _with_subprotocol(request: Request, accept: Accept, preferred: tuple[str, ...]) -> Accept:

@@ -8,7 +8,8 @@
  *              _server.c (the epoll loop, accept, the sweep, this API), _input.c
  *              (reading, heads, frames, the spill budget), _conn.c (the connection state
  *              machine), _output.c (sends, queues, write bounds), _fanout.c (one frame to
- *              many), _hub.c (topic and user membership), _slot.c (per-connection memory).
+ *              many), _paced.c (one frame to many, over time), _hub.c (topic and user
+ *              membership), _slot.c (per-connection memory).
  *
  * Locking: every public runtime function takes the server's one mutex, so any thread may
  * call any of them; lmw_poll drops it only while it waits in epoll_wait. The trade-off:
@@ -325,6 +326,11 @@ typedef struct {
     uint64_t messages_deflated_total;  /* messages compressed (once per publish) */
     uint64_t messages_inflated_total;  /* compressed messages received */
     uint64_t deflate_streams;          /* zlib streams held by the pool (bounded) */
+    uint64_t paced_in_flight;          /* paced sends not finished (_paced.c) */
+    uint64_t paced_deliveries_total;   /* members that took a paced send's frame */
+    uint64_t paced_dropped_total;      /* members a paced send had not reached at shutdown */
+    uint64_t paced_cancelled_total;    /* members a cancelled paced send had not reached */
+    uint64_t paced_rate;               /* members reached per second, over the last second */
     uint64_t closes[LMW_CLOSE_CODES];
     uint64_t dropped[LMW_DROP_REASONS];
     uint64_t errors[LMW_ERRORS]; /* LMW_ERR_*: failures handled, counted so none is silent */
@@ -399,6 +405,11 @@ int lmw_wake(lmw_server *s);
  * an answer of this batch or there was no memory (then it is answered with 503). */
 int lmw_park(lmw_server *s, int fd, uint32_t gen);
 
+/* lmw_park_waiting parks (as lmw_park) every UPGRADE and HTTP event of the current batch
+ * still waiting for its answer: one call per batch instead of one per event (each call
+ * lets other Python threads take the GIL). Returns how many were parked. */
+int lmw_park_waiting(lmw_server *s);
+
 /* lmw_accept_hold stops (hold = 1) or allows again (hold = 0) accepting new connections:
  * the application's hooks are at their cap, so new clients wait in the listen backlog. */
 void lmw_accept_hold(lmw_server *s, int hold);
@@ -437,6 +448,33 @@ int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *da
 int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data, size_t len,
                       int policy);
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy);
+
+/* ------------------------------------------------------------------------------------
+ * Paced fan-out (_paced.c, issue 18): one frame to many, spread over time by the loop.
+ * ---------------------------------------------------------------------------------- */
+
+#define LMW_PACE_TOPIC 0 /* the members of a topic */
+#define LMW_PACE_USERS 1 /* the connections tagged with any of a set of user tags */
+#define LMW_PACE_ALL 2   /* every open connection */
+
+/* lmw_paced_start sends one frame (built once) to `to`'s members of this server over time:
+ * spread_s > 0 spreads the members present now evenly over that many seconds; otherwise
+ * rate > 0 reaches at most that many members per second; with neither, every member gets
+ * it now, before the call returns (the batch form of lmw_send_user). The loop sends, in fd
+ * order, from a cursor: a member that leaves before the cursor reaches it is skipped; a
+ * connection that joins during the send gets it only if its fd is ahead of the cursor and
+ * below the highest fd in use when the send started; none gets it twice. users/nusers are
+ * copied (LMW_PACE_USERS only). id names the send for lmw_paced_cancel (several may share
+ * one). Returns the members found now (paced), the number that took the frame (not
+ * paced), or LMW_ERROR (a bad argument or no memory). */
+int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, const uint64_t *users,
+                        size_t nusers, int opcode, const uint8_t *data, size_t len, int policy,
+                        double spread_s, double rate);
+
+/* lmw_paced_cancel ends every paced send named id; returns the members they had not reached
+ * (counted in lmw_stats.paced_cancelled_total). lmw_close_all ends every paced send the same
+ * way (counted in paced_dropped_total): a stopping server never sends a remainder at once. */
+int64_t lmw_paced_cancel(lmw_server *s, uint64_t id);
 
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,

@@ -18,6 +18,8 @@ _GAUGES = {
     "pending_write_bytes": "Bytes queued for slow readers.",
     "accept_paused": "1 while accepting is paused at a cap.",
     "deflate_streams": "zlib streams held by the permessage-deflate pool (none per connection).",
+    "paced_in_flight": "Paced sends (spread or rate) not finished yet.",
+    "paced_rate": "Members reached by paced sends per second, over the last second.",
 }
 #: Gauges in seconds, the largest over processes (not summed): microseconds in lmw_stats.
 _MAX_GAUGES = {
@@ -36,6 +38,9 @@ _COUNTERS = {
     "deflate_out_bytes_total": "Payload bytes of the messages sent compressed, after compression.",
     "messages_deflated_total": "Messages compressed (once per publish, not per recipient).",
     "messages_inflated_total": "Compressed messages received and decompressed.",
+    "paced_deliveries_total": "Connections that took the frame of a paced send.",
+    "paced_dropped_total": "Members a paced send had not reached when its gateway stopped.",
+    "paced_cancelled_total": "Members a cancelled paced send had not reached.",
 }
 
 
