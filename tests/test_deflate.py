@@ -9,6 +9,7 @@ wsproto, an independent implementation, is the reference client.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import socket
@@ -376,3 +377,50 @@ def test_the_zlib_pool_stays_bounded_however_many_connections_compress() -> None
 def test_compression_settings_are_checked(settings: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         lowmemws.Config(**settings)  # type: ignore[arg-type]
+
+
+def test_an_upgrade_parked_for_an_async_hook_keeps_its_negotiation() -> None:
+    gw = _echo_gateway(compression_min_size=16)
+
+    @gw.on_connect
+    async def slow(request: lowmemws.Request) -> lowmemws.Accept:
+        await asyncio.sleep(0.05)  # the upgrade waits parked in C meanwhile
+        return lowmemws.Accept(user=5)
+
+    gw.start()
+    try:
+        raw = RawClient(gw.port, "permessage-deflate; server_max_window_bits=10")
+        assert b"Sec-WebSocket-Extensions: " + RESPONSE + b"; server_max_window_bits=10" in raw.head
+        text = b"parked, then compressed " * 30
+        raw.send_frame(2, deflate(text), rsv1=True)
+        opcode, rsv1, payload = raw.read_frame()
+        assert (opcode, rsv1, inflate(payload)) == (2, True, text)
+    finally:
+        gw.stop()
+
+
+def test_paced_and_batch_sends_are_compressed_once_too() -> None:
+    gw = lowmemws.Gateway("127.0.0.1", 0)
+
+    @gw.on_connect
+    def join(request: lowmemws.Request) -> lowmemws.Accept:
+        return lowmemws.Accept(user=int(request.params.get("u", "1")), topics=("news",))
+
+    gw.start()
+    try:
+        deflating = [RawClient(gw.port) for _ in range(4)]
+        plain = [RawClient(gw.port, extensions=None) for _ in range(2)]
+        wait_until(lambda: gw.topic_size("news") == 6, "6 members", 5)
+        message = '{"type": "digest", "items": ["a", "b", "c"]} ' * 40
+        before = gw.stats()["messages_deflated_total"]
+        gw.publish("news", message, spread=0.3)
+        gw.send_to_users([1, 2], message.encode())
+        for client in deflating:  # the paced one comes within 0.3 s, in any order
+            got = sorted((o, r, inflate(p)) for o, r, p in (client.read_frame() for _ in "12"))
+            assert got == [(1, True, message.encode()), (2, True, message.encode())]
+        for client in plain:
+            got = sorted(client.read_frame() for _ in "12")
+            assert got == [(1, False, message.encode()), (2, False, message.encode())]
+        assert gw.stats()["messages_deflated_total"] == before + 2  # once per send
+    finally:
+        gw.stop()

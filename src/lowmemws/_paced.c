@@ -20,6 +20,9 @@
  * The hub's node lists are only read (is this fd in the topic?), never walked by the
  * cursor, so joins and leaves never invalidate it.
  *
+ * With permessage-deflate, the compressed frame is built once too, when the cursor meets the
+ * first member that negotiated it (one per window size asked for), and kept with the send.
+ *
  * The pace runs on the loop's clock (s->clock_us), which stops while the loop itself is
  * stalled: a stall shifts the rest of a paced send later, it never turns into a burst.
  * A spread send's quota is (members at start) x elapsed / spread; a rate send's is
@@ -50,9 +53,31 @@ struct lmw_paced {
     uint32_t end;    /* the scan ends before this fd */
     uint8_t to;      /* LMW_PACE_* */
     uint8_t policy;
+    uint8_t opcode;
+    uint8_t hl;       /* header length of frame: the payload follows it */
+    uint8_t tried[8]; /* compressed frame made (or found not worth it) per window class */
+    uint8_t *z[8];    /* the compressed frames, NULL: send the plain one */
+    size_t zlen[8];
     size_t flen;
     uint8_t frame[];
 };
+
+/* frame_for gives the frame for sl: compressed when it negotiated permessage-deflate and
+ * compression shrinks the message (built on first need, see lmw__deflate_frame). */
+static const uint8_t *frame_for(lmw_server *s, lmw_paced *p, const lmw_slot *sl, size_t *len) {
+    int cls = lmw__deflate_class(s, sl, p->flen - p->hl);
+    if (cls && !p->tried[cls - 1]) {
+        p->tried[cls - 1] = 1;
+        p->z[cls - 1] = lmw__deflate_frame(s, cls, p->opcode, p->frame + p->hl, p->flen - p->hl,
+                                           NULL, &p->zlen[cls - 1]);
+    }
+    if (cls && p->z[cls - 1]) {
+        *len = p->zlen[cls - 1];
+        return p->z[cls - 1];
+    }
+    *len = p->flen;
+    return p->frame;
+}
 
 static int cmp_u64(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -128,13 +153,16 @@ static uint64_t run(lmw_server *s, lmw_paced *p, uint64_t allowed) {
         lmw_slot *sl = &s->slots[fd];
         uint64_t key = p->to == LMW_PACE_USERS ? sl->user_tag | latest : latest;
         p->done++;
-        took += lmw__conn_send_data(s, (int)fd, sl, p->frame, p->flen, NULL, 0, key, p->policy) > 0;
+        size_t flen;
+        const uint8_t *frame = frame_for(s, p, sl, &flen);
+        took += lmw__conn_send_data(s, (int)fd, sl, frame, flen, NULL, 0, key, p->policy) > 0;
         if (p->to == LMW_PACE_TOPIC && !(t = lmw__topic_find(s, p->key))) p->cursor = p->end;
     }
     return took;
 }
 
 static void paced_free(lmw_paced *p) {
+    for (int i = 0; i < 8; i++) lmw__deflate_frame_free(NULL, p->z[i]);
     free(p->users);
     free(p);
 }
@@ -206,6 +234,8 @@ static lmw_paced *paced_new(int opcode, const uint8_t *data, size_t len, const u
     if (!p) return NULL;
     int hl = lmw_build_header(p->frame, 1, opcode, len);
     if (len) memcpy(p->frame + hl, data, len);
+    p->opcode = (uint8_t)opcode;
+    p->hl = (uint8_t)hl;
     p->flen = (size_t)hl + len;
     if (!nusers) return p;
     p->users = malloc(nusers * sizeof(uint64_t));
