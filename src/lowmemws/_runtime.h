@@ -314,6 +314,7 @@ typedef struct {
  *   _input.c  (reading, heads, frames)
  *   _conn.c   (the state machine: every state change)
  *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
+ *   _deflate.c (permessage-deflate: the zlib pool, one message at a time)
  *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
  */
 #define MIN_READ_SPACE 2048
