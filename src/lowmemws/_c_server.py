@@ -169,11 +169,6 @@ class CServer:
         for its answer (one C call for all of them); returns how many."""
         return int(lib.lmw_park_waiting(self._ptr))
 
-    def park(self, fd: int, gen: int) -> bool:
-        """park keeps an upgrade or HTTP request of this loop turn waiting for an answer
-        from another thread or a coroutine; False when it could not (C answered it 503)."""
-        return bool(lib.lmw_park(self._ptr, fd, gen) == 0)
-
     def accept_upgrade(self, fd: int, gen: int, subprotocol: bytes, user: int) -> bool:
         """accept_upgrade sends the 101; False when the client went away meanwhile (or the
         handshake was answered already: its deadline, or shutdown)."""
