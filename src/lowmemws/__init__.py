@@ -5,6 +5,7 @@ topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish
 send_to_user and broadcast work from any thread. See the README for an example.
 """
 
+from ._history import History
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
@@ -25,6 +26,7 @@ __all__ = [
     "Envelope",
     "Gateway",
     "HandshakeError",
+    "History",
     "Headers",
     "LocalBus",
     "LowMemWSError",

@@ -47,6 +47,8 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from ._bus_base import BusBase, Deliver, Envelope, log
+from ._history import History, ReadResult
+from ._history_redis import STORED_ORIGIN, read_history, store_and_publish
 from .errors import BusUnavailable
 
 __all__ = ["RedisBus"]
@@ -121,6 +123,29 @@ class RedisBus(BusBase):
         self._peers = 0
         self._last_seq: OrderedDict[bytes, int] = OrderedDict()
         self._threads: list[threading.Thread] = []
+        self._history: History | None = None
+        self._history_client: Any = None
+        self._key_prefix = channel_prefix
+
+    def enable_history(self, history: History) -> None:
+        """enable_history stores every topic and user message in Redis Streams before it is
+        published (one script: see _history_redis); such a publish then waits for Redis and
+        raises BusUnavailable while Redis is unreachable (nothing is stored or sent then),
+        and every node, this one included, delivers it from the channel in offset order."""
+        self._history = history
+        self.may_block = True
+
+    def history_read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
+        """history_read reads a stream's history from Redis (see BusBase.history_read).
+
+        Raises:
+            BusUnavailable: Redis cannot be reached.
+        """
+        try:
+            client = self._stored_client()
+            return read_history(client, stream, after, max_count, max_bytes, self._key_prefix)
+        except self._errors as exc:
+            raise BusUnavailable(f"RedisBus: cannot read history: {exc}") from exc
 
     @property
     def sharded(self) -> bool | None:
@@ -164,6 +189,8 @@ class RedisBus(BusBase):
                 full; nothing is delivered then.
             ValueError: the envelope is larger than the whole buffer.
         """
+        if self._history is not None and envelope.stream is not None and not envelope.paced:
+            return self._store_and_publish(envelope)
         data = envelope.encode()
         if len(data) + _HEADER.size > self._max_bytes:
             raise ValueError(f"RedisBus.publish: {len(data)} bytes > max_buffered_bytes")
@@ -182,6 +209,32 @@ class RedisBus(BusBase):
         self.stats.add("buffered")
         self.stats.add("buffered_bytes", len(message))
         return self._deliver_safely(envelope)
+
+    def _store_and_publish(self, envelope: Envelope) -> int:
+        """With history: store and publish in one script, now; every node delivers it from
+        the channel (this one too), so it returns 0."""
+        assert self._history is not None
+        if self._deliver is None or self._closing.is_set():
+            self.stats.add("refused")
+            raise BusUnavailable("RedisBus is not started or is closed")
+        try:
+            client = self._stored_client()
+            if self._sharded is None:
+                self._detect_mode(client)
+            store_and_publish(
+                client, envelope, channel_for(self, envelope), self._history,
+                prefix=self._key_prefix, sharded=bool(self._sharded),
+            )  # fmt: skip
+        except self._errors as exc:
+            self.stats.add("refused")
+            raise BusUnavailable(f"RedisBus: message not stored nor sent: {exc}") from exc
+        self.stats.add("published")
+        return 0
+
+    def _stored_client(self) -> Any:
+        if self._history_client is None:
+            self._history_client = self._client()
+        return self._history_client
 
     def node_count(self) -> int:
         """node_count is the number of nodes subscribed to the channel (this one included) as
@@ -346,7 +399,8 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         origin, seq = _HEADER.unpack_from(data)
-        if origin == self.node_id or not self._in_sequence(origin, seq):
+        stored = origin == STORED_ORIGIN  # delivered by every node, in Redis's order
+        if not stored and (origin == self.node_id or not self._in_sequence(origin, seq)):
             return
         try:
             envelope = Envelope.decode(memoryview(data)[_HEADER.size :])
@@ -405,6 +459,12 @@ class RedisBus(BusBase):
             return
         self.stats.add("disconnects")
         log.warning("lowmemws RedisBus: %s link lost: %s", link, exc)
+
+
+def channel_for(bus: RedisBus, envelope: Envelope) -> str:
+    """channel_for is the Redis channel an envelope is published on: today the bus's one
+    channel for every envelope."""
+    return bus.channel
 
 
 def _quietly(action: Any) -> None:

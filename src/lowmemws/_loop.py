@@ -32,6 +32,8 @@ from ._constants import OP_TEXT
 from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
+from ._resume import ResumeJob, Resumer
+from ._wire_envelope import RESUME_PREFIX, resume_message
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
@@ -76,6 +78,8 @@ class EventLoop:
         self._hooks = hooks
         self._config = config
         self._fallback_http = fallback_http
+        #: resumer replays history to resuming envelope clients (Config.history on), else None.
+        self.resumer: Resumer | None = None
         self._threads = config.hook_threads > 0
         self._aio = aio
         self._dispatcher = Dispatcher(
@@ -217,6 +221,8 @@ class EventLoop:
 
     def _on_message_event(self, e: Any) -> None:
         hook = self._hooks.message
+        if self.resumer is not None and e.opcode == OP_TEXT and self._resume_message(e):
+            return
         if hook is None:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)  # a copy: e.data is borrowed
@@ -229,6 +235,25 @@ class EventLoop:
                 check_result("message", result)
             return
         self._submit(key, self._job("message", hook, conn, message), message=True)
+
+    def _resume_message(self, e: Any) -> bool:
+        """An envelope client's in-band resume request (a gap it saw) goes to the resumer,
+        not to on_message; a malformed one closes the connection with 1008."""
+        if e.len < len(RESUME_PREFIX) or ffi.unpack(ffi.cast("char *", e.data), len(
+                RESUME_PREFIX)) != RESUME_PREFIX:  # fmt: skip
+            return False
+        if not self._server.is_envelope(e.fd, e.gen):
+            return False
+        assert self.resumer is not None
+        text = ffi.unpack(ffi.cast("char *", e.data), e.len).decode("utf-8")
+        try:
+            positions = resume_message(text) or {}
+        except ValueError:
+            self._server.close(e.fd, e.gen, CloseCode.POLICY_VIOLATION, b"bad lmw_resume")
+            return True
+        job = ResumeJob(e.fd, e.gen, positions, frozenset(), int(e.user_tag), False)
+        self.resumer.submit(job)
+        return True
 
     def _on_closed_event(self, e: Any) -> None:
         hook = self._hooks.close
@@ -299,14 +324,21 @@ class EventLoop:
             server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
+        resume = decision.resume if self.resumer is not None else None
+        later = resume or {}  # streams joined once replayed (see _resume)
+        user_deferred = f"u:{decision.user}" in later and decision.user != 0
         try:  # before the 101: a publish the client sees it for reaches it
             for topic in decision.topics:  # (nothing is sent to it before the 101)
-                server.subscribe(fd, gen, topic)
+                if "t:" + topic not in later:
+                    server.subscribe(fd, gen, topic)
         except Exception:  # a topic that is not a str: answered like a hook that raised
             server.reject(fd, gen, 500)
             raise
-        if not server.accept_upgrade(fd, gen, proto, decision.user):
+        if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else decision.user):
             return
+        if resume and self.resumer is not None:
+            topics = frozenset(decision.topics)
+            self.resumer.submit(ResumeJob(fd, gen, resume, topics, decision.user, user_deferred))
         hook = self._hooks.open
         if hook is None:
             return

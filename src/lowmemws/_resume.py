@@ -1,0 +1,223 @@
+"""Resume: the replay of what a reconnecting client missed, before its live messages.
+
+Theory of operation (issue 12). A client of the envelope subprotocol names its last
+position per stream (see _wire_envelope). Its Upgrade is accepted at once, but the streams
+it resumes are not joined yet: the topics are not subscribed and the user tag is not set,
+so no live message of those streams reaches it. A replay thread then, for each stream:
+
+1. reads the history after the client's offset (`Bus.history_read`, no lock held: with
+   ProcessBus the answer travels the same socket as the deliveries);
+2. takes the stream's stripe lock, which the delivery of a stored message also holds while
+   it fans out and notes the stream's last delivered offset on this node (``D``);
+3. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
+   they will arrive live), joins the stream, sends the outcome, and lets go of the lock.
+
+So a replayed message is never also delivered live, none is skipped, and none overtakes
+the replay. The work is bounded: `History.replay_threads` connections at a time per
+process, at most `History.replay_queue` waiting (a tuple each, while it waits), and per
+stream at most `History.replay_max_messages` and `History.replay_max_bytes`; past a bound,
+and when the history does not reach back to the client's position or its epoch differs,
+the outcome is "refresh". A replayed message that the write bounds refuse (Config.write_limit,
+write_budget) ends that stream's replay with "refresh" too. Memory is per stream (the last
+delivered offsets, bounded by `History.max_streams`) and per connection only while it is
+being resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ._c_server import CServer
+from ._constants import OP_TEXT
+from ._history import History, ReadResult
+from ._wire_envelope import ResumeRequest, message_frame, outcome_frame
+from .connection import SendResult
+from .errors import BusUnavailable
+
+__all__ = ["Resumer", "ResumeJob"]
+
+log = logging.getLogger("lowmemws.resume")
+
+_STRIPES = 64  # locks shared by all streams: constant memory, little contention
+_REREADS = 3  # reads of a stream that delivered past the last read, before "refresh"
+
+
+@dataclass
+class ResumeJob:
+    """ResumeJob is one connection waiting for its replay.
+
+    ``topics`` are the topics it may resume and will join (those of ``positions`` are not
+    subscribed yet); ``user`` its user tag, set once its user stream is replayed when
+    ``user_deferred``.
+    """
+
+    fd: int
+    gen: int
+    positions: ResumeRequest
+    topics: frozenset[str]
+    user: int
+    user_deferred: bool
+
+
+class Resumer:
+    """Resumer replays history to resuming connections and orders it against deliveries."""
+
+    def __init__(self, server: CServer, bus: Any, history: History) -> None:
+        self._server = server
+        self._bus = bus
+        self._history = history
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._delivered: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._delivered_lock = threading.Lock()
+        self._jobs: queue.Queue[ResumeJob | None] = queue.Queue(history.replay_queue)
+        self._threads: list[threading.Thread] = []
+        self._stats = {"replayed": 0, "resumed": 0, "refreshed": 0}
+
+    # -- the delivery side ------------------------------------------------------------------
+
+    def stripe(self, stream: str) -> threading.Lock:
+        """stripe is the lock that orders stream's deliveries against its replays."""
+        return self._stripes[hash(stream) % _STRIPES]
+
+    def delivered(self, stream: str, epoch: str, offset: int) -> None:
+        """delivered notes stream's last delivered position on this node (under its stripe)."""
+        with self._delivered_lock:
+            self._delivered[stream] = (epoch, offset)
+            self._delivered.move_to_end(stream)
+            if len(self._delivered) > self._history.max_streams:
+                self._delivered.popitem(last=False)
+
+    # -- the replay side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """start begins the replay threads (the replay budget)."""
+        for index in range(self._history.replay_threads):
+            thread = threading.Thread(
+                target=self._run, name=f"lowmemws-replay-{index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        """stop ends the replay threads once the jobs queued before it are done."""
+        for _ in self._threads:
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                pass
+
+    def stats(self) -> dict[str, int]:
+        """stats: streams replayed (with messages), resumed, told to refresh."""
+        return dict(self._stats)
+
+    def submit(self, job: ResumeJob) -> None:
+        """submit queues job; with the queue full, its streams are joined at once and the
+        client is told to refresh them."""
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            for stream in job.positions:
+                self._join(job, stream)
+                self._outcome(job, False, stream, "", 0)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._replay(job)
+            except Exception:
+                log.exception("lowmemws: a resume replay failed")
+
+    def _replay(self, job: ResumeJob) -> None:
+        for stream, (epoch, offset) in job.positions.items():
+            if not self._allowed(job, stream):
+                self._outcome(job, False, stream, "", 0)
+                continue
+            if not self._replay_stream(job, stream, epoch, offset):
+                return  # the connection is gone
+
+    def _allowed(self, job: ResumeJob, stream: str) -> bool:
+        if stream.startswith("t:"):
+            topic = stream[2:]
+            return topic in job.topics or self._server.is_member(job.fd, job.gen, topic)
+        return stream == f"u:{job.user}" and job.user != 0
+
+    def _replay_stream(self, job: ResumeJob, stream: str, epoch: str, offset: int) -> bool:
+        """Replay one stream; False when the connection went away."""
+        history = self._history
+        result = self._read(stream, offset, history.replay_max_messages, history.replay_max_bytes)
+        for _ in range(_REREADS):
+            with self.stripe(stream):
+                delivered = self._delivered_in(stream, result)
+                if delivered is None or result.epoch == "" or delivered <= result.last:
+                    return self._settle(job, stream, epoch, offset, result, delivered)
+            result = self._read(stream, offset, history.replay_max_messages,
+                                history.replay_max_bytes)  # fmt: skip
+        with self.stripe(stream):
+            self._join(job, stream)
+            return self._outcome(job, False, stream, result.epoch, result.last)
+
+    def _read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
+        try:
+            result: ReadResult = self._bus.history_read(stream, after, max_count, max_bytes)
+        except BusUnavailable as exc:
+            log.warning("lowmemws: history of %s unavailable for a resume: %s", stream, exc)
+            return ReadResult("", 0, 1, truncated=True)
+        return result
+
+    def _delivered_in(self, stream: str, result: ReadResult) -> int | None:
+        with self._delivered_lock:
+            known = self._delivered.get(stream)
+        if known is None or known[0] != result.epoch:
+            return None
+        return known[1]
+
+    def _settle(
+        self,
+        job: ResumeJob,
+        stream: str,
+        epoch: str,
+        offset: int,
+        result: ReadResult,
+        delivered: int | None,
+    ) -> bool:
+        """Under the stream's stripe: replay, join, tell the outcome."""
+        upto = result.last if delivered is None else delivered
+        complete = bool(result.epoch) and result.epoch == epoch and offset <= result.last
+        missing = [(at, entry) for at, entry in result.entries if offset < at <= upto]
+        if complete and offset < upto:
+            reached = missing[-1][0] if missing else offset
+            complete = result.first <= offset + 1 and reached == upto
+        sent = SendResult.SENT
+        if complete:
+            for at, entry in missing:
+                frame = message_frame(entry[0], entry[1:], stream, result.epoch, at)
+                sent = self._server.send(job.fd, job.gen, OP_TEXT, frame)
+                if sent is not SendResult.SENT:
+                    break
+            if missing:
+                self._stats["replayed"] += 1
+        if sent is SendResult.GONE:
+            return False
+        self._join(job, stream)
+        resumed = complete and sent is SendResult.SENT
+        return self._outcome(job, resumed, stream, result.epoch, upto if resumed else upto)
+
+    def _join(self, job: ResumeJob, stream: str) -> None:
+        if stream.startswith("t:"):
+            if stream[2:] in job.topics:
+                self._server.subscribe(job.fd, job.gen, stream[2:])
+        elif job.user_deferred:
+            self._server.set_user(job.fd, job.gen, job.user)
+
+    def _outcome(self, job: ResumeJob, resumed: bool, stream: str, epoch: str, at: int) -> bool:
+        self._stats["resumed" if resumed else "refreshed"] += 1
+        frame = outcome_frame(resumed, stream, epoch, at)
+        return self._server.send(job.fd, job.gen, OP_TEXT, frame) is not SendResult.GONE
