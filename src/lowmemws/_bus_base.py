@@ -326,6 +326,19 @@ def _check_pace(spread: float, rate: float, nodes: int, pace_id: int) -> None:
         raise ValueError("Envelope: nodes is in 1..65535 and pace_id in 0..2**64-1")
 
 
+def read_holding(lock: threading.Lock | None, read: Callable[[], Any]) -> Any:
+    """read_holding takes lock (if any), then reads: on success the caller holds the lock,
+    on failure it is released again and the error goes on."""
+    if lock is None:
+        return read()
+    lock.acquire()
+    try:
+        return read()
+    except BaseException:
+        lock.release()
+        raise
+
+
 def position_head(epoch: str, offset: int) -> bytes:
     """position_head is the version 3 head for a stream position (see Envelope.encode)."""
     text = f"{epoch}:{offset}".encode("ascii")
@@ -480,9 +493,21 @@ class BusBase:
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no history")
 
-    def history_read(self, stream: str, after: int, max_count: int, max_bytes: int) -> Any:
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> Any:
         """history_read returns the `_history.ReadResult` of stream after offset ``after``:
         at most max_count messages and max_bytes of entries.
+
+        ``lock`` (the lock this node's deliveries of the stream hold, see _resume) is held
+        when it returns: taken at a moment when this node has delivered exactly what the
+        result holds or less, so nothing is delivered between the read and its release. It
+        is not held when history_read raises.
 
         Raises:
             BusUnavailable: the history cannot be reached now.

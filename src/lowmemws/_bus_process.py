@@ -53,7 +53,7 @@ import struct
 import threading
 from collections import deque
 
-from ._bus_base import BusBase, BusStats, Deliver, Envelope, log
+from ._bus_base import BusBase, BusStats, Deliver, Envelope, log, read_holding
 from ._history import History, MemoryStore, ReadResult, stored_entry
 from .errors import BusUnavailable
 
@@ -110,6 +110,39 @@ class _Reassembler:
         message = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.parts, self.size, self.active = [], 0, False
         return message
+
+
+class _ReadWaiter:
+    """A worker's history read waiting for the parent's answer.
+
+    The reader thread answers it (taking the caller's lock first, in delivery order); the
+    caller may give up at its deadline instead. Exactly one of the two happens.
+    """
+
+    __slots__ = ("lock", "reply", "done", "abandoned", "mutex")
+
+    def __init__(self, lock: threading.Lock | None) -> None:
+        self.lock = lock
+        self.reply: bytes | None = None
+        self.done = threading.Event()
+        self.abandoned = False
+        self.mutex = threading.Lock()
+
+    def answer(self, reply: bytes) -> None:
+        with self.mutex:
+            if self.abandoned:
+                return
+            if self.lock is not None:
+                self.lock.acquire()  # released by the caller, after its replay
+            self.reply = reply
+            self.done.set()
+
+    def wait(self, timeout: float) -> bytes | None:
+        self.done.wait(timeout)
+        with self.mutex:
+            if not self.done.is_set():
+                self.abandoned = True
+            return self.reply
 
 
 class _Slot:
@@ -173,7 +206,7 @@ class ProcessBus(BusBase):
         #: parent_gone is set in a worker once the parent's end of its pair has closed.
         self.parent_gone = threading.Event()
         self._store: MemoryStore | None = None
-        self._reads: dict[int, list[object]] = {}  # worker: request id -> [event, reply]
+        self._reads: dict[int, _ReadWaiter] = {}  # worker: its history reads under way
         self._read_ids = itertools.count(1)
 
     # -- roles -------------------------------------------------------------------------------
@@ -296,33 +329,43 @@ class ProcessBus(BusBase):
         workers are forked)."""
         self._store = MemoryStore(history)
 
-    def history_read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
         """history_read asks the parent's store (see BusBase.history_read); in a worker it
-        waits at most ``send_timeout`` for the answer.
+        waits at most ``send_timeout`` for the answer. The answer comes behind every envelope
+        stored before the read, so the reader thread takes ``lock`` when it meets the
+        answer, before it delivers anything stored after.
 
         Raises:
             BusUnavailable: the parent cannot be reached or did not answer in time.
         """
-        if self._store is not None:
-            return self._store.read(stream, after, max_count, max_bytes)
+        store = self._store
+        if store is not None:
+            result: ReadResult = read_holding(
+                lock, lambda: store.read(stream, after, max_count, max_bytes)
+            )
+            return result
         if self._role != "worker" or self.parent_gone.is_set():
             raise BusUnavailable("ProcessBus.history_read: no history here")
         request_id = next(self._read_ids)
-        waiter: list[object] = [threading.Event(), None]
+        waiter = _ReadWaiter(lock)
         self._reads[request_id] = waiter
         query = {"s": stream, "a": after, "n": max_count, "b": max_bytes}
         try:
             self._publish_to_parent(
                 bytes((_READ_REQUEST,)) + _REQUEST_ID.pack(request_id) + json.dumps(query).encode()
             )
-            done = waiter[0]
-            assert isinstance(done, threading.Event)
-            if not done.wait(self._send_timeout):
-                raise BusUnavailable("ProcessBus.history_read: the parent did not answer")
+            reply = waiter.wait(self._send_timeout)
         finally:
             self._reads.pop(request_id, None)
-        reply = waiter[1]
-        assert isinstance(reply, bytes)
+        if reply is None:
+            raise BusUnavailable("ProcessBus.history_read: the parent did not answer")
         return _decode_read(reply)
 
     def close(self) -> None:
@@ -382,10 +425,7 @@ class ProcessBus(BusBase):
             (request_id,) = _REQUEST_ID.unpack_from(message, 1)
             waiter = self._reads.get(request_id)
             if waiter is not None:
-                waiter[1] = message[1 + _REQUEST_ID.size :]
-                event = waiter[0]
-                assert isinstance(event, threading.Event)
-                event.set()
+                waiter.answer(message[1 + _REQUEST_ID.size :])
             return
         try:
             envelope = Envelope.decode(message)

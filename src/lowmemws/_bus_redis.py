@@ -46,7 +46,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from ._bus_base import BusBase, Deliver, Envelope, log
+from ._bus_base import BusBase, Deliver, Envelope, log, read_holding
 from ._history import History, ReadResult
 from ._history_redis import STORED_ORIGIN, read_history, store_and_publish
 from .errors import BusUnavailable
@@ -135,15 +135,28 @@ class RedisBus(BusBase):
         self._history = history
         self.may_block = True
 
-    def history_read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
-        """history_read reads a stream's history from Redis (see BusBase.history_read).
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
+        """history_read reads a stream's history from Redis (see BusBase.history_read); with
+        lock, it is read while holding it (a message is stored before any node delivers it,
+        so the result holds at least what this node delivered).
 
         Raises:
             BusUnavailable: Redis cannot be reached.
         """
+        client = self._stored_client()
+        prefix = self._key_prefix
         try:
-            client = self._stored_client()
-            return read_history(client, stream, after, max_count, max_bytes, self._key_prefix)
+            result: ReadResult = read_holding(
+                lock, lambda: read_history(client, stream, after, max_count, max_bytes, prefix)
+            )
+            return result
         except self._errors as exc:
             raise BusUnavailable(f"RedisBus: cannot read history: {exc}") from exc
 

@@ -5,11 +5,14 @@ position per stream (see _wire_envelope). Its Upgrade is accepted at once, but t
 it resumes are not joined yet: the topics are not subscribed and the user tag is not set,
 so no live message of those streams reaches it. A replay thread then, for each stream:
 
-1. reads the history after the client's offset (`Bus.history_read`, no lock held: with
-   ProcessBus the answer travels the same socket as the deliveries);
-2. takes the stream's stripe lock, which the delivery of a stored message also holds while
-   it fans out and notes the stream's last delivered offset on this node (``D``);
-3. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
+1. reads the history after the client's offset and takes the stream's stripe lock, which
+   the delivery of a stored message also holds while it fans out and notes the stream's
+   last delivered offset on this node (``D``). `Bus.history_read` takes the lock at a
+   moment when the result holds everything delivered here (LocalBus, RedisBus: lock, then
+   read, since a message is stored before it is delivered; ProcessBus: the parent's answer
+   comes behind every envelope stored before it, and the worker's reader thread takes the
+   lock when it meets the answer, before delivering anything stored after);
+2. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
    they will arrive live), joins the stream, sends the outcome, and lets go of the lock.
 
 So a replayed message is never also delivered live, none is skipped, and none overtakes
@@ -44,7 +47,6 @@ __all__ = ["Resumer", "ResumeJob"]
 log = logging.getLogger("lowmemws.resume")
 
 _STRIPES = 64  # locks shared by all streams: constant memory, little contention
-_REREADS = 3  # reads of a stream that delivered past the last read, before "refresh"
 
 
 @dataclass
@@ -151,24 +153,24 @@ class Resumer:
 
     def _replay_stream(self, job: ResumeJob, stream: str, epoch: str, offset: int) -> bool:
         """Replay one stream; False when the connection went away."""
-        history = self._history
-        result = self._read(stream, offset, history.replay_max_messages, history.replay_max_bytes)
-        for _ in range(_REREADS):
-            with self.stripe(stream):
-                delivered = self._delivered_in(stream, result)
-                if delivered is None or result.epoch == "" or delivered <= result.last:
-                    return self._settle(job, stream, epoch, offset, result, delivered)
-            result = self._read(stream, offset, history.replay_max_messages,
-                                history.replay_max_bytes)  # fmt: skip
-        with self.stripe(stream):
-            self._join(job, stream)
-            return self._outcome(job, False, stream, result.epoch, result.last)
-
-    def _read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
+        stripe = self.stripe(stream)
+        result = self._read_holding(stripe, stream, offset)
         try:
-            result: ReadResult = self._bus.history_read(stream, after, max_count, max_bytes)
+            delivered = self._delivered_in(stream, result)
+            return self._settle(job, stream, epoch, offset, result, delivered)
+        finally:
+            stripe.release()
+
+    def _read_holding(self, stripe: threading.Lock, stream: str, after: int) -> ReadResult:
+        """Read stream's history; return holding its stripe (see Bus.history_read)."""
+        history = self._history
+        try:
+            result: ReadResult = self._bus.history_read(
+                stream, after, history.replay_max_messages, history.replay_max_bytes, stripe
+            )
         except BusUnavailable as exc:
             log.warning("lowmemws: history of %s unavailable for a resume: %s", stream, exc)
+            stripe.acquire()
             return ReadResult("", 0, 1, truncated=True)
         return result
 
@@ -189,7 +191,7 @@ class Resumer:
         delivered: int | None,
     ) -> bool:
         """Under the stream's stripe: replay, join, tell the outcome."""
-        upto = result.last if delivered is None else delivered
+        upto = result.last if delivered is None else min(delivered, result.last)
         complete = bool(result.epoch) and result.epoch == epoch and offset <= result.last
         missing = [(at, entry) for at, entry in result.entries if offset < at <= upto]
         if complete and offset < upto:
@@ -208,7 +210,7 @@ class Resumer:
             return False
         self._join(job, stream)
         resumed = complete and sent is SendResult.SENT
-        return self._outcome(job, resumed, stream, result.epoch, upto if resumed else upto)
+        return self._outcome(job, resumed, stream, result.epoch, upto)
 
     def _join(self, job: ResumeJob, stream: str) -> None:
         if stream.startswith("t:"):

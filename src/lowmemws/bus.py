@@ -26,6 +26,7 @@ from ._bus_base import (
     Envelope,
     Kind,
     Policy,
+    read_holding,
 )
 from ._bus_process import ProcessBus
 from ._bus_redis import RedisBus
@@ -67,11 +68,22 @@ class LocalBus(BusBase):
         """enable_history keeps the streams' history in this process's memory."""
         self._store = MemoryStore(history)
 
-    def history_read(self, stream: str, after: int, max_count: int, max_bytes: int) -> ReadResult:
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
         """history_read reads the in-memory history (see BusBase.history_read)."""
-        if self._store is None:
+        store = self._store
+        if store is None:
             raise NotImplementedError("LocalBus: history is not enabled")
-        return self._store.read(stream, after, max_count, max_bytes)
+        result: ReadResult = read_holding(
+            lock, lambda: store.read(stream, after, max_count, max_bytes)
+        )
+        return result
 
     def start(self, deliver: Deliver) -> None:
         """start sets the callback that every publish calls."""
