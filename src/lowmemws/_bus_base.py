@@ -326,6 +326,43 @@ def _check_pace(spread: float, rate: float, nodes: int, pace_id: int) -> None:
         raise ValueError("Envelope: nodes is in 1..65535 and pace_id in 0..2**64-1")
 
 
+class ReadWaiter:
+    """ReadWaiter is a history read waiting for its answer in delivery order (a ProcessBus
+    worker's read answered by the parent, a RedisBus read's marker coming back).
+
+    The bus's delivering thread answers it, taking the caller's lock first (see
+    BusBase.history_read); the caller may give up at its deadline instead (wait returns
+    None). Exactly one of the two happens.
+    """
+
+    __slots__ = ("lock", "reply", "done", "abandoned", "mutex")
+
+    def __init__(self, lock: threading.Lock | None) -> None:
+        self.lock = lock
+        self.reply: bytes | None = None
+        self.done = threading.Event()
+        self.abandoned = False
+        self.mutex = threading.Lock()
+
+    def answer(self, reply: bytes) -> None:
+        """answer hands reply over (on the delivering thread), after taking the lock."""
+        with self.mutex:
+            if self.abandoned:
+                return
+            if self.lock is not None:
+                self.lock.acquire()  # released by the caller, after its replay
+            self.reply = reply
+            self.done.set()
+
+    def wait(self, timeout: float) -> bytes | None:
+        """wait returns the reply, or None when none came within timeout (given up)."""
+        self.done.wait(timeout)
+        with self.mutex:
+            if not self.done.is_set():
+                self.abandoned = True
+            return self.reply
+
+
 def read_holding(lock: threading.Lock | None, read: Callable[[], Any]) -> Any:
     """read_holding takes lock (if any), then reads: on success the caller holds the lock,
     on failure it is released again and the error goes on."""

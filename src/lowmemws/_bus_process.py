@@ -53,7 +53,7 @@ import struct
 import threading
 from collections import deque
 
-from ._bus_base import BusBase, BusStats, Deliver, Envelope, log, read_holding
+from ._bus_base import BusBase, BusStats, Deliver, Envelope, ReadWaiter, log, read_holding
 from ._history import History, MemoryStore, ReadResult, stored_entry
 from .errors import BusUnavailable
 
@@ -110,39 +110,6 @@ class _Reassembler:
         message = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.parts, self.size, self.active = [], 0, False
         return message
-
-
-class _ReadWaiter:
-    """A worker's history read waiting for the parent's answer.
-
-    The reader thread answers it (taking the caller's lock first, in delivery order); the
-    caller may give up at its deadline instead. Exactly one of the two happens.
-    """
-
-    __slots__ = ("lock", "reply", "done", "abandoned", "mutex")
-
-    def __init__(self, lock: threading.Lock | None) -> None:
-        self.lock = lock
-        self.reply: bytes | None = None
-        self.done = threading.Event()
-        self.abandoned = False
-        self.mutex = threading.Lock()
-
-    def answer(self, reply: bytes) -> None:
-        with self.mutex:
-            if self.abandoned:
-                return
-            if self.lock is not None:
-                self.lock.acquire()  # released by the caller, after its replay
-            self.reply = reply
-            self.done.set()
-
-    def wait(self, timeout: float) -> bytes | None:
-        self.done.wait(timeout)
-        with self.mutex:
-            if not self.done.is_set():
-                self.abandoned = True
-            return self.reply
 
 
 class _Slot:
@@ -206,7 +173,7 @@ class ProcessBus(BusBase):
         #: parent_gone is set in a worker once the parent's end of its pair has closed.
         self.parent_gone = threading.Event()
         self._store: MemoryStore | None = None
-        self._reads: dict[int, _ReadWaiter] = {}  # worker: its history reads under way
+        self._reads: dict[int, ReadWaiter] = {}  # worker: its history reads under way
         self._read_ids = itertools.count(1)
 
     # -- roles -------------------------------------------------------------------------------
@@ -354,7 +321,7 @@ class ProcessBus(BusBase):
         if self._role != "worker" or self.parent_gone.is_set():
             raise BusUnavailable("ProcessBus.history_read: no history here")
         request_id = next(self._read_ids)
-        waiter = _ReadWaiter(lock)
+        waiter = ReadWaiter(lock)
         self._reads[request_id] = waiter
         query = {"s": stream, "a": after, "n": max_count, "b": max_bytes}
         try:

@@ -44,11 +44,19 @@ import struct
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
-from ._bus_base import BusBase, Deliver, Envelope, log, read_holding
+from ._bus_base import BusBase, Deliver, Envelope, ReadWaiter, log
 from ._history import History, ReadResult
-from ._history_redis import STORED_ORIGIN, read_history, store_and_publish
+from ._history_redis import (
+    MARKER_ORIGIN,
+    STORED_ORIGIN,
+    parse_marker,
+    read_history,
+    read_marker,
+    store_and_publish,
+)
 from .errors import BusUnavailable
 
 __all__ = ["RedisBus"]
@@ -125,6 +133,14 @@ class RedisBus(BusBase):
         self._threads: list[threading.Thread] = []
         self._history: History | None = None
         self._history_client: Any = None
+        self._reads: dict[int, ReadWaiter] = {}  # history reads waiting for their marker
+        self._read_ids = itertools.count(1)
+        self._read_timeout = socket_timeout
+        self._subscriptions = 0
+        #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
+        #: is back after an outage: stored messages published meanwhile were not delivered
+        #: here. The Gateway sets it to ask its envelope clients to resume.
+        self.on_resync: Callable[[], None] | None = None
         self._key_prefix = channel_prefix
 
     def enable_history(self, history: History) -> None:
@@ -143,22 +159,36 @@ class RedisBus(BusBase):
         max_bytes: int,
         lock: threading.Lock | None = None,
     ) -> ReadResult:
-        """history_read reads a stream's history from Redis (see BusBase.history_read); with
-        lock, it is read while holding it (a message is stored before any node delivers it,
-        so the result holds at least what this node delivered).
+        """history_read reads a stream's history from Redis (see BusBase.history_read). The
+        read publishes a marker on the stream's channel in the same script; the subscriber
+        thread takes ``lock`` when the marker comes back, having delivered every message
+        stored before the read and none stored after.
 
         Raises:
             BusUnavailable: Redis cannot be reached.
         """
-        client = self._stored_client()
-        prefix = self._key_prefix
+        request_id = next(self._read_ids)
+        waiter = ReadWaiter(lock)
+        self._reads[request_id] = waiter
+        channel = channel_for(self, _stream_envelope(stream))
         try:
-            result: ReadResult = read_holding(
-                lock, lambda: read_history(client, stream, after, max_count, max_bytes, prefix)
-            )
+            client = self._stored_client()
+            if self._sharded is None:
+                self._detect_mode(client)
+            if not self._sub_ready.wait(self._read_timeout):  # the marker must come back
+                raise BusUnavailable("RedisBus: not subscribed to the channel")
+            result = read_history(
+                client, stream, after, max_count, max_bytes, prefix=self._key_prefix,
+                channel=channel, marker=read_marker(self.node_id, request_id),
+                sharded=bool(self._sharded),
+            )  # fmt: skip
+            if waiter.wait(self._read_timeout) is None:
+                raise BusUnavailable("RedisBus: the read marker did not come back in time")
             return result
         except self._errors as exc:
             raise BusUnavailable(f"RedisBus: cannot read history: {exc}") from exc
+        finally:
+            self._reads.pop(request_id, None)
 
     @property
     def sharded(self) -> bool | None:
@@ -243,6 +273,17 @@ class RedisBus(BusBase):
             raise BusUnavailable(f"RedisBus: message not stored nor sent: {exc}") from exc
         self.stats.add("published")
         return 0
+
+    def _resubscribed(self) -> None:
+        """After an outage of the subscribing link, the stored messages published meanwhile
+        never reached this node: with history, its clients are told to resume."""
+        self._subscriptions += 1
+        hook = self.on_resync
+        if self._subscriptions > 1 and self._history is not None and hook is not None:
+            try:
+                hook()
+            except Exception:
+                log.exception("lowmemws RedisBus: on_resync failed")
 
     def _stored_client(self) -> Any:
         if self._history_client is None:
@@ -404,6 +445,7 @@ class RedisBus(BusBase):
             kind = message["type"]
             if kind in ("subscribe", "ssubscribe"):
                 self._sub_ready.set()
+                self._resubscribed()
             elif kind in ("message", "smessage"):
                 self._receive(message["data"])
 
@@ -412,6 +454,12 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         origin, seq = _HEADER.unpack_from(data)
+        if origin == MARKER_ORIGIN:
+            marker = parse_marker(data)
+            waiter = self._reads.get(marker[1]) if marker and marker[0] == self.node_id else None
+            if waiter is not None:
+                waiter.answer(b"")
+            return
         stored = origin == STORED_ORIGIN  # delivered by every node, in Redis's order
         if not stored and (origin == self.node_id or not self._in_sequence(origin, seq)):
             return
@@ -472,6 +520,13 @@ class RedisBus(BusBase):
             return
         self.stats.add("disconnects")
         log.warning("lowmemws RedisBus: %s link lost: %s", link, exc)
+
+
+def _stream_envelope(stream: str) -> Envelope:
+    """An envelope of stream, for channel_for: the channel its messages travel on."""
+    if stream.startswith("t:"):
+        return Envelope.for_topic(stream[2:], b"")
+    return Envelope.for_user(int(stream[2:]), b"")
 
 
 def channel_for(bus: RedisBus, envelope: Envelope) -> str:

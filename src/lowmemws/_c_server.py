@@ -246,6 +246,13 @@ class CServer:
         n = lib.lmw_broadcast_env(self._ptr, opcode, payload, len(payload), env, len(env), policy)
         return max(0, int(n))
 
+    def notify_envelope_clients(self, env: bytes) -> int:
+        """notify_envelope_clients sends env to every envelope client, and nothing to others."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_broadcast_env(self._ptr, 1, ffi.NULL, 0, env, len(env), 0)
+        return max(0, int(n))
+
     def is_envelope(self, fd: int, gen: int) -> bool:
         """is_envelope reports whether (fd, gen) is open and chose the envelope subprotocol."""
         return self._ptr is not None and bool(lib.lmw_is_envelope(self._ptr, fd, gen))

@@ -52,7 +52,10 @@ static void fan_msg_free(fan_msg *m) {
 /* send_one writes the message to fd: compressed when it negotiated permessage-deflate;
  * its envelope form (env, when there is one) when it chose the envelope subprotocol. */
 static int send_one(lmw_server *s, fan_msg *m, int fd, lmw_slot *sl, uint64_t key, int policy) {
-    if (sl->envelope && m[1].plain) m++;
+    if (sl->envelope && m[1].plain)
+        m++;
+    else if (!m[0].data && m[1].plain)
+        return 0; /* a notice for the envelope clients only */
     int cls = lmw__deflate_class(s, sl, m->len);
     if (cls && !m->tried[cls - 1]) {
         m->tried[cls - 1] = 1;

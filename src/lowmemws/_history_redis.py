@@ -28,10 +28,13 @@ from ._bus_base import Envelope
 from ._history import History, ReadResult, new_epoch, stored_entry
 
 __all__ = [
+    "MARKER_ORIGIN",
     "READ_SCRIPT",
     "STORED_ORIGIN",
     "STORE_SCRIPT",
+    "parse_marker",
     "read_history",
+    "read_marker",
     "store_and_publish",
     "stream_keys",
 ]
@@ -61,9 +64,14 @@ redis.call(ARGV[9], ARGV[1], ARGV[2] .. string.char(3, #position) .. position ..
 return {epoch, offset}
 """
 
-#: READ_SCRIPT: KEYS stream, meta; ARGV first offset wanted, count. Returns
-#: {epoch, last, first kept, entries} ({"", 0, 1, {}} for an unknown stream).
+#: MARKER_ORIGIN is the origin id of a read marker on the bus channel (see read_history).
+MARKER_ORIGIN = b"\xff" * 16
+
+#: READ_SCRIPT: KEYS stream, meta; ARGV first offset wanted, count, channel, marker,
+#: publish command. Returns {epoch, last, first kept, entries} ({"", 0, 1, {}} for an
+#: unknown stream) and publishes the marker in the same step.
 READ_SCRIPT = """
+redis.call(ARGV[5], ARGV[3], ARGV[4])
 local meta = redis.call('HMGET', KEYS[2], 'epoch', 'offset')
 if not meta[1] then return {'', 0, 1, {}} end
 local last = tonumber(meta[2])
@@ -113,17 +121,43 @@ def store_and_publish(
     return envelope.with_position(_text(epoch), int(offset))
 
 
+def read_marker(node_id: bytes, request_id: int) -> bytes:
+    """read_marker is the bus message a node's history read publishes: whoever is not
+    node_id ignores it; node_id's subscriber, meeting it, has delivered every message
+    stored before the read (Redis runs the script and the PUBLISHes in one order)."""
+    return _HEADER.pack(MARKER_ORIGIN, 0) + node_id + struct.pack(">Q", request_id)
+
+
+def parse_marker(message: bytes) -> tuple[bytes, int] | None:
+    """parse_marker returns (node id, request id) of a read marker, None for another message."""
+    if len(message) != _HEADER.size + 24 or message[:16] != MARKER_ORIGIN:
+        return None
+    body = message[_HEADER.size :]
+    return body[:16], int(struct.unpack(">Q", body[16:])[0])
+
+
 def read_history(
-    client: Any, stream: str, after: int, max_count: int, max_bytes: int, prefix: str = "lowmemws:"
+    client: Any,
+    stream: str,
+    after: int,
+    max_count: int,
+    max_bytes: int,
+    *,
+    prefix: str = "lowmemws:",
+    channel: str,
+    marker: bytes,
+    sharded: bool = False,
 ) -> ReadResult:
-    """read_history returns the kept messages of stream after offset ``after`` (READ_SCRIPT).
+    """read_history returns the kept messages of stream after offset ``after`` and publishes
+    marker on channel, in one step (READ_SCRIPT).
 
     Raises:
         redis.RedisError, OSError: Redis could not be reached.
     """
     keys = stream_keys(prefix, stream)
+    command = "SPUBLISH" if sharded else "PUBLISH"
     epoch, last, first, rows = client.register_script(READ_SCRIPT)(
-        keys=keys, args=(str(after + 1), max_count + 1)
+        keys=keys, args=(str(after + 1), max_count + 1, channel, marker, command)
     )
     result = ReadResult(_text(epoch), int(last), int(first))
     size = 0

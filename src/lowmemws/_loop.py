@@ -32,7 +32,7 @@ from ._constants import OP_TEXT
 from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
-from ._resume import ResumeJob, Resumer
+from ._resume import ResumeJob, Resumer, joined_streams
 from ._wire_envelope import RESUME_PREFIX, resume_message
 from .close_codes import CloseCode
 from .config import Config
@@ -251,7 +251,8 @@ class EventLoop:
         except ValueError:
             self._server.close(e.fd, e.gen, CloseCode.POLICY_VIOLATION, b"bad lmw_resume")
             return True
-        job = ResumeJob(e.fd, e.gen, positions, frozenset(), int(e.user_tag), False)
+        named: dict[str, tuple[str, int] | None] = dict(positions)
+        job = ResumeJob(e.fd, e.gen, named, frozenset(), int(e.user_tag), False)
         self.resumer.submit(job)
         return True
 
@@ -326,7 +327,7 @@ class EventLoop:
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
         resume = decision.resume if self.resumer is not None else None
         later = resume or {}  # streams joined once replayed (see _resume)
-        user_deferred = f"u:{decision.user}" in later and decision.user != 0
+        user_deferred = f"u:{decision.user}" in later
         try:  # before the 101: a publish the client sees it for reaches it
             for topic in decision.topics:  # (nothing is sent to it before the 101)
                 if "t:" + topic not in later:
@@ -336,9 +337,10 @@ class EventLoop:
             raise
         if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else decision.user):
             return
-        if resume and self.resumer is not None:
+        if resume is not None and self.resumer is not None:
+            streams = joined_streams(decision, resume)
             topics = frozenset(decision.topics)
-            self.resumer.submit(ResumeJob(fd, gen, resume, topics, decision.user, user_deferred))
+            self.resumer.submit(ResumeJob(fd, gen, streams, topics, decision.user, user_deferred))
         hook = self._hooks.open
         if hook is None:
             return

@@ -38,15 +38,33 @@ from typing import Any
 from ._c_server import CServer
 from ._constants import OP_TEXT
 from ._history import History, ReadResult
-from ._wire_envelope import ResumeRequest, message_frame, outcome_frame
+from ._wire_envelope import SYNCED_FRAME, ResumeRequest, message_frame, outcome_frame
 from .connection import SendResult
 from .errors import BusUnavailable
+from .handshake import Accept
 
 __all__ = ["Resumer", "ResumeJob"]
 
 log = logging.getLogger("lowmemws.resume")
 
 _STRIPES = 64  # locks shared by all streams: constant memory, little contention
+
+
+def joined_streams(
+    accept: Accept, positions: ResumeRequest | None
+) -> dict[str, tuple[str, int] | None]:
+    """joined_streams: for a client that resumes, every stream its Accept joins (topics,
+    user) with the position it named, None for those it did not name, plus the other
+    streams it named. The unnamed ones are joined at once (nothing to replay) and the
+    client is told their position (a baseline for its next resume); the named ones are
+    joined once replayed."""
+    if positions is None:
+        return {}
+    streams: dict[str, tuple[str, int] | None] = {f"t:{topic}": None for topic in accept.topics}
+    if accept.user:
+        streams[f"u:{accept.user}"] = None
+    streams.update(positions)
+    return streams
 
 
 @dataclass
@@ -60,7 +78,7 @@ class ResumeJob:
 
     fd: int
     gen: int
-    positions: ResumeRequest
+    positions: dict[str, tuple[str, int] | None]
     topics: frozenset[str]
     user: int
     user_deferred: bool
@@ -126,6 +144,7 @@ class Resumer:
             for stream in job.positions:
                 self._join(job, stream)
                 self._outcome(job, False, stream, "", 0)
+            self._server.send(job.fd, job.gen, OP_TEXT, SYNCED_FRAME)
 
     def _run(self) -> None:
         while True:
@@ -138,12 +157,13 @@ class Resumer:
                 log.exception("lowmemws: a resume replay failed")
 
     def _replay(self, job: ResumeJob) -> None:
-        for stream, (epoch, offset) in job.positions.items():
+        for stream, position in job.positions.items():
             if not self._allowed(job, stream):
                 self._outcome(job, False, stream, "", 0)
                 continue
-            if not self._replay_stream(job, stream, epoch, offset):
+            if not self._replay_stream(job, stream, position):
                 return  # the connection is gone
+        self._server.send(job.fd, job.gen, OP_TEXT, SYNCED_FRAME)
 
     def _allowed(self, job: ResumeJob, stream: str) -> bool:
         if stream.startswith("t:"):
@@ -151,13 +171,21 @@ class Resumer:
             return topic in job.topics or self._server.is_member(job.fd, job.gen, topic)
         return stream == f"u:{job.user}" and job.user != 0
 
-    def _replay_stream(self, job: ResumeJob, stream: str, epoch: str, offset: int) -> bool:
-        """Replay one stream; False when the connection went away."""
+    def _replay_stream(self, job: ResumeJob, stream: str, position: tuple[str, int] | None) -> bool:
+        """Replay one stream (None: no position, just tell the current one); False when the
+        connection went away."""
         stripe = self.stripe(stream)
-        result = self._read_holding(stripe, stream, offset)
+        result = self._read_holding(stripe, stream, position[1] if position else 2**62)
         try:
             delivered = self._delivered_in(stream, result)
-            return self._settle(job, stream, epoch, offset, result, delivered)
+            upto = result.last if delivered is None else min(delivered, result.last)
+            if position is None:
+                self._join(job, stream)
+                if not result.epoch and result.truncated:  # unreachable: no baseline to give
+                    return True
+                return self._outcome(job, True, stream, result.epoch, upto)
+            epoch, offset = position
+            return self._settle(job, stream, epoch, offset, result, upto)
         finally:
             stripe.release()
 
@@ -188,11 +216,15 @@ class Resumer:
         epoch: str,
         offset: int,
         result: ReadResult,
-        delivered: int | None,
+        upto: int,
     ) -> bool:
-        """Under the stream's stripe: replay, join, tell the outcome."""
-        upto = result.last if delivered is None else min(delivered, result.last)
-        complete = bool(result.epoch) and result.epoch == epoch and offset <= result.last
+        """Under the stream's stripe: replay, join, tell the outcome. A client at ("", 0)
+        knew the stream before it had any message: it resumes from the first."""
+        from_start = epoch == "" and offset == 0
+        if not result.epoch:  # no such stream (or, truncated, its history unreachable)
+            complete = from_start and not result.truncated
+        else:
+            complete = (result.epoch == epoch or from_start) and offset <= result.last
         missing = [(at, entry) for at, entry in result.entries if offset < at <= upto]
         if complete and offset < upto:
             reached = missing[-1][0] if missing else offset

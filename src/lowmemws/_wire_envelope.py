@@ -9,7 +9,12 @@ is one text frame holding a JSON object:
 - the outcome of a resume, one per stream named: ``{"resumed": stream, "e": epoch, "o":
   offset}`` (the replay is complete: the client is at that position) or ``{"refresh":
   stream, "e": epoch, "o": offset}`` (history could not fill the gap: reload your state;
-  ``e``/``o`` are the stream's position now, "" and 0 when it has none).
+  ``e``/``o`` are the stream's position now, "" and 0 when it has none);
+- ``{"resync": true}``: this gateway may have missed stored messages (its Redis link was
+  down): resume every stream now, in band;
+- ``{"synced": true}`` once every stream of a resume has its outcome: a client that sent
+  ``lmw_resume`` (``{}`` the first time) knows from then on a position for each of its
+  streams, even those that had no message yet.
 
 A client names its positions with the query parameter ``lmw_resume`` of the Upgrade
 request, a JSON object ``{stream: [epoch, offset], ...}`` (URL-encoded), or later in a text
@@ -30,6 +35,8 @@ __all__ = [
     "ENVELOPE_PROTOCOL",
     "RESUME_PARAM",
     "RESUME_PREFIX",
+    "RESYNC_FRAME",
+    "SYNCED_FRAME",
     "ResumeRequest",
     "message_frame",
     "outcome_frame",
@@ -68,6 +75,12 @@ def outcome_frame(resumed: bool, stream: str, epoch: str, offset: int) -> bytes:
     """outcome_frame tells the client how the resume of stream ended (see the module doc)."""
     body = {"resumed" if resumed else "refresh": stream, "e": epoch, "o": offset}
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+#: RESYNC_FRAME asks every envelope client to resume in band (see the module doc).
+RESYNC_FRAME = b'{"resync":true}'
+#: SYNCED_FRAME ends the outcomes of a resume (see the module doc).
+SYNCED_FRAME = b'{"synced":true}'
 
 
 def parse_resume(text: str) -> ResumeRequest:

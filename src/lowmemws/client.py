@@ -101,6 +101,9 @@ class Client:
         self._closing = False
         #: connected is set while a connection is open; connects counts them.
         self.connected = asyncio.Event()
+        #: synced is set once the gateway told the position of every stream of the current
+        #: connection (after any replay): from then on no message of them can be missed.
+        self.synced = asyncio.Event()
         self.connects = 0
 
     async def __aenter__(self) -> Client:
@@ -181,16 +184,18 @@ class Client:
                 pass
             finally:
                 self.connected.clear()
+                self.synced.clear()
                 self._writer = None
                 writer.close()
 
     def _target(self) -> str:
         path = self._url.path or "/"
         query = self._url.query
-        if self.positions:
-            resume = json.dumps({s: [e, o] for s, (e, o) in self.positions.items()})
-            extra = "lmw_resume=" + urllib.parse.quote(resume, safe="")
-            query = f"{query}&{extra}" if query else extra
+        # always sent ({} the first time): the gateway then tells the position of every
+        # stream the connection joins, the baseline of the next resume
+        resume = json.dumps({s: [e, o] for s, (e, o) in self.positions.items()})
+        extra = "lmw_resume=" + urllib.parse.quote(resume, safe="")
+        query = f"{query}&{extra}" if query else extra
         return f"{path}?{query}" if query else path
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -259,6 +264,12 @@ class Client:
         if "resumed" in body or "refresh" in body:
             await self._outcome(body)
             return
+        if "synced" in body:
+            self.synced.set()
+            return
+        if "resync" in body:  # the gateway may have missed messages: resume every stream
+            await self._resync()
+            return
         data: str | bytes = (
             str(body["d"]) if "d" in body else base64.b64decode(str(body.get("b", "")))
         )
@@ -268,13 +279,17 @@ class Client:
             return
         epoch, offset = str(body.get("e", "")), int(str(body.get("o", 0)))
         known = self.positions.get(stream)
+        if known == ("", 0):
+            known = None  # the stream had no message yet: any epoch continues it
         if known is not None and known[0] == epoch:
             if offset <= known[1]:
                 return  # seen already
             if offset > known[1] + 1:
                 await self._repair(stream, known)
                 return  # the repair's replay brings it again, in order
-        elif known is not None and stream not in self._awaiting:
+        elif known is not None and stream in self._awaiting:
+            return  # another epoch while a repair runs: its outcome says what to do
+        elif known is not None:
             # a new epoch on a live link: the history was lost (e.g. Redis flushed)
             await self._events.put(Refresh(stream, epoch, offset - 1))
         self.positions[stream] = (epoch, offset)
@@ -286,10 +301,16 @@ class Client:
         self._awaiting.discard(stream)
         epoch, offset = str(body.get("e", "")), int(str(body.get("o", 0)))
         known = self.positions.get(stream)
-        if not resumed:
+        ahead = known is not None and known[0] == epoch and known[1] >= offset
+        if not resumed and not ahead:
             await self._events.put(Refresh(stream, epoch, offset))
-        if not resumed or known is None or known[0] != epoch or known[1] < offset:
             self.positions[stream] = (epoch, offset)
+        elif resumed and (known is None or known == ("", 0) or (known[0] == epoch and not ahead)):
+            self.positions[stream] = (epoch, offset)
+
+    async def _resync(self) -> None:
+        for stream, position in list(self.positions.items()):
+            await self._repair(stream, position)
 
     async def _repair(self, stream: str, known: tuple[str, int]) -> None:
         """A gap on a live link (a message skipped by the write policy): ask for a replay."""
@@ -307,6 +328,8 @@ def _envelope(message: Message) -> dict[str, object] | None:
         body = json.loads(message.payload)
     except ValueError:
         return None
-    if not isinstance(body, dict) or not ({"d", "b", "resumed", "refresh"} & body.keys()):
+    if not isinstance(body, dict) or not (
+        {"d", "b", "resumed", "refresh", "synced", "resync"} & body.keys()
+    ):
         return None
     return body

@@ -324,7 +324,7 @@ def _with_resume(request: Request, accept: Accept) -> Accept | Reject:
     if accept.subprotocol != ENVELOPE_PROTOCOL or RESUME_PARAM not in request.query:
         return accept
     text = request.params.get(RESUME_PARAM)
-    if not text:
+    if text is None:
         return accept
     try:
         positions = parse_resume(text)

@@ -454,7 +454,7 @@ int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len
 /* The envelope subprotocol (issue 12, docs/envelope.md): a connection that chose it gets every
  * data message wrapped (its stream position with it); the others get the raw payload. The
  * _env fan-outs take both forms, each built once: env/env_len (a text frame) go to the
- * connections that chose the subprotocol, data/len to the others. */
+ * connections that chose the subprotocol, data/len to the others (data NULL: to nobody else). */
 #define LMW_ENVELOPE_PROTOCOL_LEN 11 /* strlen("lowmemws.v1") */
 int64_t lmw_publish_env(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
                         const uint8_t *env, size_t env_len, int policy);

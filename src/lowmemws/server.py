@@ -38,7 +38,7 @@ from ._resume import Resumer
 from ._routes import builtin_response
 from ._signals import STOP_SIGNALS, stop_signals_call
 from ._supervisor import Supervisor
-from ._wire_envelope import ENVELOPE_PROTOCOL, message_frame
+from ._wire_envelope import ENVELOPE_PROTOCOL, RESYNC_FRAME, message_frame
 from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
 from .config import Config
 from .connection import Connection
@@ -457,6 +457,10 @@ class Gateway:
         self._resumer = Resumer(self._server, self._bus, history)
         self._loop.resumer = self._resumer
         self._resumer.start()
+        if hasattr(self._bus, "on_resync"):
+            self._bus.on_resync = functools.partial(  # type: ignore[union-attr]
+                self._server.notify_envelope_clients, RESYNC_FRAME
+            )
 
     # ------------------------------------------------------------------ figures
 

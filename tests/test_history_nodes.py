@@ -1,0 +1,251 @@
+"""History across processes and machines: ProcessBus workers, and RedisBus nodes with a real
+redis-server killed, flushed and restarted, gateways SIGKILLed and started again.
+
+Each node is a small script run as its own process, with history on. Subscribers are
+lowmemws.client clients (the envelope subprotocol, resuming by position); a raw
+websocket-client connection drives a node in text: ``pub TOPIC TEXT`` and ``user N TEXT``
+publish from that node and answer ``ok`` or ``refused`` (BusUnavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import websocket
+
+from lowmemws.client import Client, Delivery, Refresh
+from tests.support.redis_server import RedisServer
+from tests.support.servers import ServerProcess, StartServer
+
+DEADLINE = 20.0  # bounds every wait; not a performance figure
+
+NODE = textwrap.dedent(
+    """
+    import argparse, threading
+    from lowmemws import Accept, BusUnavailable, Config, Gateway, History, RedisBus
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--redis", default="")
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args()
+    bus = RedisBus(args.redis, backoff_base=0.05, backoff_cap=0.5) if args.redis else None
+    config = Config(history=History())
+    gateway = Gateway(args.host, args.port, processes=args.processes, config=config, bus=bus)
+
+    @gateway.on_connect
+    def decide(request):
+        topics = tuple(t for t in request.params.get("topics", "").split(",") if t)
+        return Accept(user=int(request.params.get("user", "0")), topics=topics)
+
+    @gateway.on_message
+    def command(conn, message):
+        verb, target, text = message.split(" ", 2)
+        try:
+            if verb == "pub":
+                gateway.publish(target, text)
+            else:
+                gateway.send_to_user(int(target), text)
+            conn.send("ok")
+        except BusUnavailable:
+            conn.send("refused")
+
+    def announce():
+        ready = gateway.wait_ready(30) and (bus is None or bus.wait_ready(30))
+        if ready:
+            print(f"listening on ws://{args.host}:{gateway.port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    gateway.run()
+    """
+)
+
+
+@pytest.fixture
+def node_script(tmp_path: Path) -> Path:
+    script = tmp_path / "history_node.py"
+    script.write_text(NODE)
+    return script
+
+
+@pytest.fixture
+def restarted() -> Iterator[list[ServerProcess]]:
+    """Nodes started again by a test (on their old port); stopped at teardown."""
+    nodes: list[ServerProcess] = []
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def publisher(node: ServerProcess) -> Callable[[str], str]:
+    control = websocket.create_connection(f"ws://{node.host}:{node.port}/", timeout=DEADLINE)
+
+    def command(text: str) -> str:
+        control.send(text)
+        return str(control.recv())
+
+    return command
+
+
+def subscriber(node: ServerProcess, user: int, topics: str) -> Client:
+    url = f"ws://{node.host}:{node.port}/?user={user}&topics={topics}"
+    return Client(url, backoff_base=0.05, backoff_cap=0.5, heartbeat_timeout=DEADLINE)
+
+
+async def deliveries(client: Client, count: int) -> list[tuple[str | None, object]]:
+    got = []
+    for _ in range(count):
+        try:
+            event = await client.next(DEADLINE)
+        except TimeoutError:
+            raise AssertionError(f"only {got} came; positions {client.positions}") from None
+        assert isinstance(event, Delivery), event
+        got.append((event.stream, event.data))
+    return got
+
+
+def test_processbus_workers_share_one_history(start_server: StartServer, node_script: Path) -> None:
+    node = start_server([sys.executable, str(node_script)], ["--processes", "2"])
+    publish = publisher(node)
+
+    async def scenario() -> None:
+        async with subscriber(node, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            expected = []
+            for round_ in range(6):  # each reconnect lands on either worker
+                for n in range(3):
+                    text = f"r{round_}m{n}"
+                    assert publish(f"pub mail {text}") == "ok"
+                    expected.append(("t:mail", text))
+                assert publish(f"user 5 r{round_}u") == "ok"
+                expected.append(("u:5", f"r{round_}u"))
+                got = await deliveries(client, 4)
+                assert sorted(got, key=str) == sorted(expected[-4:], key=str)
+                client.drop_link()
+                await asyncio.sleep(0.05)
+                publish(f"pub mail r{round_}gap")  # published while it is away
+                expected.append(("t:mail", f"r{round_}gap"))
+                assert await deliveries(client, 1) == [expected[-1]]
+            assert client.connects == 7
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def redis_nodes(
+    start_server: StartServer, node_script: Path, redis_server: RedisServer
+) -> Callable[[], ServerProcess]:
+    def start() -> ServerProcess:
+        return start_server([sys.executable, str(node_script)], ["--redis", redis_server.url])
+
+    return start
+
+
+def test_a_killed_gateway_restarted_resumes_what_another_node_published(
+    redis_nodes: Callable[[], ServerProcess], restarted: list[ServerProcess]
+) -> None:
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            assert publish_b("pub mail first") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "first")]
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)  # knows all its streams
+            os.kill(a.proc.pid, signal.SIGKILL)  # a crash: no close frame, no goodbye
+            a.proc.wait(timeout=DEADLINE)
+            for n in range(5):
+                assert publish_b(f"pub mail mail {n}") == "ok"
+            assert publish_b("user 5 for you") == "ok"
+            again = ServerProcess(a.argv, a.host, a.port)  # the same port: the client's URL
+            restarted.append(again)
+            again.wait_ready(30)
+            got = await deliveries(client, 6)
+            mail = [data for stream, data in got if stream == "t:mail"]
+            assert mail == [f"mail {n}" for n in range(5)]
+            assert ("u:5", "for you") in got
+            assert client.connects == 2
+
+    asyncio.run(scenario())
+
+
+def test_history_lost_in_redis_changes_the_epoch_and_the_client_refreshes(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    import redis
+
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            assert publish_b("pub mail before") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "before")]
+            old_epoch = client.positions["t:mail"][0]
+            # while connected: a flush, then a message under the new epoch
+            redis.Redis.from_url(redis_server.url).flushall()
+            assert publish_b("pub mail after flush") == "ok"
+            refresh = await client.next(DEADLINE)
+            assert isinstance(refresh, Refresh) and refresh.epoch != old_epoch
+            assert await deliveries(client, 1) == [("t:mail", "after flush")]
+            # while away: the gateway says refresh when the client comes back
+            client.drop_link()
+            redis.Redis.from_url(redis_server.url).flushall()
+            assert publish_b("pub mail lost") == "ok"
+            refresh = await client.next(DEADLINE)
+            assert isinstance(refresh, Refresh) and refresh.stream == "t:mail"
+            assert publish_b("pub mail later") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "later")]
+
+    asyncio.run(scenario())
+
+
+def test_redis_down_while_publishing_refuses_and_loses_nothing_accepted(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            accepted = []
+            for n in range(3):
+                assert publish_b(f"pub mail up {n}") == "ok"
+                accepted.append(f"up {n}")
+            assert [data for _, data in await deliveries(client, 3)] == accepted
+            redis_server.kill()
+            for n in range(3):
+                assert publish_b(f"pub mail down {n}") == "refused"  # a clear error
+            redis_server.start()  # same port, empty: the history is lost, the epoch changes
+            answer = "refused"
+            for _ in range(100):  # until the node's Redis link is back
+                answer = publish_b("pub mail back")
+                if answer == "ok":
+                    break
+                await asyncio.sleep(0.1)
+            assert answer == "ok"
+            # "back" went to a Redis without the old history: the client is told to refresh
+            # (its state then includes "back"), or gets "back" after that refresh
+            refresh = await client.next(DEADLINE)
+            assert isinstance(refresh, Refresh) and refresh.stream == "t:mail", refresh
+            assert publish_b("pub mail later") == "ok"
+            after: list[object] = []
+            while "later" not in after:  # (a resync racing the epoch change may say it twice)
+                event = await client.next(DEADLINE)
+                if isinstance(event, Delivery):
+                    after.append(event.data)
+            assert after in (["later"], ["back", "later"])  # each once, in order
+            assert client.positions["t:mail"] == (refresh.epoch, 2)
+
+    asyncio.run(scenario())
