@@ -33,7 +33,7 @@ from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
 from ._resume import ResumeJob, Resumer, joined_streams
-from ._wire_envelope import RESUME_PREFIX, resume_message
+from ._wire_envelope import PING_PREFIX, PONG_FRAME, RESUME_PREFIX, resume_message
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
@@ -238,12 +238,15 @@ class EventLoop:
 
     def _resume_message(self, e: Any) -> bool:
         """An envelope client's in-band resume request (a gap it saw) goes to the resumer,
-        not to on_message; a malformed one closes the connection with 1008."""
-        if e.len < len(RESUME_PREFIX) or ffi.unpack(ffi.cast("char *", e.data), len(
-                RESUME_PREFIX)) != RESUME_PREFIX:  # fmt: skip
+        not to on_message (a malformed one closes the connection with 1008), and its
+        heartbeat ping is answered here."""
+        head = ffi.unpack(ffi.cast("char *", e.data), min(e.len, len(RESUME_PREFIX)))
+        is_ping = head.startswith(PING_PREFIX)
+        if not (is_ping or head == RESUME_PREFIX) or not self._server.is_envelope(e.fd, e.gen):
             return False
-        if not self._server.is_envelope(e.fd, e.gen):
-            return False
+        if is_ping:  # a browser's heartbeat: answered here
+            self._server.send(e.fd, e.gen, OP_TEXT, PONG_FRAME)
+            return True
         assert self.resumer is not None
         text = ffi.unpack(ffi.cast("char *", e.data), e.len).decode("utf-8")
         try:

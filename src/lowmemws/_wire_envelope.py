@@ -16,6 +16,9 @@ is one text frame holding a JSON object:
   ``lmw_resume`` (``{}`` the first time) knows from then on a position for each of its
   streams, even those that had no message yet.
 
+A browser cannot see WebSocket pings, so a client may send ``{"lmw_ping": 1}``: the gateway
+answers ``{"pong": true}`` (its own heartbeat deadline then tells a dead link).
+
 A client names its positions with the query parameter ``lmw_resume`` of the Upgrade
 request, a JSON object ``{stream: [epoch, offset], ...}`` (URL-encoded), or later in a text
 message ``{"lmw_resume": {stream: [epoch, offset], ...}}`` (a gap it noticed).
@@ -33,6 +36,8 @@ from ._constants import OP_TEXT
 
 __all__ = [
     "ENVELOPE_PROTOCOL",
+    "PING_PREFIX",
+    "PONG_FRAME",
     "RESUME_PARAM",
     "RESUME_PREFIX",
     "RESYNC_FRAME",
@@ -77,6 +82,9 @@ def outcome_frame(resumed: bool, stream: str, epoch: str, offset: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
+#: PING_PREFIX starts a client's heartbeat message; PONG_FRAME answers it.
+PING_PREFIX = b'{"lmw_ping"'
+PONG_FRAME = b'{"pong":true}'
 #: RESYNC_FRAME asks every envelope client to resume in band (see the module doc).
 RESYNC_FRAME = b'{"resync":true}'
 #: SYNCED_FRAME ends the outcomes of a resume (see the module doc).
