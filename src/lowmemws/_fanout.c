@@ -82,9 +82,9 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
         return LMW_ERROR;
     }
     /* m[0]: the raw message; m[1]: its envelope (plain NULL: none, everyone gets m[0]) */
-    fan_msg m[2] = {{.plain = f, .plain_len = flen, .opcode = opcode, .data = data, .len = len},
-                    {.plain = e, .plain_len = elen, .opcode = LMW_OP_TEXT, .data = env,
-                     .len = env_len}};
+    fan_msg m[2] = {
+        {.plain = f, .plain_len = flen, .opcode = opcode, .data = data, .len = len},
+        {.plain = e, .plain_len = elen, .opcode = LMW_OP_TEXT, .data = env, .len = env_len}};
     int64_t sent = 0;
     pthread_mutex_lock(&s->lock);
     if (to == TO_TOPIC) {

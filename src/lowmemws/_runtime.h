@@ -114,11 +114,11 @@ typedef struct lmw_slot {
     uint8_t flags;
     uint16_t close_code : 15; /* close code received or sent, for the CLOSED event */
     uint16_t envelope : 1;    /* the client chose LMW_ENVELOPE_PROTOCOL: data goes enveloped */
-    uint32_t tick;       /* last activity, in ticks of 100 ms */
-    uint32_t first_sub;  /* hub: first membership node of this fd, 0 = none */
-    uint64_t user_tag;   /* 0 = none */
-    uint32_t user_next;  /* hub: next fd + 1 in the same user bucket, 0 = end */
-    uint32_t ext;        /* index + 1 into the ext table, 0 = none */
+    uint32_t tick;            /* last activity, in ticks of 100 ms */
+    uint32_t first_sub;       /* hub: first membership node of this fd, 0 = none */
+    uint64_t user_tag;        /* 0 = none */
+    uint32_t user_next;       /* hub: next fd + 1 in the same user bucket, 0 = end */
+    uint32_t ext;             /* index + 1 into the ext table, 0 = none */
 } lmw_slot;
 
 _Static_assert(sizeof(lmw_slot) == 32, "an idle connection costs its 32-byte slot");
