@@ -21,6 +21,7 @@ Anything that publishes into a deployment (a gateway's RedisBus, a backend publi
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -83,6 +84,12 @@ return {meta[1], last, first, entries}
 """
 
 
+@functools.lru_cache(maxsize=64)
+def _scripts(client: Any) -> tuple[Any, Any]:
+    """The two scripts registered with client (EVALSHA, loaded on first use), made once."""
+    return client.register_script(STORE_SCRIPT), client.register_script(READ_SCRIPT)
+
+
 def stream_keys(prefix: str, stream: str) -> tuple[str, str]:
     """stream_keys are the Redis keys of stream (its messages, its position), hash-tagged
     on the stream name so both land in one Redis Cluster slot."""
@@ -117,7 +124,7 @@ def store_and_publish(
         history.size_for(stream), ttl, ttl * _META_TTL_FACTOR, new_epoch(),
         "SPUBLISH" if sharded else "PUBLISH",
     )  # fmt: skip
-    epoch, offset = client.register_script(STORE_SCRIPT)(keys=keys, args=args)
+    epoch, offset = _scripts(client)[0](keys=keys, args=args)
     return envelope.with_position(_text(epoch), int(offset))
 
 
@@ -156,7 +163,7 @@ def read_history(
     """
     keys = stream_keys(prefix, stream)
     command = "SPUBLISH" if sharded else "PUBLISH"
-    epoch, last, first, rows = client.register_script(READ_SCRIPT)(
+    epoch, last, first, rows = _scripts(client)[1](
         keys=keys, args=(str(after + 1), max_count + 1, channel, marker, command)
     )
     result = ReadResult(_text(epoch), int(last), int(first))
