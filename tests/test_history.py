@@ -276,3 +276,63 @@ def test_a_client_may_not_resume_another_users_stream(
     assert outcomes[0] == {"resumed": "t:mail", "e": "", "o": 0}
     assert outcomes[1] == {"resumed": "u:7", "e": "", "o": 0}
     assert outcomes[2] == {"refresh": "u:8", "e": "", "o": 0}
+
+
+class FreezingProxy:
+    """A loopback TCP proxy whose current links can be frozen: bytes stop flowing both ways
+    but the sockets stay open, as on a dead network path (no FIN, no RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen: list[asyncio.Event] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        for frozen in self.frozen:
+            frozen.set()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        frozen = asyncio.Event()
+        self.frozen.append(frozen)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not frozen.is_set():
+                    dst.write(data)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+def test_the_python_client_replaces_a_silent_link_by_its_heartbeat_deadline(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = make_gateway(Config(history=History(), ping_interval=0.2, ping_timeout=30))
+
+    @gateway.on_connect
+    def decide(request: object) -> Accept:
+        return Accept(topics=("mail",))
+
+    gateway.start()
+
+    async def scenario() -> None:
+        proxy = FreezingProxy(gateway.port)
+        await proxy.start()
+        url = f"ws://127.0.0.1:{proxy.port}/"
+        async with Client(url, heartbeat_timeout=1.0, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.sleep(1.5)  # the gateway's pings keep an idle link alive
+            assert client.connects == 1
+            gateway.publish("mail", "m1")
+            assert texts(await take(client, 1)) == ["m1"]
+            proxy.freeze()  # the path dies silently
+            gateway.publish("mail", "m2")  # lost on the frozen link ...
+            assert texts(await take(client, 1)) == ["m2"]  # ... replayed on the new one
+            assert client.connects == 2
+
+    asyncio.run(scenario())
