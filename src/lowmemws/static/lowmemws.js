@@ -104,17 +104,23 @@
       self._received(event.data);
     };
     ws.onclose = function () {
-      clearTimeout(self._timer);
-      if (self._ws !== ws) return;
-      self._ws = null;
-      self.onstatus("closed");
-      if (self._closed) return;
-      var delay = Math.min(self.backoffCap, self.backoffBase * Math.pow(2, self._attempt));
-      self._attempt += 1;
-      self._timer = setTimeout(function () {
-        self._connect();
-      }, Math.random() * delay); /* full jitter: a restart is not met by a stampede */
+      self._lost(ws);
     };
+  };
+
+  /* _lost schedules the next connection once ws is gone (closed, or abandoned). */
+  LowMemWS.prototype._lost = function (ws) {
+    var self = this;
+    clearTimeout(this._timer);
+    if (this._ws !== ws) return;
+    this._ws = null;
+    this.onstatus("closed");
+    if (this._closed) return;
+    var delay = Math.min(this.backoffCap, this.backoffBase * Math.pow(2, this._attempt));
+    this._attempt += 1;
+    this._timer = setTimeout(function () {
+      self._connect();
+    }, Math.random() * delay); /* full jitter: a restart is not met by a stampede */
   };
 
   /* _alive restarts the heartbeat: after heartbeatInterval of silence a ping is sent, and
@@ -131,7 +137,11 @@
         /* closing already */
       }
       self._timer = setTimeout(function () {
-        if (self._ws === ws) ws.close(4001, "heartbeat deadline");
+        if (self._ws !== ws) return;
+        /* a dead path never completes a closing handshake: abandon the socket now */
+        ws.onmessage = ws.onclose = null;
+        ws.close(4001, "heartbeat deadline");
+        self._lost(ws);
       }, self.heartbeatTimeout);
     }, this.heartbeatInterval);
   };
