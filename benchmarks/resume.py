@@ -13,7 +13,7 @@ History.replay_threads and the write bounds cap.
 Clients are processes of this script (``--client``), each with its own loopback source
 address, driving non-blocking sockets with a selector.
 
-    python benchmarks/resume.py [--connections 19000] [--missed 10] [--redis-server PATH]
+    python benchmarks/resume.py [--connections 19000] [--missed 10] [--replay-threads 4]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ import sys, threading
 from lowmemws import Accept, Config, Gateway, History, RedisBus
 port, url = int(sys.argv[1]), sys.argv[2]
 bus = RedisBus(url)
-gateway = Gateway("127.0.0.1", port, bus=bus, config=Config(history=History()))
+config = Config(history=History(replay_threads=int(sys.argv[3])))
+gateway = Gateway("127.0.0.1", port, bus=bus, config=config)
 gateway.on_connect(lambda request: Accept(topics=("all",)))
 def announce():
     if gateway.wait_ready(60) and bus.wait_ready(60):
@@ -173,9 +174,11 @@ class Clients:
 # -- the driver ----------------------------------------------------------------------------
 
 
-def start_gateway(script: Path, port: int, url: str) -> subprocess.Popen[str]:
+def start_gateway(script: Path, port: int, url: str, threads: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port), url], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(script), str(port), url, str(threads)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -196,7 +199,7 @@ def publish_missed(url: str, count: int) -> None:
         store_and_publish(client, envelope, "lowmemws:bus", History(), sharded=sharded)
 
 
-def measure(connections: int, missed: int, redis_binary: str) -> dict[str, float]:
+def measure(connections: int, missed: int, redis_binary: str, threads: int) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="resume-bench-"))
     redis_port, port = free_port(), free_port()
     redis_proc = subprocess.Popen(
@@ -208,7 +211,7 @@ def measure(connections: int, missed: int, redis_binary: str) -> dict[str, float
     script = workdir / "gateway.py"
     script.write_text(GATEWAY)
     time.sleep(0.5)
-    gateway = start_gateway(script, port, url)
+    gateway = start_gateway(script, port, url, threads)
     clients = Clients(port, connections)
     try:
         connected = sum(int(str(a["connected"])) for a in clients.command("connect"))
@@ -216,7 +219,7 @@ def measure(connections: int, missed: int, redis_binary: str) -> dict[str, float
         gateway.wait()
         clients.command("drop")
         publish_missed(url, missed)
-        gateway = start_gateway(script, port, url)
+        gateway = start_gateway(script, port, url, threads)
         base = procstats.memory(gateway.pid)["rss"]
         started = time.monotonic()
         resumed = sum(int(str(a["resumed"])) for a in clients.command(f"resume {missed}"))
@@ -248,12 +251,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=19_000)
     parser.add_argument("--missed", type=int, default=10)
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    parser.add_argument("--replay-threads", type=int, default=4, help="History.replay_threads")
     args = parser.parse_args()
-    r = measure(args.connections, args.missed, args.redis_server)
+    r = measure(args.connections, args.missed, args.redis_server, args.replay_threads)
     mib = 1024 * 1024
     print(
         f"mass resume: {r['connections']:,} clients, {args.missed} messages missed each, "
-        f"gateway SIGKILLed and restarted (RedisBus, History() defaults)\n"
+        f"gateway SIGKILLed and restarted (RedisBus, replay_threads {args.replay_threads})\n"
         f"  all caught up in {r['seconds']:.2f} s; {r['resumed']:,} complete "
         f"(each its {args.missed} messages in order, then resumed)\n"
         f"  gateway RSS before the reconnects {r['rss_before'] / mib:.1f} MiB, peak "
