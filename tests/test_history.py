@@ -243,6 +243,9 @@ def test_a_replay_past_its_bounds_is_told_to_refresh(
             assert texts(await take(client, 4)) == ["m17", "m18", "m19", "m20"]
 
     asyncio.run(scenario())
+    text = gateway.metrics_text()
+    assert "lowmemws_history_refreshed_total 1" in text
+    assert "lowmemws_history_replayed_total 1" in text
 
 
 def test_a_gap_seen_on_a_live_link_is_replayed_in_band(

@@ -323,3 +323,44 @@ def test_a_mass_resume_keeps_the_gateway_rss_bounded(
             assert b'"refresh":"t:all"' in data  # told, never a silent gap
             assert offsets == sorted(set(offsets))
     assert complete >= 1
+
+
+def worker_pids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def test_processbus_history_outlives_crashed_workers(
+    start_server: StartServer, node_script: Path
+) -> None:
+    node = start_server([sys.executable, str(node_script)], ["--processes", "2"])
+
+    async def scenario() -> None:
+        async with subscriber(node, 5, "mail") as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            assert publisher(node)("pub mail before") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "before")]
+            workers = worker_pids(node.proc.pid)
+            assert len(workers) == 2
+            for pid in workers:  # both workers crash; the parent (and its history) stays
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                fresh = worker_pids(node.proc.pid)
+                if len(fresh) == 2 and not set(fresh) & set(workers):
+                    break
+            publish = None
+            for _ in range(100):  # the respawned workers listen again
+                try:
+                    publish = publisher(node)
+                    break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            assert publish is not None
+            for n in range(3):
+                assert publish(f"pub mail after crash {n}") == "ok"
+            got = await deliveries(client, 3)
+            assert got == [("t:mail", f"after crash {n}") for n in range(3)]
+            assert client.connects == 2
+
+    asyncio.run(scenario())

@@ -132,7 +132,9 @@ class Resumer:
                 pass
 
     def stats(self) -> dict[str, int]:
-        """stats: streams replayed (with messages), resumed, told to refresh."""
+        """stats counts streams of resumes: ``replayed`` (messages were sent), ``resumed``
+        (complete, baselines included) and ``refreshed`` (told to refresh); /metrics shows
+        them as lowmemws_history_<name>_total."""
         return dict(self._stats)
 
     def submit(self, job: ResumeJob) -> None:

@@ -479,6 +479,9 @@ class Gateway:
                     gauges[f"bus_{name}"] = value
                 else:
                     counters[f"bus_{name}_total"] = value
+        if self._resumer is not None:  # streams replayed, resumed, told to refresh (issue 12)
+            for name, value in self._resumer.stats().items():
+                counters[f"history_{name}_total"] = value
         return metrics.render(self._stats_views, counters, gauges)
 
     @property
