@@ -5,11 +5,12 @@ topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish
 send_to_user and broadcast work from any thread. See the README for an example.
 """
 
+from ._user_ids import UserTag
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
+from .errors import BusUnavailable, HandshakeError, LowMemWSError, PresenceTimeout, ProtocolError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
 from .server import Gateway, serve
@@ -28,6 +29,7 @@ __all__ = [
     "Headers",
     "LocalBus",
     "LowMemWSError",
+    "PresenceTimeout",
     "ProcessBus",
     "ProtocolError",
     "RedisBus",
@@ -35,5 +37,6 @@ __all__ = [
     "Request",
     "Response",
     "SendResult",
+    "UserTag",
     "serve",
 ]

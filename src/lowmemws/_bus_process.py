@@ -43,7 +43,7 @@ import socket
 import threading
 from collections import deque
 
-from ._bus_base import BusBase, BusStats, Deliver, Envelope, log
+from ._bus_base import BusBase, BusStats, Deliver, Envelope, Query, answer_envelope, log
 from .errors import BusUnavailable
 
 __all__ = ["ProcessBus"]
@@ -272,6 +272,16 @@ class ProcessBus(BusBase):
         """node_count is the number of worker processes a publish reaches."""
         return self._workers
 
+    def answer(self, query: Query, count: int) -> None:
+        """answer sends this worker's count to every process (through the parent, like a
+        publish); the asker is the one waiting for that query id, the others ignore it."""
+        if not query.query_id:
+            return
+        try:
+            self.publish(answer_envelope(query.query_id, count))
+        except BusUnavailable as exc:
+            log.warning("lowmemws ProcessBus: could not answer a presence query: %s", exc)
+
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""
         with self._lock:
@@ -366,7 +376,7 @@ class ProcessBus(BusBase):
                 self.stats.add("buffered_bytes", len(data))
             self._lock.notify_all()
         self.stats.add("relayed")
-        if self._deliver is not None:
+        if self._deliver is not None or self.queries.waiting:  # answers to the parent's queries
             self._deliver_encoded(data)
 
     def _writer_loop(self, slot: _Slot) -> None:
