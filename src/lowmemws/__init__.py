@@ -13,6 +13,7 @@ from .connection import Connection, SendResult
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, PresenceTimeout, ProtocolError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
+from .publisher import Publisher
 from .server import Gateway, serve
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "PresenceTimeout",
     "ProcessBus",
     "ProtocolError",
+    "Publisher",
     "RedisBus",
     "Reject",
     "Request",

@@ -152,6 +152,8 @@ class RedisBus(BusBase):
         Raises:
             RuntimeError: the bus was started already.
         """
+        if self._threads:
+            raise RuntimeError("RedisBus.start: already started")
         self._deliver = deliver
         self._start_threads()
 
@@ -182,6 +184,18 @@ class RedisBus(BusBase):
             thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def flush(self, timeout: float) -> int:
+        """flush waits up to timeout seconds until every envelope published so far has been
+        handed to Redis; returns how many are still waiting (0: all sent)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and not self._closing.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+            return len(self._queue)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """wait_ready waits until the publishing and the subscribing links are both up."""
