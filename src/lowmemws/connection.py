@@ -6,10 +6,10 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 from ._bus_base import frame_data
-from ._constants import CLOSE_REASON_MAX, OP_BINARY
-from ._native import ffi, lib
+from ._constants import OP_BINARY
+from ._native import ffi
 from ._user_ids import INT_USER_MAX, UserTag
-from .close_codes import CloseCode
+from .close_codes import CloseCode, close_reason_bytes
 
 if TYPE_CHECKING:
     from ._c_server import CServer
@@ -89,12 +89,7 @@ class Connection:
         Raises:
             ValueError: a code that may not be sent, or a reason that is too long.
         """
-        if not lib.lmw_close_code_valid(code):
-            raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
-        raw = reason.encode("utf-8")
-        if len(raw) > CLOSE_REASON_MAX:
-            raise ValueError(f"close reason is longer than {CLOSE_REASON_MAX} bytes of UTF-8")
-        return self._server.close(self.fd, self.gen, code, raw)
+        return self._server.close(self.fd, self.gen, code, close_reason_bytes(code, reason))
 
     def subscribe(self, topic: str) -> bool:
         """subscribe adds this connection to topic; it leaves it when it closes."""
