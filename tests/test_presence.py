@@ -29,7 +29,7 @@ QUERY_TIMEOUT = 5.0
 
 NODE = textwrap.dedent(
     """
-    import argparse, threading
+    import argparse, os, threading
     from lowmemws import Accept, BusUnavailable, Gateway, PresenceTimeout, RedisBus
 
     parser = argparse.ArgumentParser()
@@ -57,6 +57,8 @@ NODE = textwrap.dedent(
                 conn.send(str(await gateway.adisconnect_user(user, int(code), reason, timeout=5)))
             elif verb == "who":
                 conn.send(repr(conn.user))
+            elif verb == "pid":
+                conn.send(str(os.getpid()))
         except PresenceTimeout as exc:
             conn.send(f"timeout {exc.count} {exc.answered} {exc.expected}")
         except BusUnavailable:
@@ -187,13 +189,18 @@ def test_presence_and_kick_across_worker_processes(
     connect: Callable[[ServerProcess, str], websocket.WebSocket],
 ) -> None:
     node = start_node("--processes", "2")
-    alices = [connect(node, "alice") for _ in range(8)]  # spread by SO_REUSEPORT
+    alices = [connect(node, "alice") for _ in range(16)]  # spread by SO_REUSEPORT
+    pids = set()
+    for client in alices:
+        client.send("pid")
+        pids.add(client.recv())
+    assert len(pids) == 2  # both workers hold some (all in one: 2 in 65,536 runs)
     asker = connect(node, "bob")
     asker.send("online alice")
-    assert asker.recv() == "8"  # both workers answered, whichever this one is
+    assert asker.recv() == "16"  # both workers answered, whichever this one is
     asker.send("kick alice 4003 bye")
-    assert asker.recv() == "8"
-    assert [close_of(client) for client in alices] == [(4003, "bye")] * 8
+    assert asker.recv() == "16"
+    assert [close_of(client) for client in alices] == [(4003, "bye")] * 16
     asker.send("online bob")
     assert asker.recv() == "1"
 

@@ -157,3 +157,33 @@ def test_an_int_id_over_2_63_is_refused_with_500(
         connect(gw, str(2**63))
     with pytest.raises(ValueError):
         gw.send_to_user(2**63, "x")
+
+
+def test_online_and_kick_in_one_process(
+    gateway: tuple[Gateway, list[tuple[str, object]]],
+) -> None:
+    gw, seen = gateway
+    alice, alice2, bob = connect(gw, "alice"), connect(gw, "alice"), connect(gw, "bob")
+    assert (gw.online("alice"), gw.online("bob"), gw.online("carol")) == (2, 1, 0)
+    with pytest.raises(ValueError):
+        gw.disconnect_user("alice", 1006)  # never sent on the wire (RFC 6455 section 7.4.1)
+    with pytest.raises(ValueError):
+        gw.disconnect_user("alice", 4000, "é" * 62)  # 124 bytes of UTF-8
+    assert gw.online("alice") == 2  # a refused kick closed nothing
+    assert gw.disconnect_user("alice", 4001, "signed out") == 2
+    for client in (alice, alice2):
+        event = client.wait_for_close()
+        assert (event.code, event.reason) == (4001, "signed out")
+    wait_until(lambda: seen.count(("close", "alice")) == 2, "alice's two on_close calls")
+    assert gw.online("alice") == 0 and gw.online("bob") == 1
+    assert gw.disconnect_user("alice") == 0
+    bob.send_message("who")
+    assert bob.receive_message() == "'bob'"
+    bob.close()
+
+
+def test_a_gateway_not_started_counts_nobody(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway()
+    assert gw.online("alice") == 0 and gw.disconnect_user("alice", 4001) == 0
+    with pytest.raises(ValueError):
+        gw.disconnect_user("alice", 999)

@@ -284,15 +284,16 @@ class RedisBus(BusBase):
 
     def _writer_loop(self) -> None:
         client = self._client()
-        first = True
-        while self._connect(client, first):
-            self._pub_ready.set()
-            if first:
-                self._learn_peers(client)
-            else:
-                self._await_peers(client)
-            first = False
-            try:
+        connected_before = peers_known = False
+        while self._connect(client, not connected_before):
+            connected_before = True
+            try:  # the link may break again at once: a restarting server, a reset
+                if peers_known:
+                    self._await_peers(client)
+                else:  # ready only once known: a flush after an outage waits for them
+                    self._learn_peers(client)
+                    peers_known = True
+                self._pub_ready.set()
                 self._drain(client)
                 break
             except self._errors as exc:
