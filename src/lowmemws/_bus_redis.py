@@ -19,6 +19,11 @@ and count the envelopes of another node that it never saw (``missed``).
 Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
 thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
 
+Presence queries (issue 12, `lowmemws._presence`) travel on the channel like any envelope;
+each node answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``,
+which every node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens
+to. The asker waits for as many answers as Redis reported receivers for the query's PUBLISH.
+
 During a Redis outage (server down, network cut):
 - local delivery is unaffected: ``publish`` still delivers to this node at once;
 - publishes are kept in a bounded buffer (``max_buffered`` envelopes, ``max_buffered_bytes``);
@@ -419,15 +424,19 @@ class RedisBus(BusBase):
                 pubsub.ssubscribe(channel)
             else:
                 pubsub.subscribe(channel)
+        answers = channels[-1].encode()
+        confirmed = 0
         while not self._closing.is_set():
             message = pubsub.get_message(timeout=0.25)
             if message is None:
                 continue
             kind = message["type"]
             if kind in ("subscribe", "ssubscribe"):
-                self._sub_ready.set()
+                confirmed += 1
+                if confirmed == len(channels):  # ready once every subscription holds
+                    self._sub_ready.set()
             elif kind in ("message", "smessage"):
-                if message["channel"] == self._answer_channel(self.node_id).encode():
+                if message["channel"] == answers:
                     self._receive_answer(message["data"])
                 else:
                     self._receive(message["data"])
