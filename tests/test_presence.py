@@ -140,6 +140,8 @@ def test_presence_and_kick_across_two_nodes_from_a_publisher(
     assert [c.recv() for c in (alice_a, alice_b, also_b)] == ["you have mail"] * 3
     publisher.send_to_users(["bob", 42], "batch")
     assert bob.recv() == number.recv() == "batch"
+    publisher.send_to_users(["bob", 42], "paced", spread=0.5)  # each node spreads its own
+    assert bob.recv() == number.recv() == "paced"
 
     # the kick comes after what the publisher sent before it, on every node
     publisher.send_to_user("alice", "last words")
@@ -260,3 +262,22 @@ def test_redis_back_in_time_the_buffered_messages_arrive(redis_server: RedisServ
         publisher.close(timeout=DEADLINE)  # no error: everything reached Redis
         assert [client.recv() for _ in range(3)] == [f"during {n}" for n in range(3)]
         client.close()
+
+
+def test_query_envelopes_round_trip_and_old_kinds_keep_their_wire_form() -> None:
+    from lowmemws._bus_base import Envelope, Query, answer_envelope, query_envelope
+
+    asker = bytes(range(16))
+    kick = query_envelope("kick", 2**63 + 5, 77, asker, 4001, b"bye")
+    back = Envelope.decode(kick.encode())
+    assert Query.parse(back) == Query("kick", 2**63 + 5, 77, asker, 4001, b"bye")
+    online = Envelope.decode(query_envelope("online", 42, 78, asker).encode())
+    assert Query.parse(online) == Query("online", 42, 78, asker)
+    answer = Envelope.decode(answer_envelope(78, 3).encode())
+    assert (answer.kind, answer.key, answer.payload) == ("answer", 78, (3).to_bytes(8, "big"))
+    assert kick.encode()[0] == 2  # a node of an older version refuses it as malformed
+    assert Envelope.for_user(42, "x").encode()[0] == 1  # unchanged for what was there
+    with pytest.raises(ValueError):
+        Query.parse(Envelope("kick", 1, 2, b"short"))
+    with pytest.raises(ValueError):
+        Query.parse(Envelope.for_user(1, "not a query"))

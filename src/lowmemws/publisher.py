@@ -22,6 +22,7 @@ from ._user_ids import UserId, UserIds
 from .bus import Envelope, Policy
 from .close_codes import CloseCode
 from .errors import BusUnavailable
+from .server import pace_number, paced_envelope
 
 __all__ = ["Publisher"]
 
@@ -93,50 +94,108 @@ class Publisher:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, topic: str, data: str | bytes, policy: Policy = "drop") -> None:
+    def publish(
+        self,
+        topic: str,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> None:
         """publish sends data (str as text, bytes as binary) to every member of topic on every
-        gateway; policy is what happens to a member over its write limit (see
-        Gateway.publish).
+        gateway; policy is what happens to a member over its write limit, and spread, rate
+        and pace_id pace the send, as for Gateway.publish (a rate is shared by the gateways
+        subscribed to the bus).
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
-            ValueError: an unknown policy, or a topic over 65535 UTF-8 bytes.
+            ValueError: an unknown policy, a topic over 65535 UTF-8 bytes, or a bad pacing.
         """
-        self._publish(Envelope.for_topic(topic, data, policy=policy))
+        envelope = Envelope.for_topic(topic, data, policy=policy)
+        self._publish(self._paced(envelope, spread, rate, pace_id))
 
-    def send_to_user(self, user: UserId, data: str | bytes, policy: Policy = "drop") -> None:
+    def send_to_user(
+        self,
+        user: UserId,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> None:
         """send_to_user sends data to every connection of user (an int or str id, as the
-        gateways' Accept gave it) on every gateway.
+        gateways' Accept gave it) on every gateway (pacing as for publish).
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
-            ValueError: an unknown policy, or a bad user id (see Gateway.send_to_user).
+            ValueError: an unknown policy, a bad user id (see Gateway.send_to_user), or a
+                bad pacing.
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
-        self._publish(Envelope.for_user(self._user_ids.tag(user), data, policy=policy))
+        tag = self._user_ids.tag(user)
+        if spread is None and rate is None and pace_id is None:
+            self._publish(Envelope.for_user(tag, data, policy=policy))
+            return
+        envelope = Envelope.for_users((tag,), data, policy=policy)
+        self._publish(self._paced(envelope, spread, rate, pace_id))
 
     def send_to_users(
-        self, users: Iterable[UserId], data: str | bytes, policy: Policy = "drop"
+        self,
+        users: Iterable[UserId],
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
     ) -> None:
         """send_to_users sends data to every connection of any of users, in one envelope (a
-        user listed twice gets it once).
+        user listed twice gets it once; pacing as for publish).
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
-            ValueError: an unknown policy, or a bad user id.
+            ValueError: an unknown policy, a bad user id, or a bad pacing.
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._user_ids.tag, users))
-        self._publish(Envelope.for_users(tags, data, policy=policy))
+        envelope = Envelope.for_users(tags, data, policy=policy)
+        self._publish(self._paced(envelope, spread, rate, pace_id))
 
-    def broadcast(self, data: str | bytes, policy: Policy = "drop") -> None:
-        """broadcast sends data to every open connection of every gateway.
+    def broadcast(
+        self,
+        data: str | bytes,
+        policy: Policy = "drop",
+        *,
+        spread: float | None = None,
+        rate: float | None = None,
+        pace_id: str | None = None,
+    ) -> None:
+        """broadcast sends data to every open connection of every gateway (pacing as for
+        publish).
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
-            ValueError: an unknown policy.
+            ValueError: an unknown policy, or a bad pacing.
         """
-        self._publish(Envelope.for_all(data, policy=policy))
+        envelope = Envelope.for_all(data, policy=policy)
+        self._publish(self._paced(envelope, spread, rate, pace_id))
+
+    def cancel_paced(self, pace_id: str) -> None:
+        """cancel_paced ends every paced send named pace_id on every gateway (see
+        Gateway.cancel_paced).
+
+        Raises:
+            BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
+        """
+        self._publish(Envelope.for_cancel(pace_number(pace_id)))
+
+    def _paced(
+        self, envelope: Envelope, spread: float | None, rate: float | None, pace_id: str | None
+    ) -> Envelope:
+        return paced_envelope(envelope, spread, rate, pace_id, self._bus.node_count)
 
     def _publish(self, envelope: Envelope) -> None:
         if self._closed:

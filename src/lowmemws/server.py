@@ -341,20 +341,8 @@ class Gateway:
         self, envelope: Envelope, spread: float | None, rate: float | None, pace_id: str | None
     ) -> Envelope:
         """_paced adds the pacing to envelope (unchanged when there is none)."""
-        if spread is None and rate is None:
-            if pace_id is not None:
-                raise ValueError("pace_id names a paced send: give spread or rate too")
-            return envelope
-        if spread is not None and rate is not None:
-            raise ValueError("give spread or rate, not both")
-        value = spread if spread is not None else rate
-        if not (isinstance(value, int | float) and 0 < value < math.inf):
-            raise ValueError("spread and rate are numbers > 0")
-        if spread is not None and spread > _MAX_SPREAD:
-            raise ValueError(f"spread is at most {_MAX_SPREAD:g} seconds")
-        number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
-        nodes = getattr(self._bus, "node_count", lambda: 1)()
-        return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
+        node_count = getattr(self._bus, "node_count", lambda: 1)
+        return paced_envelope(envelope, spread, rate, pace_id, node_count)
 
     async def apublish(
         self,
@@ -713,6 +701,37 @@ class Gateway:
         self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop), _loop_switch_interval():
             self._serve()
+
+
+def paced_envelope(
+    envelope: Envelope,
+    spread: float | None,
+    rate: float | None,
+    pace_id: str | None,
+    node_count: Callable[[], int],
+) -> Envelope:
+    """paced_envelope adds a pacing to envelope (unchanged when there is none): the one
+    place publish keywords become a paced envelope, for the Gateway and the Publisher.
+    node_count is asked only for a paced send (a rate is shared by the nodes it reaches).
+
+    Raises:
+        ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s), or
+            pace_id without either.
+    """
+    if spread is None and rate is None:
+        if pace_id is not None:
+            raise ValueError("pace_id names a paced send: give spread or rate too")
+        return envelope
+    if spread is not None and rate is not None:
+        raise ValueError("give spread or rate, not both")
+    value = spread if spread is not None else rate
+    if not (isinstance(value, int | float) and 0 < value < math.inf):
+        raise ValueError("spread and rate are numbers > 0")
+    if spread is not None and spread > _MAX_SPREAD:
+        raise ValueError(f"spread is at most {_MAX_SPREAD:g} seconds")
+    number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
+    nodes = node_count()
+    return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
 
 
 def pace_number(pace_id: str) -> int:
