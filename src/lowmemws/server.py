@@ -442,6 +442,7 @@ class Gateway:
                 what those that did hold).
             BusUnavailable: the bus cannot take the query.
             ValueError: a bad user id (see send_to_user).
+            TypeError: the gateway's bus is not one of lowmemws's (a BusBase).
         """
         tag = self._server.user_ids.tag(user)
         bus = self._bus
@@ -474,6 +475,7 @@ class Gateway:
                 kick reached close the user's connections all the same (``count``: those
                 that answered).
             BusUnavailable: the bus cannot take the kick; nothing was closed.
+            TypeError: the gateway's bus is not one of lowmemws's (a BusBase).
         """
         tag = self._server.user_ids.tag(user)
         bus = self._bus
