@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["UserId", "UserIds", "UserTag", "deployment_key", "INT_USER_MAX"]
 
@@ -42,6 +43,7 @@ _ALPHABET_MAX = 9  # 4 bits of length + 9 x 6 bits = 58 bits
 _BYTES_MAX = 7  # 3 bits of length + 7 x 8 bits = 59 bits
 _MODE_ALPHABET = 1 << 59  # inside the 60-bit block: which of the two encodings
 _KEY_PERSON = b"lmw-user-ids"
+_CACHE = 256  # ids and names remembered each way: a fixed ~40 KB at most, never per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +87,17 @@ def deployment_key(channel_prefix: str, secret: bytes | str | None) -> bytes:
 class UserIds:
     """UserIds maps user ids to tags and back, with one key (random unless given).
 
-    Thread-safe (no state besides the key).
+    The last few thousand str ids are remembered both ways (a busy user costs the keyed
+    permutation once, not per message); a full cache is emptied, as TopicIds does.
+    Thread-safe: the caches are plain dicts, each operation atomic under the GIL.
     """
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "_tags", "_names")
 
     def __init__(self, key: bytes | None = None) -> None:
         self.key = key if key is not None else os.urandom(16)
+        self._tags: dict[str, int] = {}
+        self._names: dict[int, str] = {}
 
     def tag(self, user: object) -> int:
         """tag is the 64-bit tag of user (an int keeps its own value; 0 is "no user").
@@ -101,13 +107,14 @@ class UserIds:
             TypeError: anything but an int, a str or a UserTag.
         """
         if isinstance(user, str):
+            known = self._tags.get(user)
+            if known is not None:
+                return known
             if not user:
                 raise ValueError("a str user id must not be empty")
-            inline = _encode(user)
-            if inline is None:
-                digest = hashlib.blake2b(user.encode("utf-8"), digest_size=8, key=self.key)
-                return _STR_BIT | int.from_bytes(digest.digest(), "little") & _HASH_MASK
-            return _STR_BIT | _INLINE_BIT | self._permute(inline)
+            tag = self._str_tag(user)
+            _remember(self._tags, user, tag)
+            return tag
         if isinstance(user, UserTag):
             if not _STR_BIT <= user.tag < 2**64:
                 raise ValueError("a UserTag's tag lies in 2**63..2**64-1")
@@ -127,8 +134,21 @@ class UserIds:
             return tag
         if not tag & _INLINE_BIT:
             return UserTag(tag)
+        known = self._names.get(tag)
+        if known is not None:
+            return known
         name = _decode(self._unpermute(tag & ((1 << 2 * _HALF_BITS) - 1)))
-        return name if name is not None else UserTag(tag)
+        if name is None:
+            return UserTag(tag)
+        _remember(self._names, tag, name)
+        return name
+
+    def _str_tag(self, user: str) -> int:
+        inline = _encode(user)
+        if inline is None:
+            digest = hashlib.blake2b(user.encode("utf-8"), digest_size=8, key=self.key)
+            return _STR_BIT | int.from_bytes(digest.digest(), "little") & _HASH_MASK
+        return _STR_BIT | _INLINE_BIT | self._permute(inline)
 
     # -- the keyed permutation of the 60-bit block ------------------------------------------
 
@@ -148,6 +168,12 @@ class UserIds:
         for index in reversed(range(_ROUNDS)):
             left, right = right ^ self._round(index, left), left
         return left << _HALF_BITS | right
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE:
+        cache.clear()
+    cache[key] = value
 
 
 def _encode(name: str) -> int | None:
