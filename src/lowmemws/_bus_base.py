@@ -436,7 +436,16 @@ class BusBase:
         """answer gives this node's count to the node that asked query (here: this node; the
         buses that reach other nodes route it to the asker)."""
         if query.query_id:
-            self.queries.answer(answer_envelope(query.query_id, count))
+            self.queries.answer(query.query_id, count)
+
+    def _take_answer(self, envelope: Envelope) -> None:
+        """_take_answer counts an "answer" envelope for the query it answers (a malformed
+        one is counted as such)."""
+        if envelope.kind != "answer" or len(envelope.payload) != _COUNT.size:
+            self.stats.add("malformed")
+            return
+        assert isinstance(envelope.key, int)
+        self.queries.answer(envelope.key, _COUNT.unpack(envelope.payload)[0])
 
     def _answers_expected(self) -> int | None:
         """_answers_expected: how many nodes answer a query (None: learned once it is sent)."""
@@ -461,7 +470,7 @@ class BusBase:
         Returns the callback's count (0 when it failed or did not count). An answer to a
         presence query goes to `queries` instead (also in a process without connections)."""
         if envelope.kind == "answer":
-            self.queries.answer(envelope)
+            self._take_answer(envelope)
             return 0
         deliver = self._deliver
         if deliver is None:

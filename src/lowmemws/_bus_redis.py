@@ -489,8 +489,7 @@ class RedisBus(BusBase):
         except ValueError:
             self.stats.add("malformed")
             return
-        if envelope.kind == "answer":
-            self.queries.answer(envelope)
+        self._take_answer(envelope)
 
     def _in_sequence(self, origin: bytes, seq: int) -> bool:
         """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""

@@ -7,15 +7,11 @@ nobody waits for any more (it timed out) is ignored.
 from __future__ import annotations
 
 import secrets
-import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 __all__ = ["Queries", "Tally", "new_query_id"]
-
-_COUNT = struct.Struct(">Q")
 
 
 def new_query_id() -> int:
@@ -73,14 +69,10 @@ class Queries:
                 pending.expected = nodes
                 self._cond.notify_all()
 
-    def answer(self, envelope: Any) -> None:
-        """answer counts one node's answer (an "answer" Envelope: key the query id, payload
-        the count); an answer nobody waits for is ignored."""
-        if len(envelope.payload) != _COUNT.size or not isinstance(envelope.key, int):
-            return
-        (count,) = _COUNT.unpack(envelope.payload)
+    def answer(self, query_id: int, count: int) -> None:
+        """answer counts one node's answer to query_id; one nobody waits for is ignored."""
         with self._cond:
-            pending = self._pending.get(envelope.key)
+            pending = self._pending.get(query_id)
             if pending is not None:
                 pending.count += count
                 pending.answered += 1
