@@ -9,6 +9,7 @@ REASON`` asks its own node (answered with the count, or ``timeout``/``refused``)
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import textwrap
@@ -281,3 +282,27 @@ def test_query_envelopes_round_trip_and_old_kinds_keep_their_wire_form() -> None
         Query.parse(Envelope("kick", 1, 2, b"short"))
     with pytest.raises(ValueError):
         Query.parse(Envelope.for_user(1, "not a query"))
+
+
+def test_a_publisher_made_before_a_fork_works_in_the_child(redis_server: RedisServer) -> None:
+    gateway = Gateway("127.0.0.1", 0, bus=RedisBus(redis_server.url))
+    gateway.on_connect(lambda request: lowmemws.Accept(user="alice"))
+    with gateway:
+        assert isinstance(gateway._bus, RedisBus) and gateway._bus.wait_ready(DEADLINE)
+        client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/", timeout=DEADLINE)
+        with Publisher(redis_server.url) as publisher:  # as Celery's prefork parent would
+            assert publisher.wait_ready(DEADLINE)
+            pid = os.fork()
+            if pid == 0:  # the child: its own links, made on first use
+                try:
+                    assert publisher.online("alice", timeout=QUERY_TIMEOUT) == 1
+                    publisher.send_to_user("alice", "from the child")
+                    publisher.close()
+                finally:
+                    os._exit(0 if publisher.bus.stats.snapshot()["published"] == 2 else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert client.recv() == "from the child"
+            publisher.send_to_user("alice", "from the parent")  # the parent's bus still works
+            assert client.recv() == "from the parent"
+        client.close()

@@ -11,9 +11,11 @@ exactly a gateway's. Unlike a gateway's bus, a full buffer makes ``publish`` wai
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 from ._bus_base import log
 from ._bus_redis import RedisBus
@@ -50,7 +52,8 @@ class Publisher:
 
     ``channel_prefix`` and ``user_key`` must be the ones the gateways' RedisBus got (str user
     ids are tags derived from them). Connecting happens in the background:
-    `wait_ready` tells when Redis answered.
+    `wait_ready` tells when Redis answered. A Publisher made before a fork (Celery's prefork
+    pool, gunicorn ``--preload``) connects again in each child on first use there.
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
@@ -67,30 +70,45 @@ class Publisher:
         block_timeout: float = PUBLISHER_BLOCK_TIMEOUT,
         socket_timeout: float = 5.0,
     ) -> None:
-        self._bus = RedisBus(
-            url,
-            channel_prefix=channel_prefix,
-            user_key=user_key,
-            max_buffered=max_buffered,
-            max_buffered_bytes=max_buffered_bytes,
-            block_timeout=block_timeout,
-            socket_timeout=socket_timeout,
-        )
-        self._user_ids = UserIds(self._bus.user_key)
+        self._settings: dict[str, Any] = {
+            "channel_prefix": channel_prefix,
+            "user_key": user_key,
+            "max_buffered": max_buffered,
+            "max_buffered_bytes": max_buffered_bytes,
+            "block_timeout": block_timeout,
+            "socket_timeout": socket_timeout,
+        }
+        self._url = url
         self._closed = False
+        self._start_bus()
+        self._user_ids = UserIds(self._bus.user_key)
+
+    def _start_bus(self) -> None:
+        self._pid = os.getpid()
+        self._bus = RedisBus(self._url, **self._settings)
         self._bus.start_publisher()
         # a process that ends (or drops the Publisher) without close(): still try to send,
         # and log what was lost (weakref.finalize also runs at interpreter exit)
         self._finalizer = weakref.finalize(self, _close_at_exit, self._bus)
 
+    def _live_bus(self) -> RedisBus:
+        """_live_bus is this process's bus. A Publisher made before a fork (Celery's
+        prefork pool, gunicorn --preload) gets a bus of its own in the child on first use:
+        threads and sockets do not survive a fork, and what the parent had buffered is the
+        parent's to send."""
+        if self._pid != os.getpid():
+            self._finalizer.detach()
+            self._start_bus()
+        return self._bus
+
     @property
     def bus(self) -> RedisBus:
         """bus is the RedisBus underneath (its ``stats`` count what was sent and refused)."""
-        return self._bus
+        return self._live_bus()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """wait_ready waits until both Redis links are up; False on timeout."""
-        return self._bus.wait_ready(timeout)
+        return self._live_bus().wait_ready(timeout)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -195,12 +213,12 @@ class Publisher:
     def _paced(
         self, envelope: Envelope, spread: float | None, rate: float | None, pace_id: str | None
     ) -> Envelope:
-        return paced_envelope(envelope, spread, rate, pace_id, self._bus.node_count)
+        return paced_envelope(envelope, spread, rate, pace_id, self._live_bus().node_count)
 
     def _publish(self, envelope: Envelope) -> None:
         if self._closed:
             raise BusUnavailable("Publisher is closed")
-        self._bus.publish(envelope)
+        self._live_bus().publish(envelope)
 
     # -- presence and kick ------------------------------------------------------------------
 
@@ -215,7 +233,7 @@ class Publisher:
         """
         tag = self._user_ids.tag(user)
         self._ready_for_answers(timeout)
-        return ask_online(self._bus, tag, timeout) if tag else 0
+        return ask_online(self._live_bus(), tag, timeout) if tag else 0
 
     def disconnect_user(
         self,
@@ -238,12 +256,12 @@ class Publisher:
         """
         tag = self._user_ids.tag(user)
         self._ready_for_answers(timeout)
-        return ask_kick(self._bus, tag, code, reason, timeout) if tag else 0
+        return ask_kick(self._live_bus(), tag, code, reason, timeout) if tag else 0
 
     def _ready_for_answers(self, timeout: float) -> None:
         if self._closed:
             raise BusUnavailable("Publisher is closed")
-        if not self._bus.wait_ready(timeout):
+        if not self._live_bus().wait_ready(timeout):
             raise BusUnavailable(f"Publisher: Redis did not answer within {timeout:g} s")
 
     # -- asyncio ----------------------------------------------------------------------------
@@ -294,7 +312,7 @@ class Publisher:
             BusUnavailable: some of it is still waiting after timeout seconds (Redis down);
                 it stays buffered.
         """
-        left = self._bus.flush(timeout)
+        left = self._live_bus().flush(timeout)
         if left:
             raise BusUnavailable(f"Publisher: {left} messages not sent to Redis in {timeout:g} s")
 
@@ -310,6 +328,8 @@ class Publisher:
             return
         self._closed = True
         self._finalizer.detach()
+        if self._pid != os.getpid():
+            return  # forked and never used here: nothing of this process's to send
         lost = _close(self._bus, timeout)
         if lost:
             raise BusUnavailable(f"Publisher closed with {lost} messages not sent to Redis")
