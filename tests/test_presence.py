@@ -13,6 +13,7 @@ import os
 import struct
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lowmemws import BusUnavailable, Gateway, PresenceTimeout, Publisher, RedisB
 from tests.support import waiting
 from tests.support.redis_server import RedisServer
 from tests.support.servers import ServerProcess, StartServer
+from tests.test_bus import fork_worker, reap, results  # noqa: F401 - reap is a fixture
 
 DEADLINE = 20.0  # bounds every wait; not a performance figure
 QUERY_TIMEOUT = 5.0
@@ -306,3 +308,35 @@ def test_a_publisher_made_before_a_fork_works_in_the_child(redis_server: RedisSe
             publisher.send_to_user("alice", "from the parent")  # the parent's bus still works
             assert client.recv() == "from the parent"
         client.close()
+
+
+def test_a_dead_worker_is_answered_for_by_the_parent(reap: list[int]) -> None:  # noqa: F811
+    from lowmemws import ProcessBus
+    from lowmemws._bus_base import QUERY_KINDS, Envelope, Query, query_envelope
+    from lowmemws._queries import new_query_id
+
+    def answering_worker(bus: ProcessBus) -> object:  # holds 5 connections of every user
+        done = threading.Event()
+
+        def deliver(envelope: Envelope) -> None:
+            if envelope.kind in QUERY_KINDS:
+                bus.answer(Query.parse(envelope), 5)
+            elif envelope.kind == "broadcast":
+                done.set()
+
+        bus.start(deliver)
+        return done.wait(DEADLINE)
+
+    bus = ProcessBus(workers=2)
+    alive = fork_worker(bus, 0, answering_worker)
+    dead = fork_worker(bus, 1, lambda bus: None)  # exits at once: its slot is dead
+    reap.extend([alive[0], dead[0]])
+    bus.attach_parent()
+    assert results([dead]) == [None]
+    wait_until(lambda: bus.stats.disconnects == 1, "the parent to see worker 1 gone")
+    envelope = query_envelope("online", 7, new_query_id(), bytes(16))
+    tally = bus.ask(envelope, QUERY_TIMEOUT)
+    assert (tally.count, tally.answered, tally.expected) == (5, 2, 2)  # 5 + the dead one's 0
+    bus.publish(Envelope.for_all("done"))
+    assert results([alive]) == [True]
+    bus.close()

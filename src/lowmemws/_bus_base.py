@@ -527,6 +527,13 @@ def query_envelope(
     return Envelope(kind, tag, OPCODE_BINARY, payload)
 
 
+def is_encoded_query(data: bytes) -> bool:
+    """is_encoded_query tells from its first two bytes whether an encoded envelope is a
+    presence query (so a relay need not decode every envelope to find them)."""
+    kinds = {_KINDS.index(kind) for kind in QUERY_KINDS}
+    return len(data) > 1 and data[0] == _WIRE_VERSION_PACED and data[1] in kinds
+
+
 def answer_envelope(query_id: int, count: int) -> Envelope:
     """answer_envelope is one node's answer to query_id: its count."""
     return Envelope("answer", query_id, OPCODE_BINARY, _COUNT.pack(count))
