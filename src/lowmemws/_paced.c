@@ -32,7 +32,6 @@
  * send_to_user). Cancelling a send (by its id) or closing the server (lmw_close_all)
  * drops the remainder: the members still ahead of the cursor are counted, never sent to.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -130,6 +129,12 @@ static uint64_t members_ahead(lmw_server *s, const lmw_paced *p) {
     return n;
 }
 
+/* round_up is the smallest whole number at or above x (0 <= x < 2^64), without libm. */
+static uint64_t round_up(double x) {
+    uint64_t whole = (uint64_t)x;
+    return whole + ((double)whole < x);
+}
+
 /* step_of is the time between two steps of a send reaching per_s members a second: one
  * member's time when that is longer than PACE_STEP_MS (at most a second), else
  * PACE_STEP_MS. Each step costs a wake-up of the loop, whose caches the rest of the machine
@@ -160,7 +165,7 @@ static uint64_t quota(const lmw_paced *p, uint64_t now) {
         due = p->rate * horizon_us / SECOND_US;
         if (!(p->rate > 0) || !(due < 1e19)) return UINT64_MAX; /* no pace, enormous rates */
     }
-    return (uint64_t)ceil(due - 1e-6); /* a float's rounding never adds a member */
+    return due > 1e-6 ? round_up(due - 1e-6) : 0; /* a float's rounding never adds a member */
 }
 
 /* run sends to members from the cursor on until the quota is met or the scan ends;
@@ -242,7 +247,7 @@ int lmw__paced_wait_ms(const lmw_server *s) {
         int m = 0; /* not started: at the next turn */
         if (p->start_us) {
             double next_us = (double)p->start_us + (double)steps_begun(p, now) * p->step_us;
-            m = (int)ceil((next_us - (double)now) / 1000.0);
+            m = next_us > (double)now ? (int)round_up((next_us - (double)now) / 1000.0) : 0;
         }
         if (wait < 0 || m < wait) wait = m;
     }
