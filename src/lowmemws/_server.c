@@ -377,7 +377,7 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         lmw_event *e = lmw__push_event(s);
         if (e) e->type = LMW_EV_WAKE;
     }
-    if (s->now != s->last_sweep) { /* every tick: pings spread, deadlines within 100 ms */
+    if (s->now != s->last_sweep) { /* at most once a tick: pings spread, deadlines kept */
         s->last_sweep = s->now;
         sweep(s);
     }
