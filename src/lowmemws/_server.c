@@ -370,7 +370,8 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         uint64_t stepped = monotonic_us();
         away = stepped - step;
         clock_to(s, stepped, past_grace(away));
-        if (!step_before(s, until)) break; /* the caller's turn now, on this wake-up */
+        if (s->nev || s->nclosed || !step_before(s, until))
+            break; /* the caller's turn now, on this wake-up: its events, or its timeout */
     }
     if (s->wake_pending) {
         s->wake_pending = 0;
