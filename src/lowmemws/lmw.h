@@ -388,7 +388,10 @@ void lmw_listen_stop(lmw_server *s);
  * until the next call). At most max UPGRADE/HTTP/MESSAGE events are made per call (the
  * rest of the input waits, parsed on the next call); CLOSED and WAKE events are never
  * held back. It first releases what the previous call lent, and answers an upgrade or
- * HTTP request that Python left unanswered with 500. */
+ * HTTP request that Python left unanswered with 500. The steps of paced sends are taken
+ * within the wait, without returning; when the next step would fall after timeout_ms the
+ * call returns at the last one before it (a little early), so the caller's turn shares
+ * that wake-up. */
 int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max);
 
 /* lmw_wake makes a concurrent or the next lmw_poll return LMW_EV_WAKE. Thread-safe. */
