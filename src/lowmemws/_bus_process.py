@@ -53,7 +53,19 @@ import struct
 import threading
 from collections import deque
 
-from ._bus_base import BusBase, BusStats, Deliver, Envelope, ReadWaiter, log, read_holding
+from ._bus_base import (
+    QUERY_KINDS,
+    BusBase,
+    BusStats,
+    Deliver,
+    Envelope,
+    Query,
+    ReadWaiter,
+    answer_envelope,
+    is_encoded_query,
+    log,
+    read_holding,
+)
 from ._history import History, MemoryStore, ReadResult, stored_entry
 from .errors import BusUnavailable
 
@@ -335,6 +347,16 @@ class ProcessBus(BusBase):
             raise BusUnavailable("ProcessBus.history_read: the parent did not answer")
         return _decode_read(reply)
 
+    def answer(self, query: Query, count: int) -> None:
+        """answer sends this worker's count to every process (through the parent, like a
+        publish); the asker is the one waiting for that query id, the others ignore it."""
+        if not query.query_id:
+            return
+        try:
+            self.publish(answer_envelope(query.query_id, count))
+        except BusUnavailable as exc:
+            log.warning("lowmemws ProcessBus: could not answer a presence query: %s", exc)
+
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""
         with self._lock:
@@ -428,11 +450,13 @@ class ProcessBus(BusBase):
             if origin is not None:
                 self._answer_read(origin, data)
             return
+        dead = 0
         with self._lock:
             if self._store is not None:
                 data = self._stamp(data)
             for slot in self._slots:
                 if not slot.alive:
+                    dead += 1
                     continue
                 if slot.queued_bytes + len(data) > self._max_queued:
                     self.stats.add("dropped")
@@ -443,8 +467,26 @@ class ProcessBus(BusBase):
                 self.stats.add("buffered_bytes", len(data))
             self._lock.notify_all()
         self.stats.add("relayed")
-        if self._deliver is not None:
+        if self._deliver is not None or self.queries.waiting:  # answers to the parent's queries
             self._deliver_encoded(data)
+        if dead and is_encoded_query(data):
+            self._answer_for_the_dead(data, dead)
+
+    def _answer_for_the_dead(self, data: bytes, dead: int) -> None:
+        """A presence query reaches no worker that is dead (until it is forked again), and
+        a dead worker holds no connection: the parent answers 0 for each, so the asker does
+        not wait for them until its timeout."""
+        try:
+            envelope = Envelope.decode(data)
+        except ValueError:
+            return
+        if envelope.kind not in QUERY_KINDS:
+            return
+        query = Query.parse(envelope)
+        if query.query_id:
+            answer = answer_envelope(query.query_id, 0).encode()
+            for _ in range(dead):
+                self._relay(answer)
 
     def _stamp(self, data: bytes) -> bytes:
         """The envelope in data stored in its stream, with its position (as it was when it

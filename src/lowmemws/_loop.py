@@ -330,20 +330,21 @@ class EventLoop:
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
         resume = decision.resume if self.resumer is not None else None
         later = resume or {}  # streams joined once replayed (see _resume)
-        user_deferred = f"u:{decision.user}" in later
         try:  # before the 101: a publish the client sees it for reaches it
+            tag = server.user_ids.tag(decision.user)
             for topic in decision.topics:  # (nothing is sent to it before the 101)
                 if "t:" + topic not in later:
                     server.subscribe(fd, gen, topic)
         except Exception:  # a topic that is not a str: answered like a hook that raised
             server.reject(fd, gen, 500)
             raise
-        if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else decision.user):
+        user_deferred = tag != 0 and f"u:{tag}" in later
+        if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else tag):
             return
         if resume is not None and self.resumer is not None:
-            streams = joined_streams(decision, resume)
+            streams = joined_streams(decision.topics, tag, resume)
             topics = frozenset(decision.topics)
-            self.resumer.submit(ResumeJob(fd, gen, streams, topics, decision.user, user_deferred))
+            self.resumer.submit(ResumeJob(fd, gen, streams, topics, tag, user_deferred))
         hook = self._hooks.open
         if hook is None:
             return

@@ -41,7 +41,6 @@ from ._history import History, ReadResult
 from ._wire_envelope import SYNCED_FRAME, ResumeRequest, message_frame, outcome_frame
 from .connection import SendResult
 from .errors import BusUnavailable
-from .handshake import Accept
 
 __all__ = ["Resumer", "ResumeJob"]
 
@@ -51,18 +50,18 @@ _STRIPES = 64  # locks shared by all streams: constant memory, little contention
 
 
 def joined_streams(
-    accept: Accept, positions: ResumeRequest | None
+    topics: tuple[str, ...], user_tag: int, positions: ResumeRequest | None
 ) -> dict[str, tuple[str, int] | None]:
-    """joined_streams: for a client that resumes, every stream its Accept joins (topics,
-    user) with the position it named, None for those it did not name, plus the other
-    streams it named. The unnamed ones are joined at once (nothing to replay) and the
-    client is told their position (a baseline for its next resume); the named ones are
-    joined once replayed."""
+    """joined_streams: for a client that resumes, every stream its Accept joins (its
+    topics, its user tag's stream) with the position it named, None for those it did not
+    name, plus the other streams it named. The unnamed ones are joined at once (nothing to
+    replay) and the client is told their position (a baseline for its next resume); the
+    named ones are joined once replayed."""
     if positions is None:
         return {}
-    streams: dict[str, tuple[str, int] | None] = {f"t:{topic}": None for topic in accept.topics}
-    if accept.user:
-        streams[f"u:{accept.user}"] = None
+    streams: dict[str, tuple[str, int] | None] = {f"t:{topic}": None for topic in topics}
+    if user_tag:
+        streams[f"u:{user_tag}"] = None
     streams.update(positions)
     return streams
 
@@ -72,8 +71,8 @@ class ResumeJob:
     """ResumeJob is one connection waiting for its replay.
 
     ``topics`` are the topics it may resume and will join (those of ``positions`` are not
-    subscribed yet); ``user`` its user tag, set once its user stream is replayed when
-    ``user_deferred``.
+    subscribed yet); ``user`` its user tag (the slot's 64-bit tag, as in "u:<tag>"), set once
+    its user stream is replayed when ``user_deferred``.
     """
 
     fd: int

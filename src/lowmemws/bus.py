@@ -19,6 +19,7 @@ import threading
 from ._bus_base import (
     OPCODE_BINARY,
     OPCODE_TEXT,
+    QUERY_KINDS,
     Bus,
     BusBase,
     BusStats,
@@ -34,6 +35,8 @@ from ._history import History, MemoryStore, ReadResult, stored_entry
 from .errors import BusUnavailable
 
 __all__ = [
+    "QUERY_KINDS",
+    "BusBase",
     "OPCODE_BINARY",
     "OPCODE_TEXT",
     "Bus",
