@@ -364,3 +364,30 @@ def test_processbus_history_outlives_crashed_workers(
             assert client.connects == 2
 
     asyncio.run(scenario())
+
+
+def test_a_publisher_with_history_stores_what_a_reconnecting_client_resumes(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    from lowmemws import History, Publisher
+
+    node = redis_nodes()
+
+    async def scenario() -> None:
+        with Publisher(redis_server.url, history=History()) as backend:
+            assert backend.wait_ready(DEADLINE)
+            async with subscriber(node, 5, "mail") as client:
+                await asyncio.wait_for(client.synced.wait(), DEADLINE)
+                backend.publish("mail", "first")
+                assert await deliveries(client, 1) == [("t:mail", "first")]
+                client.drop_link()
+                await asyncio.sleep(0.05)
+                for n in range(3):
+                    backend.publish("mail", f"away {n}")
+                backend.send_to_user(5, "for you")
+                got = await deliveries(client, 4)
+                assert [d for s, d in got if s == "t:mail"] == [f"away {n}" for n in range(3)]
+                assert ("u:5", "for you") in got
+                assert client.connects == 2
+
+    asyncio.run(scenario())

@@ -327,7 +327,7 @@ class RedisBus(BusBase):
         """With history: store and publish in one script, now; every node delivers it from
         the channel (this one too), so it returns 0."""
         assert self._history is not None
-        if self._deliver is None or self._closing.is_set():
+        if not self._threads or self._closing.is_set():  # a Publisher's bus has no deliver
             self.stats.add("refused")
             raise BusUnavailable("RedisBus is not started or is closed")
         try:
