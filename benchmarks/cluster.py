@@ -17,7 +17,8 @@ Each row reports, from the kernel's CPU accounting of every thread (schedstat, n
 - CPU node 0 spends per message for users on OTHER nodes (phase A: MESSAGES such messages);
 - CPU per message summed over the nodes and the most any node spends, for MESSAGES
   messages to users chosen uniformly over the deployment (phase B), and from it the
-  cluster-wide rate at which the busiest node would fill one core.
+  cluster-wide rate at which the busiest node would fill one core; redis-server's CPU per
+  message in the same phase (receiving the SPUBLISH and sending it to the subscribers).
 
 Usage: python benchmarks/cluster.py [--nodes 4] [--users 1500] [--messages 20000]
        [--main-src /tmp/route-main/src] [--json FILE]
@@ -230,7 +231,9 @@ def run_row(name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path)
         unserved_before = unserved(nodes[0])
         a_cpu, a_seconds = measure(redis, pids, phase_a, channel_of, idle_ms)
         received = unserved(nodes[0]) - unserved_before
+        redis_before = cpu_ns(redis.process.pid)
         b_cpu, b_seconds = measure(redis, pids, phase_b, channel_of, idle_ms)
+        redis_ns = cpu_ns(redis.process.pid) - redis_before
         per_message_b = [ns / args.messages for ns in b_cpu]
         busiest = max(per_message_b)
         subscriptions = len(redis.client.execute_command("PUBSUB", "SHARDCHANNELS"))
@@ -249,6 +252,7 @@ def run_row(name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path)
             "cluster_us_per_message_busiest": round(busiest / 1000, 3),
             "cluster_rate_one_core_busiest": round(1e9 / busiest) if busiest else None,
             "phase_b_seconds": round(b_seconds, 2),
+            "redis_us_per_message": round(redis_ns / args.messages / 1000, 3),
             "channels_with_subscribers": subscriptions,
         }
     finally:
