@@ -63,7 +63,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from ._bus_base import BusBase, Deliver, Envelope, log
-from ._redis_link import SubscriberLink
+from ._redis_link import SubscriberLink, wait_links
 from ._routing import CHANNEL_PREFIX, Interest, control_channel, route, wanted_channels
 from .errors import BusUnavailable
 
@@ -87,9 +87,10 @@ class RedisBus(BusBase):
     Create it in the process that uses it (after any fork: its threads and sockets do not
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
     up and subscribed. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the
-    server's version. ``keepalive`` is the longest silence on a link before it is checked;
-    ``unsubscribe_grace`` how long an empty partition stays subscribed. See the module
-    docstring for routing, liveness and what happens during an outage.
+    server's version; ``cluster`` uses a Redis Cluster client (True) or a single-server one
+    (False); None asks the server (``INFO cluster``). ``keepalive`` is the longest silence
+    on a link before it is checked; ``unsubscribe_grace`` how long an empty partition stays
+    subscribed. See the module docstring for routing, liveness and what happens during an outage.
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
@@ -106,6 +107,7 @@ class RedisBus(BusBase):
         max_buffered: int = 10000,
         max_buffered_bytes: int = 16 * _MiB,
         sharded: bool | None = None,
+        cluster: bool | None = None,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
         flush_grace: float = 6.0,
@@ -139,6 +141,7 @@ class RedisBus(BusBase):
         self._max_buffered = max_buffered
         self._max_bytes = max_buffered_bytes
         self._sharded = sharded
+        self._cluster = cluster
         self._backoff = (backoff_base, backoff_cap)
         self._flush_grace = flush_grace
         self._socket_timeout = socket_timeout
@@ -158,7 +161,8 @@ class RedisBus(BusBase):
         self._threads: list[threading.Thread] = []
         self._interest: Interest | None = None
         self._wake_r = self._wake_w = -1
-        self._link: SubscriberLink | None = None
+        self._links: dict[str, SubscriberLink] = {}  # by shard; "server" on one server
+        self._unready: set[str] = set()  # links whose subscribes are not all answered yet
         self._leaving: dict[str, float] = {}  # channel -> when it is unsubscribed
 
     @property
@@ -177,8 +181,8 @@ class RedisBus(BusBase):
     def subscribed(self) -> frozenset[str]:
         """subscribed is the set of channels the subscriber link holds now (empty while it is
         down), including those waiting out their unsubscribe grace."""
-        link = self._link
-        return frozenset(link.channels) if link is not None else frozenset()
+        links = list(self._links.values())
+        return frozenset().union(*(link.channels for link in links))
 
     def start(self, deliver: Deliver) -> None:
         """start connects in the background and begins delivering to ``deliver``.
@@ -274,9 +278,8 @@ class RedisBus(BusBase):
         return None
 
     def _writer_loop(self) -> None:
-        client = self._client()
         first = True
-        while self._connect(client, first):
+        while (client := self._connect(first)) is not None:
             self._pub_ready.set()
             if first:
                 self._learn_peers(client)
@@ -285,13 +288,14 @@ class RedisBus(BusBase):
             first = False
             try:
                 self._drain(client)
+                client.close()
                 break
             except self._errors as exc:
                 self._link_lost("publish", exc)
                 self._pub_ready.clear()
+                _quietly(client.close)
         self._pub_ready.clear()
         self._drop_leftovers()
-        client.close()
 
     def _drain(self, client: Any) -> None:
         """Send the queue in batches until closing; raises when the link breaks."""
@@ -361,16 +365,16 @@ class RedisBus(BusBase):
             time.sleep(0.05)
 
     def _subscribers(self, client: Any, channels: list[str]) -> list[int]:
+        """Ask the shard of each channel how many links subscribe to it."""
         sub = "SHARDNUMSUB" if self._sharded else "NUMSUB"
-        reply = client.execute_command("PUBSUB", sub, *channels)
-        if isinstance(reply, dict):  # RESP3
-            return [int(reply.get(ch.encode(), reply.get(ch)) or 0) for ch in channels]
-        flat = (
-            list(itertools.chain.from_iterable(reply))
-            if reply and isinstance(reply[0], tuple)
-            else reply
-        )
-        return [int(n) for n in flat[1::2]]
+        if not self._cluster:
+            return _numsub(client.execute_command("PUBSUB", sub, *channels), channels)
+        counts = []
+        for channel in channels:  # a cluster answers for the channels of one shard at a time
+            node = client.get_node_from_key(channel)
+            reply = client.execute_command("PUBSUB", sub, channel, target_nodes=node)
+            counts += _numsub(reply, [channel])
+        return counts
 
     def _drop_leftovers(self) -> None:
         with self._cond:
@@ -387,57 +391,84 @@ class RedisBus(BusBase):
 
     def _subscriber_loop(self) -> None:
         first = True
-        while not self._closing.is_set():
-            client = self._client()
-            if not self._connect(client, first):
-                client.close()
-                break
+        while (client := self._connect(first)) is not None:
             first = False
-            connection = None
+            links: dict[str, SubscriberLink] = {}
             try:
-                connection = client.connection_pool.make_connection()
-                connection.connect()
-                self._listen(connection)
+                self._listen(client, links)
             except self._errors as exc:
                 self._link_lost("subscribe", exc)
             finally:
                 self._sub_ready.clear()
-                self._link = None
-                if connection is not None:
-                    _quietly(connection.disconnect)
+                self._links = {}
+                for link in links.values():
+                    _quietly(link.close)
                 _quietly(client.close)
 
-    def _listen(self, connection: Any) -> None:
+    def _listen(self, client: Any, links: dict[str, SubscriberLink]) -> None:
+        """Hold one link per shard that owns a wanted channel (one link on a single server)
+        until closing; raises when a link breaks, and the caller starts over."""
+        self._leaving.clear()
+        self._unready.clear()
+        self._links = links
+        self._follow_interest(client, links)
+        while not self._closing.is_set():
+            soonest = min(self._leaving.values(), default=time.monotonic() + self._keepalive)
+            timeout = max(0.0, soonest - time.monotonic())
+            if wait_links(list(links.values()), timeout, self._wake_r):
+                _drain_pipe(self._wake_r)
+                self._follow_interest(client, links)
+            self._leave_expired(links)
+
+    def _follow_interest(self, client: Any, links: dict[str, SubscriberLink]) -> None:
+        """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
+        wanted = wanted_channels(self._interest, self._prefix)
+        held: set[str] = set().union(*(link.channels for link in links.values()))
+        by_link: dict[str, list[str]] = {}
+        for channel in wanted - held:
+            by_link.setdefault(self._shard_of(client, channel), []).append(channel)
+        for name, channels in by_link.items():
+            link = links.get(name) or self._open_link(client, name, links)
+            link.subscribe(channels)
+            link.mark()
+            self._unready.add(name)
+        for channel in wanted:
+            self._leaving.pop(channel, None)
+        leave_at = time.monotonic() + self._unsubscribe_grace
+        for channel in held - wanted:
+            self._leaving.setdefault(channel, leave_at)
+
+    def _shard_of(self, client: Any, channel: str) -> str:
+        """The name of the link a channel is subscribed on: its shard's master."""
+        if not self._cluster:
+            return "server"
+        return str(client.get_node_from_key(channel).name)
+
+    def _open_link(self, client: Any, name: str, links: dict[str, SubscriberLink]) -> Any:
+        if self._cluster:
+            pool = client.get_node(node_name=name).redis_connection.connection_pool
+        else:
+            pool = client.connection_pool
+        connection = pool.make_connection()
+        connection.connect()
         link = SubscriberLink(
             connection,
             bool(self._sharded),
             self._receive,
             keepalive=self._keepalive,
             reply_timeout=self._socket_timeout,
+            one_per_command=bool(self._cluster),
         )
-        link.on_ready = self._sub_ready.set
-        self._leaving.clear()
-        self._link = link
-        self._follow_interest(link)
-        link.mark()
-        while not self._closing.is_set():
-            timeout = min(self._leaving.values(), default=time.monotonic() + self._keepalive)
-            if link.wait(max(0.0, timeout - time.monotonic()), self._wake_r):
-                _drain_pipe(self._wake_r)
-                self._follow_interest(link)
-            self._leave_expired(link)
+        link.on_ready = lambda: self._link_ready(name)
+        links[name] = link
+        return link
 
-    def _follow_interest(self, link: SubscriberLink) -> None:
-        """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
-        wanted = wanted_channels(self._interest, self._prefix)
-        link.subscribe(wanted - link.channels)
-        for channel in wanted:
-            self._leaving.pop(channel, None)
-        leave_at = time.monotonic() + self._unsubscribe_grace
-        for channel in link.channels - wanted:
-            self._leaving.setdefault(channel, leave_at)
+    def _link_ready(self, name: str) -> None:
+        self._unready.discard(name)
+        if not self._unready:
+            self._sub_ready.set()
 
-    def _leave_expired(self, link: SubscriberLink) -> None:
+    def _leave_expired(self, links: dict[str, SubscriberLink]) -> None:
         now = time.monotonic()
         expired = [channel for channel, at in self._leaving.items() if at <= now]
         if not expired:
@@ -446,7 +477,8 @@ class RedisBus(BusBase):
             del self._leaving[channel]
             # the origins' numbering on that channel restarts when it is subscribed again
             self._last_seq.pop(channel.encode(), None)
-        link.unsubscribe(expired)
+        for link in links.values():
+            link.unsubscribe(expired)  # each drops the ones it holds
 
     def _receive(self, channel: bytes, data: bytes) -> None:
         if len(data) < _HEADER.size:
@@ -504,18 +536,28 @@ class RedisBus(BusBase):
             except BlockingIOError:
                 pass  # a wake-up is pending already
 
-    def _client(self, **extra: Any) -> Any:
-        return self._redis.Redis.from_url(self._url, **self._client_options, **extra)
+    def _client(self) -> Any:
+        if self._cluster:
+            return self._redis.RedisCluster.from_url(self._url, **self._client_options)
+        return self._redis.Redis.from_url(self._url, **self._client_options)
 
-    def _connect(self, client: Any, first: bool) -> bool:
-        """Ping until the server answers (backoff with jitter); False once closing."""
+    def _connect(self, first: bool) -> Any | None:
+        """A client that answered PING (retried with backoff and jitter); None once closing.
+        The first answer tells the mode: sharded pub/sub or not, a cluster or one server."""
         for attempt in itertools.count():
             if self._closing.is_set():
-                return False
+                return None
+            client = None
             try:
+                client = self._client()
                 client.ping()
-                self._detect_mode(client)
+                if self._detect_mode(client):
+                    client.close()  # it was a single-server client: the server is a cluster
+                    client = self._client()
+                    client.ping()
             except self._errors:
+                if client is not None:
+                    _quietly(client.close)
                 base, cap = self._backoff
                 delay = min(cap, base * 2**attempt)
                 self._closing.wait(random.uniform(delay / 2, delay))
@@ -523,20 +565,37 @@ class RedisBus(BusBase):
             if not first:
                 self.stats.add("reconnects")
                 log.info("lowmemws RedisBus: reconnected (%d attempts)", attempt + 1)
-            return True
-        return False  # pragma: no cover - the loop above never ends by itself
+            return client
+        return None  # pragma: no cover - the loop above never ends by itself
 
-    def _detect_mode(self, client: Any) -> None:
+    def _detect_mode(self, client: Any) -> bool:
+        """Learn sharded and cluster from the server; True when cluster was just learned."""
         with self._mode_lock:
             if self._sharded is None:
                 version = str(client.info("server").get("redis_version", "0"))
                 self._sharded = int(version.split(".")[0]) >= 7
+            if self._cluster is None:
+                self._cluster = bool(client.info("cluster").get("cluster_enabled", 0))
+                return self._cluster
+            return False
 
     def _link_lost(self, link: str, exc: BaseException) -> None:
         if self._closing.is_set():
             return
         self.stats.add("disconnects")
         log.warning("lowmemws RedisBus: %s link lost: %s", link, exc)
+
+
+def _numsub(reply: Any, channels: list[str]) -> list[int]:
+    """The counts of a PUBSUB (SHARD)NUMSUB reply, in the order of channels."""
+    if isinstance(reply, dict):  # RESP3, or a cluster client's answer
+        return [int(reply.get(ch.encode(), reply.get(ch)) or 0) for ch in channels]
+    flat = (
+        list(itertools.chain.from_iterable(reply))
+        if reply and isinstance(reply[0], tuple)
+        else reply
+    )
+    return [int(n) for n in flat[1::2]]
 
 
 def _drain_pipe(fd: int) -> None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["LinkDead", "SubscriberLink"]
+__all__ = ["LinkDead", "SubscriberLink", "wait_links"]
 
 _RECV_BYTES = 256 * 1024
 _READY_TOKEN = b"lowmemws-ready"
@@ -41,8 +41,12 @@ class SubscriberLink:
     """SubscriberLink is one subscribed connection (see the module docstring).
 
     ``connection`` is a connected redis-py Connection; ``sharded`` chooses SSUBSCRIBE (True)
-    or SUBSCRIBE. `on_ready` runs once every command sent before the last `mark` has been
-    answered (the subscriptions are in place).
+    or SUBSCRIBE; ``one_per_command`` sends one channel per command (a cluster refuses
+    channels of different slots in one SSUBSCRIBE). `on_ready` runs once every command sent
+    before the last `mark` has been answered (the subscriptions are in place). An
+    unsubscribe the server sends by itself (its slot moved to another shard, or the shard
+    became a replica) ends the link (`LinkDead`): the bus then rebuilds its links from the
+    cluster's new slot map.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class SubscriberLink:
         *,
         keepalive: float,
         reply_timeout: float,
+        one_per_command: bool = False,
     ) -> None:
         import hiredis
 
@@ -66,6 +71,8 @@ class SubscriberLink:
         self._heard = time.monotonic()
         self._ping_deadline: float | None = None
         self._marks = 0
+        self._one_per_command = one_per_command
+        self._leaving: set[bytes] = set()  # our own unsubscribes not yet confirmed
         self.on_ready: Callable[[], None] = lambda: None
         self.channels: set[str] = set()
 
@@ -79,6 +86,7 @@ class SubscriberLink:
         """unsubscribe drops channels (those subscribed)."""
         gone = sorted(self.channels.intersection(channels))
         self.channels.difference_update(gone)
+        self._leaving.update(channel.encode() for channel in gone)
         self._send_batches("SUNSUBSCRIBE" if self._sharded else "UNSUBSCRIBE", gone)
 
     def mark(self) -> None:
@@ -86,24 +94,17 @@ class SubscriberLink:
         self._marks += 1
         self._send(("PING", _READY_TOKEN))
 
-    def wait(self, timeout: float, wake_fd: int) -> bool:
-        """wait blocks until the socket or wake_fd is readable, a keepalive is due, or
-        timeout; handles what arrived. Returns True when wake_fd is readable.
+    def due(self) -> float:
+        """due is when this link next needs attention (a keepalive PING, a PONG deadline)."""
+        return self._ping_deadline or self._heard + self._keepalive
 
-        Raises:
-            LinkDead: the link closed or missed its PONG deadline.
-            OSError: the socket failed.
-        """
-        now = time.monotonic()
-        due = self._ping_deadline or self._heard + self._keepalive
-        pending = getattr(self._sock, "pending", lambda: 0)()  # TLS: bytes already decrypted
-        wait = 0.0 if pending else max(0.0, min(timeout, due - now))
-        sock_fd = self._sock.fileno()
-        readable, _, _ = select.select([sock_fd, wake_fd], [], [], wait)
-        if sock_fd in readable or pending:
-            self._read()
-        self._keep_alive()
-        return wake_fd in readable
+    def pending(self) -> bool:
+        """pending: a TLS socket holds decrypted bytes select cannot see."""
+        return bool(getattr(self._sock, "pending", lambda: 0)())
+
+    def fileno(self) -> int:
+        """fileno is the socket's descriptor, for select."""
+        return self._sock.fileno()
 
     def close(self) -> None:
         """close disconnects (the server drops the subscriptions)."""
@@ -112,13 +113,21 @@ class SubscriberLink:
     # -- inside ------------------------------------------------------------------------------
 
     def _send_batches(self, command: str, channels: list[str]) -> None:
-        for start in range(0, len(channels), _SUBSCRIBE_BATCH):
-            self._send((command, *channels[start : start + _SUBSCRIBE_BATCH]))
+        step = 1 if self._one_per_command else _SUBSCRIBE_BATCH
+        commands = [(command, *channels[i : i + step]) for i in range(0, len(channels), step)]
+        if commands:
+            self._connection.send_packed_command(self._connection.pack_commands(commands), False)
 
     def _send(self, args: tuple[Any, ...]) -> None:
         self._connection.send_packed_command(self._connection.pack_command(*args), False)
 
-    def _read(self) -> None:
+    def read(self) -> None:
+        """read handles what the socket has: messages, confirmations, PONGs.
+
+        Raises:
+            LinkDead: the link closed, refused a command or lost a channel by itself.
+            OSError: the socket failed.
+        """
         data = self._sock.recv(_RECV_BYTES)
         if not data:
             raise LinkDead("the server closed the subscriber link")
@@ -132,6 +141,8 @@ class SubscriberLink:
                 on_message(reply[1], reply[2])
             elif isinstance(reply, Exception):
                 raise LinkDead(f"Redis refused a subscriber command: {reply}")
+            elif isinstance(reply, list) and reply[0] in (b"sunsubscribe", b"unsubscribe"):
+                self._confirm_leave(reply[1])
             elif reply == _READY_TOKEN or (
                 isinstance(reply, list) and reply[1:2] == [_READY_TOKEN]
             ):
@@ -140,7 +151,18 @@ class SubscriberLink:
                 if self._marks == 0:
                     self.on_ready()
 
-    def _keep_alive(self) -> None:
+    def _confirm_leave(self, channel: bytes | None) -> None:
+        if channel in self._leaving:
+            self._leaving.discard(channel)
+        elif channel is not None:
+            raise LinkDead(f"the server unsubscribed {channel!r} (slot moved?)")
+
+    def keep_alive(self) -> None:
+        """keep_alive PINGs a silent link and ends one that missed its PONG deadline.
+
+        Raises:
+            LinkDead: no PONG within the reply timeout.
+        """
         now = time.monotonic()
         if self._ping_deadline is not None:
             if now > self._ping_deadline:
@@ -148,3 +170,25 @@ class SubscriberLink:
         elif now - self._heard >= self._keepalive:
             self._send(("PING",))
             self._ping_deadline = now + self._reply_timeout
+
+
+def wait_links(links: list[SubscriberLink], timeout: float, wake_fd: int) -> bool:
+    """wait_links blocks until a link's socket or wake_fd is readable, a link needs a
+    keepalive, or timeout; handles what arrived on every link. Returns True when wake_fd is
+    readable.
+
+    Raises:
+        LinkDead: a link closed, refused a command, lost a channel or missed its PONG.
+        OSError: a socket failed.
+    """
+    now = time.monotonic()
+    soonest = min((link.due() for link in links), default=now + timeout)
+    ready_now = [link for link in links if link.pending()]
+    wait = 0.0 if ready_now else max(0.0, min(timeout, soonest - now))
+    fds = [link.fileno() for link in links]
+    readable, _, _ = select.select([*fds, wake_fd], [], [], wait)
+    for link, fd in zip(links, fds, strict=True):
+        if fd in readable or link in ready_now:
+            link.read()
+        link.keep_alive()
+    return wake_fd in readable
