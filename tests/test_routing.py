@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import websocket
 
-from lowmemws import Accept, Gateway, RedisBus
 from lowmemws._bus_base import Envelope
 from lowmemws._c_server import TopicIds
 from lowmemws._routing import (
@@ -30,10 +30,10 @@ from lowmemws._routing import (
     user_partition,
 )
 from tests.support import waiting
-from tests.support.redis_server import RedisServer
+from tests.support.gateway_nodes import DEADLINE, Node, same_partition_users, shard_subscribers
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer, require_redis
 
-DEADLINE = 20.0  # bounds every wait; not a performance figure
-GRACE = 0.2  # unsubscribe grace of the nodes here: short, so the tests see leaves
 PREFIX = "lowmemws:"
 
 wait_until = waiting.waiter(DEADLINE, interval=0.02)
@@ -83,37 +83,6 @@ def test_the_hubs_topic_ids_carry_the_topic_partition() -> None:
 # -- nodes ------------------------------------------------------------------------------------
 
 
-class Node:
-    """Node is a gateway in this process with its own RedisBus; clients pick their user
-    and topics in the query string (``?user=7&topics=a,b``)."""
-
-    def __init__(self, url: str, **options: Any) -> None:
-        options.setdefault("unsubscribe_grace", GRACE)
-        options.setdefault("backoff_cap", 0.3)
-        self.bus = RedisBus(url, **options)
-        self.gateway = Gateway("127.0.0.1", 0, bus=self.bus)
-        self.gateway.on_connect(self._accept)
-        self.gateway.start()
-        assert self.bus.wait_ready(DEADLINE)
-        self.clients: list[websocket.WebSocket] = []
-
-    @staticmethod
-    def _accept(request: Any) -> Accept:
-        topics = tuple(t for t in request.params.get("topics", "").split(",") if t)
-        return Accept(user=int(request.params.get("user", "0")), topics=topics)
-
-    def connect(self, user: int = 0, topics: str = "") -> websocket.WebSocket:
-        url = f"ws://127.0.0.1:{self.gateway.port}/?user={user}&topics={topics}"
-        client = websocket.create_connection(url, timeout=DEADLINE)
-        self.clients.append(client)
-        return client
-
-    def stop(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.gateway.stop(timeout=10)
-
-
 @pytest.fixture
 def start_node(redis_server: RedisServer) -> Iterator[Callable[..., Node]]:
     made: list[Node] = []
@@ -144,17 +113,6 @@ def subscribed(admin: Any) -> set[str]:
 
 def subscribers(admin: Any, channel: str) -> int:
     return int(admin.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
-
-
-def same_partition_users(count: int) -> list[int]:
-    """same_partition_users: count user tags that share one partition."""
-    by_partition: dict[int, list[int]] = {}
-    for tag in range(1, 100 * PARTITIONS):
-        found = by_partition.setdefault(user_partition(tag), [])
-        found.append(tag)
-        if len(found) == count:
-            return found
-    raise AssertionError("no partition with enough users")  # pragma: no cover
 
 
 def test_a_node_subscribes_on_a_partitions_first_member_and_leaves_after_its_last(
@@ -218,15 +176,48 @@ def test_a_restarted_node_subscribes_to_what_its_new_members_need(
     assert client.recv() == "hello"
 
 
+@pytest.fixture(params=["server", "cluster"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """deployment is (url, admin client) of a single redis-server or of a 3-master Redis
+    Cluster: the cross-node tests run on both."""
+    import redis
+
+    if request.param == "server":
+        server: RedisServer | RedisCluster = RedisServer(require_redis(), tmp_path)
+    else:
+        server = RedisCluster(tmp_path)
+    server.start()
+    admin = (redis.RedisCluster if request.param == "cluster" else redis.Redis).from_url(server.url)
+    try:
+        yield server.url, admin
+    finally:
+        admin.close()
+        server.kill() if isinstance(server, RedisServer) else server.stop()
+
+
 def test_three_nodes_with_users_on_several_nodes_get_every_message_once(
-    start_node: Callable[..., Node], admin: Any
+    deployment: tuple[str, Any],
 ) -> None:
-    a, b, c = start_node(), start_node(), start_node()
+    url, admin = deployment
+    nodes = [Node(url) for _ in range(3)]
+    try:
+        three_nodes_exchange(nodes, admin)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def three_nodes_exchange(nodes: list[Node], admin: Any) -> None:
+    a, b, c = nodes
     one_a, one_b = a.connect(user=1, topics="news"), b.connect(user=1)
     two_c = c.connect(user=2, topics="news")
-    wait_until(lambda: subscribers(admin, channel_for("user", 1)) == 2, "user 1's nodes")
-    wait_until(lambda: subscribers(admin, channel_for("topic", "news")) == 2, "news's nodes")
-    wait_until(lambda: subscribers(admin, channel_for("user", 2)) == 1, "user 2's node")
+
+    def count(kind: str, key: str | int) -> int:
+        return shard_subscribers(admin, channel_for(kind, key))
+
+    wait_until(lambda: count("user", 1) == 2, "user 1's nodes")
+    wait_until(lambda: count("topic", "news") == 2, "news's nodes")
+    wait_until(lambda: count("user", 2) == 1, "user 2's node")
 
     c.gateway.send_to_user(1, "to one")
     assert one_a.recv() == one_b.recv() == "to one"
@@ -237,7 +228,7 @@ def test_three_nodes_with_users_on_several_nodes_get_every_message_once(
     b.gateway.broadcast("everyone")
     assert [x.recv() for x in (one_a, one_b, two_c)] == ["everyone"] * 3
     fence = b.connect(user=3)
-    wait_until(lambda: subscribers(admin, channel_for("user", 3)) == 1, "user 3's node")
+    wait_until(lambda: count("user", 3) == 1, "user 3's node")
     c.gateway.send_to_user(3, "fence")
     assert fence.recv() == "fence"
     for client in (one_a, one_b, two_c):

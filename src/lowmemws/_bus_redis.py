@@ -551,8 +551,9 @@ class RedisBus(BusBase):
             try:
                 client = self._client()
                 client.ping()
-                if self._detect_mode(client):
-                    client.close()  # it was a single-server client: the server is a cluster
+                self._detect_mode(client)
+                if self._cluster != isinstance(client, self._redis.RedisCluster):
+                    client.close()  # made before the mode was known: the server is a cluster
                     client = self._client()
                     client.ping()
             except self._errors:
@@ -568,16 +569,14 @@ class RedisBus(BusBase):
             return client
         return None  # pragma: no cover - the loop above never ends by itself
 
-    def _detect_mode(self, client: Any) -> bool:
-        """Learn sharded and cluster from the server; True when cluster was just learned."""
+    def _detect_mode(self, client: Any) -> None:
+        """Learn sharded and cluster from the server (once)."""
         with self._mode_lock:
             if self._sharded is None:
                 version = str(client.info("server").get("redis_version", "0"))
                 self._sharded = int(version.split(".")[0]) >= 7
             if self._cluster is None:
                 self._cluster = bool(client.info("cluster").get("cluster_enabled", 0))
-                return self._cluster
-            return False
 
     def _link_lost(self, link: str, exc: BaseException) -> None:
         if self._closing.is_set():

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 from .ci import skip_or_fail
 from .redis_server import require_redis
-from .servers import free_port
 from .waiting import wait_until
 
 MASTERS = 3
@@ -32,6 +32,20 @@ def require_redis_cli() -> str:
     return binary
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """distinct_free_ports returns count different loopback ports free a moment ago."""
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            probes.append(probe)
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 class RedisCluster:
     """RedisCluster is MASTERS masters with a replica each on free loopback ports."""
 
@@ -39,7 +53,10 @@ class RedisCluster:
         self.server_binary = require_redis()
         self.cli = require_redis_cli()
         self.directory = directory
-        self.ports = [free_port() for _ in range(2 * MASTERS)]
+        # client and cluster bus ports, all distinct (free_port alone may repeat a port
+        # that was picked but not bound yet)
+        ports = distinct_free_ports(4 * MASTERS)
+        self.ports, self.bus_ports = ports[: 2 * MASTERS], ports[2 * MASTERS :]
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -49,24 +66,31 @@ class RedisCluster:
 
     def start(self) -> None:
         """start runs the six servers, creates the cluster and waits until it serves."""
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
+            self._start_node(port, bus_port)
         for port in self.ports:
-            self._start_node(port)
+            wait_until(
+                lambda p=port: "PONG" in self.cli_call(p, "PING"),  # type: ignore[misc]
+                f"redis-server on {port} to answer",
+                timeout=START_TIMEOUT,
+            )
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
             [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", "1"]
             + ["--cluster-yes"],
             check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
             timeout=START_TIMEOUT,
         )
         wait_until(self.healthy, "the Redis Cluster to serve", timeout=START_TIMEOUT)
 
-    def _start_node(self, port: int) -> None:
+    def _start_node(self, port: int, bus_port: int) -> None:
         home = self.directory / f"node-{port}"
         home.mkdir(exist_ok=True)
         args = [self.server_binary, "--port", str(port), "--bind", "127.0.0.1"]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-        args += ["--cluster-port", str(free_port()), "--cluster-node-timeout", "2000"]
+        args += ["--cluster-port", str(bus_port), "--cluster-node-timeout", "2000"]
+        args += ["--repl-diskless-sync-delay", "0"]  # replicas in sync at once, not after 5 s
         args += ["--save", "", "--appendonly", "no", "--dir", str(home)]
         self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
 
