@@ -131,7 +131,12 @@ class RedisBus(BusBase):
             "socket_keepalive": True,
             "retry": Retry(NoBackoff(), 0),
         }
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # a cluster client raises RedisClusterException (not a RedisError) when no node answers
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            redis.exceptions.RedisClusterException,
+            OSError,
+        )
         self._url = url
         self._prefix = channel_prefix
         #: channel is the control channel: broadcasts, cancels; every node subscribes to it.

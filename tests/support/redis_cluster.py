@@ -127,6 +127,17 @@ class RedisCluster:
                 return port
         raise AssertionError(f"no replica of {master_port}")
 
+    def kill(self) -> None:
+        """kill ends every server at once (SIGKILL): an outage of the whole cluster."""
+        self.stop()
+
+    def restart(self) -> None:
+        """restart runs the servers again on their ports; each reloads the cluster's
+        layout from its nodes.conf, so no create is needed."""
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
+            self._start_node(port, bus_port)
+        wait_until(self.healthy, "the Redis Cluster to serve again", timeout=START_TIMEOUT)
+
     def stop(self) -> None:
         """stop kills every server by its PID."""
         for process in self.processes.values():
