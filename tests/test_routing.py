@@ -275,3 +275,48 @@ def test_a_dead_redis_link_is_noticed_and_replaced(
 
 def _v1_user(tag: int, payload: bytes) -> bytes:
     return Envelope.for_user(tag, payload).encode()
+
+
+# -- the hub's partition counters (no Redis) ---------------------------------------------------
+
+
+def test_the_hub_counts_members_per_partition_and_signals_only_first_and_last(
+    make_gateway: Callable[..., Any],
+) -> None:
+    gateway = make_gateway()
+    gateway.on_connect(Node._accept)
+    gateway.start()
+    hub = gateway._server
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    hub.watch_interest(write_end)
+    first, second = same_partition_users(2)
+    url = f"ws://127.0.0.1:{gateway.port}/"
+
+    def signals() -> int:
+        try:
+            return len(os.read(read_end, 4096))
+        except BlockingIOError:
+            return 0
+
+    def held() -> tuple[set[int], set[int]]:
+        users, topics = hub.interest()
+        bits = [{i for i in range(PARTITIONS) if m[i // 8] >> (i % 8) & 1} for m in (users, topics)]
+        return bits[0], bits[1]
+
+    try:
+        one = websocket.create_connection(f"{url}?user={first}&topics=news", timeout=DEADLINE)
+        assert held() == ({user_partition(first)}, {topic_partition("news")})
+        assert signals() == 2  # a user partition and a topic partition gained a member
+        two = websocket.create_connection(f"{url}?user={second}&topics=news", timeout=DEADLINE)
+        assert signals() == 0  # both partitions had members already
+        assert hub.user_held(second) and not hub.user_held(second + 1)
+        one.close()
+        wait_until(lambda: not hub.user_held(first), "the first close")
+        assert signals() == 0 and held() == ({user_partition(second)}, {topic_partition("news")})
+        two.close()
+        wait_until(lambda: held() == (set(), set()), "the last close")
+        assert signals() == 2
+    finally:
+        hub.watch_interest(-1)
+        os.close(read_end)
+        os.close(write_end)
