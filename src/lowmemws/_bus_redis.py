@@ -59,7 +59,7 @@ import random
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 from ._bus_base import BusBase, Deliver, Envelope, log
@@ -162,7 +162,8 @@ class RedisBus(BusBase):
         self._sub_ready = threading.Event()
         self._peers = 0
         self._receivers: dict[str, int] = {}  # subscribers a channel had at its last publish
-        self._last_seq: dict[bytes, OrderedDict[bytes, int]] = {}
+        self._unserved_count = 0  # undecoded drops not yet added to stats.unserved
+        self._last_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> origin -> seq
         self._threads: list[threading.Thread] = []
         self._interest: Interest | None = None
         self._wake_r = self._wake_w = -1
@@ -420,7 +421,9 @@ class RedisBus(BusBase):
         while not self._closing.is_set():
             soonest = min(self._leaving.values(), default=time.monotonic() + self._keepalive)
             timeout = max(0.0, soonest - time.monotonic())
-            if wait_links(list(links.values()), timeout, self._wake_r):
+            woken = wait_links(list(links.values()), timeout, self._wake_r)
+            self._flush_unserved()
+            if woken:
                 _drain_pipe(self._wake_r)
                 self._follow_interest(client, links)
             self._leave_expired(links)
@@ -493,7 +496,7 @@ class RedisBus(BusBase):
         if origin == self.node_id or not self._in_sequence(channel, origin, seq):
             return
         if self._unserved(data):
-            self.stats.add("unserved")
+            self._unserved_count += 1  # this thread alone writes it: no lock per message
             return
         try:
             envelope = Envelope.decode(memoryview(data)[_HEADER.size :])
@@ -501,6 +504,12 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         self._deliver_safely(envelope)
+
+    def _flush_unserved(self) -> None:
+        """Add the drops of one read to the stats: one locked add per read, not per message."""
+        if self._unserved_count:
+            self.stats.add("unserved", self._unserved_count)
+            self._unserved_count = 0
 
     def _unserved(self, data: bytes) -> bool:
         """A user envelope for a user with no connection here: dropped undecoded."""
@@ -518,7 +527,7 @@ class RedisBus(BusBase):
         """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""
         origins = self._last_seq.get(channel)
         if origins is None:
-            origins = self._last_seq[channel] = OrderedDict()
+            origins = self._last_seq[channel] = {}
         last = origins.get(origin)
         if last is not None:
             if seq <= last:
@@ -527,9 +536,10 @@ class RedisBus(BusBase):
             if seq > last + 1:
                 self.stats.add("missed", seq - last - 1)
         origins[origin] = seq
-        origins.move_to_end(origin)
-        if len(origins) > _MAX_ORIGINS:
-            origins.popitem(last=False)
+        if last is None and len(origins) > _MAX_ORIGINS:
+            # forget the origin heard of first (nodes come and go; a plain dict keeps this
+            # per-message path cheap, where an LRU would reorder on every message)
+            del origins[next(iter(origins))]
         return True
 
     # -- links -------------------------------------------------------------------------------
