@@ -253,6 +253,21 @@ def test_a_user_message_for_a_user_held_elsewhere_is_dropped_undecoded(
     assert a.bus.stats.snapshot()["delivered"] == 1  # its own publish only
 
 
+def test_a_topic_message_for_a_topic_with_no_member_here_is_dropped_undecoded(
+    start_node: Callable[..., Node], admin: Any
+) -> None:
+    partition = topic_partition("t0")
+    twin = next(f"t{n}" for n in range(1, 10**6) if topic_partition(f"t{n}") == partition)
+    a, b = start_node(), start_node()
+    a.connect(topics="t0")
+    on_b = b.connect(topics=twin)
+    wait_until(lambda: subscribers(admin, channel_for("topic", twin)) == 2, "both nodes")
+    b.gateway.publish(twin, "only for b")  # reaches node a through Redis: no member there
+    assert on_b.recv() == "only for b"
+    wait_until(lambda: a.bus.stats.unserved == 1, "node a to drop it")
+    assert a.bus.stats.snapshot()["delivered"] == 0
+
+
 def test_a_dead_redis_link_is_noticed_and_replaced(
     start_node: Callable[..., Node], admin: Any, redis_server: RedisServer
 ) -> None:

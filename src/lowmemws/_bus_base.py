@@ -315,7 +315,8 @@ class BusStats:
     (a RedisBus sequence gap); ``duplicates``: re-sent envelopes recognised and skipped;
     ``malformed``: undecodable input; ``disconnects``/``reconnects``: links lost and regained;
     ``peers`` (a gauge): subscribers a RedisBus last saw on its channel, itself included;
-    ``unserved``: envelopes for a user with no connection on this node, dropped undecoded.
+    ``unserved``: envelopes for a user with no connection on this node, or a topic with no
+    member here, dropped undecoded.
     """
 
     published: int = 0

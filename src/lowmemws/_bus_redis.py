@@ -19,7 +19,8 @@ gets an envelope twice. The sequence numbers let a receiver skip an envelope tha
 publisher re-sent after a broken connection (``duplicates``) and count the envelopes of
 another node that it never saw on a channel it stayed subscribed to (``missed``). A user
 envelope for a user with no connection here (its partition is subscribed for another
-user) is dropped before it is decoded (``unserved``).
+user, or a topic envelope for a topic with no member here, is dropped before it is decoded
+(``unserved``).
 
 Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
 thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
@@ -76,9 +77,11 @@ _BATCH_BYTES = _MiB
 _MAX_ORIGINS = 4096  # per channel
 _WIRE_V1 = 1  # Envelope's unpaced wire version: the only one peeked at before decoding
 _KIND_MASK = 3  # low bits of a version 1 envelope's second byte: the kind index
+_KIND_TOPIC = 0  # Envelope's "topic" kind index
 _KIND_USER = 1  # Envelope's "user" kind index
 _USER_TAG = struct.Struct(">Q")
-_USER_TAG_AT = _HEADER.size + 3  # after the 3 header bytes of a version 1 envelope
+_TOPIC_LEN = struct.Struct(">H")
+_KEY_AT = _HEADER.size + 3  # the key follows the 3 header bytes of a version 1 envelope
 
 
 class RedisBus(BusBase):
@@ -512,16 +515,22 @@ class RedisBus(BusBase):
             self._unserved_count = 0
 
     def _unserved(self, data: bytes) -> bool:
-        """A user envelope for a user with no connection here: dropped undecoded."""
+        """A user or topic envelope (wire version 1) for a user with no connection here, or
+        a topic with no member here: dropped undecoded. Anything else is decoded."""
         interest = self._interest
-        if (
-            interest is None
-            or len(data) < _USER_TAG_AT + _USER_TAG.size
-            or data[_HEADER.size] != _WIRE_V1
-            or data[_HEADER.size + 1] & _KIND_MASK != _KIND_USER
-        ):
+        if interest is None or len(data) < _KEY_AT or data[_HEADER.size] != _WIRE_V1:
             return False
-        return not interest.user_held(_USER_TAG.unpack_from(data, _USER_TAG_AT)[0])
+        kind = data[_HEADER.size + 1] & _KIND_MASK
+        if kind == _KIND_USER and len(data) >= _KEY_AT + _USER_TAG.size:
+            return not interest.user_held(_USER_TAG.unpack_from(data, _KEY_AT)[0])
+        if kind == _KIND_TOPIC and len(data) >= _KEY_AT + _TOPIC_LEN.size:
+            (length,) = _TOPIC_LEN.unpack_from(data, _KEY_AT)
+            name = data[_KEY_AT + _TOPIC_LEN.size : _KEY_AT + _TOPIC_LEN.size + length]
+            try:
+                return not interest.topic_held(name.decode("utf-8"))
+            except UnicodeDecodeError:
+                return False  # decode says malformed
+        return False
 
     def _in_sequence(self, channel: bytes, origin: bytes, seq: int) -> bool:
         """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""
