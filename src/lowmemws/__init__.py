@@ -5,13 +5,15 @@ topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish
 send_to_user and broadcast work from any thread. See the README for an example.
 """
 
+from ._user_ids import UserTag
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
+from .errors import BusUnavailable, HandshakeError, LowMemWSError, PresenceTimeout, ProtocolError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
+from .publisher import Publisher
 from .server import Gateway, serve
 
 __version__ = "0.1.0"
@@ -28,12 +30,15 @@ __all__ = [
     "Headers",
     "LocalBus",
     "LowMemWSError",
+    "PresenceTimeout",
     "ProcessBus",
     "ProtocolError",
+    "Publisher",
     "RedisBus",
     "Reject",
     "Request",
     "Response",
     "SendResult",
+    "UserTag",
     "serve",
 ]

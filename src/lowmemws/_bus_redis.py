@@ -22,6 +22,11 @@ envelope for a user with no connection here (its partition is subscribed for ano
 user, or a topic envelope for a topic with no member here, is dropped before it is decoded
 (``unserved``).
 
+Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
+answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
+node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens to. The asker
+waits for as many answers as Redis reported receivers for the query's PUBLISH.
+
 Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
 thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
 
@@ -63,15 +68,17 @@ import time
 from collections import deque
 from typing import Any
 
-from ._bus_base import BusBase, Deliver, Envelope, log
+from ._bus_base import QUERY_KINDS, BusBase, Deliver, Envelope, Query, answer_envelope, log
 from ._redis_link import SubscriberLink, wait_links
 from ._routing import CHANNEL_PREFIX, Interest, control_channel, route, wanted_channels
+from ._user_ids import deployment_key
 from .errors import BusUnavailable
 
 __all__ = ["RedisBus"]
 
 _MiB = 1024 * 1024
 _HEADER = struct.Struct(">16sQ")  # origin node id, sequence number
+_SEQ = struct.Struct(">Q")
 _BATCH_MESSAGES = 512
 _BATCH_BYTES = _MiB
 _MAX_ORIGINS = 4096  # per channel
@@ -93,7 +100,15 @@ class RedisBus(BusBase):
     server's version; ``cluster`` uses a Redis Cluster client (True) or a single-server one
     (False); None asks the server (``INFO cluster``). ``keepalive`` is the longest silence
     on a link before it is checked; ``unsubscribe_grace`` how long an empty partition stays
-    subscribed. See the module docstring for routing, liveness and what happens during an outage.
+    subscribed. See the module docstring for routing, liveness and what happens during an
+    outage.
+
+    ``user_key``: a secret shared by every node and `lowmemws.Publisher` of the deployment,
+    from which (with ``channel_prefix``) they all derive the same key for str user ids
+    (without it the key is derived from the prefix alone: see docs/presence.md).
+    ``block_timeout``: how long publish may wait for room in a full buffer before it raises
+    BusUnavailable (0, the default for a gateway: raise at once, never stall the caller;
+    `lowmemws.Publisher` waits, so a tight loop is slowed down to Redis's pace instead).
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
@@ -117,6 +132,8 @@ class RedisBus(BusBase):
         socket_timeout: float = 5.0,
         keepalive: float = 15.0,
         unsubscribe_grace: float = 5.0,
+        user_key: bytes | str | None = None,
+        block_timeout: float = 0.0,
     ) -> None:
         super().__init__()
         try:
@@ -144,6 +161,14 @@ class RedisBus(BusBase):
         self._prefix = channel_prefix
         #: channel is the control channel: broadcasts, cancels; every node subscribes to it.
         self.channel = control_channel(channel_prefix)
+        self._answers_prefix = channel_prefix + "answers:"
+        #: user_key is the key of str user ids, the same on every node of the deployment.
+        self.user_key = deployment_key(channel_prefix, user_key)
+        self._block_timeout = block_timeout
+        self._query_seqs: dict[int, int] = {}  # control channel seq of a query -> query id
+        self._answer_client: Any = None
+        self._answer_lock = threading.Lock()
+        self._data_subscriber = True
         #: node_id identifies this node's envelopes on the channels.
         self.node_id = os.urandom(16)
         self._max_buffered = max_buffered
@@ -169,6 +194,7 @@ class RedisBus(BusBase):
         self._last_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> origin -> seq
         self._threads: list[threading.Thread] = []
         self._interest: Interest | None = None
+        self._answers = b""  # this node's answer channel, set when it starts
         self._wake_r = self._wake_w = -1
         self._links: dict[str, SubscriberLink] = {}  # by shard; "server" on one server
         self._unready: set[str] = set()  # links whose subscribes are not all answered yet
@@ -202,10 +228,44 @@ class RedisBus(BusBase):
         if self._threads:
             raise RuntimeError("RedisBus.start: already started")
         self._deliver = deliver
+        self._start_threads()
+
+    def start_publisher(self) -> None:
+        """start_publisher starts the bus for a process without connections (`Publisher`):
+        it publishes, and subscribes only to the answers of its own presence queries, not to
+        the envelopes of the deployment.
+
+        Raises:
+            RuntimeError: the bus was started already.
+        """
+        self._data_subscriber = False
+        self._start_threads()
+
+    @property
+    def presence_address(self) -> bytes:  # type: ignore[override]
+        """presence_address is this node's id: answers to its queries go to its channel."""
+        return self.node_id
+
+    def flush(self, timeout: float) -> int:
+        """flush waits up to timeout seconds until every envelope published so far has been
+        handed to Redis; returns how many are still waiting (0: all sent)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and not self._closing.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+            return len(self._queue)
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            raise RuntimeError("RedisBus.start: already started")
         # A node is the process that starts the bus: a bus made before a fork and started
         # in each worker must give every worker its own id, or they skip each other's
         # envelopes as their own echo.
         self.node_id = os.urandom(16)
+        self._answers = self._answer_channel(self.node_id).encode()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._interest is not None:
             self._interest.watch_interest(self._wake_w)
@@ -239,12 +299,16 @@ class RedisBus(BusBase):
             raise ValueError(f"RedisBus.publish: {size} bytes > max_buffered_bytes")
         with self._cond:
             refusal = self._refusal(size, len(parts))
+            if refusal is not None and self._block_timeout > 0:
+                refusal = self._wait_for_room(size, len(parts))
             if refusal is None:
                 for channel, data in parts:
                     seq = self._seq[channel] = self._seq.get(channel, 0) + 1
                     self._queue.append((channel, _HEADER.pack(self.node_id, seq) + data))
+                    if envelope.kind in QUERY_KINDS:
+                        self._query_seqs[seq] = Query.parse(envelope).query_id
                 self._queued_bytes += size
-                self._cond.notify()
+                self._cond.notify_all()
         if refusal is not None:
             self.stats.add("refused")
             raise BusUnavailable(refusal)
@@ -268,6 +332,10 @@ class RedisBus(BusBase):
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._answer_lock:
+            if self._answer_client is not None:
+                _quietly(self._answer_client.close)
+                self._answer_client = None
         if self._interest is not None:
             self._interest.watch_interest(-1)
         if self._wake_r >= 0 and not any(thread.is_alive() for thread in self._threads):
@@ -277,8 +345,21 @@ class RedisBus(BusBase):
 
     # -- publishing --------------------------------------------------------------------------
 
+    def _wait_for_room(self, size: int, count: int) -> str | None:
+        """Wait (holding _cond) up to block_timeout for the writer to make room; None once
+        there is room, else why there is none."""
+        deadline = time.monotonic() + self._block_timeout
+        while True:
+            refusal = self._refusal(size, count)
+            if refusal is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing.is_set():
+                return f"{refusal} (waited {self._block_timeout:g} s for room)"
+            self._cond.wait(left)
+
     def _refusal(self, size: int, count: int) -> str | None:
-        if self._deliver is None or self._closing.is_set():
+        if not self._threads or self._closing.is_set():
             return "RedisBus is not started or is closed"
         if len(self._queue) + count > self._max_buffered:
             return f"RedisBus buffer full ({len(self._queue)} envelopes): Redis unreachable?"
@@ -287,15 +368,16 @@ class RedisBus(BusBase):
         return None
 
     def _writer_loop(self) -> None:
-        first = True
-        while (client := self._connect(first)) is not None:
-            self._pub_ready.set()
-            if first:
-                self._learn_peers(client)
-            else:
-                self._await_peers(client)
-            first = False
-            try:
+        connected_before = peers_known = False
+        while (client := self._connect(not connected_before)) is not None:
+            connected_before = True
+            try:  # the link may break again at once: a restarting server, a reset
+                if peers_known:
+                    self._await_peers(client)
+                else:  # ready only once known: a flush after an outage waits for them
+                    self._learn_peers(client)
+                    peers_known = True
+                self._pub_ready.set()
                 self._drain(client)
                 client.close()
                 break
@@ -346,6 +428,9 @@ class RedisBus(BusBase):
             for _ in batch:
                 size += len(self._queue.popleft()[1])
             self._queued_bytes -= size
+            self._cond.notify_all()  # a publish may wait for room (block_timeout)
+        if self._query_seqs:
+            self._note_receivers(batch, receivers)
         self.stats.add("buffered", -len(batch))
         self.stats.add("buffered_bytes", -size)
         for (channel, _), count in zip(batch, receivers, strict=True):
@@ -353,6 +438,15 @@ class RedisBus(BusBase):
         if self.channel in self._receivers:
             self._peers = max(self._peers, self._receivers.pop(self.channel))
             self.stats.set("peers", self._peers)
+
+    def _note_receivers(self, batch: list[tuple[str, bytes]], receivers: list[Any]) -> None:
+        """The receivers of a query's PUBLISH are the nodes that will answer it."""
+        for (channel, message), count in zip(batch, receivers, strict=True):
+            if channel != self.channel:
+                continue
+            query_id = self._query_seqs.pop(_SEQ.unpack_from(message, 16)[0], None)
+            if query_id is not None:
+                self.queries.expect(query_id, int(count))
 
     def _learn_peers(self, client: Any) -> None:
         self._peers = self._subscribers(client, [self.channel])[0]
@@ -433,7 +527,9 @@ class RedisBus(BusBase):
 
     def _follow_interest(self, client: Any, links: dict[str, SubscriberLink]) -> None:
         """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
-        wanted = wanted_channels(self._interest, self._prefix)
+        wanted = {self._answer_channel(self.node_id)}
+        if self._data_subscriber:
+            wanted |= wanted_channels(self._interest, self._prefix)
         held: set[str] = set().union(*(link.channels for link in links.values()))
         by_link: dict[str, list[str]] = {}
         for channel in wanted - held:
@@ -492,6 +588,9 @@ class RedisBus(BusBase):
             link.unsubscribe(expired)  # each drops the ones it holds
 
     def _receive(self, channel: bytes, data: bytes) -> None:
+        if channel == self._answers:
+            self._receive_answer(data)
+            return
         if len(data) < _HEADER.size:
             self.stats.add("malformed")
             return
@@ -507,6 +606,42 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         self._deliver_safely(envelope)
+
+    # -- presence queries (issue 12) --------------------------------------------------------
+
+    def _answers_expected(self) -> int | None:
+        return None  # the PUBLISH of the query says how many nodes got it: _note_receivers
+
+    def _answer_channel(self, node: bytes) -> str:
+        return self._answers_prefix + node.hex()
+
+    def answer(self, query: Query, count: int) -> None:
+        """answer sends this node's count to the node that asked, on that node's answer
+        channel (directly, not through the buffer: an answer late by an outage is useless)."""
+        if not query.query_id:
+            return
+        if query.asker == self.node_id:
+            super().answer(query, count)
+            return
+        data = answer_envelope(query.query_id, count).encode()
+        command = "SPUBLISH" if self._sharded else "PUBLISH"
+        try:
+            with self._answer_lock:
+                if self._answer_client is None:
+                    self._answer_client = self._client()
+                self._answer_client.execute_command(
+                    command, self._answer_channel(query.asker), data
+                )
+        except self._errors as exc:
+            log.warning("lowmemws RedisBus: could not answer a presence query: %s", exc)
+
+    def _receive_answer(self, data: bytes) -> None:
+        try:
+            envelope = Envelope.decode(data)
+        except ValueError:
+            self.stats.add("malformed")
+            return
+        self._take_answer(envelope)
 
     def _flush_unserved(self) -> None:
         """Add the drops of one read to the stats: one locked add per read, not per message."""

@@ -20,6 +20,7 @@ import threading
 from ._bus_base import (
     OPCODE_BINARY,
     OPCODE_TEXT,
+    QUERY_KINDS,
     Bus,
     BusBase,
     BusStats,
@@ -35,6 +36,8 @@ from .errors import BusUnavailable
 
 __all__ = [
     "PARTITIONS",
+    "QUERY_KINDS",
+    "BusBase",
     "channel_for",
     "route",
     "topic_partition",

@@ -27,3 +27,17 @@ class BusUnavailable(LowMemWSError):
     """BusUnavailable: a bus could not accept a publish (not started, closed, its link is gone
     or its outage buffer is full). Nothing was delivered anywhere, so a retry never duplicates;
     the gateway's publish calls pass it on to the application."""
+
+
+class PresenceTimeout(LowMemWSError):
+    """PresenceTimeout: a presence query (``online``) did not hear from every node within
+    its timeout. ``count`` is the connections the nodes that answered hold, ``answered`` how
+    many nodes answered and ``expected`` how many the bus reached (None when the query never
+    left this process: the bus's link is down)."""
+
+    def __init__(self, count: int, answered: int, expected: int | None) -> None:
+        reached = "an unknown number of" if expected is None else str(expected)
+        super().__init__(f"{answered} of {reached} nodes answered in time ({count} connections)")
+        self.count = count
+        self.answered = answered
+        self.expected = expected
