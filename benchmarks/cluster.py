@@ -20,8 +20,12 @@ Each row reports, from the kernel's CPU accounting of every thread (schedstat, n
   cluster-wide rate at which the busiest node would fill one core; redis-server's CPU per
   message in the same phase (receiving the SPUBLISH and sending it to the subscribers).
 
+With ``--cluster`` the partitioned rows run again on a Redis Cluster of 3 masters
+(redis-server --cluster-enabled, redis-cli --cluster create), the nodes given one master's
+address.
+
 Usage: python benchmarks/cluster.py [--nodes 4] [--users 1500] [--messages 20000]
-       [--main-src /tmp/route-main/src] [--json FILE]
+       [--main-src /tmp/route-main/src] [--cluster] [--json FILE]
 """
 
 from __future__ import annotations
@@ -89,20 +93,77 @@ class Redis:
         import redis
 
         self.client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_for_ping(self.client)
+        self.pids = [self.process.pid]
 
     def stop(self) -> None:
         self.client.close()
         self.process.kill()
         self.process.wait()
+
+
+class RedisClusterServers:
+    """RedisClusterServers is a throw-away Redis Cluster of 3 masters (no replicas: the
+    figures are per message, failover is the tests' business) on free loopback ports."""
+
+    MASTERS = 3
+
+    def __init__(self, directory: Path) -> None:
+        import redis
+
+        ports = [free_port() for _ in range(2 * self.MASTERS)]
+        self.processes = []
+        for port, bus_port in zip(ports[::2], ports[1::2], strict=True):
+            home = directory / f"node-{port}"
+            home.mkdir(exist_ok=True)
+            args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+            args += ["--cluster-enabled", "yes", "--cluster-port", str(bus_port)]
+            args += ["--save", "", "--appendonly", "no", "--dir", str(home)]
+            self.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        masters = ports[::2]
+        for port in masters:
+            wait_for_ping(redis.Redis(port=port))
+        addresses = [f"127.0.0.1:{port}" for port in masters]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 30
+        while not all(
+            b"cluster_state:ok"
+            in subprocess.run(
+                ["redis-cli", "-p", str(port), "CLUSTER", "INFO"], capture_output=True
+            ).stdout
+            for port in masters
+        ):
+            assert time.monotonic() < deadline, "the cluster never became ready"
+            time.sleep(0.1)
+        self.url = f"redis://127.0.0.1:{masters[0]}/0"
+        self.client = redis.RedisCluster.from_url(self.url)
+        self.pids = [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        self.client.close()
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def wait_for_ping(client: Any) -> None:
+    """wait_for_ping returns once the server answers (10 s at most)."""
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            client.close()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -176,7 +237,9 @@ def wait_quiet(pids: list[int]) -> None:
         last = now
 
 
-def publish(redis: Redis, users: list[int], channel_of: Callable[[int], str]) -> None:
+def publish(
+    redis: Redis | RedisClusterServers, users: list[int], channel_of: Callable[[int], str]
+) -> None:
     """publish sends one small user envelope per entry of users, as another node would."""
     origin = os.urandom(16)
     seqs: dict[str, int] = {}
@@ -203,9 +266,11 @@ def placement(kind: str, nodes: int, per_node: int, rng: random.Random) -> list[
     return placed
 
 
-def run_row(name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def run_row(
+    name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path, cluster: bool = False
+) -> dict[str, Any]:
     rng = random.Random(15)
-    redis = Redis(tmp)
+    redis: Redis | RedisClusterServers = RedisClusterServers(tmp) if cluster else Redis(tmp)
     nodes = [Node(redis.url, src) for _ in range(args.nodes)]
     try:
         placed = placement(kind, args.nodes, args.users, rng)
@@ -231,12 +296,12 @@ def run_row(name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path)
         unserved_before = unserved(nodes[0])
         a_cpu, a_seconds = measure(redis, pids, phase_a, channel_of, idle_ms)
         received = unserved(nodes[0]) - unserved_before
-        redis_before = cpu_ns(redis.process.pid)
+        redis_before = sum(cpu_ns(pid) for pid in redis.pids)
         b_cpu, b_seconds = measure(redis, pids, phase_b, channel_of, idle_ms)
-        redis_ns = cpu_ns(redis.process.pid) - redis_before
+        redis_ns = sum(cpu_ns(pid) for pid in redis.pids) - redis_before
         per_message_b = [ns / args.messages for ns in b_cpu]
         busiest = max(per_message_b)
-        subscriptions = len(redis.client.execute_command("PUBSUB", "SHARDCHANNELS"))
+        subscriptions = shard_channels(redis)
         return {
             "row": name,
             "nodes": args.nodes,
@@ -261,8 +326,18 @@ def run_row(name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path)
         redis.stop()
 
 
+def shard_channels(redis: Redis | RedisClusterServers) -> int:
+    """shard_channels counts the shard channels with a subscriber, over every master."""
+    if isinstance(redis, Redis):
+        return len(redis.client.execute_command("PUBSUB", "SHARDCHANNELS"))
+    replies = redis.client.execute_command(
+        "PUBSUB", "SHARDCHANNELS", target_nodes=redis.client.get_primaries()
+    )
+    return len(replies) if isinstance(replies, list) else sum(map(len, replies.values()))
+
+
 def measure(
-    redis: Redis,
+    redis: Redis | RedisClusterServers,
     pids: list[int],
     users: list[int],
     channel_of: Callable[[int], str],
@@ -288,6 +363,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1500, help="connections per node")
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--main-src", help="src of the code before issue 15 (single channel)")
+    parser.add_argument("--cluster", action="store_true", help="also on a 3-master cluster")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
     tmp = Path(f"/tmp/cluster-bench-{os.getpid()}")
@@ -300,6 +376,11 @@ def main() -> None:
     for kind in ("random", "sticky"):
         rows.append(run_row(f"partitioned, {kind}", src, kind, args, tmp))
         print(json.dumps(rows[-1]), flush=True)
+    if args.cluster:
+        for kind in ("random", "sticky"):
+            name = f"partitioned, {kind}, Redis Cluster (3 masters)"
+            rows.append(run_row(name, src, kind, args, tmp, cluster=True))
+            print(json.dumps(rows[-1]), flush=True)
     load = os.getloadavg()
     result = {"load_average": load, "rows": rows}
     if args.json:
