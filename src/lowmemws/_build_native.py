@@ -14,6 +14,7 @@ SOURCES = [
     "_frame.c",
     "_slot.c",
     "_hub.c",
+    "_interest.c",
     "_output.c",
     "_spill.c",
     "_deflate.c",

@@ -276,6 +276,10 @@ struct lmw_server {
     uint32_t topics_live;
     uint32_t *user_buckets;
     uint32_t user_mask;
+    /* interest (_interest.c): local members per routing partition, for the buses */
+    uint32_t *partition_users;  /* connections tagged with a user of partition p */
+    uint32_t *partition_topics; /* topics of partition p with at least one member */
+    int interest_fd;            /* written to when a partition gains or loses all; -1 none */
     /* permessage-deflate (_deflate.c): z_streams, one per server window size and one inflater */
     void *deflaters[8];
     void *inflater;
@@ -340,6 +344,10 @@ uint32_t lmw__mix(uint64_t id);
 uint32_t lmw__topic_find(lmw_server *s, uint64_t id);
 void lmw__hub_forget(lmw_server *s, int fd);
 void lmw__hub_user_add(lmw_server *s, int fd);
+int lmw__interest_init(lmw_server *s);
+void lmw__interest_free(lmw_server *s);
+void lmw__interest_user(lmw_server *s, uint64_t user_tag, int delta);
+void lmw__interest_topic(lmw_server *s, uint64_t topic, int delta);
 void lmw__hub_user_remove(lmw_server *s, int fd);
 /* _output.c: never frees a connection nor changes its state; -1 means "dead socket" */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,

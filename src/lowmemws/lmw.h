@@ -488,6 +488,32 @@ int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, cons
  * way (counted in paced_dropped_total): a stopping server never sends a remainder at once. */
 int64_t lmw_paced_cancel(lmw_server *s, uint64_t id);
 
+/* ------------------------------------------------------------------------------------
+ * Interest (_interest.c, issue 15): which routing partitions this server has members in,
+ * so a bus between machines subscribes only to the channels of those partitions.
+ * ---------------------------------------------------------------------------------- */
+
+/* LMW_PARTITIONS is the number of routing partitions of users, and of topics (a power of
+ * two; lowmemws._routing explains the choice). A topic id carries its partition in its low
+ * bits (id & (LMW_PARTITIONS - 1)); a user tag's is lmw_user_partition(tag). */
+#define LMW_PARTITIONS 4096
+
+/* lmw_user_partition is the routing partition of user_tag: the same on every node. */
+uint32_t lmw_user_partition(uint64_t user_tag);
+
+/* lmw_interest_watch makes the server write one byte to fd (non-blocking; a full pipe
+ * already holds a wake-up) whenever a partition gains its first local member or loses its
+ * last; -1 stops it. */
+void lmw_interest_watch(lmw_server *s, int fd);
+
+/* lmw_interest fills users and topics (LMW_PARTITIONS / 8 bytes each, bit p of byte p / 8)
+ * with the partitions that have local members now. */
+void lmw_interest(lmw_server *s, uint8_t *users, uint8_t *topics);
+
+/* lmw_user_held tells whether a connection tagged user_tag is open here (1) or not (0): a
+ * bus drops an envelope for a user held elsewhere before decoding it. */
+int lmw_user_held(lmw_server *s, uint64_t user_tag);
+
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
  * so a close reason, after the 2-byte code, at most 123. */

@@ -646,7 +646,15 @@ class Gateway:
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
+        self._follow_interest()
         self._bus.start(self._deliver)
+
+    def _follow_interest(self) -> None:
+        """A bus that routes by interest (RedisBus) subscribes only where this process's hub
+        has members (issue 15)."""
+        follow = getattr(self._bus, "follow", None)
+        if follow is not None:
+            follow(self._server)
 
     def _bind(self, reuse_port: bool) -> None:
         self._listeners, self.port = bind_listeners(
@@ -700,6 +708,7 @@ class Gateway:
         self._bind(reuse_port=True)
         self._make_server(stats)
         assert self._bus is not None
+        self._follow_interest()
         self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop), _loop_switch_interval():
             self._serve()
