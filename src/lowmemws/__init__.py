@@ -9,7 +9,8 @@ from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError
+from ._c_server import tls_available
+from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError, TLSError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
 from .server import Gateway, serve
@@ -35,5 +36,7 @@ __all__ = [
     "Request",
     "Response",
     "SendResult",
+    "TLSError",
     "serve",
+    "tls_available",
 ]

@@ -454,6 +454,8 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
     if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
+    if (tc) return lmw__tls_on_readable(s, fd, sl, tc); /* records to plaintext, then as below */
     if (x && x->in && lmw__spill_is_large(s, x) && sl->state != ST_HEAD)
         return read_into_spill(s, fd, sl, x);
     size_t pending = x && x->in ? (size_t)x->in_len : 0;

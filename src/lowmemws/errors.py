@@ -27,3 +27,9 @@ class BusUnavailable(LowMemWSError):
     """BusUnavailable: a bus could not accept a publish (not started, closed, its link is gone
     or its outage buffer is full). Nothing was delivered anywhere, so a retry never duplicates;
     the gateway's publish calls pass it on to the application."""
+
+
+class TLSError(LowMemWSError):
+    """TLSError: TLS was asked for but cannot be served: lowmemws was built without OpenSSL
+    (install libssl-dev, then reinstall), or the certificate or key cannot be used (the message
+    names the file and OpenSSL's reason)."""
