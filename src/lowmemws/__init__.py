@@ -5,11 +5,11 @@ topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish
 send_to_user and broadcast work from any thread. See the README for an example.
 """
 
+from ._c_server import tls_available
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from ._c_server import tls_available
 from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError, TLSError
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers

@@ -187,7 +187,7 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
     }
     lmw_out **at = &x->out_head;
     while (*at && begun(*at)) at = &(*at)->next; /* never split a frame on the wire */
-    if (opcode == LMW_OP_CLOSE)             /* data queued before a close must arrive before it */
+    if (opcode == LMW_OP_CLOSE) /* data queued before a close must arrive before it */
         while (*at) at = &(*at)->next;
     while (*at && ((*at)->control & OUT_CONTROL)) {
         if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {

@@ -78,10 +78,10 @@ typedef struct lmw_tls_conn {
     uint16_t rec_len;
     uint8_t phase;
     uint8_t suite;
-    uint8_t hash_len;      /* 32 (SHA-256) or 48 (SHA-384) */
-    uint8_t got_secrets;   /* bit 0: client, bit 1: server traffic secret 0 seen */
-    uint8_t peer_closed;   /* the peer's close_notify arrived */
-    uint8_t close_sent;    /* our close_notify (or a fatal alert) went out */
+    uint8_t hash_len;    /* 32 (SHA-256) or 48 (SHA-384) */
+    uint8_t got_secrets; /* bit 0: client, bit 1: server traffic secret 0 seen */
+    uint8_t peer_closed; /* the peer's close_notify arrived */
+    uint8_t close_sent;  /* our close_notify (or a fatal alert) went out */
     lmw_tls_dir rd, wr;
 } lmw_tls_conn;
 

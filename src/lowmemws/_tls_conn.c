@@ -102,7 +102,7 @@ static SSL_CTX *context_new(const char *certfile, const char *keyfile, char *err
     } else if (SSL_CTX_use_PrivateKey_file(ctx, keyfile, SSL_FILETYPE_PEM) != 1) {
         openssl_error("private key", keyfile, err, err_len);
     } else if (SSL_CTX_check_private_key(ctx) != 1) {
-        openssl_error("private key does not match the certificate:", keyfile, err, err_len);
+        openssl_error("private key (does not match the certificate)", keyfile, err, err_len);
     } else {
         return ctx;
     }
@@ -242,7 +242,8 @@ static int seal_openssl(lmw_server *s, lmw_tls_conn *tc, int kind, const uint8_t
         SSL_shutdown(ssl);
         tc->phase = TLS_DEAD;
     } else if (kind == TLS_OUT_DATA) {
-        if ((alen && SSL_write(ssl, a, (int)alen) <= 0) || (blen && SSL_write(ssl, b, (int)blen) <= 0))
+        if ((alen && SSL_write(ssl, a, (int)alen) <= 0) ||
+            (blen && SSL_write(ssl, b, (int)blen) <= 0))
             return LMW_ERROR;
     }
     return take_written(s, ssl, out, out_len);

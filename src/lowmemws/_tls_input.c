@@ -74,12 +74,12 @@ static int establish(lmw_server *s, lmw_tls_conn *tc) {
     SSL *ssl = tc->ssl;
     s->stats->tls[LMW_TLS_HANDSHAKES]++;
     if (SSL_version(ssl) != TLS1_3_VERSION) {
-        s->stats->tls[LMW_TLS_12]++;
+        s->stats->tls[LMW_TLS_VERSION_1_2]++;
         tc->phase = TLS_OPENSSL;
         return 0;
     }
     uint16_t id = SSL_CIPHER_get_protocol_id(SSL_get_current_cipher(ssl));
-    int suite = id == 0x1301 ? TLS_SUITE_AES128_GCM
+    int suite = id == 0x1301   ? TLS_SUITE_AES128_GCM
                 : id == 0x1302 ? TLS_SUITE_AES256_GCM
                 : id == 0x1303 ? TLS_SUITE_CHACHA20
                                : 0;
@@ -217,33 +217,43 @@ static int open_one(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, uint8
         return 0;
     }
     if (!alert && type == TLS_CT_ALERT) return on_alert(s, fd, sl, tc, m, n);
-    if (!alert && type == TLS_CT_HANDSHAKE) alert = on_handshake_message(s, fd, sl, tc, m, n);
-    else if (!alert) alert = TLS_ALERT_UNEXPECTED_MESSAGE;
+    if (!alert && type == TLS_CT_HANDSHAKE)
+        alert = on_handshake_message(s, fd, sl, tc, m, n);
+    else if (!alert)
+        alert = TLS_ALERT_UNEXPECTED_MESSAGE;
     if (!alert) return 0;
     fail(s, fd, sl, alert, alert_counter(alert));
     return -1;
 }
 
-/* open_openssl hands a TLS 1.2 connection's bytes to its SSL object and reads the plaintext
- * into p. Returns 0, or -1 when the connection ended. */
-static int open_openssl(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, uint8_t *p,
-                        size_t n, size_t *plain_len) {
+/* open_openssl hands a TLS 1.2 connection's complete records to its SSL object and reads their
+ * plaintext into p (it never outgrows them); a partial record is kept like a TLS 1.3 one.
+ * Returns 0, or -1 when the connection ended. */
+static int open_openssl(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, uint8_t *p, size_t n,
+                        size_t *plain_len) {
     SSL *ssl = tc->ssl;
-    BIO_write(SSL_get_rbio(ssl), p, (int)n); /* OpenSSL keeps a partial record itself */
-    size_t w = 0;
-    for (;;) {
-        int r = SSL_read(ssl, p + w, (int)(n - w)); /* plaintext never outgrows its records */
+    size_t off = 0, w = 0;
+    while (n - off >= TLS_HEADER && record_len(p + off) <= n - off) off += record_len(p + off);
+    if (n - off >= TLS_HEADER && record_len(p + off) - TLS_HEADER > TLS_MAX_HANDSHAKE_RECORD)
+        off = n; /* OpenSSL answers an impossible record with its alert */
+    if (lmw__tls_keep_partial(s, tc, p + off, n - off) < 0) {
+        lmw__conn_fail(s, fd, 1013);
+        lmw__conn_abandon(s, fd, sl);
+        return -1;
+    }
+    BIO_write(SSL_get_rbio(ssl), p, (int)off);
+    while (w < off) {
+        int r = SSL_read(ssl, p + w, (int)(off - w));
         if (r > 0) {
             w += (size_t)r;
             continue;
         }
         int e = SSL_get_error(ssl, r);
         if (flush_handshake(s, fd, sl, tc) < 0) e = SSL_ERROR_SSL;
-        if (e == SSL_ERROR_WANT_READ || (e == SSL_ERROR_ZERO_RETURN && w < n)) {
-            if (e == SSL_ERROR_ZERO_RETURN) {
-                s->stats->tls[LMW_TLS_CLOSE_NOTIFY]++;
-                tc->peer_closed = 1;
-            }
+        if (e == SSL_ERROR_WANT_READ) break;
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            s->stats->tls[LMW_TLS_CLOSE_NOTIFY]++;
+            tc->peer_closed = 1;
             break;
         }
         ERR_clear_error();
@@ -257,8 +267,8 @@ static int open_openssl(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, u
 
 /* open_records opens the complete records at p[0, n) into plaintext at p[0, *plain_len) and
  * keeps a partial record for later. Returns 0, or -1 when the connection ended. */
-static int open_records(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, uint8_t *p,
-                        size_t n, size_t *plain_len) {
+static int open_records(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, uint8_t *p, size_t n,
+                        size_t *plain_len) {
     if (tc->phase == TLS_OPENSSL) return open_openssl(s, fd, sl, tc, p, n, plain_len);
     size_t off = 0, w = 0;
     while (n - off >= TLS_HEADER) {

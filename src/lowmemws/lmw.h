@@ -304,7 +304,7 @@ typedef struct {
 #define LMW_TLS_CLOSE_NOTIFY 8       /* close_notify received (answered with ours) */
 #define LMW_TLS_AFTER_CLOSE 9        /* records that came after the peer's close_notify */
 #define LMW_TLS_KEY_UPDATES 10       /* KeyUpdate messages received */
-#define LMW_TLS_12 11                /* handshakes that chose TLS 1.2 (OpenSSL keeps the records) */
+#define LMW_TLS_VERSION_1_2 11       /* handshakes that chose TLS 1.2 (OpenSSL keeps the records) */
 #define LMW_TLS_COUNTERS 12
 
 /* Counters, in a struct so several worker processes can keep theirs in one shared
