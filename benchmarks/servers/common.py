@@ -70,6 +70,8 @@ def parse_args(description: str) -> argparse.Namespace:
         default=None,
         help="listen() backlog (default: the library's; asyncio's is 100, lowmemws' 4096)",
     )
+    p.add_argument("--certfile", default=None, help="serve TLS (wss://) with this certificate")
+    p.add_argument("--keyfile", default=None, help="the private key of --certfile")
     return p.parse_args()
 
 

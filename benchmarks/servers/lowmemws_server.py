@@ -3,7 +3,8 @@
 ``--hook async`` declares on_connect as ``async def`` (issue 11); ``--hook-delay S`` makes it
 wait S seconds before accepting: ``await asyncio.sleep(S)`` when async, ``time.sleep(S)`` (a
 blocking lookup) when sync. ``--hook-threads N`` sets ``Config.hook_threads``, ``--backlog N``
-``Config.backlog``; ``--message-hook async`` makes the echo an ``async def`` on_message.
+``Config.backlog``; ``--certfile C --keyfile K`` serve TLS; ``--message-hook async`` makes
+the echo an ``async def`` on_message.
 Every option left out keeps the library's default.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
         options["hook_threads"] = args.hook_threads
     if args.backlog is not None:
         options["backlog"] = args.backlog
+    if args.certfile is not None:
+        options["certfile"], options["keyfile"] = args.certfile, args.keyfile
     config = lowmemws.Config(**options)
     gw = lowmemws.Gateway(host=args.host, port=args.port, processes=args.processes, config=config)
     delay = args.hook_delay
