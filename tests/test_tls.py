@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tlslite.messages import Alert, Message
 
 from lowmemws import Accept, Config, Connection, Gateway, Request, TLSError, tls_available
 from tests.support.ci import skip_or_fail
+from tests.support.servers import StartServer
 from tests.support.tls import (
     CertificateSet,
     TLSWebSocket,
@@ -394,3 +396,16 @@ def test_upgrade_hook_sees_requests_over_tls(certs: CertificateSet) -> None:
         ws.close()
     finally:
         gateway.stop(timeout=10)
+
+
+def test_cli_echo_serves_wss(certs: CertificateSet, start_server: StartServer) -> None:
+    """python -m lowmemws echo --certfile C --keyfile K announces wss:// and echoes over TLS."""
+    server = start_server(
+        [sys.executable, "-m", "lowmemws", "echo"],
+        ["--certfile", str(certs.cert), "--keyfile", str(certs.key)],
+    )
+    assert server.ready_line == f"listening on wss://127.0.0.1:{server.port}"
+    ws = ssl_client(certs, server.port)
+    ws.send("over the CLI")
+    assert ws.recv() == "over the CLI"
+    assert ws.close() == 1000
