@@ -9,7 +9,7 @@ connection = (idle - warm) / N. Server CPU (utime + stime of its process) per ha
 upgrade while the N open, and per echoed message while every connection echoes ROUNDS 64-byte
 messages. The clients are tlsclient.py processes (Python ssl), one per source address.
 
-    python benchmarks/tls.py --connections 19000 [--servers lowmemws,websockets]
+    python benchmarks/tls.py --connections 19000 [--servers lowmemws,websockets] [--tls-version 1.2]
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def make_certificate(directory: Path) -> tuple[str, str]:
 class Clients:
     """Clients: tlsclient.py processes holding connections, driven by one command at a time."""
 
-    def __init__(self, host: str, port: int, connections: int) -> None:
+    def __init__(self, host: str, port: int, connections: int, tls_version: str = "1.3") -> None:
         self.procs: list[subprocess.Popen[str]] = []
         left, i = connections, 0
         while left > 0:
             n = min(PER_CLIENT, left)
             argv = [sys.executable, str(HERE / "tlsclient.py"), host, str(port), str(n),
-                    f"127.0.0.{2 + i}"]  # fmt: skip
+                    f"127.0.0.{2 + i}", tls_version]  # fmt: skip
             self.procs.append(
                 subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
@@ -86,17 +86,19 @@ class Clients:
             p.wait(60)
 
 
-def measure(name: str, connections: int, rounds: int, cert: str, key: str) -> dict[str, Any]:
+def measure(
+    name: str, connections: int, rounds: int, cert: str, key: str, tls_version: str
+) -> dict[str, Any]:
     """measure runs the experiment of the module docstring on one server."""
     extra = ("--certfile", cert, "--keyfile", key, "--ping-interval", "0")
     with Server(name, extra=extra) as srv:
         time.sleep(0.5)
         raw = procstats.settled_memory(srv.pid, timeout=10)
-        with Clients(srv.host, srv.port, WARMUP_CONNECTIONS) as warmup:
+        with Clients(srv.host, srv.port, WARMUP_CONNECTIONS, tls_version) as warmup:
             warmup.command("open")
             warmup.command("close")
         warm = procstats.settled_memory(srv.pid, timeout=15)
-        with Clients(srv.host, srv.port, connections) as clients:
+        with Clients(srv.host, srv.port, connections, tls_version) as clients:
             cpu0 = procstats.tree_cpu_ticks(srv.pid)
             opened = sum(r["opened"] for r in clients.command("open"))
             cpu1 = procstats.tree_cpu_ticks(srv.pid)
@@ -109,6 +111,7 @@ def measure(name: str, connections: int, rounds: int, cert: str, key: str) -> di
     return {
         "server": name,
         "version": version(name),
+        "tls_version": tls_version,
         "connections": opened,
         "rss_raw": raw["rss"],
         "rss_warm": warm["rss"],
@@ -121,16 +124,24 @@ def measure(name: str, connections: int, rounds: int, cert: str, key: str) -> di
     }
 
 
-def run(servers: list[str], connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
+def run(
+    servers: list[str], connections: int, rounds: int, tls_version: str, log: Any = print
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lowmemws-tls-bench-") as tmp:
         cert, key = make_certificate(Path(tmp))
 
         def one(name: str) -> dict[str, Any]:
             log(f"  {name}: {connections:,} TLS connections, {rounds} echo rounds")
-            return measure(name, connections, rounds, cert, key)
+            return measure(name, connections, rounds, cert, key, tls_version)
 
         rows, skipped = report.each_server(servers, one, log)
-    return {"connections": connections, "rounds": rounds, "rows": rows, "skipped": skipped}
+    return {
+        "connections": connections,
+        "rounds": rounds,
+        "tls_version": tls_version,
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -139,7 +150,7 @@ def render(result: dict[str, Any]) -> str:
 
     rows = [
         [
-            f"{r['server']} {r['version']}",
+            f"{r['server']} {r['version']} (TLS {r.get('tls_version', '1.3')})",
             f"{r['connections']:,}",
             f"{r['bytes_per_conn']:,.0f}",
             f"{mib(r['rss_raw'])} / {mib(r['rss_warm'])} / {mib(r['rss_idle'])} / "
@@ -151,7 +162,7 @@ def render(result: dict[str, Any]) -> str:
         for r in result["rows"]
     ]
     headers = [
-        "server (TLS 1.3)",
+        "server",
         "conns",
         "bytes/idle conn",
         "RSS MiB raw / warm / idle / after",
@@ -167,13 +178,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--connections", type=int, default=19_000)
     p.add_argument("--rounds", type=int, default=5, help="echo rounds over every connection")
     p.add_argument("--servers", default="lowmemws,websockets")
+    p.add_argument("--tls-version", choices=("1.3", "1.2"), default="1.3", help="clients' TLS")
     return report.main(p, argv, run_args, render)
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     if a.connections > 19_000:
         sys.exit("at most 19,000 connections: one server process has 20,000 file descriptors")
-    return run(a.servers.split(","), a.connections, a.rounds)
+    return run(a.servers.split(","), a.connections, a.rounds, a.tls_version)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """tlsclient: one load-client process of benchmarks/tls.py: wss:// connections over Python's ssl.
 
-Started as ``tlsclient.py HOST PORT COUNT SOURCE``; it reads one command per line on stdin and
-answers one JSON line on stdout:
+Started as ``tlsclient.py HOST PORT COUNT SOURCE VERSION`` (VERSION 1.3 or 1.2); it reads
+one command per line on stdin and answers one JSON line on stdout:
 
-- ``open``: opens COUNT TLS 1.3 connections from source address SOURCE (one at a time, each
+- ``open``: opens COUNT TLS connections from source address SOURCE (one at a time, each
   handshake and upgrade complete before the next), then leaves them idle;
 - ``echo ROUNDS``: ROUNDS times, sends a 64-byte text message on every connection, then reads
   every echo (the server holds one message per connection at a time);
@@ -64,12 +64,15 @@ def upgrade(sock: ssl.SSLSocket, host: str, port: int) -> None:
 
 def main() -> None:
     host, port, count, source = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    tls12 = sys.argv[5] == "1.2"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.minimum_version = context.maximum_version = (
+        ssl.TLSVersion.TLSv1_2 if tls12 else ssl.TLSVersion.TLSv1_3
+    )
     conns: list[ssl.SSLSocket] = []
     for line in sys.stdin:
         command = line.split()

@@ -30,7 +30,7 @@ SOURCES = [
 LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)
 # TLS (docs/tls.md) needs OpenSSL >= 3.0's headers (Debian: libssl-dev); without them the
 # build still succeeds, with _tls_off.c in their place (plain TCP only).
-TLS_SOURCES = ["_tls_keys.c", "_tls_record.c", "_tls_conn.c", "_tls_input.c"]
+TLS_SOURCES = ["_tls_keys.c", "_tls_record.c", "_tls_pages.c", "_tls_conn.c", "_tls_input.c"]
 TLS_LIBRARIES = ["ssl", "crypto"]
 _OPENSSL_PROBE = """#include <openssl/ssl.h>
 #if OPENSSL_VERSION_NUMBER < 0x30000000L

@@ -5,6 +5,7 @@
  * Files (layers as in _runtime.h):
  *   _tls_keys.c    the TLS 1.3 key schedule pieces a record layer needs (RFC 8446 7.1, 7.3)
  *   _tls_record.c  the TLS 1.3 record layer (RFC 8446 section 5): pure, bytes in and out
+ *   _tls_pages.c   the pages every lmw_tls_conn lives in
  *   _tls_conn.c    the handshake with OpenSSL over memory BIOs, what a connection keeps
  *                  afterwards, and sealing output (storage/output level)
  *   _tls_input.c   reading a TLS connection: records to plaintext for _input.c
@@ -54,12 +55,12 @@ enum { TLS_SUITE_AES128_GCM = 1, TLS_SUITE_AES256_GCM = 2, TLS_SUITE_CHACHA20 = 
 /* lmw_tls_dir is one direction of a TLS 1.3 connection: its current traffic secret (kept for
  * KeyUpdate, RFC 8446 7.2), the key and IV derived from it (7.3) and the sequence number of
  * the next record (5.3). */
-typedef struct {
+typedef struct __attribute__((packed)) {
+    uint64_t seq;
     uint8_t secret[48];
     uint8_t key[32];
     uint8_t iv[TLS_NONCE];
-    uint64_t seq;
-} lmw_tls_dir;
+} lmw_tls_dir; /* 100 bytes: no padding inside lmw_tls_conn */
 
 /* Phases of a TLS connection. */
 enum {
@@ -91,6 +92,7 @@ typedef struct lmw_tls_conn {
 typedef struct lmw_tls_server {
     void *ctx;
     lmw_tls_conn **conns;
+    struct tls_page *pages; /* where the lmw_tls_conn live (_tls_pages.c) */
     uint8_t *scratch;
     size_t scratch_cap;
 } lmw_tls_server;
@@ -99,6 +101,10 @@ typedef struct lmw_tls_server {
  * sealed when it reaches the head of the queue, so the sequence numbers follow the wire order. */
 enum { TLS_OUT_DATA = 0, TLS_OUT_ALERT = 1, TLS_OUT_KEY_UPDATE = 2 };
 
+/* _tls_pages.c */
+lmw_tls_conn *lmw__tls_conn_new(lmw_tls_server *t);
+void lmw__tls_conn_free(lmw_tls_server *t, lmw_tls_conn *tc);
+void lmw__tls_pages_free(lmw_tls_server *t);
 /* _tls_keys.c */
 int lmw__tls_hash_len(int suite);
 int lmw__tls_dir_set(lmw_tls_dir *d, int suite, const uint8_t *secret);

@@ -5,7 +5,7 @@
  * loop feeds it records, _tls_input.c). When a TLS 1.3 handshake ends, OpenSSL has handed the
  * two application traffic secrets to the keylog callback; the key and IV of each direction are
  * derived (_tls_keys.c), the SSL object and its buffers are freed, and from then on the
- * connection keeps only its lmw_tls_conn (~240 bytes) for lowmemws's own record layer
+ * connection keeps only its lmw_tls_conn (224 bytes, _tls_pages.c) for lowmemws's own record layer
  * (_tls_record.c). A TLS 1.2 connection keeps its SSL object, which protects its records.
  *
  * Session tickets: none (SSL_CTX_set_num_tickets 0, no session cache): a ticket would be a
@@ -141,6 +141,7 @@ int lmw_tls_configure(lmw_server *s, const char *certfile, const char *keyfile, 
 void lmw__tls_server_free(lmw_server *s) {
     if (!s->tls) return;
     SSL_CTX_free(s->tls->ctx);
+    lmw__tls_pages_free(s->tls);
     free(s->tls->conns);
     free(s->tls->scratch);
     free(s->tls);
@@ -152,13 +153,13 @@ void lmw__tls_server_free(lmw_server *s) {
 /* lmw__tls_start gives a connection just accepted its TLS state and an SSL object for the
  * handshake (freed when it ends). Returns 0 or LMW_ERROR (out of memory). */
 int lmw__tls_start(lmw_server *s, int fd) {
-    lmw_tls_conn *tc = calloc(1, sizeof *tc);
+    lmw_tls_conn *tc = lmw__tls_conn_new(s->tls);
     SSL *ssl = tc ? SSL_new(s->tls->ctx) : NULL;
     BIO *rb = ssl ? BIO_new(BIO_s_mem()) : NULL, *wb = rb ? BIO_new(BIO_s_mem()) : NULL;
     if (!wb) {
         BIO_free(rb);
         SSL_free(ssl);
-        free(tc);
+        if (tc) lmw__tls_conn_free(s->tls, tc);
         s->stats->errors[LMW_ERR_NOMEM]++;
         return LMW_ERROR;
     }
@@ -198,8 +199,7 @@ void lmw__tls_forget(lmw_server *s, int fd) {
     if (!tc) return;
     lmw__tls_drop_partial(s, tc);
     SSL_free(tc->ssl);
-    OPENSSL_cleanse(tc, sizeof *tc);
-    free(tc);
+    lmw__tls_conn_free(s->tls, tc); /* wiped there */
     s->tls->conns[fd] = NULL;
 }
 
