@@ -81,6 +81,8 @@ def main() -> None:
             for _ in range(count):
                 raw = socket.socket()
                 raw.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                # as browsers do: the Upgrade right behind Finished is not held by Nagle
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 raw.bind((source, 0))
                 raw.settimeout(60)
                 raw.connect((host, port))

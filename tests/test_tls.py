@@ -201,6 +201,15 @@ def test_https_request_on_the_tls_port(certs: CertificateSet, server: TLSGateway
     assert reply.startswith(b"HTTP/1.1 200")
 
 
+def test_metrics_count_tls_outcomes(certs: CertificateSet, server: TLSGateway) -> None:
+    """GET /metrics over https lists every TLS outcome counter."""
+    tls = open_ssl(certs, server.port, TLS13)
+    tls.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    body = read_until_closed(tls).decode()
+    assert 'lowmemws_tls_total{outcome="handshakes"} ' in body
+    assert 'lowmemws_tls_total{outcome="bad_record_mac"} ' in body
+
+
 def test_publish_reaches_every_tls_member(certs: CertificateSet, server: TLSGateway) -> None:
     """One publish, built once, sealed per member: each gets it under its own keys."""
     clients = [ssl_client(certs, server.port) for _ in range(5)]
