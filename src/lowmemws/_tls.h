@@ -52,15 +52,14 @@ enum { TLS_HS_NEW_SESSION_TICKET = 4, TLS_HS_KEY_UPDATE = 24 };
 /* Cipher suites of the record layer (RFC 8446 appendix B.4); CCM is not offered. */
 enum { TLS_SUITE_AES128_GCM = 1, TLS_SUITE_AES256_GCM = 2, TLS_SUITE_CHACHA20 = 3 };
 
-/* lmw_tls_dir is one direction of a TLS 1.3 connection: its current traffic secret (kept for
- * KeyUpdate, RFC 8446 7.2), the key and IV derived from it (7.3) and the sequence number of
- * the next record (5.3). */
+/* lmw_tls_dir is one direction of a TLS 1.3 connection: its current traffic secret (for its
+ * key, derived per use, and for KeyUpdate, RFC 8446 7.2), the IV derived from it (7.3) and the
+ * sequence number of the next record (5.3). */
 typedef struct __attribute__((packed)) {
     uint64_t seq;
     uint8_t secret[48];
-    uint8_t key[32];
     uint8_t iv[TLS_NONCE];
-} lmw_tls_dir; /* 100 bytes: no padding inside lmw_tls_conn */
+} lmw_tls_dir; /* 68 bytes: no padding inside lmw_tls_conn */
 
 /* Phases of a TLS connection. */
 enum {
@@ -108,6 +107,7 @@ void lmw__tls_pages_free(lmw_tls_server *t);
 /* _tls_keys.c */
 int lmw__tls_hash_len(int suite);
 int lmw__tls_dir_set(lmw_tls_dir *d, int suite, const uint8_t *secret);
+int lmw__tls_dir_key(const lmw_tls_dir *d, int suite, uint8_t *key);
 int lmw__tls_dir_update(lmw_tls_dir *d, int suite);
 /* _tls_record.c */
 size_t lmw__tls_sealed_size(size_t n);

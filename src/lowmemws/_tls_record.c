@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "_tls.h"
@@ -25,8 +26,8 @@ static void fetch_ciphers(void) {
     ciphers[TLS_SUITE_CHACHA20] = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
 }
 
-/* start readies the thread's context for one record of the direction (enc: seal). */
-static EVP_CIPHER_CTX *start(int suite, const lmw_tls_dir *d, int enc) {
+/* start readies the thread's context for one record of the direction (enc: seal) under key. */
+static EVP_CIPHER_CTX *start(int suite, const lmw_tls_dir *d, const uint8_t *key, int enc) {
     if (suite < TLS_SUITE_AES128_GCM || suite > TLS_SUITE_CHACHA20) return NULL;
     pthread_once(&ciphers_once, fetch_ciphers);
     if (!ciphers[suite]) return NULL;
@@ -34,7 +35,7 @@ static EVP_CIPHER_CTX *start(int suite, const lmw_tls_dir *d, int enc) {
     uint8_t nonce[TLS_NONCE];
     memcpy(nonce, d->iv, TLS_NONCE);
     for (int i = 0; i < 8; i++) nonce[TLS_NONCE - 1 - i] ^= (uint8_t)(d->seq >> (8 * i));
-    if (EVP_CipherInit_ex(aead, ciphers[suite], NULL, d->key, nonce, enc) != 1) return NULL;
+    if (EVP_CipherInit_ex(aead, ciphers[suite], NULL, key, nonce, enc) != 1) return NULL;
     return aead;
 }
 
@@ -55,7 +56,9 @@ int lmw__tls_open(int suite, lmw_tls_dir *d, uint8_t *rec, size_t len, uint8_t *
     size_t clen = len - TLS_HEADER;
     if (clen > TLS_MAX_CIPHER) return TLS_ALERT_RECORD_OVERFLOW;
     if (clen < TLS_TAG + 1 || d->seq == UINT64_MAX) return TLS_ALERT_BAD_RECORD_MAC;
-    EVP_CIPHER_CTX *c = start(suite, d, 0);
+    uint8_t key[32];
+    EVP_CIPHER_CTX *c = lmw__tls_dir_key(d, suite, key) == 0 ? start(suite, d, key, 0) : NULL;
+    OPENSSL_cleanse(key, sizeof key);
     if (!c) return TLS_ALERT_BAD_RECORD_MAC;
     uint8_t *p = rec + TLS_HEADER;
     size_t n = clen - TLS_TAG;
@@ -102,11 +105,15 @@ static int update_span(EVP_CIPHER_CTX *c, const uint8_t *a, size_t alen, const u
 size_t lmw__tls_seal(int suite, lmw_tls_dir *d, uint8_t type, const uint8_t *a, size_t alen,
                      const uint8_t *b, size_t blen, uint8_t *out) {
     size_t total = alen + blen, done = 0, w = 0;
+    uint8_t key[32];
+    if (lmw__tls_dir_key(d, suite, key) < 0) return 0;
     do {
         size_t n = total - done < TLS_MAX_PLAIN ? total - done : TLS_MAX_PLAIN;
-        if (d->seq == UINT64_MAX) return 0;
-        EVP_CIPHER_CTX *c = start(suite, d, 1);
-        if (!c) return 0;
+        EVP_CIPHER_CTX *c = d->seq == UINT64_MAX ? NULL : start(suite, d, key, 1);
+        if (!c) {
+            w = 0;
+            break;
+        }
         uint8_t *h = out + w;
         put_header(h, TLS_CT_APPLICATION_DATA, n + 1 + TLS_TAG);
         uint8_t *p = h + TLS_HEADER;
@@ -115,11 +122,14 @@ size_t lmw__tls_seal(int suite, lmw_tls_dir *d, uint8_t type, const uint8_t *a, 
             update_span(c, a, alen, b, done, n, p) < 0 ||
             EVP_CipherUpdate(c, p + n, &got, &type, 1) != 1 ||
             EVP_CipherFinal_ex(c, p + n + 1, &got) != 1 ||
-            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, TLS_TAG, p + n + 1) != 1)
-            return 0;
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, TLS_TAG, p + n + 1) != 1) {
+            w = 0;
+            break;
+        }
         d->seq++;
         done += n;
         w += TLS_HEADER + n + 1 + TLS_TAG;
     } while (done < total);
+    OPENSSL_cleanse(key, sizeof key);
     return w;
 }
