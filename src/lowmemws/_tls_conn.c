@@ -3,9 +3,9 @@
  *
  * During the handshake a connection holds an OpenSSL SSL object over two memory BIOs (the
  * loop feeds it records, _tls_input.c). When a TLS 1.3 handshake ends, OpenSSL has handed the
- * two application traffic secrets to the keylog callback; the key and IV of each direction are
- * derived (_tls_keys.c), the SSL object and its buffers are freed, and from then on the
- * connection keeps only its lmw_tls_conn (160 bytes, _tls_pages.c) for lowmemws's own record layer
+ * two application traffic secrets to the keylog callback; the IV of each direction is derived
+ * (_tls_keys.c), the SSL object and its buffers are freed, and from then on the connection
+ * keeps only its lmw_tls_conn (160 bytes, _tls_pages.c) for lowmemws's own record layer
  * (_tls_record.c). A TLS 1.2 connection keeps its SSL object, which protects its records.
  *
  * Session tickets: none (SSL_CTX_set_num_tickets 0, no session cache): a ticket would be a
