@@ -94,6 +94,7 @@ typedef struct lmw_tls_server {
     struct tls_page *pages; /* where the lmw_tls_conn live (_tls_pages.c) */
     uint8_t *scratch;
     size_t scratch_cap;
+    uint32_t freed_openssl; /* TLS 1.2 connections freed since the heap was last trimmed */
 } lmw_tls_server;
 
 /* Kinds of TLS output that lmw_out.control carries (bits 2-3): a record queued as plaintext is

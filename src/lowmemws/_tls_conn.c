@@ -13,6 +13,7 @@
  * be followed by tickets the record layer takes over; a full handshake costs the client one
  * round trip more on reconnect, which a notification socket that stays open pays rarely.
  */
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +28,7 @@
 /* a read block must hold pending plaintext, a partial record and room to read */
 #define TLS_MIN_READ_BUFFER (2 * TLS_MAX_RECORD + MIN_READ_SPACE)
 #define SCRATCH_KEEP (4 * TLS_MAX_RECORD) /* sealing memory kept between writes */
+#define TRIM_AFTER 1024                   /* TLS 1.2 connections freed between heap trims */
 
 int lmw_tls_available(void) { return 1; }
 
@@ -193,12 +195,20 @@ int lmw__tls_keep_partial(lmw_server *s, lmw_tls_conn *tc, const uint8_t *p, siz
     return 0;
 }
 
-/* lmw__tls_forget frees fd's TLS state (the connection is being freed). */
+/* lmw__tls_forget frees fd's TLS state (the connection is being freed). The SSL objects of TLS
+ * 1.2 connections are scattered through the heap among longer-lived allocations, so after every
+ * TRIM_AFTER of them the heap's free pages are given back (malloc_trim), else RSS would stay
+ * at its peak after a crowd of them leaves. */
 void lmw__tls_forget(lmw_server *s, int fd) {
     lmw_tls_conn *tc = s->tls->conns[fd];
     if (!tc) return;
     lmw__tls_drop_partial(s, tc);
+    int kept_ssl = tc->ssl && tc->phase != TLS_HANDSHAKE; /* TLS 1.2, maybe closed (DEAD) */
     SSL_free(tc->ssl);
+    if (kept_ssl && ++s->tls->freed_openssl >= TRIM_AFTER) {
+        s->tls->freed_openssl = 0;
+        malloc_trim(0);
+    }
     lmw__tls_conn_free(s->tls, tc); /* wiped there */
     s->tls->conns[fd] = NULL;
 }
