@@ -327,7 +327,8 @@ typedef struct {
  * form layers; each calls only the ones below it (no cycles):
  *   _server.c (loop, accept, sweep, the public API)
  *   _fanout.c (one frame to many)   _paced.c (one frame to many, over time)
- *   _input.c  (reading, heads, frames)   _tls_input.c (TLS records to plaintext for _input.c)
+ *   _input.c  (reading, heads, frames)
+ *   _tls_input.c (TLS records to plaintext for _input.c)
  *   _conn.c   (the state machine: every state change)
  *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
  *   _deflate.c (permessage-deflate: the zlib pool, one message at a time)
@@ -409,8 +410,14 @@ int lmw__tls_seal_out(lmw_server *s, lmw_tls_conn *tc, int kind, const uint8_t *
 void lmw__tls_scratch_done(lmw_server *s);
 int lmw__tls_keep_partial(lmw_server *s, lmw_tls_conn *tc, const uint8_t *p, size_t n);
 void lmw__tls_drop_partial(lmw_server *s, lmw_tls_conn *tc);
-/* _tls_input.c (input level: records to plaintext for _input.c's parsers) */
-void lmw__tls_on_readable(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc);
+/* _tls_input.c (below _input.c: records to plaintext for its parsers) */
+typedef struct {
+    uint8_t *buf;
+    uint64_t len;
+    lmw_progress done; /* of a frame at buf partly handled on an earlier read */
+} lmw_tls_plain;
+int lmw__tls_read(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_tls_plain *out);
+void lmw__tls_read_done(lmw_server *s, int fd, uint32_t gen, lmw_tls_conn *tc);
 /* _spill.c */
 int lmw__take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *cap);
 void lmw__commit_read_space(lmw_server *s, size_t used);

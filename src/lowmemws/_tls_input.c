@@ -1,6 +1,7 @@
 /* _tls_input.c - reading a TLS connection: the handshake fed to OpenSSL, then records opened
  * into plaintext that _input.c parses exactly as it parses a plain connection's bytes.
  *
+ * It sits below _input.c, which parses the plaintext (lmw__tls_read, lmw__tls_read_done).
  * Read space is borrowed as for a plain connection: pending plaintext (a partial head or
  * frame, the ext's spill) is copied to its start, then a partial record kept from the last
  * read, then what the kernel holds. Records are opened in place and their plaintext moved
@@ -297,39 +298,31 @@ static int open_records(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, u
 
 /* ---------------------------------------------------------------- reading */
 
-/* after_plaintext answers the peer's close_notify with ours, once what came before it is
- * handled (a WebSocket close in it may already have ended the connection). */
-static void after_plaintext(lmw_server *s, int fd, uint32_t gen, lmw_tls_conn *tc) {
+/* lmw__tls_read_done answers the peer's close_notify with ours, once the plaintext read before
+ * it was parsed (a WebSocket close in it may already have ended the connection). */
+void lmw__tls_read_done(lmw_server *s, int fd, uint32_t gen, lmw_tls_conn *tc) {
     lmw_slot *sl = lmw__slot(s, fd, gen);
     if (!sl || lmw__tls_of(s, fd) != tc || !tc->peer_closed || sl->state == ST_DEFERRED) return;
     lmw__conn_abandon(s, fd, sl);
 }
 
-/* parse hands plaintext to _input.c, as if it had been read from a plain socket. */
-static void parse(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, size_t len,
-                  lmw_progress done) {
-    if (!len) return;
-    if (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY)
-        return lmw__process_head(s, fd, sl, buf, len);
-    if (lmw__is_open_state(sl->state)) lmw__process_frames(s, fd, sl, buf, len, done);
-}
-
 /* read_large reads while a frame larger than half a read block is pending: records are
- * opened in read space and their plaintext appended to the frame's spill. */
-static void read_large(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_ext *x) {
-    uint32_t gen = sl->gen;
-    if (x->in_want > s->cfg.spill_budget) return lmw__conn_fail(s, fd, 1013);
+ * opened in read space and their plaintext appended to the frame's spill, which is then
+ * parsed (as _input.c's read_into_spill does). */
+static int read_large(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_ext *x,
+                      lmw_tls_plain *out) {
+    if (x->in_want > s->cfg.spill_budget) return lmw__conn_fail(s, fd, 1013), 0;
     uint8_t *buf;
     size_t cap, kept = tc->rec_len;
-    if (lmw__take_read_space(s, kept + MIN_READ_SPACE, &buf, &cap) < 0) return;
+    if (lmw__take_read_space(s, kept + MIN_READ_SPACE, &buf, &cap) < 0) return 0;
     if (kept) memcpy(buf, tc->rec, kept);
     ssize_t n = recv_some(fd, buf + kept, cap - kept);
-    if (n == 0) return;
-    if (n < 0) return lmw__conn_free(s, fd, 0);
+    if (n == 0) return 0;
+    if (n < 0) return lmw__conn_free(s, fd, 0), 0;
     lmw__commit_read_space(s, kept + (size_t)n);
     input_seen(s, sl);
     size_t plain = 0;
-    if (open_records(s, fd, sl, tc, buf, kept + (size_t)n, &plain) < 0) return;
+    if (open_records(s, fd, sl, tc, buf, kept + (size_t)n, &plain) < 0) return 0;
     uint64_t need = x->in_len + plain;
     if (need > x->in_cap) {
         uint64_t ncap = x->in_cap * 2 < x->in_want ? x->in_cap * 2 : x->in_want;
@@ -337,42 +330,44 @@ static void read_large(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lm
         uint8_t *m = s->stats->spill_bytes + (ncap - x->in_cap) <= s->cfg.spill_budget
                          ? realloc(x->in, ncap)
                          : NULL;
-        if (!m) return lmw__conn_fail(s, fd, 1013);
+        if (!m) return lmw__conn_fail(s, fd, 1013), 0;
         s->stats->spill_bytes += ncap - x->in_cap;
         x->in = m;
         x->in_cap = ncap;
     }
     memcpy(x->in + x->in_len, buf, plain);
     x->in_len = need;
-    if (x->in_len < x->in_want) {
-        lmw_progress done = {.checked = x->in_checked, .begun = x->in_frame_begun};
-        lmw__process_frames(s, fd, sl, x->in, x->in_len, done);
+    if (x->in_len < x->in_want) { /* parsed in place: the checked part is not checked again */
+        *out = (lmw_tls_plain){
+            x->in, x->in_len, {.checked = x->in_checked, .begun = x->in_frame_begun}};
     } else {
         lmw_pending p = lmw__take_spill(s, x);
-        lmw__process_frames(s, fd, sl, p.buf, p.len, p.progress);
+        *out = (lmw_tls_plain){p.buf, p.len, p.progress};
     }
-    after_plaintext(s, fd, gen, tc);
+    return 1;
 }
 
-/* lmw__tls_on_readable reads a TLS connection (the checks of lmw__on_readable passed). */
-void lmw__tls_on_readable(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc) {
+/* lmw__tls_read reads a TLS connection (the checks of lmw__on_readable passed) and opens what
+ * arrived. Returns 1 with the plaintext to parse in *out (its len may be 0; then call
+ * lmw__tls_read_done), or 0 when there is nothing to parse (nothing arrived, the handshake
+ * goes on, or the connection ended). */
+int lmw__tls_read(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_tls_plain *out) {
     lmw_ext *x = lmw__ext_of(s, sl);
     if (x && x->in && lmw__spill_is_large(s, x) && !lmw__is_handshake_state(sl->state))
-        return read_large(s, fd, sl, tc, x);
-    uint32_t gen = sl->gen;
+        return read_large(s, fd, sl, tc, x, out);
     size_t pending = x && x->in ? (size_t)x->in_len : 0, kept = tc->rec_len;
     uint8_t *buf;
     size_t cap;
     if (pending + kept + MIN_READ_SPACE > s->cfg.read_buffer_size) {
-        if (lmw__is_handshake_state(sl->state)) return lmw__conn_reject(s, fd, sl, 431);
-        return lmw__conn_fail(s, fd, 1009);
+        if (lmw__is_handshake_state(sl->state)) return lmw__conn_reject(s, fd, sl, 431), 0;
+        return lmw__conn_fail(s, fd, 1009), 0;
     }
-    if (lmw__take_read_space(s, pending + kept + MIN_READ_SPACE, &buf, &cap) < 0) return;
+    if (lmw__take_read_space(s, pending + kept + MIN_READ_SPACE, &buf, &cap) < 0) return 0;
     size_t room = cap - pending - kept;
     if (room > TLS_MAX_RECORD * 2) room = TLS_MAX_RECORD * 2; /* leave the block to others */
     ssize_t n = recv_some(fd, buf + pending + kept, room);
-    if (n == 0) return;
-    if (n < 0) return lmw__conn_free(s, fd, 0);
+    if (n == 0) return 0;
+    if (n < 0) return lmw__conn_free(s, fd, 0), 0;
     if (pending) memcpy(buf, x->in, pending);
     if (kept) memcpy(buf + pending, tc->rec, kept);
     lmw__commit_read_space(s, pending + kept + (size_t)n);
@@ -387,12 +382,12 @@ void lmw__tls_on_readable(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc)
     size_t len = kept + (size_t)n;
     if (tc->phase == TLS_HANDSHAKE) {
         long used = handshake(s, fd, sl, tc, p, len);
-        if (used < 0 || tc->phase == TLS_HANDSHAKE) return;
+        if (used < 0 || tc->phase == TLS_HANDSHAKE) return 0;
         p += used; /* pending is 0 during the handshake: the plaintext starts at p */
         len -= (size_t)used;
     }
     size_t plain = 0;
-    if (open_records(s, fd, sl, tc, p, len, &plain) < 0) return;
-    parse(s, fd, sl, pending ? buf : p, pending + plain, done);
-    after_plaintext(s, fd, gen, tc);
+    if (open_records(s, fd, sl, tc, p, len, &plain) < 0) return 0;
+    *out = (lmw_tls_plain){pending ? buf : p, pending + plain, done};
+    return 1;
 }

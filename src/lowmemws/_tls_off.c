@@ -32,4 +32,7 @@ int lmw__tls_keep_partial(lmw_server *s, lmw_tls_conn *tc, const uint8_t *p, siz
     return LMW_ERROR;
 }
 void lmw__tls_drop_partial(lmw_server *s, lmw_tls_conn *tc) {}
-void lmw__tls_on_readable(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc) {}
+int lmw__tls_read(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_tls_plain *out) {
+    return 0;
+}
+void lmw__tls_read_done(lmw_server *s, int fd, uint32_t gen, lmw_tls_conn *tc) {}
