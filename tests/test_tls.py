@@ -9,6 +9,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,48 @@ def test_client_key_update_many_times(server: TLSGateway) -> None:
         assert ws.recv() == f"after update {i}"
     assert ws.close() == 1000
     assert server.tls()["key_updates"] == before + 40
+
+
+class TrickleSocket:
+    """TrickleSocket sends in 7-byte TCP segments once trickle is set: every record arrives in
+    pieces, so the server keeps partial records between reads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.trickle = False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def sendall(self, data: bytes) -> None:
+        step = 7 if self.trickle else len(data) or 1
+        for i in range(0, len(data), step):
+            self.sock.sendall(data[i : i + step])
+            if self.trickle:
+                time.sleep(0.0005)
+
+    def send(self, data: bytes) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_records_arriving_in_pieces(server: TLSGateway) -> None:
+    """Records split across many reads are kept partial (like a partial frame) and complete."""
+    raw = TrickleSocket(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+    conn = TLSConnection(raw)
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    conn.handshakeClientCert(settings=settings)
+    raw.trickle = True
+    ws = TLSWebSocket(conn, "127.0.0.1", server.port)
+    for message in ["a" * 3000, b"\x01" * 20_000]:
+        ws.send(message)
+        assert ws.recv() == message
+    assert ws.close() == 1000
 
 
 def test_https_request_on_the_tls_port(certs: CertificateSet, server: TLSGateway) -> None:
