@@ -461,3 +461,18 @@ def test_cli_echo_serves_wss(certs: CertificateSet, start_server: StartServer) -
     ws.send("over the CLI")
     assert ws.recv() == "over the CLI"
     assert ws.close() == 1000
+
+
+def test_cli_echo_over_tls_with_worker_processes(
+    certs: CertificateSet, start_server: StartServer
+) -> None:
+    """Each SO_REUSEPORT worker loads the certificate and serves TLS."""
+    server = start_server(
+        [sys.executable, "-m", "lowmemws", "echo"],
+        ["--processes", "2", "--certfile", str(certs.cert), "--keyfile", str(certs.key)],
+    )
+    for i in range(10):
+        ws = ssl_client(certs, server.port)
+        ws.send(f"message {i}")
+        assert ws.recv() == f"message {i}"
+        assert ws.close() == 1000
