@@ -19,6 +19,7 @@ from tlslite import HandshakeSettings, TLSConnection
 from tlslite.constants import AlertDescription, AlertLevel, ContentType, KeyUpdateMessageType
 from tlslite.errors import TLSAbruptCloseError, TLSRemoteAlert
 from tlslite.messages import Alert, Message
+from wsproto.events import BytesMessage, Ping, Pong
 
 from lowmemws import Accept, Config, Connection, Gateway, Request, TLSError, tls_available
 from tests.support.ci import skip_or_fail
@@ -476,3 +477,40 @@ def test_cli_echo_over_tls_with_worker_processes(
         ws.send(f"message {i}")
         assert ws.recv() == f"message {i}"
         assert ws.close() == 1000
+
+
+def test_output_queued_for_a_slow_reader_is_sealed_in_order(
+    certs: CertificateSet, tmp_path: Path
+) -> None:
+    """A client that does not read while 4 MiB is published to it: what the kernel does not
+    take is queued and sealed as it leaves, so the records stay in sequence (every message
+    arrives whole and in order), and a pong still goes ahead of the queued data."""
+    config = Config(certfile=str(certs.cert), keyfile=str(certs.key), write_limit=16 << 20)
+    gateway = Gateway("127.0.0.1", 0, config=config)
+    gateway.on_connect(lambda request: Accept(topics=("feed",)))
+    gateway.start()
+    try:
+        ws = ssl_client(certs, gateway.port)
+        wait_until(lambda: gateway.topic_size("feed") == 1, timeout=10, what="subscribed")
+        messages = [f"{i:05d}".encode() * 3277 for i in range(256)]  # 16 KiB each
+        for message in messages:
+            gateway.publish("feed", message)
+        assert gateway.stats()["pending_write_bytes"] > 0  # the kernel did not take it all
+        ws.send_event(Ping(payload=b"are you there"))
+        got: list[bytes] = []
+        part = b""
+        pong_after = -1
+        while len(got) < len(messages):
+            event = ws.next_event()
+            if isinstance(event, Pong):
+                pong_after = len(got)
+            if isinstance(event, BytesMessage):  # wsproto hands over pieces as they come
+                part += bytes(event.data)
+                if event.message_finished:
+                    got.append(part)
+                    part = b""
+        assert got == messages
+        assert 0 <= pong_after < len(messages) - 1  # the pong overtook the queued data
+        assert ws.close() == 1000
+    finally:
+        gateway.stop(timeout=10)
