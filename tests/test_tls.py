@@ -5,6 +5,7 @@ serving everyone else afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import sys
@@ -516,6 +517,29 @@ def test_output_queued_for_a_slow_reader_is_sealed_in_order(
         assert got == messages
         while pong_after < 0:  # the pong, sealed in its place among the queued records
             pong_after = len(got) if isinstance(ws.next_event(), Pong) else -1
+        assert ws.close() == 1000
+    finally:
+        gateway.stop(timeout=10)
+
+
+def test_async_upgrade_hook_parks_a_tls_handshake(certs: CertificateSet) -> None:
+    """An async on_connect parks the upgrade (issue 11) on a TLS connection too: the 101 is
+    sealed when the hook answers."""
+    gateway = Gateway(
+        "127.0.0.1", 0, config=Config(certfile=str(certs.cert), keyfile=str(certs.key))
+    )
+
+    @gateway.on_connect
+    async def connect(request: Request) -> Accept:
+        await asyncio.sleep(0.05)
+        return Accept()
+
+    gateway.on_message(lambda conn, message: conn.send(message))
+    gateway.start()
+    try:
+        ws = ssl_client(certs, gateway.port)
+        ws.send("after a parked upgrade")
+        assert ws.recv() == "after a parked upgrade"
         assert ws.close() == 1000
     finally:
         gateway.stop(timeout=10)
