@@ -11,6 +11,7 @@ TCP buffer pages from /proc/net/sockstat) is reported separately: it covers both
 loopback connection, since the load clients run on the same kernel.
 
     python benchmarks/idle_memory.py --connections 19000 [--servers a,b] [--deflate]
+        [--user-ids int|str|long-str]
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ def measure(
     }
 
 
-def run(servers: list[str], connections: int, deflate: bool, log: Any = print) -> dict[str, Any]:
-    """run measures every usable server in turn; unusable ones are listed with the reason."""
+def run(
+    servers: list[str], connections: int, deflate: bool, log: Any = print, user_ids: str = "int"
+) -> dict[str, Any]:
+    """run measures every usable server in turn; unusable ones are listed with the reason.
+
+    user_ids: the form of lowmemws's user ids (int, str, long-str: see servers/common.py)."""
 
     def measure_one(name: str) -> dict[str, Any]:
         log(f"  {name}: measuring {connections:,} idle connections (deflate offered: {deflate})")
+        if name == "lowmemws" and user_ids != "int":
+            extra = ("--user-ids", user_ids)
+            return measure(name, connections, deflate, log, extra=extra, label=f"{user_ids} ids")
         return measure(name, connections, deflate, log)
 
     rows, skipped = report.each_server(servers, measure_one, log)
@@ -154,6 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--connections", type=int, default=19_000)
     report.add_servers(p)
     p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
+    p.add_argument(
+        "--user-ids",
+        choices=("int", "str", "long-str"),
+        default="int",
+        help="lowmemws user ids: int, a short str (kept in the tag), a long str (hashed)",
+    )
     return report.main(p, argv, run_args, render)
 
 
@@ -161,7 +175,7 @@ def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
     if a.connections > 19_000:
         sys.exit("at most 19,000 connections: one server process has 20,000 file descriptors")
-    return run(a.servers.split(","), a.connections, a.deflate)
+    return run(a.servers.split(","), a.connections, a.deflate, user_ids=a.user_ids)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,26 @@ def tree_cpu_ticks(pid: int) -> int:
     return total
 
 
+def tree_cpu_ns(pid: int) -> int:
+    """tree_cpu_ns sums the CPU time of every live thread of a process tree, in nanoseconds
+    (/proc/PID/task/TID/schedstat, the scheduler's own runtime accounting). utime + stime
+    come in clock ticks (10 ms), too coarse for a window that costs ~0.1 s; a thread that
+    ended during the window is missed, so measure servers whose threads live on."""
+    total = 0
+    for p in tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return total
+
+
 def ticks_to_us(ticks: int) -> float:
     """ticks_to_us converts clock ticks to microseconds."""
     return ticks * 1_000_000 / CLOCK_TICKS

@@ -10,6 +10,7 @@ round. Figures: median and spread over the rounds of CPU microseconds per upgrad
 implied upgrades per second per core (1e6 / that).
 
     python benchmarks/upgrade.py [--connections 19000] [--rounds 3] [--servers a,b]
+        [--user-ids int|str|long-str]
 """
 
 from __future__ import annotations
@@ -83,11 +84,18 @@ def measure(
     }
 
 
-def run(servers: list[str], connections: int, rounds: int, log: Any = print) -> dict[str, Any]:
-    """run measures every usable server in turn."""
-    rows, skipped = report.each_server(
-        servers, lambda name: measure(name, connections, rounds, log), log
-    )
+def run(
+    servers: list[str], connections: int, rounds: int, log: Any = print, user_ids: str = "int"
+) -> dict[str, Any]:
+    """run measures every usable server in turn (user_ids: lowmemws's form of user id)."""
+
+    def measure_one(name: str) -> dict[str, Any]:
+        if name == "lowmemws" and user_ids != "int":
+            extra = ("--user-ids", user_ids)
+            return measure(name, connections, rounds, log, extra=extra, label=f"{user_ids} ids")
+        return measure(name, connections, rounds, log)
+
+    rows, skipped = report.each_server(servers, measure_one, log)
     return {"connections": connections, "rounds": rounds, "rows": rows, "skipped": skipped}
 
 
@@ -114,12 +122,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--connections", type=int, default=19_000)
     p.add_argument("--rounds", type=int, default=3)
     report.add_servers(p)
+    p.add_argument(
+        "--user-ids",
+        choices=("int", "str", "long-str"),
+        default="int",
+        help="lowmemws user ids: int, a short str (kept in the tag), a long str (hashed)",
+    )
     return report.main(p, argv, run_args, render)
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
     """run_args runs with the figures given on the command line."""
-    return run(a.servers.split(","), min(a.connections, 19_000), a.rounds)
+    return run(a.servers.split(","), min(a.connections, 19_000), a.rounds, user_ids=a.user_ids)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def token_for(secret: str, user: str) -> str:
 
 def user_tag(user: str) -> int:
     """user_tag maps a name to the 64-bit tag its connections carry (same on every node)."""
-    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") or 1
+    return (
+        int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") >> 1 or 1
+    )  # int ids < 2**63
 
 
 # -- unread counts ------------------------------------------------------------------------

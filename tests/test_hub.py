@@ -209,7 +209,7 @@ def test_send_to_user_reaches_every_connection_of_that_user_only(
     laptop = server.connect(user=42, topics=("x",))
     neighbour = server.connect(user=43)
     anonymous = server.connect(user=0)
-    big = 2**64 - 1
+    big = 2**63 - 1  # the largest int id: the upper half of the tags is for str ids
     maximal = server.connect(user=big)
 
     assert server.gateway.send_to_user(42, "you have mail") == 2

@@ -3,8 +3,9 @@
 ``--hook async`` declares on_connect as ``async def`` (issue 11); ``--hook-delay S`` makes it
 wait S seconds before accepting: ``await asyncio.sleep(S)`` when async, ``time.sleep(S)`` (a
 blocking lookup) when sync. ``--hook-threads N`` sets ``Config.hook_threads``, ``--backlog N``
-``Config.backlog``; ``--certfile C --keyfile K`` serve TLS; ``--message-hook async`` makes
-the echo an ``async def`` on_message.
+``Config.backlog``; ``--message-hook async`` makes the echo an ``async def`` on_message;
+``--user-ids str`` or ``long-str`` accepts each connection with a str user id (issue 12);
+``--certfile C --keyfile K`` serve TLS.
 Every option left out keeps the library's default.
 """
 
@@ -19,16 +20,26 @@ from common import is_subscriber, parse_args, publish_request, ready
 
 import lowmemws
 
+USER_ID_FORMS = {
+    "int": int,
+    "str": lambda n: f"u{n}",  # up to 9 characters: kept in the 64-bit tag, reversibly
+    "long-str": lambda n: f"user-{n}@mail.example.com",  # a keyed hash
+}
+user_id_form = USER_ID_FORMS["int"]
+
 
 def accept(request: lowmemws.Request) -> lowmemws.Accept:
-    """accept gives a /ws connection its user id and the topic "all" (see common.py)."""
+    """accept gives a /ws connection its user id (in the form --user-ids names) and the
+    topic "all" (see common.py)."""
     if not is_subscriber(request.path):
         return lowmemws.Accept(user=0, topics=())
-    return lowmemws.Accept(user=int(request.params.get("user", "0")), topics=("all",))
+    return lowmemws.Accept(user=user_id_form(int(request.params.get("user", "0"))), topics=("all",))
 
 
 def main() -> None:
+    global user_id_form
     args = parse_args(__doc__)
+    user_id_form = USER_ID_FORMS[args.user_ids]
     options: dict[str, Any] = {}
     if args.ping_interval is not None:
         options["ping_interval"] = args.ping_interval

@@ -6,13 +6,22 @@ send_to_user and broadcast work from any thread. See the README for an example.
 """
 
 from ._c_server import tls_available
+from ._user_ids import UserTag
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from .errors import BusUnavailable, HandshakeError, LowMemWSError, ProtocolError, TLSError
+from .errors import (
+    BusUnavailable,
+    HandshakeError,
+    LowMemWSError,
+    PresenceTimeout,
+    ProtocolError,
+    TLSError,
+)
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
+from .publisher import Publisher
 from .server import Gateway, serve
 
 __version__ = "0.1.0"
@@ -29,14 +38,17 @@ __all__ = [
     "Headers",
     "LocalBus",
     "LowMemWSError",
+    "PresenceTimeout",
     "ProcessBus",
     "ProtocolError",
+    "Publisher",
     "RedisBus",
     "Reject",
     "Request",
     "Response",
     "SendResult",
     "TLSError",
+    "UserTag",
     "serve",
     "tls_available",
 ]

@@ -25,6 +25,7 @@ SOURCES = [
     "_input.c",
     "_fanout.c",
     "_paced.c",
+    "_presence.c",
     "_server.c",
 ]
 LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)

@@ -20,9 +20,14 @@ from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, runtime_checkable
 
 from ._constants import OP_BINARY, OP_TEXT, POLICIES, Policy
+from ._queries import Queries, Tally
 
 __all__ = [
+    "QUERY_KINDS",
     "Bus",
+    "Query",
+    "answer_envelope",
+    "query_envelope",
     "BusStats",
     "Deliver",
     "Envelope",
@@ -34,14 +39,22 @@ __all__ = [
 
 log = logging.getLogger("lowmemws.bus")
 
-Kind = Literal["topic", "user", "broadcast", "users", "cancel"]
+Kind = Literal["topic", "user", "broadcast", "users", "cancel", "online", "kick", "answer"]
 
 #: OPCODE_TEXT is the RFC 6455 section 5.2 opcode of a text frame.
 OPCODE_TEXT = OP_TEXT
 #: OPCODE_BINARY is the RFC 6455 section 5.2 opcode of a binary frame.
 OPCODE_BINARY = OP_BINARY
 
-_KINDS: tuple[Kind, ...] = ("topic", "user", "broadcast", "users", "cancel")
+_KINDS: tuple[Kind, ...] = (
+    "topic", "user", "broadcast", "users", "cancel", "online", "kick", "answer"
+)  # fmt: skip
+_V1_KINDS = ("topic", "user", "broadcast")  # version 1 has 2 bits for the kind
+#: QUERY_KINDS are the presence queries (issue 12): every node answers them (see _presence).
+QUERY_KINDS = ("online", "kick")
+_QUERY = struct.Struct(">Q16s")  # query id, the asking node's address
+_KICK = struct.Struct(">H")  # close code; the reason's UTF-8 follows
+_COUNT = struct.Struct(">Q")
 _POLICY_BY_VALUE: dict[int, Policy] = {value: name for name, value in POLICIES.items()}
 _WIRE_VERSION = 1  # an unpaced topic, user or broadcast envelope: what every node reads
 _WIRE_VERSION_PACED = 2  # any other: a batch of users, a paced send, a cancel (issue 18)
@@ -55,6 +68,7 @@ _MAX_TOPIC_BYTES = 0xFFFF
 _MAX_USER_TAG = 2**64 - 1
 _MAX_USERS = 2**32 - 1
 _MAX_NODES = 0xFFFF
+_TAG_KINDS = ("user", "cancel", "online", "kick", "answer")  # keyed by one 64-bit number
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +87,10 @@ class Envelope:
     ``rate / nodes`` (``nodes``: how many nodes the publisher's bus reached).
     ``pace_id`` names the send; a "cancel" envelope (``key`` the pace id, no payload) ends
     every paced send of that id on every node.
+
+    Presence (issue 12): an "online" or "kick" envelope (``key`` a user tag) asks every node
+    to count (or close) that user's connections and answer with an "answer" envelope (``key``
+    the query id); their payloads are built by `query_envelope` and `answer_envelope`.
 
     Raises:
         ValueError: an unknown kind or policy, an opcode other than 1 or 2, a bad key.
@@ -173,7 +191,7 @@ class Envelope:
         A batch of users, a paced send or a cancel is version 2 (see `_encode_v2`): a node
         that only knows version 1 refuses it as malformed instead of sending it unpaced.
         """
-        if self.kind in ("users", "cancel") or self.paced or self.pace_id or self.nodes != 1:
+        if self.kind not in _V1_KINDS or self.paced or self.pace_id or self.nodes != 1:
             return self._encode_v2()
         flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
         head = _HEAD.pack(_WIRE_VERSION, flags, self.opcode)
@@ -184,7 +202,7 @@ class Envelope:
             assert isinstance(self.key, str)
             name = self.key.encode()
             return _TOPIC_LEN.pack(len(name)) + name
-        if self.kind in ("user", "cancel"):
+        if self.kind in _TAG_KINDS:
             assert isinstance(self.key, int)
             return _USER_TAG.pack(self.key)
         if self.kind == "users":
@@ -249,9 +267,9 @@ def _check_key(kind: Kind, key: object) -> None:
     if kind == "topic":
         if not isinstance(key, str) or len(key.encode()) > _MAX_TOPIC_BYTES:
             raise ValueError("Envelope: a topic key is a str of at most 65535 UTF-8 bytes")
-    elif kind in ("user", "cancel"):
+    elif kind in _TAG_KINDS:
         if not _is_tag(key):
-            raise ValueError("Envelope: a user key or pace id is an int in 0..2**64-1")
+            raise ValueError("Envelope: a user key, pace id or query id is an int in 0..2**64-1")
     elif kind == "users":
         if not isinstance(key, tuple) or len(key) > _MAX_USERS or not all(map(_is_tag, key)):
             raise ValueError("Envelope: a users key is a tuple of ints in 0..2**64-1")
@@ -282,7 +300,7 @@ def _decode_key(
             if start + length > len(view):
                 raise ValueError("Envelope.decode: truncated topic")
             return str(view[start : start + length], "utf-8"), start + length
-        if kind in ("user", "cancel"):
+        if kind in _TAG_KINDS:
             (tag,) = _USER_TAG.unpack_from(view, offset)
             return int(tag), offset + _USER_TAG.size
         if kind == "users":
@@ -389,9 +407,49 @@ class BusBase:
     """may_block: publish may wait (for a peer process or the network); Gateway.apublish
     then calls it in a thread. False for a bus whose publish only queues or fans out."""
 
+    #: presence_address is where answers to this node's queries go (its node id on Redis).
+    presence_address: bytes = bytes(16)
+
     def __init__(self) -> None:
         self.stats = BusStats()
         self._deliver: Deliver | None = None
+        #: queries holds the presence queries this node asked and still waits for.
+        self.queries = Queries()
+
+    def ask(self, envelope: Envelope, timeout: float) -> Tally:
+        """ask publishes a query envelope (see `query_envelope`) and waits up to timeout
+        seconds for the answers of every node it reached.
+
+        Raises:
+            BusUnavailable: the bus cannot take the query.
+        """
+        query = Query.parse(envelope)
+        self.queries.open(query.query_id, self._answers_expected())
+        try:
+            self.publish(envelope)
+        except BaseException:
+            self.queries.wait(query.query_id, 0)  # forget it
+            raise
+        return self.queries.wait(query.query_id, timeout)
+
+    def answer(self, query: Query, count: int) -> None:
+        """answer gives this node's count to the node that asked query (here: this node; the
+        buses that reach other nodes route it to the asker)."""
+        if query.query_id:
+            self.queries.answer(query.query_id, count)
+
+    def _take_answer(self, envelope: Envelope) -> None:
+        """_take_answer counts an "answer" envelope for the query it answers (a malformed
+        one is counted as such)."""
+        if envelope.kind != "answer" or len(envelope.payload) != _COUNT.size:
+            self.stats.add("malformed")
+            return
+        assert isinstance(envelope.key, int)
+        self.queries.answer(envelope.key, _COUNT.unpack(envelope.payload)[0])
+
+    def _answers_expected(self) -> int | None:
+        """_answers_expected: how many nodes answer a query (None: learned once it is sent)."""
+        return self.node_count()
 
     def publish(self, envelope: Envelope) -> int:  # pragma: no cover - overridden
         """publish sends ``envelope`` to every node; each bus overrides it."""
@@ -409,7 +467,11 @@ class BusBase:
 
     def _deliver_safely(self, envelope: Envelope) -> int:
         """Deliver from a bus thread: a failing callback is logged and counted, not fatal.
-        Returns the callback's count (0 when it failed or did not count)."""
+        Returns the callback's count (0 when it failed or did not count). An answer to a
+        presence query goes to `queries` instead (also in a process without connections)."""
+        if envelope.kind == "answer":
+            self._take_answer(envelope)
+            return 0
         deliver = self._deliver
         if deliver is None:
             return 0
@@ -421,3 +483,57 @@ class BusBase:
             return 0
         self.stats.add("delivered")
         return count or 0
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Query is a decoded "online" or "kick" envelope: the user tag asked about, the query id
+    (0: no answer wanted), the asking node's address, and a kick's close code and reason."""
+
+    kind: Kind
+    tag: int
+    query_id: int
+    asker: bytes
+    code: int = 0
+    reason: bytes = b""
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> Query:
+        """parse decodes a query envelope.
+
+        Raises:
+            ValueError: not a query, or a payload too short for one.
+        """
+        payload, key = envelope.payload, envelope.key
+        if envelope.kind not in QUERY_KINDS or not isinstance(key, int):
+            raise ValueError(f"Query.parse: a {envelope.kind!r} envelope is not a query")
+        if len(payload) < _QUERY.size + (_KICK.size if envelope.kind == "kick" else 0):
+            raise ValueError("Query.parse: truncated payload")
+        query_id, asker = _QUERY.unpack_from(payload)
+        if envelope.kind != "kick":
+            return cls(envelope.kind, key, query_id, asker)
+        (code,) = _KICK.unpack_from(payload, _QUERY.size)
+        return cls("kick", key, query_id, asker, code, payload[_QUERY.size + _KICK.size :])
+
+
+def query_envelope(
+    kind: Kind, tag: int, query_id: int, asker: bytes, code: int = 0, reason: bytes = b""
+) -> Envelope:
+    """query_envelope builds an "online" or "kick" envelope (code and reason: kick only);
+    asker is a 16-byte address the bus routes the answers by."""
+    payload = _QUERY.pack(query_id, asker)
+    if kind == "kick":
+        payload += _KICK.pack(code) + reason
+    return Envelope(kind, tag, OPCODE_BINARY, payload)
+
+
+def is_encoded_query(data: bytes) -> bool:
+    """is_encoded_query tells from its first two bytes whether an encoded envelope is a
+    presence query (so a relay need not decode every envelope to find them)."""
+    kinds = {_KINDS.index(kind) for kind in QUERY_KINDS}
+    return len(data) > 1 and data[0] == _WIRE_VERSION_PACED and data[1] in kinds
+
+
+def answer_envelope(query_id: int, count: int) -> Envelope:
+    """answer_envelope is one node's answer to query_id: its count."""
+    return Envelope("answer", query_id, OPCODE_BINARY, _COUNT.pack(count))

@@ -43,7 +43,17 @@ import socket
 import threading
 from collections import deque
 
-from ._bus_base import BusBase, BusStats, Deliver, Envelope, log
+from ._bus_base import (
+    QUERY_KINDS,
+    BusBase,
+    BusStats,
+    Deliver,
+    Envelope,
+    Query,
+    answer_envelope,
+    is_encoded_query,
+    log,
+)
 from .errors import BusUnavailable
 
 __all__ = ["ProcessBus"]
@@ -272,6 +282,16 @@ class ProcessBus(BusBase):
         """node_count is the number of worker processes a publish reaches."""
         return self._workers
 
+    def answer(self, query: Query, count: int) -> None:
+        """answer sends this worker's count to every process (through the parent, like a
+        publish); the asker is the one waiting for that query id, the others ignore it."""
+        if not query.query_id:
+            return
+        try:
+            self.publish(answer_envelope(query.query_id, count))
+        except BusUnavailable as exc:
+            log.warning("lowmemws ProcessBus: could not answer a presence query: %s", exc)
+
     def close(self) -> None:
         """close stops the threads and closes the sockets; workers of a closed parent see EOF."""
         with self._lock:
@@ -353,9 +373,11 @@ class ProcessBus(BusBase):
 
     def _relay(self, data: bytes) -> None:
         """Queue one message for every live worker; a full queue drops it for that worker."""
+        dead = 0
         with self._lock:
             for slot in self._slots:
                 if not slot.alive:
+                    dead += 1
                     continue
                 if slot.queued_bytes + len(data) > self._max_queued:
                     self.stats.add("dropped")
@@ -366,8 +388,26 @@ class ProcessBus(BusBase):
                 self.stats.add("buffered_bytes", len(data))
             self._lock.notify_all()
         self.stats.add("relayed")
-        if self._deliver is not None:
+        if self._deliver is not None or self.queries.waiting:  # answers to the parent's queries
             self._deliver_encoded(data)
+        if dead and is_encoded_query(data):
+            self._answer_for_the_dead(data, dead)
+
+    def _answer_for_the_dead(self, data: bytes, dead: int) -> None:
+        """A presence query reaches no worker that is dead (until it is forked again), and
+        a dead worker holds no connection: the parent answers 0 for each, so the asker does
+        not wait for them until its timeout."""
+        try:
+            envelope = Envelope.decode(data)
+        except ValueError:
+            return
+        if envelope.kind not in QUERY_KINDS:
+            return
+        query = Query.parse(envelope)
+        if query.query_id:
+            answer = answer_envelope(query.query_id, 0).encode()
+            for _ in range(dead):
+                self._relay(answer)
 
     def _writer_loop(self, slot: _Slot) -> None:
         while True:

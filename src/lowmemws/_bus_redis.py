@@ -19,6 +19,11 @@ and count the envelopes of another node that it never saw (``missed``).
 Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
 thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
 
+Presence queries (issue 12, `lowmemws._presence`) travel on the channel like any envelope;
+each node answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``,
+which every node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens
+to. The asker waits for as many answers as Redis reported receivers for the query's PUBLISH.
+
 During a Redis outage (server down, network cut):
 - local delivery is unaffected: ``publish`` still delivers to this node at once;
 - publishes are kept in a bounded buffer (``max_buffered`` envelopes, ``max_buffered_bytes``);
@@ -46,7 +51,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from ._bus_base import BusBase, Deliver, Envelope, log
+from ._bus_base import QUERY_KINDS, BusBase, Deliver, Envelope, Query, answer_envelope, log
+from ._user_ids import deployment_key
 from .errors import BusUnavailable
 
 __all__ = ["RedisBus"]
@@ -57,6 +63,7 @@ _BATCH_MESSAGES = 512
 _BATCH_BYTES = _MiB
 _MAX_ORIGINS = 4096
 _IDLE_PING = 1.0
+_SEQ = struct.Struct(">Q")
 
 
 class RedisBus(BusBase):
@@ -66,6 +73,13 @@ class RedisBus(BusBase):
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
     up. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the server's version.
     See the module docstring for what happens during an outage.
+
+    ``user_key``: a secret shared by every node and `lowmemws.Publisher` of the deployment,
+    from which (with ``channel_prefix``) they all derive the same key for str user ids
+    (without it the key is derived from the prefix alone: see docs/presence.md).
+    ``block_timeout``: how long publish may wait for room in a full buffer before it raises
+    BusUnavailable (0, the default for a gateway: raise at once, never stall the caller;
+    `lowmemws.Publisher` waits, so a tight loop is slowed down to Redis's pace instead).
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
@@ -85,6 +99,8 @@ class RedisBus(BusBase):
         backoff_cap: float = 5.0,
         flush_grace: float = 6.0,
         socket_timeout: float = 5.0,
+        user_key: bytes | str | None = None,
+        block_timeout: float = 0.0,
     ) -> None:
         super().__init__()
         try:
@@ -103,6 +119,14 @@ class RedisBus(BusBase):
         self._url = url
         #: channel is the one Redis channel that carries every envelope of the deployment.
         self.channel = channel_prefix + "bus"
+        self._answers_prefix = channel_prefix + "answers:"
+        #: user_key is the key of str user ids, the same on every node of the deployment.
+        self.user_key = deployment_key(channel_prefix, user_key)
+        self._block_timeout = block_timeout
+        self._query_seqs: dict[int, int] = {}  # sequence number of a query -> its query id
+        self._answer_client: Any = None
+        self._answer_lock = threading.Lock()
+        self._data_subscriber = True
         #: node_id identifies this node's envelopes on the channel.
         self.node_id = os.urandom(16)
         self._max_buffered = max_buffered
@@ -136,6 +160,27 @@ class RedisBus(BusBase):
         if self._threads:
             raise RuntimeError("RedisBus.start: already started")
         self._deliver = deliver
+        self._start_threads()
+
+    def start_publisher(self) -> None:
+        """start_publisher starts the bus for a process without connections (`Publisher`):
+        it publishes, and subscribes only to the answers of its own presence queries, not to
+        the envelopes of the deployment.
+
+        Raises:
+            RuntimeError: the bus was started already.
+        """
+        self._data_subscriber = False
+        self._start_threads()
+
+    @property
+    def presence_address(self) -> bytes:  # type: ignore[override]
+        """presence_address is this node's id: answers to its queries go to its channel."""
+        return self.node_id
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            raise RuntimeError("RedisBus.start: already started")
         # A node is the process that starts the bus: a bus made before a fork and started
         # in each worker must give every worker its own id, or they skip each other's
         # envelopes as their own echo.
@@ -144,6 +189,18 @@ class RedisBus(BusBase):
             thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def flush(self, timeout: float) -> int:
+        """flush waits up to timeout seconds until every envelope published so far has been
+        handed to Redis; returns how many are still waiting (0: all sent)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and not self._closing.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+            return len(self._queue)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """wait_ready waits until the publishing and the subscribing links are both up."""
@@ -169,12 +226,16 @@ class RedisBus(BusBase):
             raise ValueError(f"RedisBus.publish: {len(data)} bytes > max_buffered_bytes")
         with self._cond:
             refusal = self._refusal(len(data))
+            if refusal is not None and self._block_timeout > 0:
+                refusal = self._wait_for_room(len(data))
             if refusal is None:
                 self._seq += 1
                 message = _HEADER.pack(self.node_id, self._seq) + data
                 self._queue.append(message)
                 self._queued_bytes += len(message)
-                self._cond.notify()
+                if envelope.kind in QUERY_KINDS:
+                    self._query_seqs[self._seq] = Query.parse(envelope).query_id
+                self._cond.notify_all()
         if refusal is not None:
             self.stats.add("refused")
             raise BusUnavailable(refusal)
@@ -197,11 +258,28 @@ class RedisBus(BusBase):
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._answer_lock:
+            if self._answer_client is not None:
+                _quietly(self._answer_client.close)
+                self._answer_client = None
 
     # -- publishing --------------------------------------------------------------------------
 
+    def _wait_for_room(self, size: int) -> str | None:
+        """Wait (holding _cond) up to block_timeout for the writer to make room; None once
+        there is room, else why there is none."""
+        deadline = time.monotonic() + self._block_timeout
+        while True:
+            refusal = self._refusal(size)
+            if refusal is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing.is_set():
+                return f"{refusal} (waited {self._block_timeout:g} s for room)"
+            self._cond.wait(left)
+
     def _refusal(self, size: int) -> str | None:
-        if self._deliver is None or self._closing.is_set():
+        if not self._threads or self._closing.is_set():
             return "RedisBus is not started or is closed"
         if len(self._queue) >= self._max_buffered:
             return f"RedisBus buffer full ({len(self._queue)} envelopes): Redis unreachable?"
@@ -211,15 +289,16 @@ class RedisBus(BusBase):
 
     def _writer_loop(self) -> None:
         client = self._client()
-        first = True
-        while self._connect(client, first):
-            self._pub_ready.set()
-            if first:
-                self._learn_peers(client)
-            else:
-                self._await_peers(client)
-            first = False
-            try:
+        connected_before = peers_known = False
+        while self._connect(client, not connected_before):
+            connected_before = True
+            try:  # the link may break again at once: a restarting server, a reset
+                if peers_known:
+                    self._await_peers(client)
+                else:  # ready only once known: a flush after an outage waits for them
+                    self._learn_peers(client)
+                    peers_known = True
+                self._pub_ready.set()
                 self._drain(client)
                 break
             except self._errors as exc:
@@ -268,10 +347,20 @@ class RedisBus(BusBase):
             for _ in batch:
                 size += len(self._queue.popleft())
             self._queued_bytes -= size
+            self._cond.notify_all()  # a publish may wait for room (block_timeout)
+        if self._query_seqs:
+            self._note_receivers(batch, receivers)
         self.stats.add("buffered", -len(batch))
         self.stats.add("buffered_bytes", -size)
         self._peers = max(int(n) for n in receivers)
         self.stats.set("peers", self._peers)
+
+    def _note_receivers(self, batch: list[bytes], receivers: list[Any]) -> None:
+        """The receivers of a query's PUBLISH are the nodes that will answer it."""
+        for message, count in zip(batch, receivers, strict=True):
+            query_id = self._query_seqs.pop(_SEQ.unpack_from(message, 16)[0], None)
+            if query_id is not None:
+                self.queries.expect(query_id, int(count))
 
     def _learn_peers(self, client: Any) -> None:
         self._peers = self._subscribers(client)
@@ -327,19 +416,30 @@ class RedisBus(BusBase):
                 _quietly(client.close)
 
     def _listen(self, pubsub: Any) -> None:
-        if self._sharded:
-            pubsub.ssubscribe(self.channel)
-        else:
-            pubsub.subscribe(self.channel)
+        channels = [self._answer_channel(self.node_id)]
+        if self._data_subscriber:
+            channels.insert(0, self.channel)
+        for channel in channels:  # one by one: in a cluster they live on different shards
+            if self._sharded:
+                pubsub.ssubscribe(channel)
+            else:
+                pubsub.subscribe(channel)
+        answers = channels[-1].encode()
+        confirmed = 0
         while not self._closing.is_set():
             message = pubsub.get_message(timeout=0.25)
             if message is None:
                 continue
             kind = message["type"]
             if kind in ("subscribe", "ssubscribe"):
-                self._sub_ready.set()
+                confirmed += 1
+                if confirmed == len(channels):  # ready once every subscription holds
+                    self._sub_ready.set()
             elif kind in ("message", "smessage"):
-                self._receive(message["data"])
+                if message["channel"] == answers:
+                    self._receive_answer(message["data"])
+                else:
+                    self._receive(message["data"])
 
     def _receive(self, data: bytes) -> None:
         if len(data) < _HEADER.size:
@@ -354,6 +454,42 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         self._deliver_safely(envelope)
+
+    # -- presence queries (issue 12) --------------------------------------------------------
+
+    def _answers_expected(self) -> int | None:
+        return None  # the PUBLISH of the query says how many nodes got it: _note_receivers
+
+    def _answer_channel(self, node: bytes) -> str:
+        return self._answers_prefix + node.hex()
+
+    def answer(self, query: Query, count: int) -> None:
+        """answer sends this node's count to the node that asked, on that node's answer
+        channel (directly, not through the buffer: an answer late by an outage is useless)."""
+        if not query.query_id:
+            return
+        if query.asker == self.node_id:
+            super().answer(query, count)
+            return
+        data = answer_envelope(query.query_id, count).encode()
+        command = "SPUBLISH" if self._sharded else "PUBLISH"
+        try:
+            with self._answer_lock:
+                if self._answer_client is None:
+                    self._answer_client = self._client()
+                self._answer_client.execute_command(
+                    command, self._answer_channel(query.asker), data
+                )
+        except self._errors as exc:
+            log.warning("lowmemws RedisBus: could not answer a presence query: %s", exc)
+
+    def _receive_answer(self, data: bytes) -> None:
+        try:
+            envelope = Envelope.decode(data)
+        except ValueError:
+            self.stats.add("malformed")
+            return
+        self._take_answer(envelope)
 
     def _in_sequence(self, origin: bytes, seq: int) -> bool:
         """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._constants import POLICIES
 from ._native import ffi, lib
+from ._user_ids import UserIds
 from .config import Config
 from .connection import SendResult
 from .errors import TLSError
@@ -58,11 +59,14 @@ class CServer:
     stale never touches a reused file descriptor.
     """
 
-    __slots__ = ("_ptr", "topic_id")
+    __slots__ = ("_ptr", "topic_id", "user_ids")
 
     def __init__(self) -> None:
         self._ptr: Any = None
         self.topic_id = TopicIds()
+        #: user_ids maps user ids to the slots' tags and back (the Gateway sets the key a
+        #: deployment shares).
+        self.user_ids = UserIds()
 
     # -- life -------------------------------------------------------------------------------
 
@@ -218,6 +222,21 @@ class CServer:
         if self._ptr is None:
             return 0
         return max(0, int(lib.lmw_broadcast(self._ptr, opcode, payload, len(payload), policy)))
+
+    # -- presence and kick (issue 12) ---------------------------------------------------------
+
+    def user_count(self, user_tag: int) -> int:
+        """user_count is the number of open connections tagged user_tag (0 before open())."""
+        if self._ptr is None:
+            return 0
+        return int(lib.lmw_user_count(self._ptr, user_tag))
+
+    def close_user(self, user_tag: int, code: int, reason: bytes) -> int:
+        """close_user starts the closing handshake with code and reason on every open
+        connection tagged user_tag; returns how many (code and reason checked by the caller)."""
+        if self._ptr is None:
+            return 0
+        return max(0, int(lib.lmw_close_user(self._ptr, user_tag, code, reason, len(reason))))
 
     # -- paced fan-out (issue 18) -----------------------------------------------------------
 

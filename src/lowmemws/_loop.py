@@ -305,7 +305,7 @@ class EventLoop:
         except Exception:  # a topic that is not a str: answered like a hook that raised
             server.reject(fd, gen, 500)
             raise
-        if not server.accept_upgrade(fd, gen, proto, decision.user):
+        if not server.accept_upgrade(fd, gen, proto, server.user_ids.tag(decision.user)):
             return
         hook = self._hooks.open
         if hook is None:

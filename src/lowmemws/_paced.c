@@ -7,11 +7,12 @@
  * scan ends, the pace (spread or rate), its start on the loop's clock and how many members
  * it has reached. Nothing is kept per member: no queue, no list of recipients.
  *
- * The loop advances every paced send once per turn (lmw__paced_advance, after the turn's
- * events; while one is in flight lmw_poll wakes every tick, see lmw__paced_wait_ms). Each advance
- * works out the quota the pace allows by now and scans the slot table from the cursor, in
- * fd order, sending to each member it finds until the quota is met. A member is judged when
- * the cursor reaches it, so:
+ * A send goes out in steps on a fixed grid from its start, at least PACE_STEP_MS apart
+ * (step_of). lmw_poll wakes for each step (lmw__paced_wait_ms) and takes it in C
+ * (lmw__paced_advance), without a turn of the Python loop unless one is due anyway. Each
+ * step works out the quota the pace allows by the end of the interval it opens and scans
+ * the slot table from the cursor, in fd order, sending to each member it finds until the
+ * quota is met. A member is judged when the cursor reaches it, so:
  *   - a member that leaves (closes, unsubscribes) before the cursor reaches it is skipped;
  *   - a connection that joins (connects, subscribes) during the send gets it when its fd is
  *     ahead of the cursor and below the end fixed at the start (the highest fd in use then),
@@ -25,8 +26,9 @@
  *
  * The pace runs on the loop's clock (s->clock_us), which stops while the loop itself is
  * stalled: a stall shifts the rest of a paced send later, it never turns into a burst.
- * A spread send's quota is (members at start) x elapsed / spread; a rate send's is
- * 1 + rate x elapsed. A send with neither is delivered whole at once (the batch form of
+ * A spread send's quota is (members at start) x horizon / spread, a rate send's is
+ * rate x horizon, rounded up, where the horizon is the end of the current step's interval
+ * (see quota). A send with neither is delivered whole at once (the batch form of
  * send_to_user). Cancelling a send (by its id) or closing the server (lmw_close_all)
  * drops the remainder: the members still ahead of the cursor are counted, never sent to.
  */
@@ -47,6 +49,7 @@ struct lmw_paced {
     uint64_t start_us; /* loop clock at the first advance; 0: not started */
     uint64_t spread_us;
     double rate;     /* members per second, 0: none */
+    double step_us;  /* time between two steps of the send (see step_of) */
     uint64_t total;  /* members when the send started */
     uint64_t done;   /* members reached so far */
     uint32_t cursor; /* next fd to judge */
@@ -126,16 +129,43 @@ static uint64_t members_ahead(lmw_server *s, const lmw_paced *p) {
     return n;
 }
 
-/* quota is how many members the pace allows to have been reached by now. */
+/* round_up is the smallest whole number at or above x (0 <= x < 2^64), without libm. */
+static uint64_t round_up(double x) {
+    uint64_t whole = (uint64_t)x;
+    return whole + ((double)whole < x);
+}
+
+/* step_of is the time between two steps of a send reaching per_s members a second: one
+ * member's time when that is longer than PACE_STEP_MS (at most a second), else
+ * PACE_STEP_MS. Each step costs a wake-up of the loop, whose caches the rest of the machine
+ * has cooled meanwhile, so a step per member would cost a paced send several times the CPU
+ * of the same unpaced one; a step's batch shares the warmed caches. */
+static double step_of(double per_s) {
+    double member_us = per_s > 0 ? SECOND_US / per_s : SECOND_US;
+    double min_us = PACE_STEP_MS * 1000.0;
+    return member_us < min_us ? min_us : member_us > SECOND_US ? SECOND_US : member_us;
+}
+
+/* steps_begun is how many steps of p have begun by now (the first at its start). */
+static uint64_t steps_begun(const lmw_paced *p, uint64_t now) {
+    return (uint64_t)((double)(now - p->start_us) / p->step_us) + 1;
+}
+
+/* quota is how many members the pace allows to have been reached by now. Steps fall on a
+ * fixed grid from the start (start, start + step, ...), whenever the loop happens to wake,
+ * and each step sends the share of the interval it opens: every second of a spread send
+ * gets the same number of steps, so the same share, and its first step sends at once. */
 static uint64_t quota(const lmw_paced *p, uint64_t now) {
-    uint64_t elapsed = now - p->start_us;
+    double horizon_us = (double)steps_begun(p, now) * p->step_us;
+    double due;
     if (p->spread_us) {
-        if (elapsed >= p->spread_us) return UINT64_MAX;
-        return (uint64_t)((double)p->total * (double)elapsed / (double)p->spread_us) + 1;
+        if (horizon_us >= (double)p->spread_us) return UINT64_MAX; /* the last step: the rest */
+        due = (double)p->total * horizon_us / (double)p->spread_us;
+    } else {
+        due = p->rate * horizon_us / SECOND_US;
+        if (!(p->rate > 0) || !(due < 1e19)) return UINT64_MAX; /* no pace, enormous rates */
     }
-    double due = p->rate * (double)elapsed / SECOND_US; /* any finite rate: no overflow */
-    if (p->rate > 0) return due < 1e19 ? 1 + (uint64_t)due : UINT64_MAX;
-    return UINT64_MAX;
+    return due > 1e-6 ? round_up(due - 1e-6) : 0; /* a float's rounding never adds a member */
 }
 
 /* run sends to members from the cursor on until the quota is met or the scan ends;
@@ -208,20 +238,17 @@ void lmw__paced_drop_all(lmw_server *s) {
     }
 }
 
-/* lmw__paced_wait_ms is how long the loop may wait before the paced sends need a turn, or -1
- * when none is in flight: a tick (PACE_TURN_MS) while any reaches 10 members a second or
- * more (each tick sends the share that came due), else until the slowest's next member
- * is due (at most a second). Each turn of the loop costs a wake-up and the sends of a
- * batch cost more than the same sends in one burst (fewer of them share warm caches), so
- * a turn per tick, not per member, keeps a paced send's CPU near an unpaced one's while
- * every second, and every tenth of one, gets its share. */
+/* lmw__paced_wait_ms is how long the loop may wait before a paced send's next step is due,
+ * or -1 when none is in flight (see step_of and quota). */
 int lmw__paced_wait_ms(const lmw_server *s) {
+    uint64_t now = s->clock_us;
     int wait = -1;
     for (const lmw_paced *p = s->paced; p; p = p->next) {
-        double per_s = p->spread_us ? (double)p->total * SECOND_US / (double)p->spread_us : p->rate;
-        double due_ms = per_s > 0 ? 1000.0 / per_s : 1000.0;
-        int m = due_ms < PACE_TURN_MS ? PACE_TURN_MS : due_ms > 1000.0 ? 1000 : (int)due_ms;
-        if (!p->start_us) m = 0; /* not started: at the next turn */
+        int m = 0; /* not started: at the next turn */
+        if (p->start_us) {
+            double next_us = (double)p->start_us + (double)steps_begun(p, now) * p->step_us;
+            m = next_us > (double)now ? (int)round_up((next_us - (double)now) / 1000.0) : 0;
+        }
         if (wait < 0 || m < wait) wait = m;
     }
     return wait;
@@ -269,6 +296,7 @@ int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, cons
     pthread_mutex_lock(&s->lock);
     p->end = s->max_fd_seen + 1 < s->nslots ? s->max_fd_seen + 1 : s->nslots;
     p->total = members_ahead(s, p);
+    p->step_us = step_of(p->spread_us ? (double)p->total * SECOND_US / (double)p->spread_us : rate);
     int64_t r = (int64_t)p->total;
     int paced = p->spread_us || p->rate > 0;
     if (!paced) {

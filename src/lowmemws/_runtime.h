@@ -431,7 +431,7 @@ uint64_t lmw__bytes_waiting(int fd);
 enum { GROWN = 1, GROW_WAIT = 0, GROW_NOMEM = -1, GROW_NEVER = -2 }; /* lmw__grow_spill */
 int lmw__grow_spill(lmw_server *s, int fd, lmw_slot *sl, lmw_ext *x);
 /* _paced.c */
-#define PACE_TURN_MS 100 /* a paced send's share goes out once per tick of the loop */
+#define PACE_STEP_MS 100 /* a paced send's steps are at least this far apart (_paced.c) */
 void lmw__paced_advance(lmw_server *s);
 void lmw__paced_drop_all(lmw_server *s);
 int lmw__paced_wait_ms(const lmw_server *s);

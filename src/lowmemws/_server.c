@@ -279,32 +279,15 @@ static int ensure_batch(lmw_server *s, int max) {
     return 0;
 }
 
-int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
+/* wait_for_io waits in epoll_wait (the lock dropped) at most timeout_ms, then handles what
+ * arrived: flushes, reads, accepts, the wake-up. away: how long the loop worked since
+ * epoll_wait last returned (for the lag gauge). Returns how many epoll events arrived. */
+static int wait_for_io(lmw_server *s, int timeout_ms, uint64_t away) {
     struct epoll_event evs[MAX_EPOLL_EVENTS];
-    pthread_mutex_lock(&s->lock);
-    uint64_t entered = monotonic_us();
-    /* away: since epoll_wait last returned, the loop worked (here and in Python) */
-    uint64_t away = s->polled ? entered - s->real_us : 0;
-    clock_to(s, entered, past_grace(away));
-    release_batch(s);
-    if (ensure_batch(s, max) < 0) {
-        pthread_mutex_unlock(&s->lock);
-        return LMW_ERROR;
-    }
-    lmw__conn_run_deferred(s);
-    drain_closed(s);
-    lmw__run_backlog(s);
-    lmw__resume_budget_paused(s);
-    listeners_poll(s, accepting_allowed(s));
-    if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
-    int pace_ms = lmw__paced_wait_ms(s);
-    if (pace_ms >= 0 && (timeout_ms < 0 || timeout_ms > pace_ms)) timeout_ms = pace_ms;
     pthread_mutex_unlock(&s->lock);
-
     uint64_t waiting_since = monotonic_us();
     int n = epoll_wait(s->epfd, evs, MAX_EPOLL_EVENTS, timeout_ms);
     uint64_t woke = monotonic_us();
-
     pthread_mutex_lock(&s->lock);
     uint64_t waited = woke - waiting_since;
     uint64_t late = timeout_ms >= 0 && waited > (uint64_t)timeout_ms * 1000u
@@ -333,12 +316,69 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
         if ((what & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
             lmw__on_readable(s, fd, sl, what);
     }
+    return n;
+}
+
+/* wait_ms is how long the next epoll_wait may last: until `until` (real time, UINT64_MAX:
+ * no limit) and no later than the paced sends' next step. */
+static int wait_ms(const lmw_server *s, uint64_t until) {
+    int wait = -1;
+    if (until != UINT64_MAX) {
+        uint64_t left = until > s->real_us ? until - s->real_us : 0;
+        wait = left > (uint64_t)INT32_MAX * 1000u ? INT32_MAX : (int)((left + 999) / 1000);
+    }
+    int pace_ms = lmw__paced_wait_ms(s);
+    if (pace_ms >= 0 && (wait < 0 || wait > pace_ms)) wait = pace_ms;
+    return wait;
+}
+
+/* quiet_pacing_step: the wait ended with nothing for the caller (no I/O, no event, no
+ * wake-up) before the caller's timeout, and a paced send is in flight: its step is taken
+ * here and lmw_poll waits again, so pacing costs no turn of the caller (Python) and no
+ * sweep of its own: the sweep keeps the rate of the caller's polls, as when idle. */
+static int quiet_pacing_step(const lmw_server *s, int n, uint64_t until) {
+    return n == 0 && s->paced && !s->nev && !s->nclosed && !s->wake_pending && s->real_us < until;
+}
+
+/* step_before: a paced send's next step is due before `until`. */
+static int step_before(const lmw_server *s, uint64_t until) {
+    int pace_ms = lmw__paced_wait_ms(s);
+    return pace_ms >= 0 && s->real_us + (uint64_t)pace_ms * 1000u < until;
+}
+
+int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
+    pthread_mutex_lock(&s->lock);
+    uint64_t entered = monotonic_us();
+    /* away: since epoll_wait last returned, the loop worked (here and in Python) */
+    uint64_t away = s->polled ? entered - s->real_us : 0;
+    clock_to(s, entered, past_grace(away));
+    release_batch(s);
+    if (ensure_batch(s, max) < 0) {
+        pthread_mutex_unlock(&s->lock);
+        return LMW_ERROR;
+    }
+    lmw__conn_run_deferred(s);
+    drain_closed(s);
+    lmw__run_backlog(s);
+    lmw__resume_budget_paused(s);
+    listeners_poll(s, accepting_allowed(s));
+    if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
+    uint64_t until = timeout_ms >= 0 ? s->real_us + (uint64_t)timeout_ms * 1000u : UINT64_MAX;
+    while (quiet_pacing_step(s, wait_for_io(s, wait_ms(s, until), away), until)) {
+        uint64_t step = s->real_us;
+        lmw__paced_advance(s);
+        uint64_t stepped = monotonic_us();
+        away = stepped - step;
+        clock_to(s, stepped, past_grace(away));
+        if (s->nev || s->nclosed || !step_before(s, until))
+            break; /* the caller's turn now, on this wake-up: its events, or its timeout */
+    }
     if (s->wake_pending) {
         s->wake_pending = 0;
         lmw_event *e = lmw__push_event(s);
         if (e) e->type = LMW_EV_WAKE;
     }
-    if (s->now != s->last_sweep) { /* every tick: pings spread, deadlines within 100 ms */
+    if (s->now != s->last_sweep) { /* at most once a tick: pings spread, deadlines kept */
         s->last_sweep = s->now;
         sweep(s);
     }

@@ -19,6 +19,7 @@ import threading
 from ._bus_base import (
     OPCODE_BINARY,
     OPCODE_TEXT,
+    QUERY_KINDS,
     Bus,
     BusBase,
     BusStats,
@@ -32,6 +33,8 @@ from ._bus_redis import RedisBus
 from .errors import BusUnavailable
 
 __all__ = [
+    "QUERY_KINDS",
+    "BusBase",
     "OPCODE_BINARY",
     "OPCODE_TEXT",
     "Bus",

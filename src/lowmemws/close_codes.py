@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 
+from ._constants import CLOSE_REASON_MAX
+from ._native import lib
+
 
 class CloseCode(enum.IntEnum):
     """CloseCode names the WebSocket close codes (RFC 6455 section 7.4.1, IANA registry).
@@ -46,4 +49,20 @@ class CloseCode(enum.IntEnum):
     """The TLS handshake failed (never sent)."""
 
 
-__all__ = ["CloseCode"]
+def close_reason_bytes(code: int, reason: str) -> bytes:
+    """close_reason_bytes checks a close code and reason the server is about to send (RFC 6455
+    sections 5.5.1 and 7.4) and returns the reason's UTF-8.
+
+    Raises:
+        ValueError: a code that may not be sent (only 1000-1003, 1007-1011 and 3000-4999
+            may), or a reason longer than 123 bytes of UTF-8.
+    """
+    if not isinstance(code, int) or not lib.lmw_close_code_valid(code):
+        raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
+    raw = reason.encode("utf-8")
+    if len(raw) > CLOSE_REASON_MAX:
+        raise ValueError(f"close reason is longer than {CLOSE_REASON_MAX} bytes of UTF-8")
+    return raw
+
+
+__all__ = ["CloseCode", "close_reason_bytes"]

@@ -6,9 +6,10 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 from ._bus_base import frame_data
-from ._constants import CLOSE_REASON_MAX, OP_BINARY
-from ._native import ffi, lib
-from .close_codes import CloseCode
+from ._constants import OP_BINARY
+from ._native import ffi
+from ._user_ids import INT_USER_MAX, UserTag
+from .close_codes import CloseCode, close_reason_bytes
 
 if TYPE_CHECKING:
     from ._c_server import CServer
@@ -44,14 +45,29 @@ class Connection:
     Every method is safe to call from any thread.
     """
 
-    __slots__ = ("_server", "fd", "gen", "user")
+    __slots__ = ("_server", "fd", "gen", "_user")
 
-    def __init__(self, server: CServer, fd: int, gen: int, user: int = 0) -> None:
+    def __init__(self, server: CServer, fd: int, gen: int, user: int | str = 0) -> None:
         self._server = server
         self.fd = fd
         self.gen = gen
-        self.user = user
-        """user is the 64-bit user tag given by Accept(user=...), 0 for none."""
+        self._user = user  # what the Accept gave (on_open), else the slot's 64-bit tag
+
+    @property
+    def user(self) -> int | str | UserTag:
+        """user is the user id that Accept(user=...) gave, 0 for none.
+
+        An int id comes back as is in every hook. A str id comes back as the str in every
+        hook when it is short enough to be kept in the connection's 64-bit tag (up to 9
+        characters of ``[0-9A-Za-z_-]``, or up to 7 bytes of UTF-8); a longer one is the str
+        in ``on_open`` and a `lowmemws.UserTag` in the later hooks (nothing per connection
+        remembers the str: see docs/presence.md). Either reaches the same connections with
+        send_to_user, online and disconnect_user.
+        """
+        user = self._user
+        if isinstance(user, str) or user <= INT_USER_MAX:
+            return user
+        return self._server.user_ids.user(user)
 
     def send(self, data: str | bytes | bytearray | memoryview) -> SendResult:
         """send sends one message: str as text, bytes as binary (RFC 6455 section 5.6).
@@ -73,12 +89,7 @@ class Connection:
         Raises:
             ValueError: a code that may not be sent, or a reason that is too long.
         """
-        if not lib.lmw_close_code_valid(code):
-            raise ValueError(f"close code {code} may not be sent (RFC 6455 section 7.4)")
-        raw = reason.encode("utf-8")
-        if len(raw) > CLOSE_REASON_MAX:
-            raise ValueError(f"close reason is longer than {CLOSE_REASON_MAX} bytes of UTF-8")
-        return self._server.close(self.fd, self.gen, code, raw)
+        return self._server.close(self.fd, self.gen, code, close_reason_bytes(code, reason))
 
     def subscribe(self, topic: str) -> bool:
         """subscribe adds this connection to topic; it leaves it when it closes."""
@@ -100,7 +111,7 @@ class Connection:
         return hash((self.fd, self.gen))
 
     def __repr__(self) -> str:
-        return f"<Connection fd={self.fd} gen={self.gen} user={self.user}>"
+        return f"<Connection fd={self.fd} gen={self.gen} user={self.user!r}>"
 
 
 def _payload(data: str | bytes | bytearray | memoryview) -> tuple[int, Any]:

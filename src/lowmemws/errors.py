@@ -29,6 +29,20 @@ class BusUnavailable(LowMemWSError):
     the gateway's publish calls pass it on to the application."""
 
 
+class PresenceTimeout(LowMemWSError):
+    """PresenceTimeout: a presence query (``online``) did not hear from every node within
+    its timeout. ``count`` is the connections the nodes that answered hold, ``answered`` how
+    many nodes answered and ``expected`` how many the bus reached (None when the query never
+    left this process: the bus's link is down)."""
+
+    def __init__(self, count: int, answered: int, expected: int | None) -> None:
+        reached = "an unknown number of" if expected is None else str(expected)
+        super().__init__(f"{answered} of {reached} nodes answered in time ({count} connections)")
+        self.count = count
+        self.answered = answered
+        self.expected = expected
+
+
 class TLSError(LowMemWSError):
     """TLSError: TLS was asked for but cannot be served: lowmemws was built without OpenSSL
     (install libssl-dev, then reinstall), or the certificate or key cannot be used (the message

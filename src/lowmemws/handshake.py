@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
+from ._user_ids import INT_USER_MAX
 from .headers import Headers
 
 
@@ -168,21 +169,30 @@ class Request:
 class Accept:
     """Accept answers on_connect: upgrade the connection.
 
-    user: a 64-bit user tag (0 = none) for send_to_user; topics: topic names to subscribe
-    to; subprotocol: the Sec-WebSocket-Protocol to confirm (one the client offered).
+    user: the user id for send_to_user, online and disconnect_user: an int in 0..2**63-1
+    (0 = none) or a non-empty str (kept as a 64-bit tag, nothing more: see
+    `Connection.user`); topics: topic names to subscribe to; subprotocol: the
+    Sec-WebSocket-Protocol to confirm (one the client offered).
     One is made per upgrade, so it is a plain slotted class: cheap to build.
 
     Raises:
-        ValueError: user is not a 64-bit unsigned integer.
+        ValueError: an int user outside 0..2**63-1 (the upper half of the 64-bit tags is
+            for str ids), or an empty str.
+        TypeError: a user that is neither an int nor a str.
     """
 
     __slots__ = ("user", "topics", "subprotocol")
 
     def __init__(
-        self, user: int = 0, topics: tuple[str, ...] = (), subprotocol: str | None = None
+        self, user: int | str = 0, topics: tuple[str, ...] = (), subprotocol: str | None = None
     ) -> None:
-        if user < 0 or user >> 64:
-            raise ValueError("Accept.user must be a 64-bit unsigned integer")
+        if isinstance(user, str):
+            if not user:
+                raise ValueError("Accept.user: a str user id must not be empty")
+        elif not isinstance(user, int) or isinstance(user, bool):
+            raise TypeError(f"Accept.user is an int or a str, not {type(user).__name__}")
+        elif not 0 <= user <= INT_USER_MAX:
+            raise ValueError("Accept.user: an int user id lies in 0..2**63-1")
         self.user = user
         self.topics = topics
         self.subprotocol = subprotocol
@@ -198,7 +208,9 @@ class Accept:
         return hash((self.user, self.topics, self.subprotocol))
 
     def __repr__(self) -> str:
-        return f"Accept(user={self.user}, topics={self.topics!r}, subprotocol={self.subprotocol!r})"
+        return (
+            f"Accept(user={self.user!r}, topics={self.topics!r}, subprotocol={self.subprotocol!r})"
+        )
 
 
 class Reject:

@@ -9,7 +9,8 @@
  *              (reading, heads, frames, the spill budget), _conn.c (the connection state
  *              machine), _output.c (sends, queues, write bounds), _fanout.c (one frame to
  *              many), _paced.c (one frame to many, over time), _hub.c (topic and user
- *              membership), _slot.c (per-connection memory).
+ *              membership), _presence.c (a user's connections: count, close), _slot.c
+ *              (per-connection memory).
  *
  * Locking: every public runtime function takes the server's one mutex, so any thread may
  * call any of them; lmw_poll drops it only while it waits in epoll_wait. The trade-off:
@@ -403,7 +404,10 @@ void lmw_listen_stop(lmw_server *s);
  * until the next call). At most max UPGRADE/HTTP/MESSAGE events are made per call (the
  * rest of the input waits, parsed on the next call); CLOSED and WAKE events are never
  * held back. It first releases what the previous call lent, and answers an upgrade or
- * HTTP request that Python left unanswered with 500. */
+ * HTTP request that Python left unanswered with 500. The steps of paced sends are taken
+ * within the wait, without returning; when the next step would fall after timeout_ms the
+ * call returns at the last one before it (a little early), so the caller's turn shares
+ * that wake-up. */
 int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max);
 
 /* lmw_wake makes a concurrent or the next lmw_poll return LMW_EV_WAKE. Thread-safe. */
@@ -455,6 +459,14 @@ lmw_stats *lmw_server_stats(lmw_server *s);
 int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 uint32_t lmw_topic_size(lmw_server *s, uint64_t topic);
+
+/* Presence and kick (_presence.c, issue 12). lmw_user_count is the number of open
+ * connections tagged user_tag (0 for tag 0). lmw_close_user starts the closing handshake
+ * with code and reason on each of them and returns how many, or LMW_ERROR for tag 0, a code
+ * that may not be sent or a reason over LMW_CLOSE_REASON_MAX bytes. */
+uint32_t lmw_user_count(lmw_server *s, uint64_t user_tag);
+int64_t lmw_close_user(lmw_server *s, uint64_t user_tag, int code, const uint8_t *reason,
+                       size_t reason_len);
 
 /* Fan-out: the frame is built once and written to every member in one loop. Each
  * returns the number of connections the frame was sent or queued to; dropped and closed

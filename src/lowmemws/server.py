@@ -32,10 +32,13 @@ from ._constants import POLICIES
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._listen import bind_listeners
 from ._loop import EventLoop
+from ._presence import answer_query, ask_kick, ask_online
 from ._routes import builtin_response
 from ._signals import STOP_SIGNALS, stop_signals_call
 from ._supervisor import Supervisor
-from .bus import Bus, Envelope, LocalBus, Policy, ProcessBus
+from ._user_ids import UserId, UserIds
+from .bus import QUERY_KINDS, Bus, BusBase, Envelope, LocalBus, Policy, ProcessBus
+from .close_codes import CloseCode, close_reason_bytes
 from .config import Config
 from .connection import Connection
 from .errors import TLSError
@@ -47,6 +50,15 @@ CloseHookT = TypeVar("CloseHookT", bound=CloseHook)
 HttpHookT = TypeVar("HttpHookT", bound=HttpHook)
 
 _MAX_SPREAD = 1e6  # seconds (11.6 days); the C runtime refuses more than 1e7
+#: PRESENCE_TIMEOUT is how long online() and disconnect_user() wait for the nodes (seconds).
+PRESENCE_TIMEOUT = 2.0
+
+
+def _bus_base(bus: Bus) -> BusBase:
+    """_bus_base: presence needs the query machinery every lowmemws bus has (BusBase)."""
+    if not isinstance(bus, BusBase):
+        raise TypeError(f"online/disconnect_user need a lowmemws bus, not {type(bus).__name__}")
+    return bus
 
 
 def _add_signal_handlers(
@@ -128,6 +140,9 @@ class Gateway:
         self._hooks = Hooks()
         self._bus: Bus | None = bus
         self._server = CServer()
+        # str user ids: the key the deployment shares (the bus's, for RedisBus), else a
+        # random one that forked worker processes inherit
+        self._server.user_ids = UserIds(getattr(bus, "user_key", None))
         self._loop: EventLoop | None = None
         self._supervisor: Supervisor | None = None
         self._stats_views: list[Any] = []
@@ -239,7 +254,7 @@ class Gateway:
 
     def send_to_user(
         self,
-        user: int,
+        user: UserId,
         data: str | bytes,
         policy: Policy = "drop",
         *,
@@ -247,22 +262,27 @@ class Gateway:
         rate: float | None = None,
         pace_id: str | None = None,
     ) -> int:
-        """send_to_user sends data to every connection tagged with user, on every node.
+        """send_to_user sends data to every connection of user, on every node.
 
-        Like publish (the same policies, pacing and return value); user 0 means no user.
+        user is an id as Accept(user=...) gave it (an int, a str) or a `UserTag` from
+        ``conn.user``. Like publish (the same policies, pacing and return value); user 0
+        means no user.
 
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
-            ValueError: an unknown policy, user outside 0..2**64-1, or a bad pacing.
+            ValueError: an unknown policy, an int user outside 0..2**63-1, an empty str,
+                or a bad pacing.
+            TypeError: a user that is neither an int, a str nor a UserTag.
         """
         if spread is not None or rate is not None or pace_id is not None:
             return self.send_to_users((user,), data, policy, spread=spread, rate=rate,
                                       pace_id=pace_id)  # fmt: skip
-        return self._publish(Envelope.for_user(user, data, policy=policy))
+        tag = self._server.user_ids.tag(user)
+        return self._publish(Envelope.for_user(tag, data, policy=policy))
 
     def send_to_users(
         self,
-        users: Iterable[int],
+        users: Iterable[UserId],
         data: str | bytes,
         policy: Policy = "drop",
         *,
@@ -278,9 +298,11 @@ class Gateway:
 
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
-            ValueError: an unknown policy, a user outside 0..2**64-1, or a bad pacing.
+            ValueError: an unknown policy, a bad user id (see send_to_user), or a bad pacing.
+            TypeError: a user that is neither an int, a str nor a UserTag.
         """
-        envelope = Envelope.for_users(users, data, policy=policy)
+        tags = tuple(map(self._server.user_ids.tag, users))
+        envelope = Envelope.for_users(tags, data, policy=policy)
         return self._publish(self._paced(envelope, spread, rate, pace_id))
 
     def broadcast(
@@ -320,20 +342,8 @@ class Gateway:
         self, envelope: Envelope, spread: float | None, rate: float | None, pace_id: str | None
     ) -> Envelope:
         """_paced adds the pacing to envelope (unchanged when there is none)."""
-        if spread is None and rate is None:
-            if pace_id is not None:
-                raise ValueError("pace_id names a paced send: give spread or rate too")
-            return envelope
-        if spread is not None and rate is not None:
-            raise ValueError("give spread or rate, not both")
-        value = spread if spread is not None else rate
-        if not (isinstance(value, int | float) and 0 < value < math.inf):
-            raise ValueError("spread and rate are numbers > 0")
-        if spread is not None and spread > _MAX_SPREAD:
-            raise ValueError(f"spread is at most {_MAX_SPREAD:g} seconds")
-        number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
-        nodes = getattr(self._bus, "node_count", lambda: 1)()
-        return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
+        node_count = getattr(self._bus, "node_count", lambda: 1)
+        return paced_envelope(envelope, spread, rate, pace_id, node_count)
 
     async def apublish(
         self,
@@ -357,7 +367,7 @@ class Gateway:
 
     async def asend_to_user(
         self,
-        user: int,
+        user: UserId,
         data: str | bytes,
         policy: Policy = "drop",
         *,
@@ -366,9 +376,10 @@ class Gateway:
         pace_id: str | None = None,
     ) -> int:
         """asend_to_user is send_to_user for asyncio code (see apublish)."""
+        tag = self._server.user_ids.tag(user)
         if spread is None and rate is None and pace_id is None:
-            return await self._apublish(Envelope.for_user(user, data, policy=policy))
-        envelope = Envelope.for_users((user,), data, policy=policy)
+            return await self._apublish(Envelope.for_user(tag, data, policy=policy))
+        envelope = Envelope.for_users((tag,), data, policy=policy)
         return await self._apublish(self._paced(envelope, spread, rate, pace_id))
 
     async def abroadcast(
@@ -401,6 +412,9 @@ class Gateway:
         if envelope.kind == "cancel":
             assert isinstance(envelope.key, int)
             return self._server.paced_cancel(envelope.key)
+        if envelope.kind in QUERY_KINDS:
+            bus = self._bus if isinstance(self._bus, BusBase) else None
+            return answer_query(self._server, bus, envelope)
         if envelope.paced or envelope.kind == "users":
             key = envelope.key if envelope.kind != "broadcast" else None
             assert key is None or isinstance(key, str | tuple)
@@ -413,6 +427,74 @@ class Gateway:
             assert isinstance(envelope.key, int)
             return self._server.send_user(envelope.key, envelope.opcode, payload, policy)
         return self._server.broadcast(envelope.opcode, payload, policy)
+
+    # ------------------------------------------------------------------ presence and kick
+
+    def online(self, user: UserId, *, timeout: float = PRESENCE_TIMEOUT) -> int:
+        """online is the number of open connections of user on every node of the bus (every
+        worker process, every machine on the redis-server), asked of the nodes now: nothing
+        records presence anywhere. Blocks until every node answered (a few milliseconds over
+        Redis); call it from a thread, or use aonline, not from an inline hook.
+
+        With LocalBus the count of this process; before the gateway starts, 0.
+
+        Raises:
+            PresenceTimeout: not every node answered within timeout seconds (``count`` is
+                what those that did hold).
+            BusUnavailable: the bus cannot take the query.
+            ValueError: a bad user id (see send_to_user).
+            TypeError: the gateway's bus is not one of lowmemws's (a BusBase).
+        """
+        tag = self._server.user_ids.tag(user)
+        bus = self._bus
+        if bus is None or not tag:
+            return 0
+        return ask_online(_bus_base(bus), tag, timeout)
+
+    async def aonline(self, user: UserId, *, timeout: float = PRESENCE_TIMEOUT) -> int:
+        """aonline is online for asyncio code: the wait runs in a thread."""
+        return await asyncio.to_thread(self.online, user, timeout=timeout)
+
+    def disconnect_user(
+        self,
+        user: UserId,
+        code: int = CloseCode.NORMAL_CLOSURE,
+        reason: str = "",
+        *,
+        timeout: float = PRESENCE_TIMEOUT,
+    ) -> int:
+        """disconnect_user closes every connection of user on every node of the bus with
+        close code and reason (the client's on_close sees them), and returns how many it
+        closed. The kick travels like a publish: what the same caller published before it
+        reaches the user's connections first. Blocks until every node confirmed (see
+        online).
+
+        Raises:
+            ValueError: a code that may not be sent (1000-1003, 1007-1011, 3000-4999 may),
+                a reason over 123 bytes of UTF-8, or a bad user id.
+            PresenceTimeout: not every node confirmed within timeout seconds; the nodes the
+                kick reached close the user's connections all the same (``count``: those
+                that answered).
+            BusUnavailable: the bus cannot take the kick; nothing was closed.
+            TypeError: the gateway's bus is not one of lowmemws's (a BusBase).
+        """
+        tag = self._server.user_ids.tag(user)
+        bus = self._bus
+        if bus is None or not tag:
+            close_reason_bytes(code, reason)
+            return 0
+        return ask_kick(_bus_base(bus), tag, code, reason, timeout)
+
+    async def adisconnect_user(
+        self,
+        user: UserId,
+        code: int = CloseCode.NORMAL_CLOSURE,
+        reason: str = "",
+        *,
+        timeout: float = PRESENCE_TIMEOUT,
+    ) -> int:
+        """adisconnect_user is disconnect_user for asyncio code: the wait runs in a thread."""
+        return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
 
     # ------------------------------------------------------------------ figures
 
@@ -644,6 +726,37 @@ class Gateway:
         self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop), _loop_switch_interval():
             self._serve()
+
+
+def paced_envelope(
+    envelope: Envelope,
+    spread: float | None,
+    rate: float | None,
+    pace_id: str | None,
+    node_count: Callable[[], int],
+) -> Envelope:
+    """paced_envelope adds a pacing to envelope (unchanged when there is none): the one
+    place publish keywords become a paced envelope, for the Gateway and the Publisher.
+    node_count is asked only for a paced send (a rate is shared by the nodes it reaches).
+
+    Raises:
+        ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s), or
+            pace_id without either.
+    """
+    if spread is None and rate is None:
+        if pace_id is not None:
+            raise ValueError("pace_id names a paced send: give spread or rate too")
+        return envelope
+    if spread is not None and rate is not None:
+        raise ValueError("give spread or rate, not both")
+    value = spread if spread is not None else rate
+    if not (isinstance(value, int | float) and 0 < value < math.inf):
+        raise ValueError("spread and rate are numbers > 0")
+    if spread is not None and spread > _MAX_SPREAD:
+        raise ValueError(f"spread is at most {_MAX_SPREAD:g} seconds")
+    number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
+    nodes = node_count()
+    return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
 
 
 def pace_number(pace_id: str) -> int:
