@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--redis", default=None, metavar="URL", help="e.g. redis://127.0.0.1:6379/0"
     )
+    parser.add_argument("--certfile", default=None, help="PEM certificate chain: serve https/wss")
+    parser.add_argument("--keyfile", default=None, help="PEM private key of --certfile")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -342,7 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     # With Redis, on_connect and POST /mail wait for it (a blocking client): they run on
     # hook threads, so a slow Redis delays only those requests, never the other connections.
     # The in-process counts never block: their hooks run inline, the fastest way.
-    config = lowmemws.Config(max_http_body=4 * MAX_BODY, hook_threads=8 if args.redis else 0)
+    config = lowmemws.Config(
+        max_http_body=4 * MAX_BODY,
+        hook_threads=8 if args.redis else 0,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+    )
     gateway = lowmemws.Gateway(
         args.host, args.port, processes=args.processes, config=config, bus=bus
     )
@@ -354,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
             ready = ready and bus.wait_ready(10)  # the Redis links are up too
         if ready:
             print(f"secret: {secret}", flush=True)
-            print(f"listening on http://{args.host}:{gateway.port}", flush=True)
+            scheme = "https" if args.certfile else "http"
+            print(f"listening on {scheme}://{args.host}:{gateway.port}", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     gateway.run()

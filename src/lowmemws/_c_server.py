@@ -20,6 +20,7 @@ from ._routing import PARTITIONS, topic_partition
 from ._user_ids import UserIds
 from .config import Config
 from .connection import SendResult
+from .errors import TLSError
 
 PaceTarget = str | tuple[int, ...] | None
 """PaceTarget: who a paced send reaches: a topic name, a tuple of user tags, or everyone."""
@@ -265,6 +266,21 @@ class CServer:
         )  # fmt: skip
         return max(0, int(n))  # LMW_ERROR: no memory for it; nobody gets it
 
+    def tls_configure(self, certfile: str, keyfile: str) -> None:
+        """tls_configure makes the server's connections TLS ones, or replaces the certificate.
+
+        Raises:
+            TLSError: built without OpenSSL, or the files cannot be used (the reason).
+        """
+        err = ffi.new("char[]", 512)
+        if self._ptr is None:
+            raise TLSError("the server is not open")
+        r = lib.lmw_tls_configure(
+            self._ptr, os.fsencode(certfile), os.fsencode(keyfile), err, len(err)
+        )
+        if r != 0:
+            raise TLSError(ffi.string(err).decode("utf-8", "replace"))
+
     def paced_cancel(self, pace_id: int) -> int:
         """paced_cancel ends every paced send named pace_id; returns the members not reached."""
         if self._ptr is None:
@@ -296,6 +312,11 @@ class CServer:
     def topic_held(self, topic: str) -> bool:
         """topic_held tells whether topic has a member here."""
         return self.topic_size(topic) > 0
+
+
+def tls_available() -> bool:
+    """tls_available tells whether this build of lowmemws can serve TLS (it found OpenSSL)."""
+    return bool(lib.lmw_tls_available())
 
 
 def c_config(config: Config, auto_upgrade: bool) -> Any:
