@@ -34,6 +34,8 @@ sysdeps:
 	command -v chromium >/dev/null || need="$$need chromium"; \
 	command -v clang >/dev/null || need="$$need clang libclang-rt-14-dev"; \
 	command -v clang-format >/dev/null || need="$$need clang-format"; \
+	[ -e /usr/include/openssl/ssl.h ] || need="$$need libssl-dev"; \
+	command -v openssl >/dev/null || need="$$need openssl"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing system packages:$$need"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null) \

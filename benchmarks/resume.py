@@ -196,7 +196,7 @@ def publish_missed(url: str, count: int) -> None:
     sharded = int(str(client.info("server")["redis_version"]).split(".")[0]) >= 7
     for n in range(count):
         envelope = Envelope.for_topic("all", f"missed notification {n}")
-        store_and_publish(client, envelope, "lowmemws:bus", History(), sharded=sharded)
+        store_and_publish(client, envelope, History(), sharded=sharded)
 
 
 def measure(connections: int, missed: int, redis_binary: str, threads: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ import fanout
 import idle_memory
 import procstats
 import scale
+import tls
 import upgrade
 from serverctl import ALL_SERVERS, HERE, usable, version
 
@@ -107,6 +108,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         1.0 if a.quick else 2.0,
         1 if a.quick else 3,
     )
+    tls_servers = [s for s in servers if s in ("lowmemws", "websockets")]
+    record["tls"] = step("TLS 1.3", tls.run, tls_servers, n, 2 if a.quick else 5, "1.3")
     if a.scale_connections and "lowmemws" in servers and usable("lowmemws")[0]:
         procs = max(1, -(-a.scale_connections // 18_000))
         record["scale"] = step(
@@ -282,6 +285,17 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "As the echo above, with the clients offering permessage-deflate and sending JSON "
         "documents compressed where it was negotiated (each server with its library's default "
         "compression settings; picows does not implement it and runs uncompressed).",
+    )
+    lines += section(
+        "TLS 1.3",
+        record,
+        "tls",
+        tls.render,
+        "`benchmarks/tls.py`: each server serves TLS itself (lowmemws: OpenSSL handshake, then "
+        "its own record layer, docs/tls.md; websockets: an `ssl.SSLContext`), pings off; "
+        "Python ssl clients (TLS 1.3, 4,000 connections per process). Bytes per idle "
+        "connection after a warm-up of 500 TLS connections; server CPU per handshake + "
+        "upgrade while all open; per echoed 64-byte message over every connection.",
     )
     scale_notes = {
         "scale": ("Scale (quick run, in this run)", "`run_all.py --scale-connections N`"),

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--redis", default=None, metavar="URL", help="e.g. redis://127.0.0.1:6379/0"
     )
+    parser.add_argument("--certfile", default=None, help="PEM certificate chain: serve https/wss")
+    parser.add_argument("--keyfile", default=None, help="PEM private key of --certfile")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -360,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         max_http_body=4 * MAX_BODY,
         hook_threads=8 if args.redis else 0,
         history=lowmemws.History(user_size=200, user_ttl=24 * 3600.0),
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
     gateway = lowmemws.Gateway(
         args.host, args.port, processes=args.processes, config=config, bus=bus
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
             ready = ready and bus.wait_ready(10)  # the Redis links are up too
         if ready:
             print(f"secret: {secret}", flush=True)
-            print(f"listening on http://{args.host}:{gateway.port}", flush=True)
+            scheme = "https" if args.certfile else "http"
+            print(f"listening on {scheme}://{args.host}:{gateway.port}", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     gateway.run()

@@ -14,10 +14,12 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websocket
 
+from lowmemws._routing import channel_for
 from lowmemws.metrics import BUS_GAUGES
 from tests.support import waiting
 from tests.support.metrics import fetch_metrics, metric_value
@@ -97,19 +99,41 @@ def start_node(
 
 
 @pytest.fixture
-def make_client() -> Iterator[Callable[..., websocket.WebSocket]]:
-    """make_client(node, user, topics) connects a client to node; all are shut at teardown."""
+def make_client(
+    redis_server: RedisServer,  # noqa: F811
+) -> Iterator[Callable[..., websocket.WebSocket]]:
+    """make_client(node, user, topics) connects a client to node and waits until the node
+    subscribed to the client's partitions (a member is reached by what is published after
+    that: issue 15); all are shut at teardown."""
+    import redis
+
     made: list[websocket.WebSocket] = []
+    holders: dict[str, set[int]] = {}  # channel -> ports of the nodes with members there
+    admin = redis.Redis.from_url(redis_server.url)
 
     def connect(node: ServerProcess, user: int = 0, topics: str = "") -> websocket.WebSocket:
         url = f"{node.url}?user={user}&topics={topics}"
         client = websocket.create_connection(url, timeout=DEADLINE)
         made.append(client)
+        channels = [channel_for("topic", t) for t in topics.split(",") if t]
+        channels += [channel_for("user", user)] if user else []
+        for channel in channels:
+            holders.setdefault(channel, set()).add(node.port)
+            wait_until(
+                lambda ch=channel: shard_subscribers(admin, ch) >= len(holders[ch]),  # type: ignore[misc]
+                f"the nodes to subscribe to {channel}",
+            )
         return client
 
     yield connect
     for client in made:
         client.shutdown()
+    admin.close()
+
+
+def shard_subscribers(admin: Any, channel: str) -> int:
+    """shard_subscribers asks Redis how many links subscribe to channel (sharded)."""
+    return int(admin.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
 
 
 def bus_counter(node: ServerProcess, name: str) -> int:

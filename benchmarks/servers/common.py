@@ -77,6 +77,8 @@ def parse_args(description: str) -> argparse.Namespace:
         help="lowmemws: /ws?user=N accepted as the int N, the str 'uN' (kept in the tag) or "
         "'user-N@mail.example.com' (hashed); default int",
     )
+    p.add_argument("--certfile", default=None, help="serve TLS (wss://) with this certificate")
+    p.add_argument("--keyfile", default=None, help="the private key of --certfile")
     return p.parse_args()
 
 

@@ -4,7 +4,8 @@
 wait S seconds before accepting: ``await asyncio.sleep(S)`` when async, ``time.sleep(S)`` (a
 blocking lookup) when sync. ``--hook-threads N`` sets ``Config.hook_threads``, ``--backlog N``
 ``Config.backlog``; ``--message-hook async`` makes the echo an ``async def`` on_message;
-``--user-ids str`` or ``long-str`` accepts each connection with a str user id (issue 12).
+``--user-ids str`` or ``long-str`` accepts each connection with a str user id (issue 12);
+``--certfile C --keyfile K`` serve TLS.
 Every option left out keeps the library's default.
 """
 
@@ -46,6 +47,8 @@ def main() -> None:
         options["hook_threads"] = args.hook_threads
     if args.backlog is not None:
         options["backlog"] = args.backlog
+    if args.certfile is not None:
+        options["certfile"], options["keyfile"] = args.certfile, args.keyfile
     config = lowmemws.Config(**options)
     gw = lowmemws.Gateway(host=args.host, port=args.port, processes=args.processes, config=config)
     delay = args.hook_delay

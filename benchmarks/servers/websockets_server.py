@@ -1,13 +1,15 @@
 """websockets_server: the benchmark server on websockets (asyncio API, default settings).
 
 With ``--hook-delay S`` an ``async def process_request`` awaits ``asyncio.sleep(S)`` before
-every handshake goes on (an auth lookup); ``--backlog N`` is passed to the listening socket.
+every handshake goes on (an auth lookup); ``--backlog N`` is passed to the listening socket;
+``--certfile C --keyfile K`` serve TLS with an ssl context; ``--ping-interval 0`` turns pings off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,6 +61,12 @@ async def main() -> None:
     options: dict[str, Any] = {"process_request": auth_hook(args.hook_delay)}
     if args.backlog is not None:
         options["backlog"] = args.backlog
+    if args.certfile is not None:  # TLS through Python's ssl module (OpenSSL)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        options["ssl"] = context
+    if args.ping_interval is not None:
+        options["ping_interval"] = args.ping_interval or None
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)

@@ -5,13 +5,21 @@ topics=..) or Reject(status)) and react (on_message, on_close, on_http); publish
 send_to_user and broadcast work from any thread. See the README for an example.
 """
 
+from ._c_server import tls_available
 from ._history import History
 from ._user_ids import UserTag
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection, SendResult
-from .errors import BusUnavailable, HandshakeError, LowMemWSError, PresenceTimeout, ProtocolError
+from .errors import (
+    BusUnavailable,
+    HandshakeError,
+    LowMemWSError,
+    PresenceTimeout,
+    ProtocolError,
+    TLSError,
+)
 from .handshake import Accept, Reject, Request, Response
 from .headers import Headers
 from .publisher import Publisher
@@ -41,6 +49,8 @@ __all__ = [
     "Request",
     "Response",
     "SendResult",
+    "TLSError",
     "UserTag",
     "serve",
+    "tls_available",
 ]

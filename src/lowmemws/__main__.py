@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument(
         "--hook-threads", type=int, default=0, help="threads running on_message (0: inline)"
     )
+    echo.add_argument("--certfile", help="PEM certificate chain: serve wss:// (with --keyfile)")
+    echo.add_argument("--keyfile", help="PEM private key of --certfile")
     return parser
 
 
@@ -33,8 +35,11 @@ def run_echo(args: argparse.Namespace) -> None:
         max_message_size=args.max_message_size,
         ping_interval=args.ping_interval,
         hook_threads=args.hook_threads,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
     hosts = args.host or ["127.0.0.1"]
+    scheme = "wss" if args.certfile else "ws"
     gateway = Gateway(hosts, args.port, processes=args.processes, config=config)
 
     @gateway.on_message
@@ -45,7 +50,7 @@ def run_echo(args: argparse.Namespace) -> None:
         if gateway.wait_ready(60):
             for host in hosts:
                 shown = f"[{host}]" if ":" in host else host
-                print(f"listening on ws://{shown}:{gateway.port}", flush=True)
+                print(f"listening on {scheme}://{shown}:{gateway.port}", flush=True)
 
     import threading
 

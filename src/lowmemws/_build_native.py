@@ -6,6 +6,10 @@ lmw.h is both the C header and the cdef: lines starting with '#' are dropped, ex
 
 import os
 import re
+import shlex
+import subprocess
+import sysconfig
+import tempfile
 
 from cffi import FFI
 
@@ -14,6 +18,7 @@ SOURCES = [
     "_frame.c",
     "_slot.c",
     "_hub.c",
+    "_interest.c",
     "_output.c",
     "_spill.c",
     "_deflate.c",
@@ -25,6 +30,16 @@ SOURCES = [
     "_server.c",
 ]
 LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)
+# TLS (docs/tls.md) needs OpenSSL >= 3.0's headers (Debian: libssl-dev); without them the
+# build still succeeds, with _tls_off.c in their place (plain TCP only).
+TLS_SOURCES = ["_tls_keys.c", "_tls_record.c", "_tls_pages.c", "_tls_conn.c", "_tls_input.c"]
+TLS_LIBRARIES = ["ssl", "crypto"]
+_OPENSSL_PROBE = """#include <openssl/ssl.h>
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+#error OpenSSL 3.0 or later is needed
+#endif
+int main(void) { return SSL_CTX_set_num_tickets(SSL_CTX_new(TLS_server_method()), 0) != 1; }
+"""
 _INT_DEFINE = re.compile(r"^#define\s+\w+\s+-?\d+\s*(/\*.*\*/)?\s*$")
 
 
@@ -35,6 +50,31 @@ def cdef_text() -> str:
     kept = [line for line in lines if not line.startswith("#") or _INT_DEFINE.match(line)]
     return "\n".join(kept)
 
+
+def openssl_found() -> bool:
+    """openssl_found tells whether a program using OpenSSL 3 compiles and links here.
+
+    LOWMEMWS_TLS=0 in the environment builds without TLS even when OpenSSL is present.
+    """
+    if os.environ.get("LOWMEMWS_TLS") == "0":
+        return False
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.c")
+        with open(source, "w") as probe:
+            probe.write(_OPENSSL_PROBE)
+        command = [*compiler, source, "-o", os.path.join(tmp, "probe"), "-lssl", "-lcrypto"]
+        try:
+            return subprocess.run(command, capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
+if openssl_found():
+    SOURCES += TLS_SOURCES
+    LIBRARIES += TLS_LIBRARIES
+else:
+    SOURCES.append("_tls_off.c")
 
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())

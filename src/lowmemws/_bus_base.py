@@ -451,7 +451,9 @@ class BusStats:
     a RedisBus buffer still full at close); ``missed``: envelopes of other nodes known lost
     (a RedisBus sequence gap); ``duplicates``: re-sent envelopes recognised and skipped;
     ``malformed``: undecodable input; ``disconnects``/``reconnects``: links lost and regained;
-    ``peers`` (a gauge): subscribers a RedisBus last saw on its channel, itself included.
+    ``peers`` (a gauge): subscribers a RedisBus last saw on its channel, itself included;
+    ``unserved``: envelopes for a user with no connection on this node, or a topic with no
+    member here, dropped undecoded.
     """
 
     published: int = 0
@@ -468,6 +470,7 @@ class BusStats:
     buffered: int = 0
     buffered_bytes: int = 0
     peers: int = 0
+    unserved: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, amount: int = 1) -> None:

@@ -1,28 +1,42 @@
 """RedisBus: gateways on several machines share topics and users through a redis-server.
 
-Theory of operation. Every node (process) publishes to, and subscribes to, ONE channel,
-``channel_prefix + "bus"``, that carries whole encoded envelopes. One channel, not one per
-topic, because every node must see every user message and every broadcast anyway (no node
-knows where a user is connected), per-topic channels would need the hub to report each topic's
-first and last local subscriber, and one channel keeps one publisher's envelopes in the order
-it published them, whatever their kind. Sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7.0) is
-used when the server's version has it: in a cluster it keeps the traffic on the shard that
-owns the channel instead of broadcasting it over the cluster bus; elsewhere plain
-PUBLISH/SUBSCRIBE.
+Theory of operation. Envelopes travel on partitioned channels (`lowmemws._routing`): a
+topic's on its topic partition's channel, a user's on its user partition's channel, a batch
+of users split per partition, and broadcasts and cancels on one control channel
+(``channel_prefix + "bus"``). A node subscribes to the control channel and to the partition
+channels where its hub has local members (`follow`; the hub tells through a pipe when a
+partition gains its first member or loses its last), so it receives what it delivers and,
+when users are placed by partition, little else. A partition left empty is unsubscribed
+after ``unsubscribe_grace`` seconds, so churn does not thrash. A bus that follows no hub
+subscribes to every channel. Sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7.0) is used
+when the server's version has it: in a cluster it keeps each channel's traffic on the shard
+that owns it; elsewhere plain PUBLISH/SUBSCRIBE.
 
-Each message on the channel is ``origin node id (16 bytes) + sequence number (8 bytes) +
-Envelope.encode()``. A node delivers its own envelopes locally inside ``publish`` and skips
-them when Redis echoes them back, so no node gets an envelope twice. The sequence numbers let
-a receiver skip an envelope that a publisher re-sent after a broken connection (``duplicates``)
-and count the envelopes of another node that it never saw (``missed``).
+Each message on a channel is ``origin node id (16 bytes) + sequence number (8 bytes) +
+Envelope.encode()``; a publisher numbers each channel on its own. A node delivers its own
+envelopes locally inside ``publish`` and skips them when Redis echoes them back, so no node
+gets an envelope twice. The sequence numbers let a receiver skip an envelope that a
+publisher re-sent after a broken connection (``duplicates``) and count the envelopes of
+another node that it never saw on a channel it stayed subscribed to (``missed``). A user
+envelope for a user with no connection here (its partition is subscribed for another
+user, or a topic envelope for a topic with no member here, is dropped before it is decoded
+(``unserved``).
+
+Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
+answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
+node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens to. The asker
+waits for as many answers as Redis reported receivers for the query's PUBLISH.
 
 Threads: ``publish`` only queues (and delivers locally), in the caller's thread; a writer
 thread sends the queue in pipelined batches; a subscriber thread receives and calls deliver.
 
-Presence queries (issue 12, `lowmemws._presence`) travel on the channel like any envelope;
-each node answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``,
-which every node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens
-to. The asker waits for as many answers as Redis reported receivers for the query's PUBLISH.
+Idle cost and liveness: neither thread polls. The writer sleeps until there is something
+to send or ``keepalive`` seconds have passed, then asks the control channel's subscriber
+count (a keepalive that Redis's ``timeout`` needs when it is set above ``keepalive``, and the
+peer count); the subscriber thread sleeps in select and PINGs after ``keepalive`` seconds of
+silence. A dead link is noticed at once when the connection closes, else within
+``keepalive + socket_timeout`` seconds (the subscriber's PONG deadline, the writer's reply
+timeout).
 
 During a Redis outage (server down, network cut):
 - local delivery is unaffected: ``publish`` still delivers to this node at once;
@@ -30,13 +44,16 @@ During a Redis outage (server down, network cut):
   when it is full ``publish`` raises BusUnavailable and delivers nothing, not even locally,
   so a retry never duplicates (``refused`` counts it);
 - both links reconnect by themselves with exponential backoff and jitter (``backoff_base``
-  doubling up to ``backoff_cap``), counted in ``disconnects`` and ``reconnects``;
+  doubling up to ``backoff_cap``), counted in ``disconnects`` and ``reconnects``; the
+  subscriber subscribes again to exactly the channels its hub needs then;
 - after reconnecting, the writer waits up to ``flush_grace`` seconds for as many subscribers
-  as the channel had before (the other nodes resubscribing), then sends the buffer in order;
+  as the control channel had before (the other nodes resubscribing), then sends the buffer
+  in order;
 - envelopes that other nodes got into Redis while THIS node's subscription was down are not
   received: pub/sub keeps no history. They are counted in ``missed`` once a later envelope of
-  the same node arrives. The grace wait above makes that rare when the server restarts, not
-  impossible (a node that needs longer than the grace to come back misses the flush).
+  the same node arrives on the same channel. The grace wait above makes that rare when the
+  server restarts, not impossible (a node that needs longer than the grace to come back
+  misses the flush).
 - an envelope still buffered when ``close`` gives up is counted in ``dropped``.
 """
 
@@ -48,7 +65,7 @@ import random
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +87,10 @@ from ._history_redis import (
     read_history,
     read_marker,
     store_and_publish,
+    stream_channel,
 )
+from ._redis_link import SubscriberLink, wait_links
+from ._routing import CHANNEL_PREFIX, Interest, control_channel, route, wanted_channels
 from ._user_ids import deployment_key
 from .errors import BusUnavailable
 
@@ -78,11 +98,17 @@ __all__ = ["RedisBus"]
 
 _MiB = 1024 * 1024
 _HEADER = struct.Struct(">16sQ")  # origin node id, sequence number
+_SEQ = struct.Struct(">Q")
 _BATCH_MESSAGES = 512
 _BATCH_BYTES = _MiB
-_MAX_ORIGINS = 4096
-_IDLE_PING = 1.0
-_SEQ = struct.Struct(">Q")
+_MAX_ORIGINS = 4096  # per channel
+_WIRE_V1 = 1  # Envelope's unpaced wire version: the only one peeked at before decoding
+_KIND_MASK = 3  # low bits of a version 1 envelope's second byte: the kind index
+_KIND_TOPIC = 0  # Envelope's "topic" kind index
+_KIND_USER = 1  # Envelope's "user" kind index
+_USER_TAG = struct.Struct(">Q")
+_TOPIC_LEN = struct.Struct(">H")
+_KEY_AT = _HEADER.size + 3  # the key follows the 3 header bytes of a version 1 envelope
 
 
 class RedisBus(BusBase):
@@ -90,8 +116,12 @@ class RedisBus(BusBase):
 
     Create it in the process that uses it (after any fork: its threads and sockets do not
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
-    up. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the server's version.
-    See the module docstring for what happens during an outage.
+    up and subscribed. ``sharded`` forces SPUBLISH (True) or PUBLISH (False); None asks the
+    server's version; ``cluster`` uses a Redis Cluster client (True) or a single-server one
+    (False); None asks the server (``INFO cluster``). ``keepalive`` is the longest silence
+    on a link before it is checked; ``unsubscribe_grace`` how long an empty partition stays
+    subscribed. See the module docstring for routing, liveness and what happens during an
+    outage.
 
     ``user_key``: a secret shared by every node and `lowmemws.Publisher` of the deployment,
     from which (with ``channel_prefix``) they all derive the same key for str user ids
@@ -102,6 +132,7 @@ class RedisBus(BusBase):
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'lowmemws[redis]'``).
+        ValueError: keepalive or unsubscribe_grace not > 0.
     """
 
     may_block = False  # publish queues for the network and fans out here: no wait
@@ -110,14 +141,17 @@ class RedisBus(BusBase):
         self,
         url: str,
         *,
-        channel_prefix: str = "lowmemws:",
+        channel_prefix: str = CHANNEL_PREFIX,
         max_buffered: int = 10000,
         max_buffered_bytes: int = 16 * _MiB,
         sharded: bool | None = None,
+        cluster: bool | None = None,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
         flush_grace: float = 6.0,
         socket_timeout: float = 5.0,
+        keepalive: float = 15.0,
+        unsubscribe_grace: float = 5.0,
         user_key: bytes | str | None = None,
         block_timeout: float = 0.0,
     ) -> None:
@@ -128,53 +162,73 @@ class RedisBus(BusBase):
             from redis.retry import Retry
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise ImportError("RedisBus needs redis-py: pip install 'lowmemws[redis]'") from exc
+        if not (keepalive > 0 and unsubscribe_grace > 0):
+            raise ValueError("RedisBus: keepalive and unsubscribe_grace must be > 0")
         self._redis: Any = redis
         self._client_options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
+            "socket_keepalive": True,
             "retry": Retry(NoBackoff(), 0),
         }
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # a cluster client raises RedisClusterException (not a RedisError) when no node answers
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            redis.exceptions.RedisClusterException,
+            OSError,
+        )
         self._url = url
-        #: channel is the one Redis channel that carries every envelope of the deployment.
-        self.channel = channel_prefix + "bus"
+        self._prefix = channel_prefix
+        #: channel is the control channel: broadcasts, cancels; every node subscribes to it.
+        self.channel = control_channel(channel_prefix)
         self._answers_prefix = channel_prefix + "answers:"
         #: user_key is the key of str user ids, the same on every node of the deployment.
         self.user_key = deployment_key(channel_prefix, user_key)
         self._block_timeout = block_timeout
-        self._query_seqs: dict[int, int] = {}  # sequence number of a query -> its query id
+        self._query_seqs: dict[int, int] = {}  # control channel seq of a query -> query id
         self._answer_client: Any = None
         self._answer_lock = threading.Lock()
         self._data_subscriber = True
-        #: node_id identifies this node's envelopes on the channel.
+        #: node_id identifies this node's envelopes on the channels.
         self.node_id = os.urandom(16)
         self._max_buffered = max_buffered
         self._max_bytes = max_buffered_bytes
         self._sharded = sharded
+        self._cluster = cluster
         self._backoff = (backoff_base, backoff_cap)
         self._flush_grace = flush_grace
-        self._queue: deque[bytes] = deque()
+        self._socket_timeout = socket_timeout
+        self._keepalive = keepalive
+        self._unsubscribe_grace = unsubscribe_grace
+        self._queue: deque[tuple[str, bytes]] = deque()
         self._queued_bytes = 0
-        self._seq = 0
+        self._seq: dict[str, int] = {}
         self._cond = threading.Condition()
         self._mode_lock = threading.Lock()
         self._closing = threading.Event()
         self._pub_ready = threading.Event()
         self._sub_ready = threading.Event()
         self._peers = 0
-        self._last_seq: OrderedDict[bytes, int] = OrderedDict()
+        self._receivers: dict[str, int] = {}  # subscribers a channel had at its last publish
+        self._unserved_count = 0  # undecoded drops not yet added to stats.unserved
+        self._last_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> origin -> seq
         self._threads: list[threading.Thread] = []
+        self._interest: Interest | None = None
+        self._answers = b""  # this node's answer channel, set when it starts
+        self._wake_r = self._wake_w = -1
+        self._links: dict[str, SubscriberLink] = {}  # by shard; "server" on one server
+        self._unready: set[str] = set()  # links whose subscribes are not all answered yet
+        self._leaving: dict[str, float] = {}  # channel -> when it is unsubscribed
         self._history: History | None = None
         self._history_client: Any = None
         self._reads: dict[int, ReadWaiter] = {}  # history reads waiting for their marker
         self._read_ids = itertools.count(1)
         self._read_timeout = socket_timeout
-        self._subscriptions = 0
+        self._resync_due = False  # the subscriber reconnected: tell on_resync once ready
         #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
         #: is back after an outage: stored messages published meanwhile were not delivered
         #: here. The Gateway sets it to ask its envelope clients to resume.
         self.on_resync: Callable[[], None] | None = None
-        self._key_prefix = channel_prefix
 
     def enable_history(self, history: History) -> None:
         """enable_history stores every topic and user message in Redis Streams before it is
@@ -203,7 +257,7 @@ class RedisBus(BusBase):
         request_id = next(self._read_ids)
         waiter = ReadWaiter(lock)
         self._reads[request_id] = waiter
-        channel = channel_for(self, _stream_envelope(stream))
+        channel = stream_channel(stream, self._prefix)
         try:
             client = self._stored_client()
             if self._sharded is None:
@@ -211,7 +265,7 @@ class RedisBus(BusBase):
             if not self._sub_ready.wait(self._read_timeout):  # the marker must come back
                 raise BusUnavailable("RedisBus: not subscribed to the channel")
             result = read_history(
-                client, stream, after, max_count, max_bytes, prefix=self._key_prefix,
+                client, stream, after, max_count, max_bytes, prefix=self._prefix,
                 channel=channel, marker=read_marker(self.node_id, request_id),
                 sharded=bool(self._sharded),
             )  # fmt: skip
@@ -227,6 +281,20 @@ class RedisBus(BusBase):
     def sharded(self) -> bool | None:
         """sharded is True when the bus uses SPUBLISH/SSUBSCRIBE; None until first connected."""
         return self._sharded
+
+    def follow(self, interest: Interest) -> None:
+        """follow makes the bus subscribe only to the partitions where ``interest`` (the
+        node's hub) has members, as they come and go. Call it before or after start."""
+        self._interest = interest
+        if self._wake_w >= 0:
+            interest.watch_interest(self._wake_w)
+            self._wake()
+
+    def subscribed(self) -> frozenset[str]:
+        """subscribed is the set of channels the subscriber link holds now (empty while it is
+        down), including those waiting out their unsubscribe grace."""
+        links = list(self._links.values())
+        return frozenset().union(*(link.channels for link in links))
 
     def start(self, deliver: Deliver) -> None:
         """start connects in the background and begins delivering to ``deliver``.
@@ -255,18 +323,6 @@ class RedisBus(BusBase):
         """presence_address is this node's id: answers to its queries go to its channel."""
         return self.node_id
 
-    def _start_threads(self) -> None:
-        if self._threads:
-            raise RuntimeError("RedisBus.start: already started")
-        # A node is the process that starts the bus: a bus made before a fork and started
-        # in each worker must give every worker its own id, or they skip each other's
-        # envelopes as their own echo.
-        self.node_id = os.urandom(16)
-        for name, target in (("pub", self._writer_loop), ("sub", self._subscriber_loop)):
-            thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
     def flush(self, timeout: float) -> int:
         """flush waits up to timeout seconds until every envelope published so far has been
         handed to Redis; returns how many are still waiting (0: all sent)."""
@@ -278,6 +334,22 @@ class RedisBus(BusBase):
                     break
                 self._cond.wait(min(left, 0.05))
             return len(self._queue)
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            raise RuntimeError("RedisBus.start: already started")
+        # A node is the process that starts the bus: a bus made before a fork and started
+        # in each worker must give every worker its own id, or they skip each other's
+        # envelopes as their own echo.
+        self.node_id = os.urandom(16)
+        self._answers = self._answer_channel(self.node_id).encode()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._interest is not None:
+            self._interest.watch_interest(self._wake_w)
+        for name, target in (("pub", self._writer_loop), ("sub", self._subscriber_loop)):
+            thread = threading.Thread(target=target, name=f"lowmemws-redis-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """wait_ready waits until the publishing and the subscribing links are both up."""
@@ -300,27 +372,28 @@ class RedisBus(BusBase):
         """
         if self._history is not None and envelope.stream is not None and not envelope.paced:
             return self._store_and_publish(envelope)
-        data = envelope.encode()
-        if len(data) + _HEADER.size > self._max_bytes:
-            raise ValueError(f"RedisBus.publish: {len(data)} bytes > max_buffered_bytes")
+        parts = [(channel, part.encode()) for channel, part in route(envelope, self._prefix)]
+        size = sum(len(data) + _HEADER.size for _, data in parts)
+        if size > self._max_bytes:
+            raise ValueError(f"RedisBus.publish: {size} bytes > max_buffered_bytes")
         with self._cond:
-            refusal = self._refusal(len(data))
+            refusal = self._refusal(size, len(parts))
             if refusal is not None and self._block_timeout > 0:
-                refusal = self._wait_for_room(len(data))
+                refusal = self._wait_for_room(size, len(parts))
             if refusal is None:
-                self._seq += 1
-                message = _HEADER.pack(self.node_id, self._seq) + data
-                self._queue.append(message)
-                self._queued_bytes += len(message)
-                if envelope.kind in QUERY_KINDS:
-                    self._query_seqs[self._seq] = Query.parse(envelope).query_id
+                for channel, data in parts:
+                    seq = self._seq[channel] = self._seq.get(channel, 0) + 1
+                    self._queue.append((channel, _HEADER.pack(self.node_id, seq) + data))
+                    if envelope.kind in QUERY_KINDS:
+                        self._query_seqs[seq] = Query.parse(envelope).query_id
+                self._queued_bytes += size
                 self._cond.notify_all()
         if refusal is not None:
             self.stats.add("refused")
             raise BusUnavailable(refusal)
         self.stats.add("published")
-        self.stats.add("buffered")
-        self.stats.add("buffered_bytes", len(message))
+        self.stats.add("buffered", len(parts))
+        self.stats.add("buffered_bytes", size)
         return self._deliver_safely(envelope)
 
     def _store_and_publish(self, envelope: Envelope) -> int:
@@ -335,8 +408,8 @@ class RedisBus(BusBase):
             if self._sharded is None:
                 self._detect_mode(client)
             store_and_publish(
-                client, envelope, channel_for(self, envelope), self._history,
-                prefix=self._key_prefix, sharded=bool(self._sharded),
+                client, envelope, self._history, prefix=self._prefix,
+                sharded=bool(self._sharded),
             )  # fmt: skip
         except self._errors as exc:
             self.stats.add("refused")
@@ -344,12 +417,11 @@ class RedisBus(BusBase):
         self.stats.add("published")
         return 0
 
-    def _resubscribed(self) -> None:
+    def _resynced(self) -> None:
         """After an outage of the subscribing link, the stored messages published meanwhile
         never reached this node: with history, its clients are told to resume."""
-        self._subscriptions += 1
         hook = self.on_resync
-        if self._subscriptions > 1 and self._history is not None and hook is not None:
+        if self._history is not None and hook is not None:
             try:
                 hook()
             except Exception:
@@ -361,8 +433,8 @@ class RedisBus(BusBase):
         return self._history_client
 
     def node_count(self) -> int:
-        """node_count is the number of nodes subscribed to the channel (this one included) as
-        last seen: by every batch sent, and once a second while idle."""
+        """node_count is the number of nodes subscribed to the control channel (this one
+        included) as last seen: by every broadcast sent, and every keepalive while idle."""
         return max(1, self._peers)
 
     def close(self, timeout: float = 2.0) -> None:
@@ -371,6 +443,7 @@ class RedisBus(BusBase):
         self._closing.set()
         with self._cond:
             self._cond.notify_all()
+        self._wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -378,15 +451,21 @@ class RedisBus(BusBase):
             if self._answer_client is not None:
                 _quietly(self._answer_client.close)
                 self._answer_client = None
+        if self._interest is not None:
+            self._interest.watch_interest(-1)
+        if self._wake_r >= 0 and not any(thread.is_alive() for thread in self._threads):
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     # -- publishing --------------------------------------------------------------------------
 
-    def _wait_for_room(self, size: int) -> str | None:
+    def _wait_for_room(self, size: int, count: int) -> str | None:
         """Wait (holding _cond) up to block_timeout for the writer to make room; None once
         there is room, else why there is none."""
         deadline = time.monotonic() + self._block_timeout
         while True:
-            refusal = self._refusal(size)
+            refusal = self._refusal(size, count)
             if refusal is None:
                 return None
             left = deadline - time.monotonic()
@@ -394,19 +473,18 @@ class RedisBus(BusBase):
                 return f"{refusal} (waited {self._block_timeout:g} s for room)"
             self._cond.wait(left)
 
-    def _refusal(self, size: int) -> str | None:
+    def _refusal(self, size: int, count: int) -> str | None:
         if not self._threads or self._closing.is_set():
             return "RedisBus is not started or is closed"
-        if len(self._queue) >= self._max_buffered:
+        if len(self._queue) + count > self._max_buffered:
             return f"RedisBus buffer full ({len(self._queue)} envelopes): Redis unreachable?"
-        if self._queued_bytes + size + _HEADER.size > self._max_bytes:
+        if self._queued_bytes + size > self._max_bytes:
             return f"RedisBus buffer full ({self._queued_bytes} bytes): Redis unreachable?"
         return None
 
     def _writer_loop(self) -> None:
-        client = self._client()
         connected_before = peers_known = False
-        while self._connect(client, not connected_before):
+        while (client := self._connect(not connected_before)) is not None:
             connected_before = True
             try:  # the link may break again at once: a restarting server, a reset
                 if peers_known:
@@ -416,13 +494,14 @@ class RedisBus(BusBase):
                     peers_known = True
                 self._pub_ready.set()
                 self._drain(client)
+                client.close()
                 break
             except self._errors as exc:
                 self._link_lost("publish", exc)
                 self._pub_ready.clear()
+                _quietly(client.close)
         self._pub_ready.clear()
         self._drop_leftovers()
-        client.close()
 
     def _drain(self, client: Any) -> None:
         """Send the queue in batches until closing; raises when the link breaks."""
@@ -431,74 +510,89 @@ class RedisBus(BusBase):
             if batch is None:
                 return
             if not batch:
-                # idle: learn how many subscribers the channel has (also a liveness check),
-                # so a flush after an outage waits for them even if this node sent nothing
+                # idle for a keepalive period: learn how many subscribers the control
+                # channel has (the link's keepalive and liveness check), so a flush after
+                # an outage waits for them even if this node sent nothing
                 self._learn_peers(client)
                 continue
             self._send(client, batch)
 
-    def _next_batch(self) -> list[bytes] | None:
+    def _next_batch(self) -> list[tuple[str, bytes]] | None:
         with self._cond:
             if not self._queue and not self._closing.is_set():
-                self._cond.wait(_IDLE_PING)
+                self._cond.wait(self._keepalive)
             if not self._queue:
                 return None if self._closing.is_set() else []
-            batch: list[bytes] = []
+            batch: list[tuple[str, bytes]] = []
             size = 0
-            for message in itertools.islice(self._queue, _BATCH_MESSAGES):
-                if batch and size + len(message) > _BATCH_BYTES:
+            for item in itertools.islice(self._queue, _BATCH_MESSAGES):
+                if batch and size + len(item[1]) > _BATCH_BYTES:
                     break
-                batch.append(message)
-                size += len(message)
+                batch.append(item)
+                size += len(item[1])
             return batch
 
-    def _send(self, client: Any, batch: list[bytes]) -> None:
+    def _send(self, client: Any, batch: list[tuple[str, bytes]]) -> None:
         command = "SPUBLISH" if self._sharded else "PUBLISH"
         pipe = client.pipeline(transaction=False)
-        for message in batch:
-            pipe.execute_command(command, self.channel, message)
+        for channel, message in batch:
+            pipe.execute_command(command, channel, message)
         receivers = pipe.execute()
         size = 0
         with self._cond:
             for _ in batch:
-                size += len(self._queue.popleft())
+                size += len(self._queue.popleft()[1])
             self._queued_bytes -= size
             self._cond.notify_all()  # a publish may wait for room (block_timeout)
         if self._query_seqs:
             self._note_receivers(batch, receivers)
         self.stats.add("buffered", -len(batch))
         self.stats.add("buffered_bytes", -size)
-        self._peers = max(int(n) for n in receivers)
-        self.stats.set("peers", self._peers)
+        for (channel, _), count in zip(batch, receivers, strict=True):
+            self._receivers[channel] = int(count)
+        if self.channel in self._receivers:
+            self._peers = max(self._peers, self._receivers.pop(self.channel))
+            self.stats.set("peers", self._peers)
 
-    def _note_receivers(self, batch: list[bytes], receivers: list[Any]) -> None:
+    def _note_receivers(self, batch: list[tuple[str, bytes]], receivers: list[Any]) -> None:
         """The receivers of a query's PUBLISH are the nodes that will answer it."""
-        for message, count in zip(batch, receivers, strict=True):
+        for (channel, message), count in zip(batch, receivers, strict=True):
+            if channel != self.channel:
+                continue
             query_id = self._query_seqs.pop(_SEQ.unpack_from(message, 16)[0], None)
             if query_id is not None:
                 self.queries.expect(query_id, int(count))
 
     def _learn_peers(self, client: Any) -> None:
-        self._peers = self._subscribers(client)
+        self._peers = self._subscribers(client, [self.channel])[0]
         self.stats.set("peers", self._peers)
 
     def _await_peers(self, client: Any) -> None:
-        """After an outage, give the other nodes time to resubscribe before flushing."""
+        """After an outage, give the other nodes time to resubscribe before flushing: until
+        the control channel and every channel of the buffer have as many subscribers as
+        they had when last published on."""
+        with self._cond:
+            queued = {channel for channel, _ in self._queue}
+        channels = [self.channel, *sorted(queued - {self.channel})]
+        targets = [self._peers, *(self._receivers.get(ch, 0) for ch in channels[1:])]
         deadline = time.monotonic() + self._flush_grace
         while time.monotonic() < deadline and not self._closing.is_set():
-            if self._subscribers(client) >= self._peers:
+            counts = self._subscribers(client, channels)
+            if all(n >= target for n, target in zip(counts, targets, strict=False)):
                 return
             time.sleep(0.05)
 
-    def _subscribers(self, client: Any) -> int:
+    def _subscribers(self, client: Any, channels: list[str]) -> list[int]:
+        """Ask the shard of each channel how many links subscribe to it."""
         sub = "SHARDNUMSUB" if self._sharded else "NUMSUB"
-        reply = client.execute_command("PUBSUB", sub, self.channel)
-        flat = (
-            list(itertools.chain.from_iterable(reply))
-            if reply and isinstance(reply[0], tuple)
-            else reply
-        )
-        return int(flat[1]) if len(flat) > 1 else 0
+        if not self._cluster:
+            return _numsub(client.execute_command("PUBSUB", sub, *channels), channels)
+        counts = []
+        for channel in channels:  # a cluster answers for the channels of one shard at a time
+            node = client.get_node_from_key(channel)
+            reply = client.execute_command("PUBSUB", sub, channel, target_nodes=node)
+            counts += _numsub(reply, [channel])
+        return counts
 
     def _drop_leftovers(self) -> None:
         with self._cond:
@@ -515,50 +609,107 @@ class RedisBus(BusBase):
 
     def _subscriber_loop(self) -> None:
         first = True
-        while not self._closing.is_set():
-            client = self._client(health_check_interval=5)
-            if not self._connect(client, first):
-                client.close()
-                break
+        while (client := self._connect(first)) is not None:
+            self._resync_due = not first
             first = False
-            pubsub = client.pubsub()
+            links: dict[str, SubscriberLink] = {}
             try:
-                self._listen(pubsub)
+                self._listen(client, links)
             except self._errors as exc:
                 self._link_lost("subscribe", exc)
             finally:
                 self._sub_ready.clear()
-                _quietly(pubsub.close)
+                self._links = {}
+                for link in links.values():
+                    _quietly(link.close)
                 _quietly(client.close)
 
-    def _listen(self, pubsub: Any) -> None:
-        channels = [self._answer_channel(self.node_id)]
-        if self._data_subscriber:
-            channels.insert(0, self.channel)
-        for channel in channels:  # one by one: in a cluster they live on different shards
-            if self._sharded:
-                pubsub.ssubscribe(channel)
-            else:
-                pubsub.subscribe(channel)
-        answers = channels[-1].encode()
-        confirmed = 0
+    def _listen(self, client: Any, links: dict[str, SubscriberLink]) -> None:
+        """Hold one link per shard that owns a wanted channel (one link on a single server)
+        until closing; raises when a link breaks, and the caller starts over."""
+        self._leaving.clear()
+        self._unready.clear()
+        self._links = links
+        self._follow_interest(client, links)
         while not self._closing.is_set():
-            message = pubsub.get_message(timeout=0.25)
-            if message is None:
-                continue
-            kind = message["type"]
-            if kind in ("subscribe", "ssubscribe"):
-                confirmed += 1
-                if confirmed == len(channels):  # ready once every subscription holds
-                    self._sub_ready.set()
-                    self._resubscribed()
-            elif kind in ("message", "smessage"):
-                if message["channel"] == answers:
-                    self._receive_answer(message["data"])
-                else:
-                    self._receive(message["data"])
+            soonest = min(self._leaving.values(), default=time.monotonic() + self._keepalive)
+            timeout = max(0.0, soonest - time.monotonic())
+            woken = wait_links(list(links.values()), timeout, self._wake_r)
+            self._flush_unserved()
+            if woken:
+                _drain_pipe(self._wake_r)
+                self._follow_interest(client, links)
+            self._leave_expired(links)
 
-    def _receive(self, data: bytes) -> None:
+    def _follow_interest(self, client: Any, links: dict[str, SubscriberLink]) -> None:
+        """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
+        wanted = {self._answer_channel(self.node_id)}
+        if self._data_subscriber:
+            wanted |= wanted_channels(self._interest, self._prefix)
+        held: set[str] = set().union(*(link.channels for link in links.values()))
+        by_link: dict[str, list[str]] = {}
+        for channel in wanted - held:
+            by_link.setdefault(self._shard_of(client, channel), []).append(channel)
+        for name, channels in by_link.items():
+            link = links.get(name) or self._open_link(client, name, links)
+            link.subscribe(channels)
+            link.mark()
+            self._unready.add(name)
+        for channel in wanted:
+            self._leaving.pop(channel, None)
+        leave_at = time.monotonic() + self._unsubscribe_grace
+        for channel in held - wanted:
+            self._leaving.setdefault(channel, leave_at)
+
+    def _shard_of(self, client: Any, channel: str) -> str:
+        """The name of the link a channel is subscribed on: its shard's master."""
+        if not self._cluster:
+            return "server"
+        return str(client.get_node_from_key(channel).name)
+
+    def _open_link(self, client: Any, name: str, links: dict[str, SubscriberLink]) -> Any:
+        if self._cluster:
+            pool = client.get_node(node_name=name).redis_connection.connection_pool
+        else:
+            pool = client.connection_pool
+        connection = pool.make_connection()
+        connection.connect()
+        link = SubscriberLink(
+            connection,
+            bool(self._sharded),
+            self._receive,
+            keepalive=self._keepalive,
+            reply_timeout=self._socket_timeout,
+            one_per_command=bool(self._cluster),
+        )
+        link.on_ready = lambda: self._link_ready(name)
+        links[name] = link
+        return link
+
+    def _link_ready(self, name: str) -> None:
+        self._unready.discard(name)
+        if not self._unready:
+            self._sub_ready.set()
+            if self._resync_due:
+                self._resync_due = False
+                self._resynced()
+
+    def _leave_expired(self, links: dict[str, SubscriberLink]) -> None:
+        now = time.monotonic()
+        expired = [channel for channel, at in self._leaving.items() if at <= now]
+        if not expired:
+            return
+        for channel in expired:
+            del self._leaving[channel]
+            # the origins' numbering on that channel restarts when it is subscribed again
+            self._last_seq.pop(channel.encode(), None)
+        for link in links.values():
+            link.unsubscribe(expired)  # each drops the ones it holds
+
+    def _receive(self, channel: bytes, data: bytes) -> None:
+        if channel == self._answers:
+            self._receive_answer(data)
+            return
         if len(data) < _HEADER.size:
             self.stats.add("malformed")
             return
@@ -569,9 +720,12 @@ class RedisBus(BusBase):
             if waiter is not None:
                 waiter.answer(b"")
             return
-        stored = origin == STORED_ORIGIN  # delivered by every node, in Redis's order
-        if not stored and (origin == self.node_id or not self._in_sequence(origin, seq)):
-            return
+        if origin != STORED_ORIGIN:  # a stored one: every node delivers it, in Redis's order
+            if origin == self.node_id or not self._in_sequence(channel, origin, seq):
+                return
+            if self._unserved(data):
+                self._unserved_count += 1  # this thread alone writes it: no lock per message
+                return
         try:
             envelope = Envelope.decode(memoryview(data)[_HEADER.size :])
         except ValueError:
@@ -615,35 +769,81 @@ class RedisBus(BusBase):
             return
         self._take_answer(envelope)
 
-    def _in_sequence(self, origin: bytes, seq: int) -> bool:
+    def _flush_unserved(self) -> None:
+        """Add the drops of one read to the stats: one locked add per read, not per message."""
+        if self._unserved_count:
+            self.stats.add("unserved", self._unserved_count)
+            self._unserved_count = 0
+
+    def _unserved(self, data: bytes) -> bool:
+        """A user or topic envelope (wire version 1) for a user with no connection here, or
+        a topic with no member here: dropped undecoded. Anything else is decoded."""
+        interest = self._interest
+        if interest is None or len(data) < _KEY_AT or data[_HEADER.size] != _WIRE_V1:
+            return False
+        kind = data[_HEADER.size + 1] & _KIND_MASK
+        if kind == _KIND_USER and len(data) >= _KEY_AT + _USER_TAG.size:
+            return not interest.user_held(_USER_TAG.unpack_from(data, _KEY_AT)[0])
+        if kind == _KIND_TOPIC and len(data) >= _KEY_AT + _TOPIC_LEN.size:
+            (length,) = _TOPIC_LEN.unpack_from(data, _KEY_AT)
+            name = data[_KEY_AT + _TOPIC_LEN.size : _KEY_AT + _TOPIC_LEN.size + length]
+            try:
+                return not interest.topic_held(name.decode("utf-8"))
+            except UnicodeDecodeError:
+                return False  # decode says malformed
+        return False
+
+    def _in_sequence(self, channel: bytes, origin: bytes, seq: int) -> bool:
         """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""
-        last = self._last_seq.get(origin)
+        origins = self._last_seq.get(channel)
+        if origins is None:
+            origins = self._last_seq[channel] = {}
+        last = origins.get(origin)
         if last is not None:
             if seq <= last:
                 self.stats.add("duplicates")
                 return False
             if seq > last + 1:
                 self.stats.add("missed", seq - last - 1)
-        self._last_seq[origin] = seq
-        self._last_seq.move_to_end(origin)
-        if len(self._last_seq) > _MAX_ORIGINS:
-            self._last_seq.popitem(last=False)
+        origins[origin] = seq
+        if last is None and len(origins) > _MAX_ORIGINS:
+            # forget the origin heard of first (nodes come and go; a plain dict keeps this
+            # per-message path cheap, where an LRU would reorder on every message)
+            del origins[next(iter(origins))]
         return True
 
     # -- links -------------------------------------------------------------------------------
 
-    def _client(self, **extra: Any) -> Any:
-        return self._redis.Redis.from_url(self._url, **self._client_options, **extra)
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
 
-    def _connect(self, client: Any, first: bool) -> bool:
-        """Ping until the server answers (backoff with jitter); False once closing."""
+    def _client(self) -> Any:
+        if self._cluster:
+            return self._redis.RedisCluster.from_url(self._url, **self._client_options)
+        return self._redis.Redis.from_url(self._url, **self._client_options)
+
+    def _connect(self, first: bool) -> Any | None:
+        """A client that answered PING (retried with backoff and jitter); None once closing.
+        The first answer tells the mode: sharded pub/sub or not, a cluster or one server."""
         for attempt in itertools.count():
             if self._closing.is_set():
-                return False
+                return None
+            client = None
             try:
+                client = self._client()
                 client.ping()
                 self._detect_mode(client)
+                if self._cluster != isinstance(client, self._redis.RedisCluster):
+                    client.close()  # made before the mode was known: the server is a cluster
+                    client = self._client()
+                    client.ping()
             except self._errors:
+                if client is not None:
+                    _quietly(client.close)
                 base, cap = self._backoff
                 delay = min(cap, base * 2**attempt)
                 self._closing.wait(random.uniform(delay / 2, delay))
@@ -651,14 +851,17 @@ class RedisBus(BusBase):
             if not first:
                 self.stats.add("reconnects")
                 log.info("lowmemws RedisBus: reconnected (%d attempts)", attempt + 1)
-            return True
-        return False  # pragma: no cover - the loop above never ends by itself
+            return client
+        return None  # pragma: no cover - the loop above never ends by itself
 
     def _detect_mode(self, client: Any) -> None:
+        """Learn sharded and cluster from the server (once)."""
         with self._mode_lock:
             if self._sharded is None:
                 version = str(client.info("server").get("redis_version", "0"))
                 self._sharded = int(version.split(".")[0]) >= 7
+            if self._cluster is None:
+                self._cluster = bool(client.info("cluster").get("cluster_enabled", 0))
 
     def _link_lost(self, link: str, exc: BaseException) -> None:
         if self._closing.is_set():
@@ -667,17 +870,24 @@ class RedisBus(BusBase):
         log.warning("lowmemws RedisBus: %s link lost: %s", link, exc)
 
 
-def _stream_envelope(stream: str) -> Envelope:
-    """An envelope of stream, for channel_for: the channel its messages travel on."""
-    if stream.startswith("t:"):
-        return Envelope.for_topic(stream[2:], b"")
-    return Envelope.for_user(int(stream[2:]), b"")
+def _numsub(reply: Any, channels: list[str]) -> list[int]:
+    """The counts of a PUBSUB (SHARD)NUMSUB reply, in the order of channels."""
+    if isinstance(reply, dict):  # RESP3, or a cluster client's answer
+        return [int(reply.get(ch.encode(), reply.get(ch)) or 0) for ch in channels]
+    flat = (
+        list(itertools.chain.from_iterable(reply))
+        if reply and isinstance(reply[0], tuple)
+        else reply
+    )
+    return [int(n) for n in flat[1::2]]
 
 
-def channel_for(bus: RedisBus, envelope: Envelope) -> str:
-    """channel_for is the Redis channel an envelope is published on: today the bus's one
-    channel for every envelope."""
-    return bus.channel
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _quietly(action: Any) -> None:

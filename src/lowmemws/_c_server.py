@@ -16,9 +16,11 @@ from typing import Any
 
 from ._constants import POLICIES
 from ._native import ffi, lib
+from ._routing import PARTITIONS, topic_partition
 from ._user_ids import UserIds
 from .config import Config
 from .connection import SendResult
+from .errors import TLSError
 
 PaceTarget = str | tuple[int, ...] | None
 """PaceTarget: who a paced send reaches: a topic name, a tuple of user tags, or everyone."""
@@ -26,13 +28,16 @@ Pace = tuple[int, float, float]
 """Pace: (pace id, spread seconds, rate per second) of a paced send."""
 
 _TOPIC_CACHE = 4096  # topic ids remembered (per topic, bounded; not per connection)
+_PARTITION_MASK = PARTITIONS - 1
 
 
 class TopicIds:
-    """TopicIds names topics for the C hub: a 64-bit keyed BLAKE2b hash of the topic name.
+    """TopicIds names topics for the C hub: a 64-bit keyed BLAKE2b hash of the topic name
+    whose low bits are replaced by the topic's routing partition (issue 15), which the hub
+    counts members by.
 
     The key is random per gateway (and shared by its forked worker processes), so a client
-    cannot choose topic names that collide in the hub's table.
+    cannot choose topic names that collide in the hub's table (54 keyed bits stay).
     """
 
     def __init__(self) -> None:
@@ -44,7 +49,8 @@ class TopicIds:
         if known is not None:
             return known
         digest = hashlib.blake2b(topic.encode("utf-8"), digest_size=8, key=self._key)
-        topic_id = int.from_bytes(digest.digest(), "little") or 1  # 0 is not a topic
+        keyed = int.from_bytes(digest.digest(), "little") & ~_PARTITION_MASK
+        topic_id = keyed | topic_partition(topic) or PARTITIONS  # 0 is not a topic
         if len(self._known) >= _TOPIC_CACHE:
             self._known.clear()
         self._known[topic] = topic_id
@@ -309,11 +315,57 @@ class CServer:
         )  # fmt: skip
         return max(0, int(n))  # LMW_ERROR: no memory for it; nobody gets it
 
+    def tls_configure(self, certfile: str, keyfile: str) -> None:
+        """tls_configure makes the server's connections TLS ones, or replaces the certificate.
+
+        Raises:
+            TLSError: built without OpenSSL, or the files cannot be used (the reason).
+        """
+        err = ffi.new("char[]", 512)
+        if self._ptr is None:
+            raise TLSError("the server is not open")
+        r = lib.lmw_tls_configure(
+            self._ptr, os.fsencode(certfile), os.fsencode(keyfile), err, len(err)
+        )
+        if r != 0:
+            raise TLSError(ffi.string(err).decode("utf-8", "replace"))
+
     def paced_cancel(self, pace_id: int) -> int:
         """paced_cancel ends every paced send named pace_id; returns the members not reached."""
         if self._ptr is None:
             return 0
         return int(lib.lmw_paced_cancel(self._ptr, pace_id))
+
+    # -- interest routing (issue 15) --------------------------------------------------------
+
+    def watch_interest(self, fd: int) -> None:
+        """watch_interest makes the hub write a byte to fd whenever a routing partition gains
+        its first local member or loses its last (-1 stops it)."""
+        if self._ptr is not None:
+            lib.lmw_interest_watch(self._ptr, fd)
+
+    def interest(self) -> tuple[bytes, bytes]:
+        """interest is (user partitions, topic partitions) with local members now, each a
+        bitmap of PARTITIONS bits (bit p of byte p // 8); empty before open()."""
+        size = PARTITIONS // 8
+        if self._ptr is None:
+            return bytes(size), bytes(size)
+        users, topics = ffi.new("uint8_t[]", size), ffi.new("uint8_t[]", size)
+        lib.lmw_interest(self._ptr, users, topics)
+        return bytes(ffi.buffer(users)), bytes(ffi.buffer(topics))
+
+    def user_held(self, user: int) -> bool:
+        """user_held tells whether a connection tagged user is open here."""
+        return self._ptr is not None and bool(lib.lmw_user_held(self._ptr, user))
+
+    def topic_held(self, topic: str) -> bool:
+        """topic_held tells whether topic has a member here."""
+        return self.topic_size(topic) > 0
+
+
+def tls_available() -> bool:
+    """tls_available tells whether this build of lowmemws can serve TLS (it found OpenSSL)."""
+    return bool(lib.lmw_tls_available())
 
 
 def c_config(config: Config, auto_upgrade: bool) -> Any:

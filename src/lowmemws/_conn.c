@@ -27,6 +27,7 @@
  *        answered that message)--> LINGER
  *   LINGER: output drains, then shutdown(SHUT_WR); input is discarded until EOF or the
  *           close deadline, so the peer reads our last bytes instead of a reset.
+ *   any but FREE --TLS failure, the peer's close_notify: lmw__conn_abandon--> LINGER
  *   any --EOF, socket error, deadline: lmw__conn_free--> FREE (gen + 1: every handle to
  *        the fd goes stale)
  *
@@ -95,6 +96,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
         }
     }
     lmw__hub_forget(s, fd);
+    if (s->tls) lmw__tls_forget(s, fd);
     lmw__ext_drop(s, sl);
     lmw__peer_remove(s, fd);
     sl->gen++;
@@ -122,9 +124,11 @@ static int written(lmw_server *s, int fd, int r) {
 int lmw__conn_accept(lmw_server *s, int fd) {
     if (fd < 0 || (uint32_t)fd >= s->nslots || s->slots[fd].state != ST_FREE) return LMW_ERROR;
     lmw_slot *sl = &s->slots[fd];
+    if (s->tls && lmw__tls_start(s, fd) < 0) return LMW_ERROR;
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
     if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         s->stats->errors[LMW_ERR_EPOLL]++;
+        if (s->tls) lmw__tls_forget(s, fd);
         return LMW_ERROR;
     }
     sl->state = ST_HEAD;
@@ -173,6 +177,7 @@ int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size
 
 /* linger: we are done with the connection; it drains its output, then shuts down. */
 static void linger(lmw_server *s, int fd, lmw_slot *sl) {
+    if (s->tls) lmw__tls_send_alert(s, fd, sl, TLS_ALERT_CLOSE_NOTIFY); /* RFC 8446 6.1 */
     lmw_ext *x = lmw__ext_of(s, sl);
     sl->state = ST_LINGER;
     sl->tick = s->now;
@@ -190,6 +195,16 @@ static void linger(lmw_server *s, int fd, lmw_slot *sl) {
     }
     sl->flags &= ~(F_PAUSED | F_BUDGET);
     lmw__set_interest(s, fd, sl, 0);
+}
+
+/* lmw__conn_abandon ends a connection with nothing more from WebSocket or HTTP: its TLS layer
+ * failed (the alert is written) or the peer's close_notify came. It lingers, so the peer reads
+ * the last bytes instead of a reset; an open connection ends with 1006. */
+void lmw__conn_abandon(lmw_server *s, int fd, lmw_slot *sl) {
+    if (sl->state == ST_LINGER || sl->state == ST_FREE) return;
+    unpark(s, sl);
+    if (lmw__is_handshake_state(sl->state)) s->stats->handshakes--;
+    linger(s, fd, sl);
 }
 
 /* answer_http writes a complete HTTP response and lingers (the connection ends with it). */

@@ -64,6 +64,11 @@ ERROR_KINDS: tuple[str, ...] = _by_value(
 )
 """ERROR_KINDS names lmw_stats.errors[i], e.g. "nomem" for LMW_ERR_NOMEM."""
 
+TLS_OUTCOMES: tuple[str, ...] = _by_value(
+    _suffixes("LMW_TLS_", "LMW_TLS_COUNTERS"), lib.LMW_TLS_COUNTERS, "TLS outcomes"
+)
+"""TLS_OUTCOMES names lmw_stats.tls[i], e.g. "bad_record_mac" for LMW_TLS_BAD_RECORD_MAC."""
+
 KNOWN_HEADERS: dict[str, int] = {
     name.replace("_", "-"): index for name, index in _suffixes("LMW_H_", "LMW_H_COUNT").items()
 }

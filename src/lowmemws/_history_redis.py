@@ -1,22 +1,29 @@
 """History in Redis Streams: store before publish, in one script, for RedisBus and publishers.
 
-Theory of operation (issue 12). Each stream has two keys that share one hash tag, so they
-live in one slot of a Redis Cluster: ``<prefix>{<stream>}:s``, a Redis Stream of the kept
-messages (entry id ``<offset>-0``, field ``d`` the stored entry), and ``<prefix>{<stream>}:m``,
-a hash of the stream's ``epoch`` and last ``offset``. `store_and_publish` runs `STORE_SCRIPT`,
-which in one atomic step takes the next offset (a new random epoch when the hash is gone:
-Redis flushed, restarted without persistence, or the stream expired), appends the entry
-with XADD MAXLEN, renews both keys' expiry, and PUBLISHes the envelope with its position
-on the bus channel. So no node ever sees a position before it is stored, and every node
-sees a stream's messages in offset order. When Redis cannot be reached the script does not
-run: the caller gets the error (never a silent loss).
+Theory of operation (issue 12). Each stream has two keys: ``<prefix>{<tag>}:<stream>:s``, a
+Redis Stream of the kept messages (entry id ``<offset>-0``, field ``d`` the stored entry),
+and ``<prefix>{<tag>}:<stream>:m``, a hash of the stream's ``epoch`` and last ``offset``.
+Their hash tag is the one of the stream's partition channel (`lowmemws._routing`: ``t:<n>``
+for a topic of partition n, ``u:<n>`` for a user), so in a Redis Cluster both keys and the
+channel live in one slot and one script may write the keys and SPUBLISH on the channel (a
+script may only touch its own slot). The price: a partition's streams share a slot, as its
+messages already share a shard; 4096 partitions per kind spread them over the cluster.
+`store_and_publish` runs `STORE_SCRIPT`, which in one atomic step takes the next offset (a
+new random epoch when the hash is gone: Redis flushed, restarted without persistence, or the
+stream expired), appends the entry with XADD MAXLEN, renews both keys' expiry, and PUBLISHes
+the envelope with its position on the stream's partition channel. So no node ever sees a
+position before it is stored, and every node sees a stream's messages in offset order. When
+Redis cannot be reached the script does not run: the caller gets the error (never a silent
+loss).
 
 The kept messages expire ``ttl`` seconds after a stream's last message (Redis Streams have
 no per-entry expiry); the position hash lives `_META_TTL_FACTOR` times longer, so a client
 whose position is still current resumes even after its stream's messages expired.
 
 Anything that publishes into a deployment (a gateway's RedisBus, a backend publisher) calls
-`store_and_publish` with the channel computed by the bus's channel function.
+`store_and_publish`; the channel comes from the routing function (`stream_channel`), the
+same one a plain envelope of the stream travels on, so a node subscribed to the partition
+gets both.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 from ._bus_base import Envelope
 from ._history import History, ReadResult, new_epoch, stored_entry
+from ._routing import CHANNEL_PREFIX, channel_for
 
 __all__ = [
     "MARKER_ORIGIN",
@@ -37,6 +45,7 @@ __all__ = [
     "read_history",
     "read_marker",
     "store_and_publish",
+    "stream_channel",
     "stream_keys",
 ]
 
@@ -90,25 +99,42 @@ def _scripts(client: Any) -> tuple[Any, Any]:
     return client.register_script(STORE_SCRIPT), client.register_script(READ_SCRIPT)
 
 
+def stream_channel(stream: str, prefix: str = CHANNEL_PREFIX) -> str:
+    """stream_channel is the channel stream's messages travel on ("t:<topic>": its topic
+    partition's, "u:<user tag>": its user partition's), as `lowmemws._routing.channel_for`.
+
+    Raises:
+        ValueError: not a stream name.
+    """
+    if stream.startswith("t:"):
+        return channel_for("topic", stream[2:], prefix)
+    if stream.startswith("u:") and stream[2:].isdigit():
+        return channel_for("user", int(stream[2:]), prefix)
+    raise ValueError(f"not a stream name: {stream!r}")
+
+
 def stream_keys(prefix: str, stream: str) -> tuple[str, str]:
     """stream_keys are the Redis keys of stream (its messages, its position), hash-tagged
-    on the stream name so both land in one Redis Cluster slot."""
-    return f"{prefix}{{{stream}}}:s", f"{prefix}{{{stream}}}:m"
+    like its partition channel: both keys and the channel are in one Redis Cluster slot."""
+    tag = stream_channel(stream, prefix)[len(prefix) :]  # "{t:17}"
+    return f"{prefix}{tag}:{stream}:s", f"{prefix}{tag}:{stream}:m"
 
 
 def store_and_publish(
     client: Any,
     envelope: Envelope,
-    channel: str,
     history: History,
     *,
-    prefix: str = "lowmemws:",
+    prefix: str = CHANNEL_PREFIX,
     sharded: bool = False,
 ) -> Envelope:
-    """store_and_publish appends envelope to its stream's history and publishes it on
-    channel, atomically (STORE_SCRIPT); returns the envelope with its position.
+    """store_and_publish appends envelope to its stream's history and publishes it on the
+    stream's partition channel, atomically (STORE_SCRIPT); returns the envelope with its
+    position.
 
-    client is a redis-py client; every node subscribed to channel delivers the envelope.
+    client is a redis-py client (a cluster client too); every node subscribed to the
+    channel delivers the envelope. ``prefix`` is the bus's ``channel_prefix``; ``sharded``
+    publishes with SPUBLISH (as the bus does on Redis >= 7).
 
     Raises:
         ValueError: the envelope has no stream (a broadcast, a batch, a paced send).
@@ -120,7 +146,8 @@ def store_and_publish(
     ttl = max(1, int(history.ttl_for(stream)))
     keys = stream_keys(prefix, stream)
     args = (
-        channel, _HEADER.pack(STORED_ORIGIN, 0), envelope.encode(), stored_entry(envelope),
+        stream_channel(stream, prefix), _HEADER.pack(STORED_ORIGIN, 0), envelope.encode(),
+        stored_entry(envelope),
         history.size_for(stream), ttl, ttl * _META_TTL_FACTOR, new_epoch(),
         "SPUBLISH" if sharded else "PUBLISH",
     )  # fmt: skip
@@ -150,7 +177,7 @@ def read_history(
     max_count: int,
     max_bytes: int,
     *,
-    prefix: str = "lowmemws:",
+    prefix: str = CHANNEL_PREFIX,
     channel: str,
     marker: bytes,
     sharded: bool = False,

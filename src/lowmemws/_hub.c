@@ -41,7 +41,8 @@ int lmw__hub_init(lmw_server *s) {
     s->nodes = calloc(s->cap_nodes, sizeof(lmw_node));
     s->nnodes = 1; /* node 0 is "none" */
     s->ntopics = 0;
-    return s->user_buckets && s->topic_index && s->nodes ? 0 : -1;
+    int interest = lmw__interest_init(s);
+    return s->user_buckets && s->topic_index && s->nodes && interest == 0 ? 0 : -1;
 }
 
 void lmw__hub_free(lmw_server *s) {
@@ -49,6 +50,7 @@ void lmw__hub_free(lmw_server *s) {
     free(s->topic_index);
     free(s->nodes);
     free(s->topics);
+    lmw__interest_free(s);
 }
 
 /* ---------------------------------------------------------------- topic index */
@@ -119,10 +121,12 @@ static uint32_t topic_create(lmw_server *s, uint64_t id) {
     s->topics[t - 1] = (lmw_topic){.id = id, .head = 0, .count = 0};
     index_put(s->topic_index, s->topic_index_mask, id, t);
     s->topics_live++;
+    lmw__interest_topic(s, id, +1);
     return t;
 }
 
 static void topic_release(lmw_server *s, uint32_t t) {
+    lmw__interest_topic(s, s->topics[t - 1].id, -1);
     index_remove(s, t);
     s->topics[t - 1].id = 0;
     s->topics[t - 1].head = s->free_topic;
@@ -167,6 +171,7 @@ void lmw__hub_user_add(lmw_server *s, int fd) {
     uint32_t b = lmw__mix(sl->user_tag) & s->user_mask;
     sl->user_next = s->user_buckets[b];
     s->user_buckets[b] = (uint32_t)fd + 1;
+    lmw__interest_user(s, sl->user_tag, +1);
 }
 
 void lmw__hub_user_remove(lmw_server *s, int fd) {
@@ -174,7 +179,10 @@ void lmw__hub_user_remove(lmw_server *s, int fd) {
     if (!sl->user_tag) return;
     uint32_t *at = &s->user_buckets[lmw__mix(sl->user_tag) & s->user_mask];
     while (*at && *at != (uint32_t)fd + 1) at = &s->slots[*at - 1].user_next;
-    if (*at) *at = sl->user_next;
+    if (*at) {
+        *at = sl->user_next;
+        lmw__interest_user(s, sl->user_tag, -1);
+    }
     sl->user_next = 0;
 }
 
@@ -260,4 +268,16 @@ int lmw_is_member(lmw_server *s, int fd, uint32_t gen, uint64_t topic) {
         if (s->nodes[n].topic == t) r = 1;
     pthread_mutex_unlock(&s->lock);
     return r;
+}
+
+int lmw_user_held(lmw_server *s, uint64_t user_tag) {
+    int held = 0;
+    pthread_mutex_lock(&s->lock);
+    if (user_tag && s->user_buckets) {
+        uint32_t at = s->user_buckets[lmw__mix(user_tag) & s->user_mask];
+        for (; at && !held; at = s->slots[at - 1].user_next)
+            held = s->slots[at - 1].user_tag == user_tag;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return held;
 }

@@ -434,6 +434,19 @@ static void read_complete(lmw_server *s, int fd, lmw_slot *sl, uint8_t *buf, siz
     lmw__process_frames(s, fd, sl, buf, take, (lmw_progress){0});
 }
 
+/* tls_readable reads a TLS connection: its records are opened (_tls_input.c) and their
+ * plaintext parsed exactly as a plain socket's bytes. */
+static void tls_readable(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc) {
+    uint32_t gen = sl->gen;
+    lmw_tls_plain p;
+    if (!lmw__tls_read(s, fd, sl, tc, &p)) return;
+    if (p.len && (sl->state == ST_HEAD || sl->state == ST_HTTP_BODY))
+        lmw__process_head(s, fd, sl, p.buf, (size_t)p.len);
+    else if (p.len && lmw__is_open_state(sl->state))
+        lmw__process_frames(s, fd, sl, p.buf, (size_t)p.len, p.done);
+    lmw__tls_read_done(s, fd, gen, tc);
+}
+
 /* lmw__on_readable reads fd (epoll reported what) and handles what arrived. */
 void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     lmw_ext *x = lmw__ext_of(s, sl);
@@ -454,6 +467,8 @@ void lmw__on_readable(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
     if (sl->state == ST_UPGRADE_WAIT || sl->state == ST_HTTP_WAIT || sl->state == ST_DEFERRED)
         return;
     if (sl->flags & F_BACKLOG) return; /* its pending input is parsed first (next poll) */
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
+    if (tc) return tls_readable(s, fd, sl, tc);
     if (x && x->in && lmw__spill_is_large(s, x) && sl->state != ST_HEAD)
         return read_into_spill(s, fd, sl, x);
     size_t pending = x && x->in ? (size_t)x->in_len : 0;

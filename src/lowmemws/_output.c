@@ -86,11 +86,80 @@ static int queue_rest(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, siz
     return 0;
 }
 
-/* lmw__write_raw sends header a + payload b, queueing what the kernel does not take.
- * Returns 1, or -1 when the socket is dead or the rest could not be queued (the caller,
- * which owns the slot, ends the connection). */
+/* begun: a queued chunk that must go out as it is, first (partly on the wire, or TLS records
+ * already sealed, whose sequence numbers fix their place). */
+static int begun(const lmw_out *o) { return o->sent > 0 || (o->control & OUT_SEALED); }
+
+/* tls_write protects output of a TLS connection: sealed and sent now when nothing is queued
+ * (the unsent rest of the records queued sealed), else queued in plaintext and sealed when it
+ * reaches the head of the queue, so records are numbered in the order they leave. After our
+ * close_notify or a fatal alert nothing more is written. */
+static int tls_write(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, int kind,
+                     const uint8_t *a, size_t alen, const uint8_t *b, size_t blen, int control,
+                     uint64_t topic) {
+    if (tc->close_sent) return 1;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (x && x->out_head)
+        return queue_rest(s, fd, sl, a, alen, b, blen, 0, control | kind << OUT_KIND_SHIFT, topic) <
+                       0
+                   ? -1
+                   : 1;
+    uint8_t *sealed;
+    size_t n;
+    int r = lmw__tls_seal_out(s, tc, kind, a, alen, b, blen, &sealed, &n);
+    if (r <= 0) return r == 0 ? 1 : -1; /* 0: nothing may go out now (handshake, closed) */
+    r = lmw__write_clear(s, fd, sl, sealed, n, NULL, 0, OUT_SEALED, 0);
+    lmw__tls_scratch_done(s);
+    return r;
+}
+
+/* lmw__write_raw sends header a + payload b, queueing what the kernel does not take; on a TLS
+ * connection, protected (tls_write). Returns 1, or -1 when the socket is dead or the rest
+ * could not be queued (the caller, which owns the slot, ends the connection). */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                    const uint8_t *b, size_t blen, int control, uint64_t topic) {
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
+    if (tc) return tls_write(s, fd, sl, tc, TLS_OUT_DATA, a, alen, b, blen, control, topic);
+    return lmw__write_clear(s, fd, sl, a, alen, b, blen, control, topic);
+}
+
+/* lmw__tls_send_alert sends a TLS alert (close_notify as a warning, any other as fatal) on a
+ * TLS connection past its handshake, once: nothing is written after it. Returns as
+ * lmw__write_raw; 0 when there is nothing to send. */
+int lmw__tls_send_alert(lmw_server *s, int fd, lmw_slot *sl, int description) {
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
+    if (!tc || tc->close_sent || (tc->phase != TLS_RECORDS && tc->phase != TLS_OPENSSL)) return 0;
+    uint8_t alert[2] = {description == TLS_ALERT_CLOSE_NOTIFY ? 1 : 2, (uint8_t)description};
+    int r = tls_write(s, fd, sl, tc, TLS_OUT_ALERT, alert, sizeof alert, NULL, 0, 0, 0);
+    tc->close_sent = 1;
+    return r;
+}
+
+/* lmw__tls_send_key_update answers a KeyUpdate that asked for ours (RFC 8446 section 4.6.3). */
+int lmw__tls_send_key_update(lmw_server *s, int fd, lmw_slot *sl) {
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
+    return tc ? tls_write(s, fd, sl, tc, TLS_OUT_KEY_UPDATE, NULL, 0, NULL, 0, 0, 0) : 0;
+}
+
+/* seal_head seals the plaintext chunk at the head of a TLS connection's queue in its place.
+ * Returns 0, or -1 on failure. */
+static int seal_head(lmw_server *s, lmw_ext *x, lmw_tls_conn *tc) {
+    lmw_out *o = x->out_head;
+    uint8_t *sealed;
+    size_t n;
+    int r = lmw__tls_seal_out(s, tc, o->control >> OUT_KIND_SHIFT, o->data, o->len, NULL, 0,
+                              &sealed, &n);
+    if (r < 0) return -1;
+    lmw_out *z = out_new(sealed, r ? n : 0, NULL, 0, 0, OUT_SEALED, 0); /* r 0: nothing goes */
+    lmw__tls_scratch_done(s);
+    if (!z) return -1;
+    out_replace(s, x, &x->out_head, z);
+    return 0;
+}
+
+/* lmw__write_clear is lmw__write_raw without TLS: the bytes go to the socket as they are. */
+int lmw__write_clear(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                     const uint8_t *b, size_t blen, int control, uint64_t topic) {
     lmw_ext *x = lmw__ext_of(s, sl);
     size_t done = 0;
     if (!x || !x->out_head) {
@@ -117,10 +186,10 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
         return r;
     }
     lmw_out **at = &x->out_head;
-    if ((*at)->sent > 0) at = &(*at)->next; /* never split a frame on the wire */
-    if (opcode == LMW_OP_CLOSE)             /* data queued before a close must arrive before it */
+    while (*at && begun(*at)) at = &(*at)->next; /* never split a frame on the wire */
+    if (opcode == LMW_OP_CLOSE) /* data queued before a close must arrive before it */
         while (*at) at = &(*at)->next;
-    while (*at && (*at)->control) {
+    while (*at && ((*at)->control & OUT_CONTROL)) {
         if (opcode == LMW_OP_PONG && ((*at)->data[0] & 0x0f) == LMW_OP_PONG && !(*at)->sent) {
             lmw_out *o = out_new(frame, flen, NULL, 0, 0, 1, 0);
             if (!o) return -1;
@@ -146,7 +215,9 @@ int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uin
  * dead (the caller ends the connection). */
 int lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
+    lmw_tls_conn *tc = lmw__tls_of(s, fd);
     while (x && x->out_head) {
+        if (tc && !(x->out_head->control & OUT_SEALED) && seal_head(s, x, tc) < 0) return -1;
         lmw_out *o = x->out_head;
         ssize_t n = send_now(fd, o->data + o->sent, o->len - o->sent, NULL, 0);
         if (n < 0) return -1;
@@ -172,9 +243,13 @@ int lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl) {
  * client closed for being too slow gets its close frame next, not after all it missed. */
 void lmw__drop_unsent(lmw_server *s, lmw_ext *x) {
     lmw_out **at = &x->out_head;
-    if (*at && (*at)->sent) at = &(*at)->next;
+    while (*at && begun(*at)) at = &(*at)->next;
     while (*at) {
         lmw_out *o = *at;
+        if (o->control >> OUT_KIND_SHIFT) { /* a TLS alert or KeyUpdate: it still goes */
+            at = &o->next;
+            continue;
+        }
         *at = o->next;
         x->out_bytes -= o->len;
         s->stats->pending_write_bytes -= o->len;

@@ -15,6 +15,7 @@
 
 #include <string.h>
 
+#include "_tls.h"
 #include "lmw.h"
 
 /* Slot states. The state machine is written down, and made, in _conn.c. */
@@ -125,6 +126,13 @@ _Static_assert(sizeof(lmw_slot) == 32, "an idle connection costs its 32-byte slo
 
 /* Sec-WebSocket-Key: base64 of 16 bytes (the parser refuses any other, RFC 6455 4.1). */
 #define WS_KEY_LEN 24
+
+/* lmw_out.control: bit 0 a control frame; OUT_SEALED: bytes for the wire as they are (TLS
+ * records already sealed, or handshake bytes); bits 2-3 the TLS_OUT_* kind of a queued TLS
+ * record still in plaintext (sealed when it reaches the head of the queue). */
+#define OUT_CONTROL 1
+#define OUT_SEALED 2
+#define OUT_KIND_SHIFT 2
 
 /* One pending output frame (or the rest of one). */
 typedef struct lmw_out {
@@ -279,6 +287,10 @@ struct lmw_server {
     uint32_t topics_live;
     uint32_t *user_buckets;
     uint32_t user_mask;
+    /* interest (_interest.c): local members per routing partition, for the buses */
+    uint32_t *partition_users;  /* connections tagged with a user of partition p */
+    uint32_t *partition_topics; /* topics of partition p with at least one member */
+    int interest_fd;            /* written to when a partition gains or loses all; -1 none */
     /* permessage-deflate (_deflate.c): z_streams, one per server window size and one inflater */
     void *deflaters[8];
     void *inflater;
@@ -286,7 +298,15 @@ struct lmw_server {
     /* paced sends in flight (_paced.c), and the window of lmw_stats.paced_rate */
     struct lmw_paced *paced;
     uint64_t paced_window_start_us, paced_window_count;
+    /* TLS (_tls_conn.c): NULL unless lmw_tls_configure gave the server a certificate */
+    struct lmw_tls_server *tls;
 };
+
+/* lmw__tls_of is fd's TLS state, NULL for a plain connection (and on a plain server, where
+ * this one test is all TLS costs). */
+static inline lmw_tls_conn *lmw__tls_of(const lmw_server *s, int fd) {
+    return s->tls ? s->tls->conns[fd] : NULL;
+}
 
 /* lmw__deflate_class is the window class a message of len bytes to sl is compressed for
  * (permessage-deflate negotiated and len at least deflate_min_size), or 0: sent plain. */
@@ -320,10 +340,12 @@ typedef struct {
  *   _server.c (loop, accept, sweep, the public API)
  *   _fanout.c (one frame to many)   _paced.c (one frame to many, over time)
  *   _input.c  (reading, heads, frames)
+ *   _tls_input.c (TLS records to plaintext for _input.c)
  *   _conn.c   (the state machine: every state change)
  *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
  *   _deflate.c (permessage-deflate: the zlib pool, one message at a time)
  *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
+ *   _tls_conn.c (storage: TLS context and per-connection TLS state, sealing; _tls.h)
  */
 #define MIN_READ_SPACE 2048
 /* _slot.c */
@@ -348,10 +370,18 @@ uint32_t lmw__mix(uint64_t id);
 uint32_t lmw__topic_find(lmw_server *s, uint64_t id);
 void lmw__hub_forget(lmw_server *s, int fd);
 void lmw__hub_user_add(lmw_server *s, int fd);
+int lmw__interest_init(lmw_server *s);
+void lmw__interest_free(lmw_server *s);
+void lmw__interest_user(lmw_server *s, uint64_t user_tag, int delta);
+void lmw__interest_topic(lmw_server *s, uint64_t topic, int delta);
 void lmw__hub_user_remove(lmw_server *s, int fd);
 /* _output.c: never frees a connection nor changes its state; -1 means "dead socket" */
 int lmw__write_raw(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                    const uint8_t *b, size_t blen, int control, uint64_t topic);
+int lmw__write_clear(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
+                     const uint8_t *b, size_t blen, int control, uint64_t topic);
+int lmw__tls_send_alert(lmw_server *s, int fd, lmw_slot *sl, int description);
+int lmw__tls_send_key_update(lmw_server *s, int fd, lmw_slot *sl);
 int lmw__send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, const uint8_t *p, size_t n);
 int lmw__flush_out(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__drop_unsent(lmw_server *s, lmw_ext *x);
@@ -370,6 +400,7 @@ int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, s
 void lmw__conn_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_t *reason,
                      size_t reason_len);
 void lmw__conn_fail(lmw_server *s, int fd, int code);
+void lmw__conn_abandon(lmw_server *s, int fd, lmw_slot *sl);
 void lmw__conn_end(lmw_server *s, int fd, lmw_slot *sl, uint8_t what, int code);
 void lmw__conn_run_deferred(lmw_server *s);
 void lmw__conn_free(lmw_server *s, int fd, uint16_t code);
@@ -386,6 +417,23 @@ void lmw__deflate_frame_free(uint8_t *stack, uint8_t *frame);
 int lmw__inflate_message(lmw_server *s, const uint8_t *in, size_t n, int text, const uint8_t **out,
                          uint64_t *out_len);
 void lmw__deflate_free(lmw_server *s);
+/* _tls_conn.c (storage level: the TLS context, per-connection TLS state, sealing) */
+int lmw__tls_start(lmw_server *s, int fd);
+void lmw__tls_forget(lmw_server *s, int fd);
+void lmw__tls_server_free(lmw_server *s);
+int lmw__tls_seal_out(lmw_server *s, lmw_tls_conn *tc, int kind, const uint8_t *a, size_t alen,
+                      const uint8_t *b, size_t blen, uint8_t **out, size_t *out_len);
+void lmw__tls_scratch_done(lmw_server *s);
+int lmw__tls_keep_partial(lmw_server *s, lmw_tls_conn *tc, const uint8_t *p, size_t n);
+void lmw__tls_drop_partial(lmw_server *s, lmw_tls_conn *tc);
+/* _tls_input.c (below _input.c: records to plaintext for its parsers) */
+typedef struct {
+    uint8_t *buf;
+    uint64_t len;
+    lmw_progress done; /* of a frame at buf partly handled on an earlier read */
+} lmw_tls_plain;
+int lmw__tls_read(lmw_server *s, int fd, lmw_slot *sl, lmw_tls_conn *tc, lmw_tls_plain *out);
+void lmw__tls_read_done(lmw_server *s, int fd, uint32_t gen, lmw_tls_conn *tc);
 /* _spill.c */
 int lmw__take_read_space(lmw_server *s, size_t need, uint8_t **buf, size_t *cap);
 void lmw__commit_read_space(lmw_server *s, size_t used);

@@ -663,6 +663,7 @@ void lmw_server_free(lmw_server *s) {
     lmw__paced_drop_all(s);
     lmw__hub_free(s);
     lmw__deflate_free(s);
+    lmw__tls_server_free(s);
     if (s->epfd >= 0) close(s->epfd);
     if (s->wakefd >= 0) close(s->wakefd);
     free(s->pool);

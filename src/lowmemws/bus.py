@@ -6,7 +6,8 @@ callback of every node, the publishing one included, and that callback does the 
 
 - `LocalBus`: one process; publish calls deliver at once, in the caller's thread. The default.
 - `ProcessBus`: the SO_REUSEPORT worker processes of one machine, relayed by their parent.
-- `RedisBus`: several machines through a redis-server (sharded pub/sub where available).
+- `RedisBus`: several machines through a redis-server (sharded pub/sub where available),
+  each envelope on the channel of its partition (`channel_for`, `route`; docs/scaling.md).
 
 Every bus raises `lowmemws.errors.BusUnavailable` from ``publish`` when it cannot take an
 envelope; an envelope it took is delivered or counted in `BusStats` (never lost silently).
@@ -32,11 +33,17 @@ from ._bus_base import (
 from ._bus_process import ProcessBus
 from ._bus_redis import RedisBus
 from ._history import History, MemoryStore, ReadResult, stored_entry
+from ._routing import PARTITIONS, channel_for, route, topic_partition, user_partition
 from .errors import BusUnavailable
 
 __all__ = [
+    "PARTITIONS",
     "QUERY_KINDS",
     "BusBase",
+    "channel_for",
+    "route",
+    "topic_partition",
+    "user_partition",
     "OPCODE_BINARY",
     "OPCODE_TEXT",
     "Bus",

@@ -95,6 +95,11 @@ class Config:
     history: History | None = None
     """Stored streams with positions, resume and the envelope subprotocol ``lowmemws.v1``
     (docs/envelope.md); None (the default): fire and forget, no subprotocol added."""
+    certfile: str | None = None
+    """PEM certificate chain (server certificate first): with keyfile, every connection is
+    TLS (wss:// and https://, TLS 1.2 and 1.3; docs/tls.md). None: plain TCP."""
+    keyfile: str | None = None
+    """PEM private key of certfile's certificate."""
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "write_limit", "write_budget", "read_buffer_size"):
@@ -105,6 +110,8 @@ class Config:
             raise ValueError("Config.compression_level must be 1 to 9")
         if not 0 <= self.compression_min_size < 1 << 32:
             raise ValueError("Config.compression_min_size must be 0 to 2**32 - 1")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("Config.certfile and Config.keyfile go together (TLS needs both)")
 
     def resolved_max_connections(self) -> int:
         """resolved_max_connections returns max_connections, deriving it from RLIMIT_NOFILE."""

@@ -41,3 +41,9 @@ class PresenceTimeout(LowMemWSError):
         self.count = count
         self.answered = answered
         self.expected = expected
+
+
+class TLSError(LowMemWSError):
+    """TLSError: TLS was asked for but cannot be served: lowmemws was built without OpenSSL
+    (install libssl-dev, then reinstall), or the certificate or key cannot be used (the message
+    names the file and OpenSSL's reason)."""

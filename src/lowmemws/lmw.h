@@ -293,6 +293,21 @@ typedef struct {
     uint32_t pad;
 } lmw_config;
 
+/* TLS outcomes counted in lmw_stats.tls (docs/tls.md). */
+#define LMW_TLS_HANDSHAKES 0         /* TLS handshakes completed */
+#define LMW_TLS_HANDSHAKE_FAILED 1   /* handshakes OpenSSL refused (its alert was sent) */
+#define LMW_TLS_PLAINTEXT 2          /* plain HTTP on the TLS port: answered 400, closed */
+#define LMW_TLS_BAD_RECORD_MAC 3     /* a record failed authentication: bad_record_mac */
+#define LMW_TLS_RECORD_OVERFLOW 4    /* an oversized record: record_overflow */
+#define LMW_TLS_UNEXPECTED_MESSAGE 5 /* a record or handshake message not allowed now */
+#define LMW_TLS_DECODE_ERROR 6       /* a malformed KeyUpdate: decode_error, illegal_parameter */
+#define LMW_TLS_ALERT_RECEIVED 7     /* a fatal alert from the peer */
+#define LMW_TLS_CLOSE_NOTIFY 8       /* close_notify received (answered with ours) */
+#define LMW_TLS_AFTER_CLOSE 9        /* records that came after the peer's close_notify */
+#define LMW_TLS_KEY_UPDATES 10       /* KeyUpdate messages received */
+#define LMW_TLS_VERSION_1_2 11       /* handshakes that chose TLS 1.2 (OpenSSL keeps the records) */
+#define LMW_TLS_COUNTERS 12
+
 /* Counters, in a struct so several worker processes can keep theirs in one shared
  * mapping and any of them can sum all for /metrics. */
 #define LMW_CLOSE_CODES 12 /* closes[i] counts LMW_CLOSE_CODE_LIST[i]; last = other */
@@ -336,6 +351,7 @@ typedef struct {
     uint64_t dropped[LMW_DROP_REASONS];
     uint64_t errors[LMW_ERRORS]; /* LMW_ERR_*: failures handled, counted so none is silent */
     uint64_t pid;
+    uint64_t tls[LMW_TLS_COUNTERS]; /* LMW_TLS_*: TLS handshakes and every bad-input outcome */
 } lmw_stats;
 
 /* lmw_close_code_index maps a close code to its slot in lmw_stats.closes. */
@@ -507,10 +523,56 @@ int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, cons
  * way (counted in paced_dropped_total): a stopping server never sends a remainder at once. */
 int64_t lmw_paced_cancel(lmw_server *s, uint64_t id);
 
+/* ------------------------------------------------------------------------------------
+ * Interest (_interest.c, issue 15): which routing partitions this server has members in,
+ * so a bus between machines subscribes only to the channels of those partitions.
+ * ---------------------------------------------------------------------------------- */
+
+/* LMW_PARTITIONS is the number of routing partitions of users, and of topics (a power of
+ * two; lowmemws._routing explains the choice). A topic id carries its partition in its low
+ * bits (id & (LMW_PARTITIONS - 1)); a user tag's is lmw_user_partition(tag). */
+#define LMW_PARTITIONS 4096
+
+/* lmw_user_partition is the routing partition of user_tag: the same on every node. */
+uint32_t lmw_user_partition(uint64_t user_tag);
+
+/* lmw_interest_watch makes the server write one byte to fd (non-blocking; a full pipe
+ * already holds a wake-up) whenever a partition gains its first local member or loses its
+ * last; -1 stops it. */
+void lmw_interest_watch(lmw_server *s, int fd);
+
+/* lmw_interest fills users and topics (LMW_PARTITIONS / 8 bytes each, bit p of byte p / 8)
+ * with the partitions that have local members now. */
+void lmw_interest(lmw_server *s, uint8_t *users, uint8_t *topics);
+
+/* lmw_user_held tells whether a connection tagged user_tag is open here (1) or not (0): a
+ * bus drops an envelope for a user held elsewhere before decoding it. */
+int lmw_user_held(lmw_server *s, uint64_t user_tag);
+
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
  * so a close reason, after the 2-byte code, at most 123. */
 #define LMW_CONTROL_PAYLOAD_MAX 125
 #define LMW_CLOSE_REASON_MAX 123
+
+/* ------------------------------------------------------------------------------------
+ * TLS (docs/tls.md): OpenSSL runs the handshake, lowmemws's record layer (RFC 8446
+ * section 5) protects a TLS 1.3 connection afterwards.
+ * ---------------------------------------------------------------------------------- */
+
+/* lmw_tls_available is 1 when lowmemws was built with OpenSSL, else 0. */
+int lmw_tls_available(void);
+
+/* lmw_tls_configure loads a certificate chain and its private key (PEM files) and makes every
+ * connection the server accepts from now on a TLS one; called again, it replaces them (a
+ * reload: handshakes begin with the new certificate, established connections keep theirs).
+ * Returns 0, or LMW_ERROR with a message in err (err_len bytes, NUL-terminated). */
+int lmw_tls_configure(lmw_server *s, const char *certfile, const char *keyfile, char *err,
+                      size_t err_len);
+
+/* lmw_tls_expand_label is HKDF-Expand-Label (RFC 8446 section 7.1) with SHA-384 when sha384,
+ * else SHA-256: out_len bytes into out. Returns 0 or LMW_ERROR. */
+int lmw_tls_expand_label(int sha384, const uint8_t *secret, size_t secret_len, const char *label,
+                         const uint8_t *context, size_t context_len, uint8_t *out, size_t out_len);
 
 #endif

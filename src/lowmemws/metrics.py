@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._constants import CLOSE_CODE_LABELS, DROP_REASONS, ERROR_KINDS
+from ._constants import CLOSE_CODE_LABELS, DROP_REASONS, ERROR_KINDS, TLS_OUTCOMES
 from ._native import ffi
 
 _GAUGES = {
@@ -50,6 +50,7 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
     total["closes"] = dict.fromkeys(CLOSE_CODE_LABELS, 0)
     total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
     total["errors"] = dict.fromkeys(ERROR_KINDS, 0)
+    total["tls"] = dict.fromkeys(TLS_OUTCOMES, 0)
     total["processes"] = 0
     for name in _MAX_GAUGES:
         total[f"{name}_seconds"] = 0.0
@@ -68,6 +69,8 @@ def snapshot(stats: Iterable[Any]) -> dict[str, Any]:
             total["dropped"][reason] += st.dropped[i]
         for i, kind in enumerate(ERROR_KINDS):
             total["errors"][kind] += st.errors[i]
+        for i, outcome in enumerate(TLS_OUTCOMES):
+            total["tls"][outcome] += st.tls[i]
     return total
 
 
@@ -105,6 +108,10 @@ def render(
             "# TYPE lowmemws_errors_total counter"]  # fmt: skip
     for kind, value in snap["errors"].items():
         out.append(f'lowmemws_errors_total{{kind="{kind}"}} {value}')
+    out += ["# HELP lowmemws_tls_total TLS handshakes and the outcome of every bad TLS input.",
+            "# TYPE lowmemws_tls_total counter"]  # fmt: skip
+    for outcome, value in snap["tls"].items():
+        out.append(f'lowmemws_tls_total{{outcome="{outcome}"}} {value}')
     out += [
         "# HELP lowmemws_processes Worker processes reporting.",
         "# TYPE lowmemws_processes gauge",

@@ -45,6 +45,7 @@ from .bus import QUERY_KINDS, Bus, BusBase, Envelope, LocalBus, Policy, ProcessB
 from .close_codes import CloseCode, close_reason_bytes
 from .config import Config
 from .connection import Connection
+from .errors import TLSError
 
 ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
@@ -683,6 +684,26 @@ class Gateway:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout if timeout is not None else self.config.shutdown_timeout + 5)
 
+    def reload_certificate(self, certfile: str | None = None, keyfile: str | None = None) -> None:
+        """reload_certificate loads the TLS certificate and key again, without a restart.
+
+        By default it rereads Config.certfile and Config.keyfile (renewed in place); other
+        paths replace them. New handshakes use the new certificate; established connections
+        keep theirs. One process only (``processes=1``): workers of a supervisor are
+        restarted instead.
+
+        Raises:
+            TLSError: the gateway serves no TLS, runs several processes, or the files
+                cannot be used (the old certificate then stays in use).
+        """
+        cert = certfile or self.config.certfile
+        key = keyfile or self.config.keyfile
+        if cert is None or key is None:
+            raise TLSError("this gateway was not configured for TLS (Config.certfile)")
+        if self.processes != 1:
+            raise TLSError("reload_certificate works with processes=1 only")
+        self._server.tls_configure(cert, key)
+
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """wait_ready blocks until the gateway listens; False on timeout."""
         return self._ready.wait(timeout)
@@ -698,7 +719,15 @@ class Gateway:
             self._bus = LocalBus()
         _enable_history(self._bus, self.config.history)
         self._start_history()
+        self._follow_interest()
         self._bus.start(self._deliver)
+
+    def _follow_interest(self) -> None:
+        """A bus that routes by interest (RedisBus) subscribes only where this process's hub
+        has members (issue 15)."""
+        follow = getattr(self._bus, "follow", None)
+        if follow is not None:
+            follow(self._server)
 
     def _bind(self, reuse_port: bool) -> None:
         self._listeners, self.port = bind_listeners(
@@ -713,6 +742,8 @@ class Gateway:
             and not self.config.subprotocols
         )
         self._server.open(c_config(self.config, auto_upgrade=auto), stats)
+        if self.config.certfile is not None and self.config.keyfile is not None:
+            self._server.tls_configure(self.config.certfile, self.config.keyfile)
         if not self._stats_views:
             self._stats_views = [self._server.stats()]
         for sock in self._listeners:
@@ -756,6 +787,7 @@ class Gateway:
         self._make_server(stats)
         assert self._bus is not None
         self._start_history()
+        self._follow_interest()
         self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop), _loop_switch_interval():
             self._serve()

@@ -28,7 +28,7 @@ from .processes import end_process
 
 ECHO_CMD_ENV = "LOWMEMWS_ECHO_CMD"
 LOOPBACK = "127.0.0.1"
-READY_PREFIX = "listening on ws://"
+READY_PREFIX = "listening on ws"  # ws:// or, serving TLS, wss://
 _OUTPUT_LINES_KEPT = 200
 _START_ATTEMPTS = 3
 

@@ -1,0 +1,194 @@
+"""SubscriberLink: one pub/sub connection to a redis-server, read without polling.
+
+Theory of operation. redis-py opens the connection (URL, AUTH, TLS, SELECT) and then hands
+its socket over: the link writes (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING itself and parses what
+comes back with hiredis, so a message costs one parse and no per-message Python objects
+beyond its reply list. The bus thread waits in `select` on the socket and a wake-up pipe,
+with a timeout that is the next thing due (a keepalive PING, a PONG deadline): an idle link
+wakes once per ``keepalive`` seconds, not several times a second.
+
+Liveness: when nothing has arrived for ``keepalive`` seconds the link sends PING and expects
+the PONG within ``reply_timeout``; otherwise it is dead (`LinkDead`). A dead link is
+therefore noticed within ``keepalive + reply_timeout`` seconds of its last sign of life, and
+a link Redis or the network closes is noticed at once (end of stream). Redis never closes a
+pub/sub client for idleness (its ``timeout`` spares them), so the PING is for our side.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["LinkDead", "SubscriberLink", "wait_links"]
+
+_RECV_BYTES = 256 * 1024
+_READY_TOKEN = b"lowmemws-ready"
+_SUBSCRIBE_BATCH = 1024  # channels per command: bounded request size
+
+
+class LinkDead(ConnectionError):
+    """LinkDead: the subscriber link closed or stopped answering PING."""
+
+
+OnMessage = Callable[[bytes, bytes], None]
+"""OnMessage(channel, data) is called for each pub/sub message, in the link's thread."""
+
+
+class SubscriberLink:
+    """SubscriberLink is one subscribed connection (see the module docstring).
+
+    ``connection`` is a connected redis-py Connection; ``sharded`` chooses SSUBSCRIBE (True)
+    or SUBSCRIBE; ``one_per_command`` sends one channel per command (a cluster refuses
+    channels of different slots in one SSUBSCRIBE). `on_ready` runs once every command sent
+    before the last `mark` has been answered (the subscriptions are in place). An
+    unsubscribe the server sends by itself (its slot moved to another shard, or the shard
+    became a replica) ends the link (`LinkDead`): the bus then rebuilds its links from the
+    cluster's new slot map.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        sharded: bool,
+        on_message: OnMessage,
+        *,
+        keepalive: float,
+        reply_timeout: float,
+        one_per_command: bool = False,
+    ) -> None:
+        import hiredis
+
+        self._connection = connection
+        self._sock: socket.socket = connection._sock
+        self._reader = hiredis.Reader()
+        self._sharded = sharded
+        self._on_message = on_message
+        self._keepalive = keepalive
+        self._reply_timeout = reply_timeout
+        self._heard = time.monotonic()
+        self._ping_deadline: float | None = None
+        self._marks = 0
+        self._one_per_command = one_per_command
+        self._leaving: set[bytes] = set()  # our own unsubscribes not yet confirmed
+        self.on_ready: Callable[[], None] = lambda: None
+        self.channels: set[str] = set()
+
+    def subscribe(self, channels: Iterable[str]) -> None:
+        """subscribe adds channels (those not subscribed yet)."""
+        new = sorted(set(channels) - self.channels)
+        self.channels.update(new)
+        self._send_batches("SSUBSCRIBE" if self._sharded else "SUBSCRIBE", new)
+
+    def unsubscribe(self, channels: Iterable[str]) -> None:
+        """unsubscribe drops channels (those subscribed)."""
+        gone = sorted(self.channels.intersection(channels))
+        self.channels.difference_update(gone)
+        self._leaving.update(channel.encode() for channel in gone)
+        self._send_batches("SUNSUBSCRIBE" if self._sharded else "UNSUBSCRIBE", gone)
+
+    def mark(self) -> None:
+        """mark asks for `on_ready` once everything sent so far is answered."""
+        self._marks += 1
+        self._send(("PING", _READY_TOKEN))
+
+    def due(self) -> float:
+        """due is when this link next needs attention (a keepalive PING, a PONG deadline)."""
+        return self._ping_deadline or self._heard + self._keepalive
+
+    def pending(self) -> bool:
+        """pending: a TLS socket holds decrypted bytes select cannot see."""
+        return bool(getattr(self._sock, "pending", lambda: 0)())
+
+    def fileno(self) -> int:
+        """fileno is the socket's descriptor, for select."""
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """close disconnects (the server drops the subscriptions)."""
+        self._connection.disconnect()
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _send_batches(self, command: str, channels: list[str]) -> None:
+        step = 1 if self._one_per_command else _SUBSCRIBE_BATCH
+        commands = [(command, *channels[i : i + step]) for i in range(0, len(channels), step)]
+        if commands:
+            self._connection.send_packed_command(self._connection.pack_commands(commands), False)
+
+    def _send(self, args: tuple[Any, ...]) -> None:
+        self._connection.send_packed_command(self._connection.pack_command(*args), False)
+
+    def read(self) -> None:
+        """read handles what the socket has: messages, confirmations, PONGs.
+
+        Raises:
+            LinkDead: the link closed, refused a command or lost a channel by itself.
+            OSError: the socket failed.
+        """
+        data = self._sock.recv(_RECV_BYTES)
+        if not data:
+            raise LinkDead("the server closed the subscriber link")
+        self._heard = time.monotonic()
+        self._ping_deadline = None
+        reader = self._reader
+        reader.feed(data)
+        on_message = self._on_message
+        while (reply := reader.gets()) is not False:
+            if isinstance(reply, list) and reply[0] in (b"smessage", b"message"):
+                on_message(reply[1], reply[2])
+            elif isinstance(reply, Exception):
+                raise LinkDead(f"Redis refused a subscriber command: {reply}")
+            elif isinstance(reply, list) and reply[0] in (b"sunsubscribe", b"unsubscribe"):
+                self._confirm_leave(reply[1])
+            elif reply == _READY_TOKEN or (
+                isinstance(reply, list) and reply[1:2] == [_READY_TOKEN]
+            ):
+                # RESP3 answers PING with the bare token, RESP2 with ["pong", token]
+                self._marks -= 1
+                if self._marks == 0:
+                    self.on_ready()
+
+    def _confirm_leave(self, channel: bytes | None) -> None:
+        if channel in self._leaving:
+            self._leaving.discard(channel)
+        elif channel is not None:
+            raise LinkDead(f"the server unsubscribed {channel!r} (slot moved?)")
+
+    def keep_alive(self) -> None:
+        """keep_alive PINGs a silent link and ends one that missed its PONG deadline.
+
+        Raises:
+            LinkDead: no PONG within the reply timeout.
+        """
+        now = time.monotonic()
+        if self._ping_deadline is not None:
+            if now > self._ping_deadline:
+                raise LinkDead(f"no PONG within {self._reply_timeout} s")
+        elif now - self._heard >= self._keepalive:
+            self._send(("PING",))
+            self._ping_deadline = now + self._reply_timeout
+
+
+def wait_links(links: list[SubscriberLink], timeout: float, wake_fd: int) -> bool:
+    """wait_links blocks until a link's socket or wake_fd is readable, a link needs a
+    keepalive, or timeout; handles what arrived on every link. Returns True when wake_fd is
+    readable.
+
+    Raises:
+        LinkDead: a link closed, refused a command, lost a channel or missed its PONG.
+        OSError: a socket failed.
+    """
+    now = time.monotonic()
+    soonest = min((link.due() for link in links), default=now + timeout)
+    ready_now = [link for link in links if link.pending()]
+    wait = 0.0 if ready_now else max(0.0, min(timeout, soonest - now))
+    fds = [link.fileno() for link in links]
+    readable, _, _ = select.select([*fds, wake_fd], [], [], wait)
+    for link, fd in zip(links, fds, strict=True):
+        if fd in readable or link in ready_now:
+            link.read()
+        link.keep_alive()
+    return wake_fd in readable
