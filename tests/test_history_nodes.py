@@ -22,11 +22,13 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websocket
 
 from lowmemws.client import Client, Delivery, Refresh
+from tests.support import waiting
 from tests.support.redis_server import RedisServer
 from tests.support.servers import ServerProcess, StartServer
 
@@ -391,3 +393,60 @@ def test_a_publisher_with_history_stores_what_a_reconnecting_client_resumes(
                 assert client.connects == 2
 
     asyncio.run(scenario())
+
+
+def shard_channels(admin: Any) -> set[str]:
+    """The deployment's shard channels with a subscriber, as Redis says, but the nodes'
+    answer channels (presence queries: one per node, always)."""
+    found = admin.execute_command("PUBSUB", "SHARDCHANNELS", "lowmemws:*")
+    return {c.decode() for c in found if not c.startswith(b"lowmemws:answers:")}
+
+
+def test_a_resume_on_a_node_without_members_subscribes_and_hands_over_to_the_membership(
+    redis_nodes: Callable[[], ServerProcess],
+    redis_server: RedisServer,
+    restarted: list[ServerProcess],
+) -> None:
+    """The restarted node's only member of each stream is the connection it resumes, which
+    joins them only after the replay: the read must subscribe their partitions itself (or
+    its marker never comes back and the client is told to refresh), then leave them to the
+    membership: subscribed while the client is there, gone after it leaves."""
+    import redis
+
+    from lowmemws._routing import channel_for, control_channel
+
+    admin = redis.Redis.from_url(redis_server.url)
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+    user, topic = channel_for("user", 5), channel_for("topic", "mail")
+    grace = 5.0  # RedisBus's default unsubscribe_grace, the nodes' setting
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            os.kill(a.proc.pid, signal.SIGKILL)
+            a.proc.wait(timeout=DEADLINE)
+            waiting.wait_until(lambda: topic not in shard_channels(admin), "a's leave", DEADLINE)
+            for n in range(3):
+                assert publish_b(f"pub mail m{n}") == "ok"
+            assert publish_b("user 5 u0") == "ok"
+            again = ServerProcess(a.argv, a.host, a.port)
+            restarted.append(again)
+            again.wait_ready(30)
+            got = await deliveries(client, 4)  # a Refresh instead fails here
+            assert [d for s, d in got if s == "t:mail"] == ["m0", "m1", "m2"]
+            assert ("u:5", "u0") in got
+            await asyncio.sleep(grace + 1.0)  # past the read's hold: the membership holds
+            assert {user, topic} <= shard_channels(admin)
+            assert publish_b("pub mail live") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "live")]
+        # b holds no member: once the client is gone, a leaves too (no leaked interest)
+        waiting.wait_until(
+            lambda: shard_channels(admin) == {control_channel()}, "the leaves", DEADLINE
+        )
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()

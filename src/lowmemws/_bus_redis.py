@@ -22,6 +22,16 @@ envelope for a user with no connection here (its partition is subscribed for ano
 user, or a topic envelope for a topic with no member here, is dropped before it is decoded
 (``unserved``).
 
+History (issue 12, `enable_history`): a topic or user message is stored and published in
+one script (`lowmemws._history_redis`) on its partition channel, with origin
+``STORED_ORIGIN``; every node delivers it from the channel, the publisher too, in Redis's
+order. A resume reads a stream and publishes a marker on the same channel in one script;
+the read is complete once the marker comes back. The resumed connection joins the stream
+only after that, so it may not count as a member yet: the read holds the partition
+channel (subscribed and confirmed by Redis before the script runs) and lets go of it
+afterwards; the channel then leaves after the unsubscribe grace unless the joined
+connection made the hub want it, as it normally does.
+
 Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
 answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
 node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens to. The asker
@@ -225,6 +235,12 @@ class RedisBus(BusBase):
         self._read_ids = itertools.count(1)
         self._read_timeout = socket_timeout
         self._resync_due = False  # the subscriber reconnected: tell on_resync once ready
+        #: channels a history read needs subscribed (see _hold), with how many reads hold
+        #: each; the subscriber thread adds them to what the hub wants
+        self._holds: dict[str, int] = {}
+        self._confirmed: set[str] = set()  # channels whose subscribe Redis answered
+        self._sending: dict[str, set[str]] = {}  # link -> channels sent, not answered yet
+        self._confirm = threading.Condition()
         #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
         #: is back after an outage: stored messages published meanwhile were not delivered
         #: here. The Gateway sets it to ask its envelope clients to resume.
@@ -262,8 +278,7 @@ class RedisBus(BusBase):
             client = self._stored_client()
             if self._sharded is None:
                 self._detect_mode(client)
-            if not self._sub_ready.wait(self._read_timeout):  # the marker must come back
-                raise BusUnavailable("RedisBus: not subscribed to the channel")
+            self._hold(channel)  # the marker comes back on it, the live messages follow
             result = read_history(
                 client, stream, after, max_count, max_bytes, prefix=self._prefix,
                 channel=channel, marker=read_marker(self.node_id, request_id),
@@ -276,6 +291,37 @@ class RedisBus(BusBase):
             raise BusUnavailable(f"RedisBus: cannot read history: {exc}") from exc
         finally:
             self._reads.pop(request_id, None)
+            self._release(channel)
+
+    def _hold(self, channel: str) -> None:
+        """_hold makes the subscriber thread subscribe to channel if the hub does not want
+        it already (a resumed connection joins its streams only after their replay, so it
+        may be the partition's only member here) and waits until Redis confirmed it.
+
+        Raises:
+            BusUnavailable: not confirmed within the read timeout.
+        """
+        with self._confirm:
+            self._holds[channel] = self._holds.get(channel, 0) + 1
+        self._wake()
+        deadline = time.monotonic() + self._read_timeout
+        with self._confirm:
+            while channel not in self._confirmed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing.is_set():
+                    raise BusUnavailable(f"RedisBus: {channel} not subscribed in time")
+                self._confirm.wait(left)
+
+    def _release(self, channel: str) -> None:
+        """_release lets go of a hold: the channel leaves after the unsubscribe grace unless
+        the hub wants it by then (the resumed connection joined the stream)."""
+        with self._confirm:
+            held = self._holds.get(channel, 0)
+            if held <= 1:
+                self._holds.pop(channel, None)
+            else:
+                self._holds[channel] = held - 1
+        self._wake()
 
     @property
     def sharded(self) -> bool | None:
@@ -619,6 +665,9 @@ class RedisBus(BusBase):
                 self._link_lost("subscribe", exc)
             finally:
                 self._sub_ready.clear()
+                with self._confirm:
+                    self._confirmed.clear()
+                    self._sending.clear()
                 self._links = {}
                 for link in links.values():
                     _quietly(link.close)
@@ -646,6 +695,8 @@ class RedisBus(BusBase):
         wanted = {self._answer_channel(self.node_id)}
         if self._data_subscriber:
             wanted |= wanted_channels(self._interest, self._prefix)
+        with self._confirm:
+            wanted.update(self._holds)
         held: set[str] = set().union(*(link.channels for link in links.values()))
         by_link: dict[str, list[str]] = {}
         for channel in wanted - held:
@@ -653,6 +704,8 @@ class RedisBus(BusBase):
         for name, channels in by_link.items():
             link = links.get(name) or self._open_link(client, name, links)
             link.subscribe(channels)
+            with self._confirm:
+                self._sending.setdefault(name, set()).update(channels)
             link.mark()
             self._unready.add(name)
         for channel in wanted:
@@ -687,6 +740,9 @@ class RedisBus(BusBase):
         return link
 
     def _link_ready(self, name: str) -> None:
+        with self._confirm:  # every subscribe sent on the link before its mark is answered
+            self._confirmed.update(self._sending.pop(name, ()))
+            self._confirm.notify_all()
         self._unready.discard(name)
         if not self._unready:
             self._sub_ready.set()
@@ -699,6 +755,12 @@ class RedisBus(BusBase):
         expired = [channel for channel, at in self._leaving.items() if at <= now]
         if not expired:
             return
+        with self._confirm:  # a channel a history read holds stays (it may be confirmed)
+            kept = [channel for channel in expired if channel in self._holds]
+            expired = [channel for channel in expired if channel not in self._holds]
+            self._confirmed.difference_update(expired)
+        for channel in kept:
+            del self._leaving[channel]
         for channel in expired:
             del self._leaving[channel]
             # the origins' numbering on that channel restarts when it is subscribed again
