@@ -29,6 +29,7 @@ import websocket
 
 from lowmemws.client import Client, Delivery, Refresh
 from tests.support import waiting
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.servers import ServerProcess, StartServer
 
@@ -450,3 +451,69 @@ def test_a_resume_on_a_node_without_members_subscribes_and_hands_over_to_the_mem
         asyncio.run(scenario())
     finally:
         admin.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    server = RedisCluster(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_killed_gateway_resumes_on_a_redis_cluster(
+    start_server: StartServer,
+    node_script: Path,
+    cluster: RedisCluster,
+    restarted: list[ServerProcess],
+) -> None:
+    """On a 3-master Redis Cluster the store script writes a stream's keys and SPUBLISHes
+    on its partition channel in one slot (a cross-slot script is refused: the publish would
+    answer "refused"); a gateway killed and restarted resumes streams owned by different
+    shards, each in order."""
+    import redis
+
+    from lowmemws._history_redis import stream_channel, stream_keys
+
+    def start() -> ServerProcess:
+        return start_server([sys.executable, str(node_script)], ["--redis", cluster.url])
+
+    topics = ["mail", "alerts", "news"]
+    admin = redis.RedisCluster.from_url(cluster.url)
+    try:
+        for stream in [f"t:{topic}" for topic in topics] + ["u:5"]:
+            slots = {admin.keyslot(key) for key in stream_keys("lowmemws:", stream)}
+            assert slots == {admin.keyslot(stream_channel(stream))}
+        streams = [f"t:{topic}" for topic in topics] + ["u:5"]
+        owners = {admin.get_node_from_key(stream_channel(s)).port for s in streams}
+    finally:
+        admin.close()
+    assert len(owners) == 3  # the streams span the three shards
+    a, b = start(), start()
+    publish_b = publisher(b)
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, ",".join(topics)) as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            assert publish_b("pub mail first") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "first")]
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            os.kill(a.proc.pid, signal.SIGKILL)
+            a.proc.wait(timeout=DEADLINE)
+            expected = []
+            for n in range(3):
+                for topic in topics:
+                    assert publish_b(f"pub {topic} {topic} {n}") == "ok"
+                    expected.append((f"t:{topic}", f"{topic} {n}"))
+            assert publish_b("user 5 for you") == "ok"
+            again = ServerProcess(a.argv, a.host, a.port)
+            restarted.append(again)
+            again.wait_ready(30)
+            got = await deliveries(client, len(expected) + 1)
+            for topic in topics:
+                mine = [d for s, d in got if s == f"t:{topic}"]
+                assert mine == [f"{topic} {n}" for n in range(3)]
+            assert ("u:5", "for you") in got
+            assert client.connects == 2
+
+    asyncio.run(scenario())
