@@ -453,6 +453,41 @@ def test_a_resume_on_a_node_without_members_subscribes_and_hands_over_to_the_mem
         admin.close()
 
 
+def test_a_resume_after_the_node_left_the_partition_replays_what_it_did_not_see(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    """A node remembers the last offset of a stream it delivered; once its last member
+    left, it unsubscribed the partition and saw none of the later messages. A client
+    resuming there later must get them from the history (none will come live)."""
+    import redis
+
+    from lowmemws._routing import channel_for
+
+    admin = redis.Redis.from_url(redis_server.url)
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+    news = channel_for("topic", "news")
+
+    async def scenario() -> None:
+        async with subscriber(a, 7, "news") as first:
+            await asyncio.wait_for(first.synced.wait(), DEADLINE)
+            assert publish_b("pub news n0") == "ok"
+            assert await deliveries(first, 1) == [("t:news", "n0")]
+            positions = dict(first.positions)
+        waiting.wait_until(lambda: news not in shard_channels(admin), "a's leave", DEADLINE)
+        for n in range(1, 4):
+            assert publish_b(f"pub news n{n}") == "ok"
+        url = f"ws://{a.host}:{a.port}/?user=7&topics=news"
+        async with Client(url, positions=positions, heartbeat_timeout=DEADLINE) as again:
+            got = await deliveries(again, 3)
+            assert got == [("t:news", f"n{n}") for n in range(1, 4)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     server = RedisCluster(tmp_path)

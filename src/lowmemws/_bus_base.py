@@ -529,6 +529,13 @@ class BusBase:
     """may_block: publish may wait (for a peer process or the network); Gateway.apublish
     then calls it in a thread. False for a bus whose publish only queues or fans out."""
 
+    read_settles: bool = False
+    """read_settles: when history_read returns, every message its result holds has been
+    delivered here or never will be (RedisBus: the read's marker comes behind them on the
+    channel, and a node not subscribed then never gets them), so a resume replays the whole
+    result. False: a message may be stored and not yet delivered here (LocalBus stores,
+    then delivers), so a resume replays only up to what this node delivered."""
+
     #: presence_address is where answers to this node's queries go (its node id on Redis).
     presence_address: bytes = bytes(16)
 

@@ -146,6 +146,7 @@ class RedisBus(BusBase):
     """
 
     may_block = False  # publish queues for the network and fans out here: no wait
+    read_settles = True  # a read's marker follows every message stored before it
 
     def __init__(
         self,

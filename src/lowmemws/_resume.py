@@ -14,6 +14,9 @@ so no live message of those streams reaches it. A replay thread then, for each s
    lock when it meets the answer, before delivering anything stored after);
 2. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
    they will arrive live), joins the stream, sends the outcome, and lets go of the lock.
+   On a bus whose read settles (`BusBase.read_settles`: RedisBus) it sends the whole
+   result instead: there an entry past ``D`` is one this node never got (it was not
+   subscribed to the stream's partition then) and none of them will arrive live.
 
 So a replayed message is never also delivered live, none is skipped, and none overtakes
 the replay. The work is bounded: `History.replay_threads` connections at a time per
@@ -178,7 +181,8 @@ class Resumer:
         stripe = self.stripe(stream)
         result = self._read_holding(stripe, stream, position[1] if position else 2**62)
         try:
-            delivered = self._delivered_in(stream, result)
+            settled = getattr(self._bus, "read_settles", False)
+            delivered = None if settled else self._delivered_in(stream, result)
             upto = result.last if delivered is None else min(delivered, result.last)
             if position is None:
                 self._join(job, stream)
