@@ -21,6 +21,7 @@ SERVERS_DIR = os.path.join(HERE, "servers")
 ALL_SERVERS = ("lowmemws", "websockets", "aiohttp", "picows")
 DISTRIBUTIONS = {
     "lowmemws": "lowmemws",
+    "lowmemws_history": "lowmemws",
     "websockets": "websockets",
     "aiohttp": "aiohttp",
     "picows": "picows",
@@ -50,7 +51,7 @@ def usable(name: str) -> tuple[bool, str]:
     """usable tells whether a server can run here; the second value says why not."""
     probe = (
         "import lowmemws; lowmemws.Gateway; lowmemws.Accept"
-        if name == "lowmemws"
+        if name.startswith("lowmemws")
         else (f"import {name}" if name != "floor" else "pass")
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

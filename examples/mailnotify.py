@@ -11,6 +11,7 @@ Endpoints (errors are short JSON objects: {"error": "..."}):
   GET  /            the page
   POST /login       form field ``user``; sets the cookie ``session=USER:TOKEN``
   GET  /session     {"user": U} for a valid session cookie, else 401
+  GET  /unread      {"unread": N} for a valid session cookie (a tab told to refresh), else 401
   POST /logout      clears the cookie
   GET  /ws          the WebSocket; credentials from ?user=U&token=T or the session cookie
   POST /mail        Bearer SECRET; {"to": U, "from": F, "subject": X} -> 202
@@ -22,6 +23,12 @@ A token is the hex HMAC-SHA256 of the user name keyed with the secret, so every 
 node that shares the secret checks it without a session store. A user's connections carry a
 64-bit tag derived from the name (no per-connection Python object, no per-user topic), and
 ``send_to_user`` reaches them on every process (``--processes``) and node (``--redis``).
+
+History is on: every mail is stored (in Redis Streams with ``--redis``, else in the memory of
+the supervising process) before it is sent, with its position in the user's stream. The page
+uses lowmemws.js (served by the gateway at /lowmemws.js), which resumes from the last mail
+it showed after any disconnect: each mail appears once, in order, even when the gateway
+crashed and another node took the mail meanwhile; a tab that cannot resume refetches.
 
 Unread counts live in Redis with ``--redis`` (they survive restarts and are shared by nodes);
 otherwise in a small table of shared memory that the worker processes of one machine share
@@ -208,6 +215,7 @@ class MailNotify:
             ("GET", "/"): self.serve_page,
             ("POST", "/login"): self.login,
             ("GET", "/session"): self.session,
+            ("GET", "/unread"): self.unread,
             ("POST", "/logout"): self.logout,
             ("POST", "/mail"): self.mail,
             ("POST", "/mail/self"): self.mail_self,
@@ -293,6 +301,12 @@ class MailNotify:
             raise HttpError(401, "not signed in")
         return json_response(200, {"user": user})
 
+    def unread(self, request: lowmemws.Request) -> lowmemws.Response:
+        user = self.session_user(request)
+        if user is None:
+            raise HttpError(401, "not signed in")
+        return json_response(200, {"unread": self.counts.get(user)})
+
     def logout(self, request: lowmemws.Request) -> lowmemws.Response:
         cookie = "session=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
         return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
@@ -347,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     config = lowmemws.Config(
         max_http_body=4 * MAX_BODY,
         hook_threads=8 if args.redis else 0,
+        history=lowmemws.History(user_size=200, user_ttl=24 * 3600.0),
         certfile=args.certfile,
         keyfile=args.keyfile,
     )

@@ -6,6 +6,7 @@ send_to_user and broadcast work from any thread. See the README for an example.
 """
 
 from ._c_server import tls_available
+from ._history import History
 from ._user_ids import UserTag
 from .bus import Envelope, LocalBus, ProcessBus, RedisBus
 from .close_codes import CloseCode
@@ -35,6 +36,7 @@ __all__ = [
     "Envelope",
     "Gateway",
     "HandshakeError",
+    "History",
     "Headers",
     "LocalBus",
     "LowMemWSError",

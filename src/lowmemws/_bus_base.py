@@ -17,7 +17,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._constants import OP_BINARY, OP_TEXT, POLICIES, Policy
 from ._queries import Queries, Tally
@@ -58,6 +58,8 @@ _COUNT = struct.Struct(">Q")
 _POLICY_BY_VALUE: dict[int, Policy] = {value: name for name, value in POLICIES.items()}
 _WIRE_VERSION = 1  # an unpaced topic, user or broadcast envelope: what every node reads
 _WIRE_VERSION_PACED = 2  # any other: a batch of users, a paced send, a cancel (issue 18)
+_WIRE_VERSION_POSITION = 3  # a stored message: its stream position, then a v1 form (issue 12)
+_MAX_EPOCH = 64  # ASCII characters of an epoch
 _HEAD = struct.Struct(">BBB")  # version, kind | policy << 2, opcode
 _HEAD2 = struct.Struct(">BBBB")  # version 2, kind, policy, opcode
 _PACE = struct.Struct(">QddH")  # pace id, spread seconds, rate per second, nodes
@@ -88,6 +90,10 @@ class Envelope:
     ``pace_id`` names the send; a "cancel" envelope (``key`` the pace id, no payload) ends
     every paced send of that id on every node.
 
+    History (issue 12): a message stored in its stream's history carries its position,
+    ``epoch`` (the stream history's id, ASCII) and ``offset`` (1, 2, ... within the stream);
+    ``epoch`` is "" for a message that was not stored.
+
     Presence (issue 12): an "online" or "kick" envelope (``key`` a user tag) asks every node
     to count (or close) that user's connections and answer with an "answer" envelope (``key``
     the query id); their payloads are built by `query_envelope` and `answer_envelope`.
@@ -106,6 +112,25 @@ class Envelope:
     rate: float = 0.0
     nodes: int = 1
     pace_id: int = 0
+    epoch: str = ""
+    offset: int = 0
+
+    @property
+    def stream(self) -> str | None:
+        """stream names the history stream of the envelope: "t:" + topic for a topic,
+        "u:" + the decimal user tag for a user; None for the others (not stored)."""
+        if self.kind == "topic":
+            return f"t:{self.key}"
+        if self.kind == "user":
+            return f"u:{self.key}"
+        return None
+
+    def with_position(self, epoch: str, offset: int) -> Envelope:
+        """with_position returns this envelope stored at (epoch, offset) of its stream."""
+        return Envelope(
+            self.kind, self.key, self.opcode, self.payload, self.policy, self.spread, self.rate,
+            self.nodes, self.pace_id, epoch, offset,
+        )  # fmt: skip
 
     @property
     def paced(self) -> bool:
@@ -128,6 +153,7 @@ class Envelope:
             raise TypeError("Envelope: payload must be bytes")
         _check_key(self.kind, self.key)
         _check_pace(self.spread, self.rate, self.nodes, self.pace_id)
+        _check_position(self.epoch, self.offset)
 
     @classmethod
     def for_topic(cls, topic: str, data: str | bytes, *, policy: Policy = "drop") -> Envelope:
@@ -191,6 +217,17 @@ class Envelope:
         A batch of users, a paced send or a cancel is version 2 (see `_encode_v2`): a node
         that only knows version 1 refuses it as malformed instead of sending it unpaced.
         """
+        if self.epoch:
+            return self.position_prefix() + self._encode_unpositioned()
+        return self._encode_unpositioned()
+
+    def position_prefix(self) -> bytes:
+        """position_prefix is the head of the version 3 form: the byte 3, a length byte, then
+        "epoch:offset" in ASCII; the envelope's version 1 or 2 form follows it. (A Redis
+        script writes the same head once it knows the offset: see _history_redis.)"""
+        return position_head(self.epoch, self.offset)
+
+    def _encode_unpositioned(self) -> bytes:
         if self.kind not in _V1_KINDS or self.paced or self.pace_id or self.nodes != 1:
             return self._encode_v2()
         flags = _KINDS.index(self.kind) | POLICIES[self.policy] << 2
@@ -229,6 +266,8 @@ class Envelope:
         view = memoryview(data)
         if len(view) < _HEAD.size:
             raise ValueError("Envelope.decode: truncated header")
+        if view[0] == _WIRE_VERSION_POSITION:
+            return cls._decode_v3(view)
         if view[0] == _WIRE_VERSION_PACED:
             return cls._decode_v2(view)
         version, flags, opcode = _HEAD.unpack_from(view)
@@ -237,6 +276,21 @@ class Envelope:
         kind, policy = _KINDS[flags & 3], _POLICY_BY_VALUE[flags >> 2]
         key, offset = _decode_key(kind, view, _HEAD.size)
         return cls(kind, key, opcode, bytes(view[offset:]), policy)
+
+    @classmethod
+    def _decode_v3(cls, view: memoryview) -> Envelope:
+        size = view[1]
+        try:
+            epoch, _, offset = str(view[2 : 2 + size], "ascii").rpartition(":")
+            number = int(offset)
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError("Envelope.decode: bad position") from None
+        if len(view) < 2 + size + 1 or view[2 + size] == _WIRE_VERSION_POSITION:
+            raise ValueError("Envelope.decode: truncated or nested position")
+        inner = cls.decode(view[2 + size :])
+        if not epoch or inner.stream is None:
+            raise ValueError("Envelope.decode: a position needs an epoch and a stream")
+        return inner.with_position(epoch, number)
 
     @classmethod
     def _decode_v2(cls, view: memoryview) -> Envelope:
@@ -288,6 +342,71 @@ def _check_pace(spread: float, rate: float, nodes: int, pace_id: int) -> None:
         raise ValueError("Envelope: give spread or rate, not both")
     if not (isinstance(nodes, int) and 1 <= nodes <= _MAX_NODES) or not _is_tag(pace_id):
         raise ValueError("Envelope: nodes is in 1..65535 and pace_id in 0..2**64-1")
+
+
+class ReadWaiter:
+    """ReadWaiter is a history read waiting for its answer in delivery order (a ProcessBus
+    worker's read answered by the parent, a RedisBus read's marker coming back).
+
+    The bus's delivering thread answers it, taking the caller's lock first (see
+    BusBase.history_read); the caller may give up at its deadline instead (wait returns
+    None). Exactly one of the two happens.
+    """
+
+    __slots__ = ("lock", "reply", "done", "abandoned", "mutex")
+
+    def __init__(self, lock: threading.Lock | None) -> None:
+        self.lock = lock
+        self.reply: bytes | None = None
+        self.done = threading.Event()
+        self.abandoned = False
+        self.mutex = threading.Lock()
+
+    def answer(self, reply: bytes) -> None:
+        """answer hands reply over (on the delivering thread), after taking the lock."""
+        with self.mutex:
+            if self.abandoned:
+                return
+            if self.lock is not None:
+                self.lock.acquire()  # released by the caller, after its replay
+            self.reply = reply
+            self.done.set()
+
+    def wait(self, timeout: float) -> bytes | None:
+        """wait returns the reply, or None when none came within timeout (given up)."""
+        self.done.wait(timeout)
+        with self.mutex:
+            if not self.done.is_set():
+                self.abandoned = True
+            return self.reply
+
+
+def read_holding(lock: threading.Lock | None, read: Callable[[], Any]) -> Any:
+    """read_holding takes lock (if any), then reads: on success the caller holds the lock,
+    on failure it is released again and the error goes on."""
+    if lock is None:
+        return read()
+    lock.acquire()
+    try:
+        return read()
+    except BaseException:
+        lock.release()
+        raise
+
+
+def position_head(epoch: str, offset: int) -> bytes:
+    """position_head is the version 3 head for a stream position (see Envelope.encode)."""
+    text = f"{epoch}:{offset}".encode("ascii")
+    return bytes((_WIRE_VERSION_POSITION, len(text))) + text
+
+
+def _check_position(epoch: str, offset: int) -> None:
+    if not isinstance(epoch, str) or len(epoch) > _MAX_EPOCH or not epoch.isascii():
+        raise ValueError("Envelope: an epoch is an ASCII str of at most 64 characters")
+    if ":" in epoch or not (isinstance(offset, int) and 0 <= offset < 2**63):
+        raise ValueError("Envelope: an epoch has no ':' and an offset is in 0..2**63-1")
+    if bool(epoch) != bool(offset):
+        raise ValueError("Envelope: a position has both an epoch and an offset >= 1")
 
 
 def _decode_key(
@@ -410,6 +529,13 @@ class BusBase:
     """may_block: publish may wait (for a peer process or the network); Gateway.apublish
     then calls it in a thread. False for a bus whose publish only queues or fans out."""
 
+    read_settles: bool = False
+    """read_settles: when history_read returns, every message its result holds has been
+    delivered here or never will be (RedisBus: the read's marker comes behind them on the
+    channel, and a node not subscribed then never gets them), so a resume replays the whole
+    result. False: a message may be stored and not yet delivered here (LocalBus stores,
+    then delivers), so a resume replays only up to what this node delivered."""
+
     #: presence_address is where answers to this node's queries go (its node id on Redis).
     presence_address: bytes = bytes(16)
 
@@ -461,6 +587,38 @@ class BusBase:
     def node_count(self) -> int:
         """node_count is how many nodes a publish reaches, this one included (at least 1)."""
         return 1
+
+    def enable_history(self, history: Any) -> None:
+        """enable_history makes every later publish of a topic or user message store it in
+        its stream's history before delivering it with its position (issue 12). A Gateway
+        calls it with its Config.history before start (before forking workers).
+
+        Raises:
+            NotImplementedError: this bus keeps no history.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no history")
+
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> Any:
+        """history_read returns the `_history.ReadResult` of stream after offset ``after``:
+        at most max_count messages and max_bytes of entries.
+
+        ``lock`` (the lock this node's deliveries of the stream hold, see _resume) is held
+        when it returns: taken at a moment when this node has delivered exactly what the
+        result holds or less, so nothing is delivered between the read and its release. It
+        is not held when history_read raises.
+
+        Raises:
+            BusUnavailable: the history cannot be reached now.
+            NotImplementedError: this bus keeps no history.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no history")
 
     async def apublish(self, envelope: Envelope) -> int:
         """apublish is `publish` for asyncio callers: it runs in the loop's default executor,

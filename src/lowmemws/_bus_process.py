@@ -33,13 +33,23 @@ and when worker i has died and is forked again::
     bus.attach_parent()                 # parent: close the new child end
 
 Only fork is supported (a spawned process has no copy of the sockets).
+
+History (issue 12): with `enable_history`, the parent owns the machine's `MemoryStore`. Every
+topic or user envelope passes through the parent's relay, which stores it and stamps its
+position before queueing it for the workers, under the lock that orders the queues: every
+worker sees each stream in offset order. A worker reads history by sending a read request
+(`_READ_REQUEST`) on its own pair; the parent answers (`_READ_REPLY`) through that worker's
+queue, behind every envelope queued before it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import selectors
 import socket
+import struct
 import threading
 from collections import deque
 
@@ -50,10 +60,13 @@ from ._bus_base import (
     Deliver,
     Envelope,
     Query,
+    ReadWaiter,
     answer_envelope,
     is_encoded_query,
     log,
+    read_holding,
 )
+from ._history import History, MemoryStore, ReadResult, stored_entry
 from .errors import BusUnavailable
 
 __all__ = ["ProcessBus"]
@@ -62,6 +75,10 @@ _FIRST = 1
 _LAST = 2
 _RECORD = 64 * 1024
 _MiB = 1024 * 1024
+# The first byte of a message that is not an envelope (envelope versions are 1 to 3).
+_READ_REQUEST = 0x10  # worker to parent: request id, JSON {s, a, n, b}
+_READ_REPLY = 0x11  # parent to worker: request id, JSON head, newline, the entries
+_REQUEST_ID = struct.Struct(">Q")
 
 
 def _send_message(sock: socket.socket, data: bytes) -> None:
@@ -167,6 +184,9 @@ class ProcessBus(BusBase):
         self._send_lock = threading.Lock()
         #: parent_gone is set in a worker once the parent's end of its pair has closed.
         self.parent_gone = threading.Event()
+        self._store: MemoryStore | None = None
+        self._reads: dict[int, ReadWaiter] = {}  # worker: its history reads under way
+        self._read_ids = itertools.count(1)
 
     # -- roles -------------------------------------------------------------------------------
 
@@ -193,6 +213,7 @@ class ProcessBus(BusBase):
         self._slots, self._reader, self._role = [], None, "worker"
         self._lock, self._send_lock = threading.Condition(), threading.Lock()
         self.stats, self.parent_gone = BusStats(), threading.Event()
+        self._store, self._reads = None, {}  # the parent's store answers for this worker
         own.settimeout(self._send_timeout)
         self._sock = own
 
@@ -282,6 +303,50 @@ class ProcessBus(BusBase):
         """node_count is the number of worker processes a publish reaches."""
         return self._workers
 
+    def enable_history(self, history: History) -> None:
+        """enable_history makes the parent keep the machine's history (call it before the
+        workers are forked)."""
+        self._store = MemoryStore(history)
+
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
+        """history_read asks the parent's store (see BusBase.history_read); in a worker it
+        waits at most ``send_timeout`` for the answer. The answer comes behind every envelope
+        stored before the read, so the reader thread takes ``lock`` when it meets the
+        answer, before it delivers anything stored after.
+
+        Raises:
+            BusUnavailable: the parent cannot be reached or did not answer in time.
+        """
+        store = self._store
+        if store is not None:
+            result: ReadResult = read_holding(
+                lock, lambda: store.read(stream, after, max_count, max_bytes)
+            )
+            return result
+        if self._role != "worker" or self.parent_gone.is_set():
+            raise BusUnavailable("ProcessBus.history_read: no history here")
+        request_id = next(self._read_ids)
+        waiter = ReadWaiter(lock)
+        self._reads[request_id] = waiter
+        query = {"s": stream, "a": after, "n": max_count, "b": max_bytes}
+        try:
+            self._publish_to_parent(
+                bytes((_READ_REQUEST,)) + _REQUEST_ID.pack(request_id) + json.dumps(query).encode()
+            )
+            reply = waiter.wait(self._send_timeout)
+        finally:
+            self._reads.pop(request_id, None)
+        if reply is None:
+            raise BusUnavailable("ProcessBus.history_read: the parent did not answer")
+        return _decode_read(reply)
+
     def answer(self, query: Query, count: int) -> None:
         """answer sends this worker's count to every process (through the parent, like a
         publish); the asker is the one waiting for that query id, the others ignore it."""
@@ -345,6 +410,12 @@ class ProcessBus(BusBase):
         self.parent_gone.set()
 
     def _deliver_encoded(self, message: bytes) -> None:
+        if message[:1] == bytes((_READ_REPLY,)):
+            (request_id,) = _REQUEST_ID.unpack_from(message, 1)
+            waiter = self._reads.get(request_id)
+            if waiter is not None:
+                waiter.answer(message[1 + _REQUEST_ID.size :])
+            return
         try:
             envelope = Envelope.decode(message)
         except ValueError:
@@ -371,10 +442,18 @@ class ProcessBus(BusBase):
             )
             slot.thread.start()
 
-    def _relay(self, data: bytes) -> None:
-        """Queue one message for every live worker; a full queue drops it for that worker."""
+    def _relay(self, data: bytes, origin: _Slot | None = None) -> None:
+        """Queue one message for every live worker; a full queue drops it for that worker.
+        With history, a topic or user envelope is stored first and goes out with its
+        position; a read request from worker ``origin`` is answered to it alone."""
+        if data[:1] == bytes((_READ_REQUEST,)):
+            if origin is not None:
+                self._answer_read(origin, data)
+            return
         dead = 0
         with self._lock:
+            if self._store is not None:
+                data = self._stamp(data)
             for slot in self._slots:
                 if not slot.alive:
                     dead += 1
@@ -408,6 +487,42 @@ class ProcessBus(BusBase):
             answer = answer_envelope(query.query_id, 0).encode()
             for _ in range(dead):
                 self._relay(answer)
+
+    def _stamp(self, data: bytes) -> bytes:
+        """The envelope in data stored in its stream, with its position (as it was when it
+        has no stream or is malformed: the workers count that)."""
+        assert self._store is not None
+        try:
+            envelope = Envelope.decode(data)
+        except ValueError:
+            return data
+        stream = envelope.stream
+        if stream is None or envelope.paced or envelope.epoch:
+            return data
+        epoch, offset = self._store.append(stream, stored_entry(envelope))
+        return envelope.with_position(epoch, offset).encode()
+
+    def _answer_read(self, slot: _Slot, data: bytes) -> None:
+        request_id = data[1 : 1 + _REQUEST_ID.size]
+        try:
+            query = json.loads(data[1 + _REQUEST_ID.size :])
+            stream, after = str(query["s"]), int(query["a"])
+            max_count, max_bytes = int(query["n"]), int(query["b"])
+        except (ValueError, KeyError, TypeError):
+            self.stats.add("malformed")
+            return
+        if self._store is None:
+            result = ReadResult("", 0, 1)
+        else:
+            result = self._store.read(stream, after, max_count, max_bytes)
+        reply = bytes((_READ_REPLY,)) + request_id + _encode_read(result)
+        with self._lock:
+            if slot.alive:
+                slot.queue.append(reply)
+                slot.queued_bytes += len(reply)
+                self.stats.add("buffered")
+                self.stats.add("buffered_bytes", len(reply))
+                self._lock.notify_all()
 
     def _writer_loop(self, slot: _Slot) -> None:
         while True:
@@ -473,7 +588,7 @@ class ProcessBus(BusBase):
             return
         message = slot.reasm.feed(record, self.stats)
         if message is not None:
-            self._relay(message)
+            self._relay(message, slot)
 
     def _worker_gone(self, slot: _Slot) -> None:
         with self._lock:
@@ -485,6 +600,26 @@ class ProcessBus(BusBase):
         if not self._closing:
             log.info("lowmemws ProcessBus: worker %d is gone", slot.index)
             self.stats.add("disconnects")
+
+
+def _encode_read(result: ReadResult) -> bytes:
+    head = {
+        "e": result.epoch, "l": result.last, "f": result.first, "t": result.truncated,
+        "o": [offset for offset, _ in result.entries],
+        "n": [len(entry) for _, entry in result.entries],
+    }  # fmt: skip
+    return b"".join([json.dumps(head).encode(), b"\n", *(entry for _, entry in result.entries)])
+
+
+def _decode_read(reply: bytes) -> ReadResult:
+    head_end = reply.index(b"\n")
+    head = json.loads(reply[:head_end])
+    result = ReadResult(head["e"], head["l"], head["f"], truncated=head["t"])
+    at = head_end + 1
+    for offset, size in zip(head["o"], head["n"], strict=True):
+        result.entries.append((offset, reply[at : at + size]))
+        at += size
+    return result
 
 
 def _shutdown(sock: socket.socket) -> None:

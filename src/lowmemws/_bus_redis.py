@@ -22,6 +22,16 @@ envelope for a user with no connection here (its partition is subscribed for ano
 user, or a topic envelope for a topic with no member here, is dropped before it is decoded
 (``unserved``).
 
+History (issue 12, `enable_history`): a topic or user message is stored and published in
+one script (`lowmemws._history_redis`) on its partition channel, with origin
+``STORED_ORIGIN``; every node delivers it from the channel, the publisher too, in Redis's
+order. A resume reads a stream and publishes a marker on the same channel in one script;
+the read is complete once the marker comes back. The resumed connection joins the stream
+only after that, so it may not count as a member yet: the read holds the partition
+channel (subscribed and confirmed by Redis before the script runs) and lets go of it
+afterwards; the channel then leaves after the unsubscribe grace unless the joined
+connection made the hub want it, as it normally does.
+
 Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
 answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
 node (and every `lowmemws.Publisher`, which subscribes to nothing else) listens to. The asker
@@ -66,9 +76,29 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from ._bus_base import QUERY_KINDS, BusBase, Deliver, Envelope, Query, answer_envelope, log
+from ._bus_base import (
+    QUERY_KINDS,
+    BusBase,
+    Deliver,
+    Envelope,
+    Query,
+    ReadWaiter,
+    answer_envelope,
+    log,
+)
+from ._history import History, ReadResult
+from ._history_redis import (
+    MARKER_ORIGIN,
+    STORED_ORIGIN,
+    parse_marker,
+    read_history,
+    read_marker,
+    store_and_publish,
+    stream_channel,
+)
 from ._redis_link import SubscriberLink, wait_links
 from ._routing import CHANNEL_PREFIX, Interest, control_channel, route, wanted_channels
 from ._user_ids import deployment_key
@@ -116,6 +146,7 @@ class RedisBus(BusBase):
     """
 
     may_block = False  # publish queues for the network and fans out here: no wait
+    read_settles = True  # a read's marker follows every message stored before it
 
     def __init__(
         self,
@@ -199,6 +230,99 @@ class RedisBus(BusBase):
         self._links: dict[str, SubscriberLink] = {}  # by shard; "server" on one server
         self._unready: set[str] = set()  # links whose subscribes are not all answered yet
         self._leaving: dict[str, float] = {}  # channel -> when it is unsubscribed
+        self._history: History | None = None
+        self._history_client: Any = None
+        self._reads: dict[int, ReadWaiter] = {}  # history reads waiting for their marker
+        self._read_ids = itertools.count(1)
+        self._read_timeout = socket_timeout
+        self._resync_due = False  # the subscriber reconnected: tell on_resync once ready
+        #: channels a history read needs subscribed (see _hold), with how many reads hold
+        #: each; the subscriber thread adds them to what the hub wants
+        self._holds: dict[str, int] = {}
+        self._confirmed: set[str] = set()  # channels whose subscribe Redis answered
+        self._sending: dict[str, set[str]] = {}  # link -> channels sent, not answered yet
+        self._confirm = threading.Condition()
+        #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
+        #: is back after an outage: stored messages published meanwhile were not delivered
+        #: here. The Gateway sets it to ask its envelope clients to resume.
+        self.on_resync: Callable[[], None] | None = None
+
+    def enable_history(self, history: History) -> None:
+        """enable_history stores every topic and user message in Redis Streams before it is
+        published (one script: see _history_redis); such a publish then waits for Redis and
+        raises BusUnavailable while Redis is unreachable (nothing is stored or sent then),
+        and every node, this one included, delivers it from the channel in offset order."""
+        self._history = history
+        self.may_block = True
+
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
+        """history_read reads a stream's history from Redis (see BusBase.history_read). The
+        read publishes a marker on the stream's channel in the same script; the subscriber
+        thread takes ``lock`` when the marker comes back, having delivered every message
+        stored before the read and none stored after.
+
+        Raises:
+            BusUnavailable: Redis cannot be reached.
+        """
+        request_id = next(self._read_ids)
+        waiter = ReadWaiter(lock)
+        self._reads[request_id] = waiter
+        channel = stream_channel(stream, self._prefix)
+        try:
+            client = self._stored_client()
+            if self._sharded is None:
+                self._detect_mode(client)
+            self._hold(channel)  # the marker comes back on it, the live messages follow
+            result = read_history(
+                client, stream, after, max_count, max_bytes, prefix=self._prefix,
+                channel=channel, marker=read_marker(self.node_id, request_id),
+                sharded=bool(self._sharded),
+            )  # fmt: skip
+            if waiter.wait(self._read_timeout) is None:
+                raise BusUnavailable("RedisBus: the read marker did not come back in time")
+            return result
+        except self._errors as exc:
+            raise BusUnavailable(f"RedisBus: cannot read history: {exc}") from exc
+        finally:
+            self._reads.pop(request_id, None)
+            self._release(channel)
+
+    def _hold(self, channel: str) -> None:
+        """_hold makes the subscriber thread subscribe to channel if the hub does not want
+        it already (a resumed connection joins its streams only after their replay, so it
+        may be the partition's only member here) and waits until Redis confirmed it.
+
+        Raises:
+            BusUnavailable: not confirmed within the read timeout.
+        """
+        with self._confirm:
+            self._holds[channel] = self._holds.get(channel, 0) + 1
+        self._wake()
+        deadline = time.monotonic() + self._read_timeout
+        with self._confirm:
+            while channel not in self._confirmed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing.is_set():
+                    raise BusUnavailable(f"RedisBus: {channel} not subscribed in time")
+                self._confirm.wait(left)
+
+    def _release(self, channel: str) -> None:
+        """_release lets go of a hold: the channel leaves after the unsubscribe grace unless
+        the hub wants it by then (the resumed connection joined the stream)."""
+        with self._confirm:
+            held = self._holds.get(channel, 0)
+            if held <= 1:
+                self._holds.pop(channel, None)
+            else:
+                self._holds[channel] = held - 1
+        self._wake()
 
     @property
     def sharded(self) -> bool | None:
@@ -293,6 +417,8 @@ class RedisBus(BusBase):
                 full; nothing is delivered then.
             ValueError: the envelope is larger than the whole buffer.
         """
+        if self._history is not None and envelope.stream is not None and not envelope.paced:
+            return self._store_and_publish(envelope)
         parts = [(channel, part.encode()) for channel, part in route(envelope, self._prefix)]
         size = sum(len(data) + _HEADER.size for _, data in parts)
         if size > self._max_bytes:
@@ -316,6 +442,42 @@ class RedisBus(BusBase):
         self.stats.add("buffered", len(parts))
         self.stats.add("buffered_bytes", size)
         return self._deliver_safely(envelope)
+
+    def _store_and_publish(self, envelope: Envelope) -> int:
+        """With history: store and publish in one script, now; every node delivers it from
+        the channel (this one too), so it returns 0."""
+        assert self._history is not None
+        if not self._threads or self._closing.is_set():  # a Publisher's bus has no deliver
+            self.stats.add("refused")
+            raise BusUnavailable("RedisBus is not started or is closed")
+        try:
+            client = self._stored_client()
+            if self._sharded is None:
+                self._detect_mode(client)
+            store_and_publish(
+                client, envelope, self._history, prefix=self._prefix,
+                sharded=bool(self._sharded),
+            )  # fmt: skip
+        except self._errors as exc:
+            self.stats.add("refused")
+            raise BusUnavailable(f"RedisBus: message not stored nor sent: {exc}") from exc
+        self.stats.add("published")
+        return 0
+
+    def _resynced(self) -> None:
+        """After an outage of the subscribing link, the stored messages published meanwhile
+        never reached this node: with history, its clients are told to resume."""
+        hook = self.on_resync
+        if self._history is not None and hook is not None:
+            try:
+                hook()
+            except Exception:
+                log.exception("lowmemws RedisBus: on_resync failed")
+
+    def _stored_client(self) -> Any:
+        if self._history_client is None:
+            self._history_client = self._client()
+        return self._history_client
 
     def node_count(self) -> int:
         """node_count is the number of nodes subscribed to the control channel (this one
@@ -495,6 +657,7 @@ class RedisBus(BusBase):
     def _subscriber_loop(self) -> None:
         first = True
         while (client := self._connect(first)) is not None:
+            self._resync_due = not first
             first = False
             links: dict[str, SubscriberLink] = {}
             try:
@@ -503,6 +666,9 @@ class RedisBus(BusBase):
                 self._link_lost("subscribe", exc)
             finally:
                 self._sub_ready.clear()
+                with self._confirm:
+                    self._confirmed.clear()
+                    self._sending.clear()
                 self._links = {}
                 for link in links.values():
                     _quietly(link.close)
@@ -530,6 +696,8 @@ class RedisBus(BusBase):
         wanted = {self._answer_channel(self.node_id)}
         if self._data_subscriber:
             wanted |= wanted_channels(self._interest, self._prefix)
+        with self._confirm:
+            wanted.update(self._holds)
         held: set[str] = set().union(*(link.channels for link in links.values()))
         by_link: dict[str, list[str]] = {}
         for channel in wanted - held:
@@ -537,6 +705,8 @@ class RedisBus(BusBase):
         for name, channels in by_link.items():
             link = links.get(name) or self._open_link(client, name, links)
             link.subscribe(channels)
+            with self._confirm:
+                self._sending.setdefault(name, set()).update(channels)
             link.mark()
             self._unready.add(name)
         for channel in wanted:
@@ -571,15 +741,27 @@ class RedisBus(BusBase):
         return link
 
     def _link_ready(self, name: str) -> None:
+        with self._confirm:  # every subscribe sent on the link before its mark is answered
+            self._confirmed.update(self._sending.pop(name, ()))
+            self._confirm.notify_all()
         self._unready.discard(name)
         if not self._unready:
             self._sub_ready.set()
+            if self._resync_due:
+                self._resync_due = False
+                self._resynced()
 
     def _leave_expired(self, links: dict[str, SubscriberLink]) -> None:
         now = time.monotonic()
         expired = [channel for channel, at in self._leaving.items() if at <= now]
         if not expired:
             return
+        with self._confirm:  # a channel a history read holds stays (it may be confirmed)
+            kept = [channel for channel in expired if channel in self._holds]
+            expired = [channel for channel in expired if channel not in self._holds]
+            self._confirmed.difference_update(expired)
+        for channel in kept:
+            del self._leaving[channel]
         for channel in expired:
             del self._leaving[channel]
             # the origins' numbering on that channel restarts when it is subscribed again
@@ -595,11 +777,18 @@ class RedisBus(BusBase):
             self.stats.add("malformed")
             return
         origin, seq = _HEADER.unpack_from(data)
-        if origin == self.node_id or not self._in_sequence(channel, origin, seq):
+        if origin == MARKER_ORIGIN:
+            marker = parse_marker(data)
+            waiter = self._reads.get(marker[1]) if marker and marker[0] == self.node_id else None
+            if waiter is not None:
+                waiter.answer(b"")
             return
-        if self._unserved(data):
-            self._unserved_count += 1  # this thread alone writes it: no lock per message
-            return
+        if origin != STORED_ORIGIN:  # a stored one: every node delivers it, in Redis's order
+            if origin == self.node_id or not self._in_sequence(channel, origin, seq):
+                return
+            if self._unserved(data):
+                self._unserved_count += 1  # this thread alone writes it: no lock per message
+                return
         try:
             envelope = Envelope.decode(memoryview(data)[_HEADER.size :])
         except ValueError:

@@ -64,7 +64,7 @@ class CServer:
     stale never touches a reused file descriptor.
     """
 
-    __slots__ = ("_ptr", "topic_id", "user_ids")
+    __slots__ = ("_ptr", "topic_id", "user_ids", "envelopes")
 
     def __init__(self) -> None:
         self._ptr: Any = None
@@ -72,6 +72,8 @@ class CServer:
         #: user_ids maps user ids to the slots' tags and back (the Gateway sets the key a
         #: deployment shares).
         self.user_ids = UserIds()
+        #: envelopes: clients may choose the envelope subprotocol (Config.history is on).
+        self.envelopes = False
 
     # -- life -------------------------------------------------------------------------------
 
@@ -242,6 +244,53 @@ class CServer:
         if self._ptr is None:
             return 0
         return max(0, int(lib.lmw_close_user(self._ptr, user_tag, code, reason, len(reason))))
+
+    # -- the envelope subprotocol and resume (issue 12) --------------------------------------
+
+    def publish_env(self, topic: str, opcode: int, payload: bytes, env: bytes, policy: int) -> int:
+        """publish_env is publish with env (an envelope text) for the envelope clients."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_publish_env(
+            self._ptr, self.topic_id(topic), opcode, payload, len(payload), env, len(env), policy
+        )
+        return max(0, int(n))
+
+    def send_user_env(self, user: int, opcode: int, payload: bytes, env: bytes, policy: int) -> int:
+        """send_user_env is send_user with env for the envelope clients."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_send_user_env(self._ptr, user, opcode, payload, len(payload), env, len(env),
+                                  policy)  # fmt: skip
+        return max(0, int(n))
+
+    def broadcast_env(self, opcode: int, payload: bytes, env: bytes, policy: int) -> int:
+        """broadcast_env is broadcast with env for the envelope clients."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_broadcast_env(self._ptr, opcode, payload, len(payload), env, len(env), policy)
+        return max(0, int(n))
+
+    def notify_envelope_clients(self, env: bytes) -> int:
+        """notify_envelope_clients sends env to every envelope client, and nothing to others."""
+        if self._ptr is None:
+            return 0
+        n = lib.lmw_broadcast_env(self._ptr, 1, ffi.NULL, 0, env, len(env), 0)
+        return max(0, int(n))
+
+    def is_envelope(self, fd: int, gen: int) -> bool:
+        """is_envelope reports whether (fd, gen) is open and chose the envelope subprotocol."""
+        return self._ptr is not None and bool(lib.lmw_is_envelope(self._ptr, fd, gen))
+
+    def is_member(self, fd: int, gen: int, topic: str) -> bool:
+        """is_member reports whether (fd, gen) is a member of topic."""
+        if self._ptr is None:
+            return False
+        return bool(lib.lmw_is_member(self._ptr, fd, gen, self.topic_id(topic)))
+
+    def set_user(self, fd: int, gen: int, user: int) -> bool:
+        """set_user retags (fd, gen) with user (0: none); False when it is not open."""
+        return self._ptr is not None and lib.lmw_set_user(self._ptr, fd, gen, user) == 0
 
     # -- paced fan-out (issue 18) -----------------------------------------------------------
 

@@ -104,6 +104,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     sl->flags = 0;
     sl->deflate = 0;
     sl->close_code = 0;
+    sl->envelope = 0;
     sl->user_tag = 0;
     s->live--;
     close(fd);
@@ -250,6 +251,7 @@ int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, s
     sl->tick = s->now;
     sl->user_tag = user_tag;
     sl->deflate = lmw__deflate_class_of(pmd);
+    sl->envelope = lmw__is_envelope_protocol(proto, proto_len);
     if (user_tag) lmw__hub_user_add(s, fd);
     return written(s, fd, lmw__write_raw(s, fd, sl, resp, (size_t)n, NULL, 0, 0, 0)) < 0 ? -1 : 0;
 }

@@ -49,8 +49,13 @@ static void fan_msg_free(fan_msg *m) {
     for (int i = 0; i < 8; i++) lmw__deflate_frame_free(NULL, m->z[i]);
 }
 
-/* send_one writes the message to fd: compressed when it negotiated permessage-deflate. */
+/* send_one writes the message to fd: compressed when it negotiated permessage-deflate;
+ * its envelope form (env, when there is one) when it chose the envelope subprotocol. */
 static int send_one(lmw_server *s, fan_msg *m, int fd, lmw_slot *sl, uint64_t key, int policy) {
+    if (sl->envelope && m[1].plain)
+        m++;
+    else if (!m[0].data && m[1].plain)
+        return 0; /* a notice for the envelope clients only */
     int cls = lmw__deflate_class(s, sl, m->len);
     if (cls && !m->tried[cls - 1]) {
         m->tried[cls - 1] = 1;
@@ -66,12 +71,20 @@ static int send_one(lmw_server *s, fan_msg *m, int fd, lmw_slot *sl, uint64_t ke
 /* fan_out writes one frame, built once, to every member of a topic, every connection of
  * a user, or every open connection; it returns how many took it (sent or queued). */
 static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const uint8_t *data,
-                       size_t len, int policy) {
-    uint8_t stack[STACK_FRAME];
-    size_t flen;
+                       size_t len, const uint8_t *env, size_t env_len, int policy) {
+    uint8_t stack[STACK_FRAME], env_stack[STACK_FRAME];
+    size_t flen, elen = 0;
     uint8_t *f = frame_begin(stack, opcode, data, len, &flen);
     if (!f) return LMW_ERROR;
-    fan_msg m = {.plain = f, .plain_len = flen, .opcode = opcode, .data = data, .len = len};
+    uint8_t *e = env ? frame_begin(env_stack, LMW_OP_TEXT, env, env_len, &elen) : NULL;
+    if (env && !e) {
+        frame_end(stack, f);
+        return LMW_ERROR;
+    }
+    /* m[0]: the raw message; m[1]: its envelope (plain NULL: none, everyone gets m[0]) */
+    fan_msg m[2] = {
+        {.plain = f, .plain_len = flen, .opcode = opcode, .data = data, .len = len},
+        {.plain = e, .plain_len = elen, .opcode = LMW_OP_TEXT, .data = env, .len = env_len}};
     int64_t sent = 0;
     pthread_mutex_lock(&s->lock);
     if (to == TO_TOPIC) {
@@ -79,36 +92,53 @@ static int64_t fan_out(lmw_server *s, int to, uint64_t key, int opcode, const ui
         for (uint32_t n = t ? s->topics[t - 1].head : 0, next; n; n = next) {
             next = s->nodes[n].tnext; /* a failed write may free n, never next */
             int fd = (int)s->nodes[n].fd;
-            sent += send_one(s, &m, fd, &s->slots[fd], key, policy);
+            sent += send_one(s, m, fd, &s->slots[fd], key, policy);
         }
     } else if (to == TO_USER) {
         uint64_t latest_key = key | (1ull << 63); /* LATEST per user, apart from topics */
         for (uint32_t at = s->user_buckets[lmw__mix(key) & s->user_mask], next; at; at = next) {
             lmw_slot *sl = &s->slots[at - 1];
             next = sl->user_next;
-            if (sl->user_tag == key) sent += send_one(s, &m, (int)at - 1, sl, latest_key, policy);
+            if (sl->user_tag == key) sent += send_one(s, m, (int)at - 1, sl, latest_key, policy);
         }
     } else {
         for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++)
             if (lmw__may_receive_data(s->slots[fd].state))
-                sent += send_one(s, &m, (int)fd, &s->slots[fd], UINT64_MAX, policy);
+                sent += send_one(s, m, (int)fd, &s->slots[fd], UINT64_MAX, policy);
     }
     pthread_mutex_unlock(&s->lock);
-    fan_msg_free(&m);
+    fan_msg_free(&m[0]);
+    fan_msg_free(&m[1]);
     frame_end(stack, f);
+    if (e) frame_end(env_stack, e);
     return sent;
 }
 
 int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
                     int policy) {
-    return fan_out(s, TO_TOPIC, topic, opcode, data, len, policy);
+    return fan_out(s, TO_TOPIC, topic, opcode, data, len, NULL, 0, policy);
 }
 
 int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data, size_t len,
                       int policy) {
-    return user_tag ? fan_out(s, TO_USER, user_tag, opcode, data, len, policy) : 0;
+    return user_tag ? fan_out(s, TO_USER, user_tag, opcode, data, len, NULL, 0, policy) : 0;
 }
 
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy) {
-    return fan_out(s, TO_ALL, 0, opcode, data, len, policy);
+    return fan_out(s, TO_ALL, 0, opcode, data, len, NULL, 0, policy);
+}
+
+int64_t lmw_publish_env(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
+                        const uint8_t *env, size_t env_len, int policy) {
+    return fan_out(s, TO_TOPIC, topic, opcode, data, len, env, env_len, policy);
+}
+
+int64_t lmw_send_user_env(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
+                          size_t len, const uint8_t *env, size_t env_len, int policy) {
+    return user_tag ? fan_out(s, TO_USER, user_tag, opcode, data, len, env, env_len, policy) : 0;
+}
+
+int64_t lmw_broadcast_env(lmw_server *s, int opcode, const uint8_t *data, size_t len,
+                          const uint8_t *env, size_t env_len, int policy) {
+    return fan_out(s, TO_ALL, 0, opcode, data, len, env, env_len, policy);
 }

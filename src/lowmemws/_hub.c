@@ -259,6 +259,17 @@ uint32_t lmw_topic_size(lmw_server *s, uint64_t topic) {
     return n;
 }
 
+int lmw_is_member(lmw_server *s, int fd, uint32_t gen, uint64_t topic) {
+    int r = 0;
+    pthread_mutex_lock(&s->lock);
+    lmw_slot *sl = lmw__slot(s, fd, gen);
+    uint32_t t = sl && topic ? lmw__topic_find(s, topic) : 0;
+    for (uint32_t n = t ? sl->first_sub : 0; n; n = s->nodes[n].fnext)
+        if (s->nodes[n].topic == t) r = 1;
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
 int lmw_user_held(lmw_server *s, uint64_t user_tag) {
     int held = 0;
     pthread_mutex_lock(&s->lock);

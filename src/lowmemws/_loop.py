@@ -32,6 +32,8 @@ from ._constants import OP_TEXT
 from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
+from ._resume import ResumeJob, Resumer, joined_streams
+from ._wire_envelope import PING_PREFIX, PONG_FRAME, RESUME_PREFIX, resume_message
 from .close_codes import CloseCode
 from .config import Config
 from .connection import Connection
@@ -76,6 +78,8 @@ class EventLoop:
         self._hooks = hooks
         self._config = config
         self._fallback_http = fallback_http
+        #: resumer replays history to resuming envelope clients (Config.history on), else None.
+        self.resumer: Resumer | None = None
         self._threads = config.hook_threads > 0
         self._aio = aio
         self._dispatcher = Dispatcher(
@@ -217,6 +221,8 @@ class EventLoop:
 
     def _on_message_event(self, e: Any) -> None:
         hook = self._hooks.message
+        if self.resumer is not None and e.opcode == OP_TEXT and self._resume_message(e):
+            return
         if hook is None:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)  # a copy: e.data is borrowed
@@ -229,6 +235,29 @@ class EventLoop:
                 check_result("message", result)
             return
         self._submit(key, self._job("message", hook, conn, message), message=True)
+
+    def _resume_message(self, e: Any) -> bool:
+        """An envelope client's in-band resume request (a gap it saw) goes to the resumer,
+        not to on_message (a malformed one closes the connection with 1008), and its
+        heartbeat ping is answered here."""
+        head = ffi.unpack(ffi.cast("char *", e.data), min(e.len, len(RESUME_PREFIX)))
+        is_ping = head.startswith(PING_PREFIX)
+        if not (is_ping or head == RESUME_PREFIX) or not self._server.is_envelope(e.fd, e.gen):
+            return False
+        if is_ping:  # a browser's heartbeat: answered here
+            self._server.send(e.fd, e.gen, OP_TEXT, PONG_FRAME)
+            return True
+        assert self.resumer is not None
+        text = ffi.unpack(ffi.cast("char *", e.data), e.len).decode("utf-8")
+        try:
+            positions = resume_message(text) or {}
+        except ValueError:
+            self._server.close(e.fd, e.gen, CloseCode.POLICY_VIOLATION, b"bad lmw_resume")
+            return True
+        named: dict[str, tuple[str, int] | None] = dict(positions)
+        job = ResumeJob(e.fd, e.gen, named, frozenset(), int(e.user_tag), False)
+        self.resumer.submit(job)
+        return True
 
     def _on_closed_event(self, e: Any) -> None:
         hook = self._hooks.close
@@ -299,14 +328,23 @@ class EventLoop:
             server.reject(fd, gen, decision.status)
             return
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
+        resume = decision.resume if self.resumer is not None else None
+        later = resume or {}  # streams joined once replayed (see _resume)
         try:  # before the 101: a publish the client sees it for reaches it
+            tag = server.user_ids.tag(decision.user)
             for topic in decision.topics:  # (nothing is sent to it before the 101)
-                server.subscribe(fd, gen, topic)
+                if "t:" + topic not in later:
+                    server.subscribe(fd, gen, topic)
         except Exception:  # a topic that is not a str: answered like a hook that raised
             server.reject(fd, gen, 500)
             raise
-        if not server.accept_upgrade(fd, gen, proto, server.user_ids.tag(decision.user)):
+        user_deferred = tag != 0 and f"u:{tag}" in later
+        if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else tag):
             return
+        if resume is not None and self.resumer is not None:
+            streams = joined_streams(decision.topics, tag, resume)
+            topics = frozenset(decision.topics)
+            self.resumer.submit(ResumeJob(fd, gen, streams, topics, tag, user_deferred))
         hook = self._hooks.open
         if hook is None:
             return

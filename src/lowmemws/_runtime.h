@@ -13,6 +13,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include <string.h>
+
 #include "_tls.h"
 #include "lmw.h"
 
@@ -111,12 +113,13 @@ typedef struct lmw_slot {
     uint8_t state : 4;   /* ST_* */
     uint8_t deflate : 4; /* permessage-deflate: 0 off, else server window bits - 7 (_deflate.c) */
     uint8_t flags;
-    uint16_t close_code; /* close code received or sent, for the CLOSED event */
-    uint32_t tick;       /* last activity, in ticks of 100 ms */
-    uint32_t first_sub;  /* hub: first membership node of this fd, 0 = none */
-    uint64_t user_tag;   /* 0 = none */
-    uint32_t user_next;  /* hub: next fd + 1 in the same user bucket, 0 = end */
-    uint32_t ext;        /* index + 1 into the ext table, 0 = none */
+    uint16_t close_code : 15; /* close code received or sent, for the CLOSED event */
+    uint16_t envelope : 1;    /* the client chose LMW_ENVELOPE_PROTOCOL: data goes enveloped */
+    uint32_t tick;            /* last activity, in ticks of 100 ms */
+    uint32_t first_sub;       /* hub: first membership node of this fd, 0 = none */
+    uint64_t user_tag;        /* 0 = none */
+    uint32_t user_next;       /* hub: next fd + 1 in the same user bucket, 0 = end */
+    uint32_t ext;             /* index + 1 into the ext table, 0 = none */
 } lmw_slot;
 
 _Static_assert(sizeof(lmw_slot) == 32, "an idle connection costs its 32-byte slot");
@@ -313,6 +316,11 @@ static inline int lmw__deflate_class(const lmw_server *s, const lmw_slot *sl, si
 
 /* lmw__deflate_class_of is the window class a negotiation result (lmw_pmd_negotiate) gives
  * a connection: the server window bits asked for (15 when none) - 7; 0 when none accepted. */
+/* lmw__is_envelope_protocol: the chosen subprotocol is the envelope one (issue 12). */
+static inline uint16_t lmw__is_envelope_protocol(const uint8_t *proto, size_t len) {
+    return len == LMW_ENVELOPE_PROTOCOL_LEN && memcmp(proto, "lowmemws.v1", len) == 0;
+}
+
 static inline uint8_t lmw__deflate_class_of(int pmd) {
     return pmd ? (uint8_t)(((pmd & 15) ? (pmd & 15) : 15) - 7) : 0;
 }

@@ -586,6 +586,27 @@ int lmw_is_open(lmw_server *s, int fd, uint32_t gen) {
     return r;
 }
 
+int lmw_is_envelope(lmw_server *s, int fd, uint32_t gen) {
+    pthread_mutex_lock(&s->lock);
+    lmw_slot *sl = lmw__slot(s, fd, gen);
+    int r = sl && lmw__may_receive_data(sl->state) && sl->envelope;
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag) {
+    pthread_mutex_lock(&s->lock);
+    lmw_slot *sl = lmw__slot(s, fd, gen);
+    int r = sl && lmw__is_open_state(sl->state) ? 0 : LMW_ERROR;
+    if (r == 0 && sl->user_tag != user_tag) {
+        if (sl->user_tag) lmw__hub_user_remove(s, fd);
+        sl->user_tag = user_tag;
+        if (user_tag) lmw__hub_user_add(s, fd);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
 uint32_t lmw_connection_count(lmw_server *s) { return (uint32_t)s->stats->connections; }
 
 lmw_stats *lmw_server_stats(lmw_server *s) { return s->stats; }

@@ -28,9 +28,11 @@ from ._bus_base import (
     Envelope,
     Kind,
     Policy,
+    read_holding,
 )
 from ._bus_process import ProcessBus
 from ._bus_redis import RedisBus
+from ._history import History, MemoryStore, ReadResult, stored_entry
 from ._routing import PARTITIONS, channel_for, route, topic_partition, user_partition
 from .errors import BusUnavailable
 
@@ -69,6 +71,29 @@ class LocalBus(BusBase):
     def __init__(self) -> None:
         super().__init__()
         self._closed = threading.Event()
+        self._store: MemoryStore | None = None
+        self._order = threading.Lock()  # with history: a stream's offsets are delivered in order
+
+    def enable_history(self, history: History) -> None:
+        """enable_history keeps the streams' history in this process's memory."""
+        self._store = MemoryStore(history)
+
+    def history_read(
+        self,
+        stream: str,
+        after: int,
+        max_count: int,
+        max_bytes: int,
+        lock: threading.Lock | None = None,
+    ) -> ReadResult:
+        """history_read reads the in-memory history (see BusBase.history_read)."""
+        store = self._store
+        if store is None:
+            raise NotImplementedError("LocalBus: history is not enabled")
+        result: ReadResult = read_holding(
+            lock, lambda: store.read(stream, after, max_count, max_bytes)
+        )
+        return result
 
     def start(self, deliver: Deliver) -> None:
         """start sets the callback that every publish calls."""
@@ -88,7 +113,12 @@ class LocalBus(BusBase):
             raise BusUnavailable("LocalBus is not started or is closed")
         self.stats.add("published")
         try:
-            count = deliver(envelope)
+            if self._store is not None and envelope.stream is not None and not envelope.paced:
+                with self._order:  # store, then deliver, one message at a time
+                    position = self._store.append(envelope.stream, stored_entry(envelope))
+                    count = deliver(envelope.with_position(*position))
+            else:
+                count = deliver(envelope)
         except Exception:
             self.stats.add("deliver_errors")
             raise

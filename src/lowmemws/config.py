@@ -6,6 +6,8 @@ import resource
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._history import History
+
 #: File descriptors kept free for listeners, logs, the bus and the interpreter.
 FD_HEADROOM = 64
 
@@ -90,6 +92,9 @@ class Config:
     compression_min_size: int = 128
     """Messages shorter than this (bytes) are sent uncompressed, even on a connection that
     negotiated compression (the RFC lets the sender choose per message)."""
+    history: History | None = None
+    """Stored streams with positions, resume and the envelope subprotocol ``lowmemws.v1``
+    (docs/envelope.md); None (the default): fire and forget, no subprotocol added."""
     certfile: str | None = None
     """PEM certificate chain (server certificate first): with keyfile, every connection is
     TLS (wss:// and https://, TLS 1.2 and 1.3; docs/tls.md). None: plain TCP."""

@@ -6,9 +6,10 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 from ._bus_base import frame_data
-from ._constants import OP_BINARY
+from ._constants import OP_BINARY, OP_TEXT
 from ._native import ffi
 from ._user_ids import INT_USER_MAX, UserTag
+from ._wire_envelope import message_frame
 from .close_codes import CloseCode, close_reason_bytes
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ class Connection:
         It never raises for a closed connection: a handle may outlive its connection.
         """
         opcode, payload = _payload(data)
+        if self._server.envelopes and self._server.is_envelope(self.fd, self.gen):
+            envelope = message_frame(opcode, bytes(ffi.buffer(payload)) if not isinstance(
+                payload, bytes) else payload)  # fmt: skip
+            return self._server.send(self.fd, self.gen, OP_TEXT, envelope)
         return self._server.send(self.fd, self.gen, opcode, payload)
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
 from ._user_ids import INT_USER_MAX
+from ._wire_envelope import ENVELOPE_PROTOCOL, RESUME_PARAM, parse_resume
 from .headers import Headers
 
 
@@ -181,7 +182,7 @@ class Accept:
         TypeError: a user that is neither an int nor a str.
     """
 
-    __slots__ = ("user", "topics", "subprotocol")
+    __slots__ = ("user", "topics", "subprotocol", "resume")
 
     def __init__(
         self, user: int | str = 0, topics: tuple[str, ...] = (), subprotocol: str | None = None
@@ -196,6 +197,9 @@ class Accept:
         self.user = user
         self.topics = topics
         self.subprotocol = subprotocol
+        self.resume: dict[str, tuple[str, int]] | None = None
+        """resume: the positions a client of the envelope subprotocol resumes from (its
+        ``lmw_resume`` query parameter), set by the gateway; None for no resume."""
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Accept) and (self.user, self.topics, self.subprotocol) == (
@@ -322,7 +326,25 @@ def conclude(request: Request, decision: object, subprotocols: tuple[str, ...]) 
         return decision
     if decision is not None and not isinstance(decision, Accept):
         raise TypeError(wrong_type("on_connect", decision, "Accept, Reject or None"))
-    return _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+    accept = _with_subprotocol(request, decision or _ACCEPT, subprotocols)
+    return _with_resume(request, accept)
+
+
+def _with_resume(request: Request, accept: Accept) -> Accept | Reject:
+    """_with_resume reads the positions of a client of the envelope subprotocol that
+    resumes (docs/envelope.md); a malformed lmw_resume parameter gets HTTP 400."""
+    if accept.subprotocol != ENVELOPE_PROTOCOL or RESUME_PARAM not in request.query:
+        return accept
+    text = request.params.get(RESUME_PARAM)
+    if text is None:
+        return accept
+    try:
+        positions = parse_resume(text)
+    except ValueError:
+        return Reject(400)
+    resuming = Accept(accept.user, accept.topics, accept.subprotocol)
+    resuming.resume = positions
+    return resuming
 
 
 def check_response(result: object) -> Response | None:

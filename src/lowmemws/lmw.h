@@ -459,6 +459,8 @@ lmw_stats *lmw_server_stats(lmw_server *s);
 int lmw_subscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 int lmw_unsubscribe(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 uint32_t lmw_topic_size(lmw_server *s, uint64_t topic);
+/* lmw_is_member reports whether (fd, gen) is a member of topic. */
+int lmw_is_member(lmw_server *s, int fd, uint32_t gen, uint64_t topic);
 
 /* Presence and kick (_presence.c, issue 12). lmw_user_count is the number of open
  * connections tagged user_tag (0 for tag 0). lmw_close_user starts the closing handshake
@@ -476,6 +478,23 @@ int64_t lmw_publish(lmw_server *s, uint64_t topic, int opcode, const uint8_t *da
 int64_t lmw_send_user(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data, size_t len,
                       int policy);
 int64_t lmw_broadcast(lmw_server *s, int opcode, const uint8_t *data, size_t len, int policy);
+
+/* The envelope subprotocol (issue 12, docs/envelope.md): a connection that chose it gets every
+ * data message wrapped (its stream position with it); the others get the raw payload. The
+ * _env fan-outs take both forms, each built once: env/env_len (a text frame) go to the
+ * connections that chose the subprotocol, data/len to the others (data NULL: to nobody else). */
+#define LMW_ENVELOPE_PROTOCOL_LEN 11 /* strlen("lowmemws.v1") */
+int64_t lmw_publish_env(lmw_server *s, uint64_t topic, int opcode, const uint8_t *data, size_t len,
+                        const uint8_t *env, size_t env_len, int policy);
+int64_t lmw_send_user_env(lmw_server *s, uint64_t user_tag, int opcode, const uint8_t *data,
+                          size_t len, const uint8_t *env, size_t env_len, int policy);
+int64_t lmw_broadcast_env(lmw_server *s, int opcode, const uint8_t *data, size_t len,
+                          const uint8_t *env, size_t env_len, int policy);
+/* lmw_is_envelope reports whether (fd, gen) is open and chose the envelope subprotocol. */
+int lmw_is_envelope(lmw_server *s, int fd, uint32_t gen);
+/* lmw_set_user retags an open connection (0: none), e.g. once its resume replay is sent.
+ * Returns 0, or LMW_ERROR for a stale or closed handle. */
+int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
 
 /* ------------------------------------------------------------------------------------
  * Paced fan-out (_paced.c, issue 18): one frame to many, spread over time by the loop.

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._bus_base import log
 from ._bus_redis import RedisBus
+from ._history import History
 from ._presence import ask_kick, ask_online
 from ._user_ids import UserId, UserIds
 from .bus import Envelope, Policy
@@ -50,6 +51,11 @@ class Publisher:
     Redis and raises BusUnavailable if some of it could not be sent: no message is lost
     without an error. Every method may be called from any thread.
 
+    ``history``: give the gateways' `lowmemws.History` when they have history on: then every
+    topic and user message is stored in its Redis stream and published in one script
+    (`_history_redis.store_and_publish`), so their clients can resume it; such a publish
+    waits for Redis and raises BusUnavailable when it cannot be stored (nothing was sent).
+
     ``channel_prefix`` and ``user_key`` must be the ones the gateways' RedisBus got (str user
     ids are tags derived from them). Connecting happens in the background:
     `wait_ready` tells when Redis answered. A Publisher made before a fork (Celery's prefork
@@ -69,6 +75,7 @@ class Publisher:
         max_buffered_bytes: int = 16 * _MiB,
         block_timeout: float = PUBLISHER_BLOCK_TIMEOUT,
         socket_timeout: float = 5.0,
+        history: History | None = None,
     ) -> None:
         self._settings: dict[str, Any] = {
             "channel_prefix": channel_prefix,
@@ -79,6 +86,7 @@ class Publisher:
             "socket_timeout": socket_timeout,
         }
         self._url = url
+        self._history = history
         self._closed = False
         self._start_bus()
         self._user_ids = UserIds(self._bus.user_key)
@@ -86,6 +94,8 @@ class Publisher:
     def _start_bus(self) -> None:
         self._pid = os.getpid()
         self._bus = RedisBus(self._url, **self._settings)
+        if self._history is not None:
+            self._bus.enable_history(self._history)
         self._bus.start_publisher()
         # a process that ends (or drops the Publisher) without close(): still try to send,
         # and log what was lost (weakref.finalize also runs at interpreter exit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -29,14 +30,17 @@ from . import metrics
 from ._aio import AsyncioHost
 from ._c_server import CServer, c_config
 from ._constants import POLICIES
+from ._history import History
 from ._hooks import CloseHook, ConnectHook, Hooks, HttpHook, MessageHook, OpenHook
 from ._listen import bind_listeners
 from ._loop import EventLoop
 from ._presence import answer_query, ask_kick, ask_online
+from ._resume import Resumer
 from ._routes import builtin_response
 from ._signals import STOP_SIGNALS, stop_signals_call
 from ._supervisor import Supervisor
 from ._user_ids import UserId, UserIds
+from ._wire_envelope import ENVELOPE_PROTOCOL, RESYNC_FRAME, message_frame
 from .bus import QUERY_KINDS, Bus, BusBase, Envelope, LocalBus, Policy, ProcessBus
 from .close_codes import CloseCode, close_reason_bytes
 from .config import Config
@@ -136,7 +140,8 @@ class Gateway:
         self.hosts: tuple[str, ...] = (host,) if isinstance(host, str) else tuple(host)
         self.port = port
         self.processes = processes
-        self.config = config or Config()
+        self.config = _with_envelope_protocol(config or Config())
+        self._resumer: Resumer | None = None
         self._hooks = Hooks()
         self._bus: Bus | None = bus
         self._server = CServer()
@@ -407,6 +412,9 @@ class Gateway:
 
     def _deliver(self, envelope: Envelope) -> int:
         """_deliver fans an envelope out to this process's connections (the bus callback)."""
+        enveloped = envelope.kind in ("topic", "user", "broadcast") and not envelope.paced
+        if self._resumer is not None and enveloped:
+            return self._deliver_enveloped(envelope, self._resumer)
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "cancel":
@@ -427,6 +435,45 @@ class Gateway:
             assert isinstance(envelope.key, int)
             return self._server.send_user(envelope.key, envelope.opcode, payload, policy)
         return self._server.broadcast(envelope.opcode, payload, policy)
+
+    def _deliver_enveloped(self, envelope: Envelope, resumer: Resumer) -> int:
+        """With history: each message also goes, as its envelope, to the clients of the
+        envelope subprotocol; a stored one under its stream's stripe lock, so no resume
+        replay of that stream interleaves with it (see _resume)."""
+        stream = envelope.stream
+        env = message_frame(envelope.opcode, envelope.payload, stream, envelope.epoch,
+                            envelope.offset)  # fmt: skip
+        if stream is None or not envelope.epoch:
+            return self._fan_out_enveloped(envelope, env)
+        with resumer.stripe(stream):
+            count = self._fan_out_enveloped(envelope, env)
+            resumer.delivered(stream, envelope.epoch, envelope.offset)
+        return count
+
+    def _fan_out_enveloped(self, envelope: Envelope, env: bytes) -> int:
+        policy, payload, opcode = POLICIES[envelope.policy], envelope.payload, envelope.opcode
+        if envelope.kind == "topic":
+            assert isinstance(envelope.key, str)
+            return self._server.publish_env(envelope.key, opcode, payload, env, policy)
+        if envelope.kind == "user":
+            assert isinstance(envelope.key, int)
+            return self._server.send_user_env(envelope.key, opcode, payload, env, policy)
+        return self._server.broadcast_env(opcode, payload, env, policy)
+
+    def _start_history(self) -> None:
+        """_start_history, in the process that serves (after any fork): the envelope
+        subprotocol's fan-out and the resume replays."""
+        history = self.config.history
+        if history is None or self._loop is None:
+            return
+        self._server.envelopes = True
+        self._resumer = Resumer(self._server, self._bus, history)
+        self._loop.resumer = self._resumer
+        self._resumer.start()
+        if hasattr(self._bus, "on_resync"):
+            self._bus.on_resync = functools.partial(  # type: ignore[union-attr]
+                self._server.notify_envelope_clients, RESYNC_FRAME
+            )
 
     # ------------------------------------------------------------------ presence and kick
 
@@ -513,6 +560,9 @@ class Gateway:
                     gauges[f"bus_{name}"] = value
                 else:
                     counters[f"bus_{name}_total"] = value
+        if self._resumer is not None:  # streams replayed, resumed, told to refresh (issue 12)
+            for name, value in self._resumer.stats().items():
+                counters[f"history_{name}_total"] = value
         return metrics.render(self._stats_views, counters, gauges)
 
     @property
@@ -667,6 +717,8 @@ class Gateway:
         self._make_server(None)
         if self._bus is None:
             self._bus = LocalBus()
+        _enable_history(self._bus, self.config.history)
+        self._start_history()
         self._follow_interest()
         self._bus.start(self._deliver)
 
@@ -706,6 +758,8 @@ class Gateway:
         finally:
             for sock in self._listeners:
                 sock.close()
+            if self._resumer is not None:
+                self._resumer.stop()
             if self._bus is not None:  # the gateway's bus ends with it (buffered: counted)
                 self._bus.close()
             self._aio.close()
@@ -718,6 +772,7 @@ class Gateway:
             sock.close()  # ... until the workers bind it again
         if self._bus is None:
             self._bus = ProcessBus(workers=self.processes)
+        _enable_history(self._bus, self.config.history)  # before the fork: the parent keeps it
         self._supervisor = Supervisor(
             self.processes, self._run_worker, self._bus, self.config.shutdown_timeout
         )
@@ -731,10 +786,33 @@ class Gateway:
         self._bind(reuse_port=True)
         self._make_server(stats)
         assert self._bus is not None
+        self._start_history()
         self._follow_interest()
         self._bus.start(self._deliver)
         with stop_signals_call(self._request_stop), _loop_switch_interval():
             self._serve()
+
+
+def _enable_history(bus: Bus, history: History | None) -> None:
+    """_enable_history has bus store the streams when history is on.
+
+    Raises:
+        TypeError: the bus keeps no history (it has no enable_history).
+    """
+    if history is None:
+        return
+    enable = getattr(bus, "enable_history", None)
+    if enable is None:
+        raise TypeError(f"Config.history is on but {type(bus).__name__} keeps no history")
+    enable(history)
+
+
+def _with_envelope_protocol(config: Config) -> Config:
+    """_with_envelope_protocol offers the envelope subprotocol when history is on (after the
+    application's own subprotocols, which keep their preference)."""
+    if config.history is None or ENVELOPE_PROTOCOL in config.subprotocols:
+        return config
+    return dataclasses.replace(config, subprotocols=(*config.subprotocols, ENVELOPE_PROTOCOL))
 
 
 def paced_envelope(
