@@ -73,10 +73,8 @@ def token_for(secret: str, user: str) -> str:
 
 
 def user_tag(user: str) -> int:
-    """user_tag maps a name to the 64-bit tag its connections carry (same on every node)."""
-    return (
-        int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") >> 1 or 1
-    )  # int ids < 2**63
+    """user_tag maps a name to its key in the shared unread table (same in every worker)."""
+    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") or 1  # 0: empty
 
 
 # -- unread counts ------------------------------------------------------------------------
@@ -210,7 +208,7 @@ class MailNotify:
         self.secret = secret
         self.counts = counts
         self.page = PAGE.read_bytes()
-        self.greetings: dict[int, str] = {}  # tag -> hello, from on_connect to on_open
+        self.greetings: dict[str, str] = {}  # user -> hello, from on_connect to on_open
         self.routes: dict[tuple[str, str], Callable[[lowmemws.Request], lowmemws.Response]] = {
             ("GET", "/"): self.serve_page,
             ("POST", "/login"): self.login,
@@ -260,12 +258,11 @@ class MailNotify:
         except StoreUnavailable as exc:
             log.warning("mailnotify: cannot read the unread count: %s", exc)
             return lowmemws.Reject(503)
-        tag = user_tag(user)
-        self.greetings[tag] = json.dumps({"type": "hello", "user": user, "unread": unread})
-        return lowmemws.Accept(user=tag)
+        self.greetings[user] = json.dumps({"type": "hello", "user": user, "unread": unread})
+        return lowmemws.Accept(user=user)  # a str id: nothing kept per connection for it
 
     def on_open(self, conn: lowmemws.Connection) -> None:
-        hello = self.greetings.pop(conn.user, None)
+        hello = self.greetings.pop(str(conn.user), None)
         if hello is not None:
             conn.send(hello)
 
@@ -327,7 +324,7 @@ class MailNotify:
         """deliver counts the mail and notifies every connection of ``to``, everywhere."""
         unread = self.counts.incr(to)
         note = {"type": "mail", "from": sender, "subject": subject, "unread": unread}
-        self.gateway.send_to_user(user_tag(to), json.dumps(note))
+        self.gateway.send_to_user(to, json.dumps(note))
         return json_response(202, {"unread": unread})
 
     def broadcast(self, request: lowmemws.Request) -> lowmemws.Response:
