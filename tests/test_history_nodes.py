@@ -552,3 +552,73 @@ def test_a_killed_gateway_resumes_on_a_redis_cluster(
             assert client.connects == 2
 
     asyncio.run(scenario())
+
+
+def test_history_survives_a_master_failover_on_a_redis_cluster(
+    start_server: StartServer,
+    node_script: Path,
+    cluster: RedisCluster,
+    restarted: list[ServerProcess],
+) -> None:
+    """The master holding a stream fails over to its replica (CLUSTER FAILOVER) while the
+    stream's subscriber is away: every publish that answered "ok", before and after the
+    failover, is replayed to the subscriber when it comes back, once and in order, with no
+    "refresh" (the epoch lives in the stream's keys, which the replica took over)."""
+    import redis
+
+    from lowmemws._history_redis import stream_channel
+
+    def start() -> ServerProcess:
+        return start_server([sys.executable, str(node_script)], ["--redis", cluster.url])
+
+    def owner() -> int:
+        client = redis.RedisCluster.from_url(cluster.url)
+        try:
+            return int(client.get_node_from_key(stream_channel("t:mail")).port)
+        finally:
+            client.close()
+
+    def fail_over(replica: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:  # a manual failover may time out on a busy box
+            assert cluster.cli_call(replica, "CLUSTER", "FAILOVER").strip() == "OK"
+            attempt_ends = time.monotonic() + 6
+            while time.monotonic() < attempt_ends:
+                if owner() == replica:
+                    return
+                time.sleep(0.1)
+        raise AssertionError(f"{replica} never took over")
+
+    a, b = start(), start()
+    publish_b = publisher(b)
+
+    def publish_until_stored(text: str) -> None:
+        """A publish refused while b's links follow the new slot map stored nothing
+        (BusUnavailable's contract), so it is sent again until one answers "ok"."""
+        deadline = time.monotonic() + DEADLINE
+        while publish_b(f"pub mail {text}") != "ok":
+            assert time.monotonic() < deadline, f"{text!r} was never stored"
+            time.sleep(0.1)
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            assert publish_b("pub mail m0") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "m0")]
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            os.kill(a.proc.pid, signal.SIGKILL)
+            a.proc.wait(timeout=DEADLINE)
+            for text in ("m1", "m2"):
+                publish_until_stored(text)
+            old = owner()
+            fail_over(cluster.replica_of(old))
+            for text in ("m3", "m4"):
+                publish_until_stored(text)
+            again = ServerProcess(a.argv, a.host, a.port)
+            restarted.append(again)
+            again.wait_ready(30)
+            got = await deliveries(client, 4)
+            assert got == [("t:mail", f"m{n}") for n in range(1, 5)]
+            assert client.connects == 2
+
+    asyncio.run(scenario())
