@@ -46,14 +46,18 @@ def load_build_native():  # type: ignore[no-untyped-def]
 
 
 def copy_package(out: str) -> None:
-    """copy_package puts the package's Python files (not the build script) in out/lowmemws."""
+    """copy_package puts the package's Python files (not the build script) and its data
+    directories (static/: lowmemws.js, read when the package is imported) in out/lowmemws."""
     pkg = os.path.join(out, "lowmemws")
     if os.path.isdir(pkg):
         shutil.rmtree(pkg)
     os.makedirs(pkg)
     for name in sorted(os.listdir(SRC)):
+        path = os.path.join(SRC, name)
         if name.endswith(".py") and name != "_build_native.py" or name == "py.typed":
-            shutil.copy2(os.path.join(SRC, name), os.path.join(pkg, name))
+            shutil.copy2(path, os.path.join(pkg, name))
+        elif os.path.isdir(path) and not name.startswith(("_", ".")):
+            shutil.copytree(path, os.path.join(pkg, name))
 
 
 def build(out: str) -> str:
