@@ -573,6 +573,7 @@ class RedisBus(BusBase):
             pool = client.connection_pool
         connection = pool.make_connection()
         connection.connect()
+        assert self._filter is not None  # made in _start_threads
         link = SubscriberLink(
             connection,
             bool(self._sharded),
