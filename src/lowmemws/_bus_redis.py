@@ -524,7 +524,6 @@ class RedisBus(BusBase):
         while not self._closing.is_set():
             soonest = min(self._leaving.values(), default=time.monotonic() + self._keepalive)
             timeout = max(0.0, soonest - time.monotonic())
-            self._point_filter_at_hub()
             woken = wait_links(list(links.values()), timeout, self._wake_r)
             self._flush_unserved()
             if woken:
@@ -542,6 +541,7 @@ class RedisBus(BusBase):
 
     def _follow_interest(self, client: Any, links: dict[str, SubscriberLink]) -> None:
         """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
+        self._point_filter_at_hub()  # here, not per read: the hub changes when members do
         wanted = {self._answer_channel(self.node_id)}
         if self._data_subscriber:
             wanted |= wanted_channels(self._interest, self._prefix)
