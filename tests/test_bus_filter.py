@@ -180,3 +180,36 @@ def test_an_incomplete_frame_waits_for_the_next_read() -> None:
         at, items, _ = bus_filter.scan(frame[:cut])
         assert (at, items) == (0, [])
     assert bus_filter.scan(frame)[1] == [(UNJUDGED, b"lowmemws:bus", b"short")]
+
+
+def test_a_link_reads_a_message_larger_than_its_buffer_across_reads() -> None:
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from lowmemws._redis_link import SubscriberLink
+
+    ours, theirs = socket.socketpair()
+    got: list[tuple[bytes, bytes, bool]] = []
+    link = SubscriberLink(
+        SimpleNamespace(_sock=ours),
+        True,
+        lambda channel, data, judged: got.append((channel, data, judged)),
+        BusFilter(NODE, ANSWERS),
+        keepalive=60,
+        reply_timeout=5,
+    )
+    big = b"\x02" * 16 + (1).to_bytes(8, "big") + bytes(range(256)) * 2500  # ~640 KB
+    frame = b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:bus") + bulk(big)
+    stream = frame + b"+PONG\r\n" + frame.replace(b"\x02" * 16, b"\x03" * 16)
+    writer = threading.Thread(target=theirs.sendall, args=(stream,))
+    writer.start()
+    while len(got) < 2:
+        link.read()
+    writer.join()
+    assert got == [
+        (b"lowmemws:bus", big, True),
+        (b"lowmemws:bus", big.replace(b"\x02" * 16, b"\x03" * 16), True),
+    ]
+    ours.close()
+    theirs.close()

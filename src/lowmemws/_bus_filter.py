@@ -61,28 +61,43 @@ class BusFilter:
         self._counts = ffi.new("lmw_bus_counts *")
         self.hub: Any = ffi.NULL
 
-    def scan(self, buf: bytes, start: int = 0) -> tuple[int, list[Item], bool]:
-        """scan reads the complete frames of buf from start: returns (where the first frame not
-        read begins, the items for Python in order, more: True when the item array filled up
-        and scan must be called again from there).
+    def scan(
+        self, buf: bytes | bytearray, start: int = 0, stop: int | None = None
+    ) -> tuple[int, list[Item], bool]:
+        """scan reads the complete frames of buf[start:stop] (stop: its end by default):
+        returns (where the first frame not read begins, the items for Python in order (their
+        bytes copied out of buf), more: True when the item array filled up and scan must be
+        called again from there).
 
         Raises:
             BusProtocolError: the bytes break RESP.
         """
         used = self._used
+        stop = len(buf) if stop is None else stop
         end = lib.lmw_bus_filter_scan(
-            self._ptr, self.hub, buf, len(buf), start, self._items, _ITEMS, used, self._counts
+            self._ptr,
+            self.hub,
+            ffi.from_buffer(buf),
+            stop,
+            start,
+            self._items,
+            _ITEMS,
+            used,
+            self._counts,
         )
         if end < 0:
             raise BusProtocolError("the subscriber link received bytes that are not RESP")
         items: list[Item] = []
-        for item in self._items[0 : used[0]]:
-            at, size = item.data_at, item.data_len
-            if item.kind == REPLY:
-                items.append((REPLY, b"", buf[at : at + size]))
-            else:
-                channel = buf[item.channel_at : item.channel_at + item.channel_len]
-                items.append((item.kind, channel, buf[at : at + size]))
+        if used[0]:
+            view = memoryview(buf)
+            for item in self._items[0 : used[0]]:
+                at, size = item.data_at, item.data_len
+                if item.kind == REPLY:
+                    items.append((REPLY, b"", bytes(view[at : at + size])))
+                else:
+                    channel = bytes(view[item.channel_at : item.channel_at + item.channel_len])
+                    items.append((item.kind, channel, bytes(view[at : at + size])))
+            view.release()
         return int(end), items, used[0] == _ITEMS
 
     def judge(self, channel: bytes, data: bytes) -> bool:

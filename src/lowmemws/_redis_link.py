@@ -74,7 +74,9 @@ class SubscriberLink:
         self._sharded = sharded
         self._on_message = on_message
         self._filter = bus_filter
-        self._partial = b""  # the start of a frame the next read completes
+        # reads land in one reused buffer; an incomplete frame moves to its front
+        self._buf = bytearray(_RECV_BYTES)
+        self._kept = 0  # bytes at the front: the start of a frame the next read completes
         self._keepalive = keepalive
         self._reply_timeout = reply_timeout
         self._heard = time.monotonic()
@@ -137,17 +139,21 @@ class SubscriberLink:
             LinkDead: the link closed, refused a command or lost a channel by itself.
             OSError: the socket failed.
         """
-        data = self._sock.recv(_RECV_BYTES)
-        if not data:
+        buf, kept = self._buf, self._kept
+        if kept == len(buf):  # one frame larger than the buffer: make room for its rest
+            buf.extend(bytes(len(buf)))
+        with memoryview(buf) as view:
+            received = self._sock.recv_into(view[kept:])
+        if not received:
             raise LinkDead("the server closed the subscriber link")
         self._heard = time.monotonic()
         self._ping_deadline = None
-        buf = self._partial + data if self._partial else data
+        stop = kept + received
         at, more = 0, True
         on_message = self._on_message
         while more:
             try:
-                at, items, more = self._filter.scan(buf, at)
+                at, items, more = self._filter.scan(buf, at, stop)
             except BusProtocolError as exc:
                 raise LinkDead(str(exc)) from None
             for kind, channel, payload in items:
@@ -155,7 +161,11 @@ class SubscriberLink:
                     self._reply(payload)
                 else:
                     on_message(channel, payload, kind == DELIVER)
-        self._partial = buf[at:]
+        self._kept = stop - at
+        if self._kept:
+            buf[: self._kept] = buf[at:stop]
+        if len(buf) > _RECV_BYTES and self._kept <= _RECV_BYTES:  # the large frame is done
+            del buf[_RECV_BYTES:]
 
     def _reply(self, frame: bytes) -> None:
         """A whole reply other than a message the filter recognised, parsed by hiredis."""
