@@ -85,8 +85,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t n_whole, n_split;
     int64_t a = run(data, size, size, 8, whole, &n_whole, keep_whole);
     size_t cut = size ? data[0] % (size + 1) : 0;
-    int64_t b = run(data, size, cut, 1 + (size ? data[size - 1] % 7 : 0), split, &n_split,
-                    keep_split);
+    int64_t b =
+        run(data, size, cut, 1 + (size ? data[size - 1] % 7 : 0), split, &n_split, keep_split);
     CHECK((a < 0) == (b < 0));
     if (a >= 0) {
         CHECK(n_whole == n_split);
