@@ -70,6 +70,7 @@ class SubscriberLink:
 
         self._connection = connection
         self._sock: socket.socket = connection._sock
+        self._pending: Callable[[], int] = getattr(self._sock, "pending", lambda: 0)  # TLS
         self._reader = hiredis.Reader()
         self._sharded = sharded
         self._on_message = on_message
@@ -111,7 +112,7 @@ class SubscriberLink:
 
     def pending(self) -> bool:
         """pending: a TLS socket holds decrypted bytes select cannot see."""
-        return bool(getattr(self._sock, "pending", lambda: 0)())
+        return bool(self._pending())
 
     def fileno(self) -> int:
         """fileno is the socket's descriptor, for select."""
@@ -142,8 +143,11 @@ class SubscriberLink:
         buf, kept = self._buf, self._kept
         if kept == len(buf):  # one frame larger than the buffer: make room for its rest
             buf.extend(bytes(len(buf)))
-        with memoryview(buf) as view:
-            received = self._sock.recv_into(view[kept:])
+        if kept:
+            with memoryview(buf) as view:
+                received = self._sock.recv_into(view[kept:])
+        else:
+            received = self._sock.recv_into(buf)
         if not received:
             raise LinkDead("the server closed the subscriber link")
         self._heard = time.monotonic()
