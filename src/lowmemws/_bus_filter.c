@@ -28,7 +28,6 @@
 #define ORIGIN_BYTES 16
 #define SEQ_AT ORIGIN_BYTES
 #define ENVELOPE_AT (ORIGIN_BYTES + 8) /* origin, sequence number, then Envelope.encode() */
-#define KIND_MASK 3                    /* low bits of a version 1 envelope's second byte */
 #define KEY_AT (ENVELOPE_AT + 3)       /* the key follows 3 header bytes */
 #define FIRST_CAPACITY 64
 
@@ -173,7 +172,7 @@ int lmw_bus_filter_judge(lmw_bus_filter *f, lmw_server *hub, const uint8_t *chan
     if (!in_sequence(f, channel_hash(channel, channel_len), data, get_be64(data + SEQ_AT), counts))
         return LMW_BUS_DROP;
     if (hub && len >= KEY_AT + 8 && data[ENVELOPE_AT] == LMW_ENVELOPE_V1 &&
-        (data[ENVELOPE_AT + 1] & KIND_MASK) == LMW_ENVELOPE_USER &&
+        (data[ENVELOPE_AT + 1] & LMW_ENVELOPE_KIND_MASK) == LMW_ENVELOPE_USER &&
         !lmw_user_held(hub, get_be64(data + KEY_AT))) {
         counts->unserved++;
         return LMW_BUS_DROP;

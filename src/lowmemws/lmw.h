@@ -537,8 +537,9 @@ int lmw_user_held(lmw_server *s, uint64_t user_tag);
  * ---------------------------------------------------------------------------------- */
 
 /* Envelope wire header bytes the filter peeks at (lowmemws._bus_base writes them). */
-#define LMW_ENVELOPE_V1 1   /* the unpaced topic, user or broadcast version */
-#define LMW_ENVELOPE_USER 1 /* a version 1 "user" kind index (low 2 bits of byte 2) */
+#define LMW_ENVELOPE_V1 1        /* the unpaced topic, user or broadcast version */
+#define LMW_ENVELOPE_USER 1      /* a version 1 "user" kind index (low 2 bits of byte 2) */
+#define LMW_ENVELOPE_KIND_MASK 3 /* the kind's bits in a version 1 envelope's byte 2 */
 
 /* Bounds of the framing: a line, a blob or an aggregate's count; the sequence table. */
 #define LMW_BUS_LINE_MAX 65536
