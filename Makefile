@@ -68,7 +68,7 @@ pytest: build
 test: sysdeps build lint typecheck docs fuzz-smoke pytest
 
 # Fuzzing with AddressSanitizer and UBSan: libFuzzer on the C parsers and atheris on every
-# C entry point (7 targets): the smoke run gives each FUZZ_SECONDS, `make fuzz` 10 minutes.
+# C entry point (RedisBus's framing too): the smoke run gives each target FUZZ_SECONDS, `make fuzz` 10 minutes.
 fuzz-smoke: sysdeps
 	$(MAKE) -C fuzz run SECONDS=$(FUZZ_SECONDS) PYTHON=$(PYTHON)
 

@@ -19,6 +19,7 @@ SOURCES = [
     "_slot.c",
     "_hub.c",
     "_interest.c",
+    "_bus_filter.c",
     "_output.c",
     "_spill.c",
     "_deflate.c",

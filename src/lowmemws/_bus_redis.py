@@ -20,7 +20,10 @@ publisher re-sent after a broken connection (``duplicates``) and count the envel
 another node that it never saw on a channel it stayed subscribed to (``missed``). A user
 envelope for a user with no connection here (its partition is subscribed for another
 user, or a topic envelope for a topic with no member here, is dropped before it is decoded
-(``unserved``).
+(``unserved``). The subscriber thread reads whole chunks of the socket and a C filter
+(`lowmemws._bus_filter`) frames them and makes the per-message checks (echo, sequence,
+user held here) without a Python object per dropped message; topics are checked in Python
+(their ids are keyed in Python).
 
 History (issue 12, `enable_history`): a topic or user message is stored and published in
 one script (`lowmemws._history_redis`) on its partition channel, with origin
@@ -89,6 +92,7 @@ from ._bus_base import (
     answer_envelope,
     log,
 )
+from ._bus_filter import BusFilter
 from ._history import History, ReadResult
 from ._history_redis import (
     MARKER_ORIGIN,
@@ -99,6 +103,7 @@ from ._history_redis import (
     store_and_publish,
     stream_channel,
 )
+from ._native import ffi, lib
 from ._redis_link import SubscriberLink, wait_links
 from ._routing import CHANNEL_PREFIX, Interest, control_channel, route, wanted_channels
 from ._user_ids import deployment_key
@@ -111,11 +116,10 @@ _HEADER = struct.Struct(">16sQ")  # origin node id, sequence number
 _SEQ = struct.Struct(">Q")
 _BATCH_MESSAGES = 512
 _BATCH_BYTES = _MiB
-_MAX_ORIGINS = 4096  # per channel
-_WIRE_V1 = 1  # Envelope's unpaced wire version: the only one peeked at before decoding
-_KIND_MASK = 3  # low bits of a version 1 envelope's second byte: the kind index
+_WIRE_V1: int = lib.LMW_ENVELOPE_V1  # the unpaced wire version: the only one peeked at
+_KIND_MASK: int = lib.LMW_ENVELOPE_KIND_MASK  # a version 1 envelope's kind bits (byte 2)
 _KIND_TOPIC = 0  # Envelope's "topic" kind index
-_KIND_USER = 1  # Envelope's "user" kind index
+_KIND_USER: int = lib.LMW_ENVELOPE_USER  # Envelope's "user" kind index
 _USER_TAG = struct.Struct(">Q")
 _TOPIC_LEN = struct.Struct(">H")
 _KEY_AT = _HEADER.size + 3  # the key follows the 3 header bytes of a version 1 envelope
@@ -222,7 +226,8 @@ class RedisBus(BusBase):
         self._peers = 0
         self._receivers: dict[str, int] = {}  # subscribers a channel had at its last publish
         self._unserved_count = 0  # undecoded drops not yet added to stats.unserved
-        self._last_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> origin -> seq
+        self._filter: BusFilter | None = None  # made with the node id (start)
+        self._users_in_c = False  # the filter checks users (it has the hub's lmw_server)
         self._threads: list[threading.Thread] = []
         self._interest: Interest | None = None
         self._answers = b""  # this node's answer channel, set when it starts
@@ -390,6 +395,7 @@ class RedisBus(BusBase):
         # envelopes as their own echo.
         self.node_id = os.urandom(16)
         self._answers = self._answer_channel(self.node_id).encode()
+        self._filter = BusFilter(self.node_id, self._answers)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._interest is not None:
             self._interest.watch_interest(self._wake_w)
@@ -691,8 +697,17 @@ class RedisBus(BusBase):
                 self._follow_interest(client, links)
             self._leave_expired(links)
 
+    def _point_filter_at_hub(self) -> None:
+        """The filter checks users in C when the hub is a native one (open now)."""
+        assert self._filter is not None
+        native = getattr(self._interest, "native_hub", None)
+        hub = native() if native is not None else ffi.NULL
+        self._filter.hub = hub
+        self._users_in_c = hub != ffi.NULL
+
     def _follow_interest(self, client: Any, links: dict[str, SubscriberLink]) -> None:
         """Subscribe to the channels the hub needs now; empty ones leave after the grace."""
+        self._point_filter_at_hub()  # here, not per read: the hub changes when members do
         wanted = {self._answer_channel(self.node_id)}
         if self._data_subscriber:
             wanted |= wanted_channels(self._interest, self._prefix)
@@ -728,10 +743,12 @@ class RedisBus(BusBase):
             pool = client.connection_pool
         connection = pool.make_connection()
         connection.connect()
+        assert self._filter is not None  # made in _start_threads
         link = SubscriberLink(
             connection,
             bool(self._sharded),
             self._receive,
+            self._filter,
             keepalive=self._keepalive,
             reply_timeout=self._socket_timeout,
             one_per_command=bool(self._cluster),
@@ -764,19 +781,22 @@ class RedisBus(BusBase):
             del self._leaving[channel]
         for channel in expired:
             del self._leaving[channel]
-            # the origins' numbering on that channel restarts when it is subscribed again
-            self._last_seq.pop(channel.encode(), None)
+        # the origins' numbering on those channels restarts when they are subscribed again
+        assert self._filter is not None
+        self._filter.forget(channel.encode() for channel in expired)
         for link in links.values():
             link.unsubscribe(expired)  # each drops the ones it holds
 
-    def _receive(self, channel: bytes, data: bytes) -> None:
+    def _receive(self, channel: bytes, data: bytes, judged: bool) -> None:
+        """One message the filter kept; judged: its origin, sequence number and user were
+        checked in C (see `lowmemws._bus_filter`)."""
         if channel == self._answers:
             self._receive_answer(data)
             return
         if len(data) < _HEADER.size:
             self.stats.add("malformed")
             return
-        origin, seq = _HEADER.unpack_from(data)
+        origin = _HEADER.unpack_from(data)[0]
         if origin == MARKER_ORIGIN:
             marker = parse_marker(data)
             waiter = self._reads.get(marker[1]) if marker and marker[0] == self.node_id else None
@@ -784,7 +804,8 @@ class RedisBus(BusBase):
                 waiter.answer(b"")
             return
         if origin != STORED_ORIGIN:  # a stored one: every node delivers it, in Redis's order
-            if origin == self.node_id or not self._in_sequence(channel, origin, seq):
+            assert self._filter is not None
+            if not judged and not self._filter.judge(channel, data):
                 return
             if self._unserved(data):
                 self._unserved_count += 1  # this thread alone writes it: no lock per message
@@ -834,18 +855,23 @@ class RedisBus(BusBase):
 
     def _flush_unserved(self) -> None:
         """Add the drops of one read to the stats: one locked add per read, not per message."""
-        if self._unserved_count:
-            self.stats.add("unserved", self._unserved_count)
-            self._unserved_count = 0
+        assert self._filter is not None
+        unserved, duplicates, missed = self._filter.take_counts()
+        unserved += self._unserved_count
+        self._unserved_count = 0
+        for name, count in (("unserved", unserved), ("duplicates", duplicates), ("missed", missed)):
+            if count:
+                self.stats.add(name, count)
 
     def _unserved(self, data: bytes) -> bool:
         """A user or topic envelope (wire version 1) for a user with no connection here, or
-        a topic with no member here: dropped undecoded. Anything else is decoded."""
+        a topic with no member here: dropped undecoded. Anything else is decoded. (Users are
+        checked in C when the hub is native.)"""
         interest = self._interest
         if interest is None or len(data) < _KEY_AT or data[_HEADER.size] != _WIRE_V1:
             return False
         kind = data[_HEADER.size + 1] & _KIND_MASK
-        if kind == _KIND_USER and len(data) >= _KEY_AT + _USER_TAG.size:
+        if kind == _KIND_USER and not self._users_in_c and len(data) >= _KEY_AT + _USER_TAG.size:
             return not interest.user_held(_USER_TAG.unpack_from(data, _KEY_AT)[0])
         if kind == _KIND_TOPIC and len(data) >= _KEY_AT + _TOPIC_LEN.size:
             (length,) = _TOPIC_LEN.unpack_from(data, _KEY_AT)
@@ -855,25 +881,6 @@ class RedisBus(BusBase):
             except UnicodeDecodeError:
                 return False  # decode says malformed
         return False
-
-    def _in_sequence(self, channel: bytes, origin: bytes, seq: int) -> bool:
-        """Skip re-sent envelopes; count the gaps left by envelopes this node never saw."""
-        origins = self._last_seq.get(channel)
-        if origins is None:
-            origins = self._last_seq[channel] = {}
-        last = origins.get(origin)
-        if last is not None:
-            if seq <= last:
-                self.stats.add("duplicates")
-                return False
-            if seq > last + 1:
-                self.stats.add("missed", seq - last - 1)
-        origins[origin] = seq
-        if last is None and len(origins) > _MAX_ORIGINS:
-            # forget the origin heard of first (nodes come and go; a plain dict keeps this
-            # per-message path cheap, where an LRU would reorder on every message)
-            del origins[next(iter(origins))]
-        return True
 
     # -- links -------------------------------------------------------------------------------
 

@@ -362,6 +362,11 @@ class CServer:
         """topic_held tells whether topic has a member here."""
         return self.topic_size(topic) > 0
 
+    def native_hub(self) -> Any:
+        """native_hub is the lmw_server (a cffi pointer) for C callers of lmw_user_held that
+        run beside it (RedisBus's filter), ffi.NULL before open() and after close()."""
+        return ffi.NULL if self._ptr is None else self._ptr
+
 
 def tls_available() -> bool:
     """tls_available tells whether this build of lowmemws can serve TLS (it found OpenSSL)."""

@@ -1,9 +1,11 @@
 """SubscriberLink: one pub/sub connection to a redis-server, read without polling.
 
 Theory of operation. redis-py opens the connection (URL, AUTH, TLS, SELECT) and then hands
-its socket over: the link writes (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING itself and parses what
-comes back with hiredis, so a message costs one parse and no per-message Python objects
-beyond its reply list. The bus thread waits in `select` on the socket and a wake-up pipe,
+its socket over: the link writes (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING itself. What comes
+back is read in big chunks (as many messages per recv as the socket holds) and walked in C
+by the bus's `lowmemws._bus_filter.BusFilter`, which drops the messages this node does not
+serve without a Python object each; the other replies (confirmations, PONGs, errors) go to
+hiredis whole. The bus thread waits in `select` on the socket and a wake-up pipe,
 with a timeout that is the next thing due (a keepalive PING, a PONG deadline): an idle link
 wakes once per ``keepalive`` seconds, not several times a second.
 
@@ -22,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._bus_filter import DELIVER, REPLY, BusFilter, BusProtocolError
+
 __all__ = ["LinkDead", "SubscriberLink", "wait_links"]
 
 _RECV_BYTES = 256 * 1024
@@ -33,14 +37,16 @@ class LinkDead(ConnectionError):
     """LinkDead: the subscriber link closed or stopped answering PING."""
 
 
-OnMessage = Callable[[bytes, bytes], None]
-"""OnMessage(channel, data) is called for each pub/sub message, in the link's thread."""
+OnMessage = Callable[[bytes, bytes, bool], None]
+"""OnMessage(channel, data, judged) is called for each pub/sub message the filter keeps, in
+the link's thread; judged: the filter checked its origin, sequence number and user."""
 
 
 class SubscriberLink:
     """SubscriberLink is one subscribed connection (see the module docstring).
 
-    ``connection`` is a connected redis-py Connection; ``sharded`` chooses SSUBSCRIBE (True)
+    ``connection`` is a connected redis-py Connection; ``bus_filter`` judges the messages
+    (one filter for every link of a bus); ``sharded`` chooses SSUBSCRIBE (True)
     or SUBSCRIBE; ``one_per_command`` sends one channel per command (a cluster refuses
     channels of different slots in one SSUBSCRIBE). `on_ready` runs once every command sent
     before the last `mark` has been answered (the subscriptions are in place). An
@@ -54,6 +60,7 @@ class SubscriberLink:
         connection: Any,
         sharded: bool,
         on_message: OnMessage,
+        bus_filter: BusFilter,
         *,
         keepalive: float,
         reply_timeout: float,
@@ -63,9 +70,14 @@ class SubscriberLink:
 
         self._connection = connection
         self._sock: socket.socket = connection._sock
+        self._pending: Callable[[], int] = getattr(self._sock, "pending", lambda: 0)  # TLS
         self._reader = hiredis.Reader()
         self._sharded = sharded
         self._on_message = on_message
+        self._filter = bus_filter
+        # reads land in one reused buffer; an incomplete frame moves to its front
+        self._buf = bytearray(_RECV_BYTES)
+        self._kept = 0  # bytes at the front: the start of a frame the next read completes
         self._keepalive = keepalive
         self._reply_timeout = reply_timeout
         self._heard = time.monotonic()
@@ -100,7 +112,7 @@ class SubscriberLink:
 
     def pending(self) -> bool:
         """pending: a TLS socket holds decrypted bytes select cannot see."""
-        return bool(getattr(self._sock, "pending", lambda: 0)())
+        return bool(self._pending())
 
     def fileno(self) -> int:
         """fileno is the socket's descriptor, for select."""
@@ -128,17 +140,45 @@ class SubscriberLink:
             LinkDead: the link closed, refused a command or lost a channel by itself.
             OSError: the socket failed.
         """
-        data = self._sock.recv(_RECV_BYTES)
-        if not data:
+        buf, kept = self._buf, self._kept
+        if kept == len(buf):  # one frame larger than the buffer: make room for its rest
+            buf.extend(bytes(len(buf)))
+        if kept:
+            with memoryview(buf) as view:
+                received = self._sock.recv_into(view[kept:])
+        else:
+            received = self._sock.recv_into(buf)
+        if not received:
             raise LinkDead("the server closed the subscriber link")
         self._heard = time.monotonic()
         self._ping_deadline = None
-        reader = self._reader
-        reader.feed(data)
+        stop = kept + received
+        at, more = 0, True
         on_message = self._on_message
+        while more:
+            try:
+                at, items, more = self._filter.scan(buf, at, stop)
+            except BusProtocolError as exc:
+                raise LinkDead(str(exc)) from None
+            for kind, channel, payload in items:
+                if kind == REPLY:
+                    self._reply(payload)
+                else:
+                    on_message(channel, payload, kind == DELIVER)
+        self._kept = stop - at
+        if self._kept:
+            buf[: self._kept] = buf[at:stop]
+        if len(buf) > _RECV_BYTES and self._kept <= _RECV_BYTES:  # the large frame is done
+            del buf[_RECV_BYTES:]
+
+    def _reply(self, frame: bytes) -> None:
+        """A whole reply other than a message the filter recognised, parsed by hiredis."""
+        reader = self._reader
+        reader.feed(frame)
         while (reply := reader.gets()) is not False:
             if isinstance(reply, list) and reply[0] in (b"smessage", b"message"):
-                on_message(reply[1], reply[2])
+                if len(reply) == 3 and isinstance(reply[1], bytes):
+                    self._on_message(reply[1], reply[2], False)
             elif isinstance(reply, Exception):
                 raise LinkDead(f"Redis refused a subscriber command: {reply}")
             elif isinstance(reply, list) and reply[0] in (b"sunsubscribe", b"unsubscribe"):

@@ -549,6 +549,70 @@ void lmw_interest(lmw_server *s, uint8_t *users, uint8_t *topics);
  * bus drops an envelope for a user held elsewhere before decoding it. */
 int lmw_user_held(lmw_server *s, uint64_t user_tag);
 
+/* ------------------------------------------------------------------------------------
+ * Bus filter (_bus_filter.c, issue 15): RedisBus's subscriber thread frames the pub/sub
+ * messages of a whole read in C and drops, undecoded, its own echoes, re-sent envelopes and
+ * user envelopes for users with no connection here; Python gets the rest.
+ * ---------------------------------------------------------------------------------- */
+
+/* Envelope wire header bytes the filter peeks at (lowmemws._bus_base writes them). */
+#define LMW_ENVELOPE_V1 1        /* the unpaced topic, user or broadcast version */
+#define LMW_ENVELOPE_USER 1      /* a version 1 "user" kind index (low 2 bits of byte 2) */
+#define LMW_ENVELOPE_KIND_MASK 3 /* the kind's bits in a version 1 envelope's byte 2 */
+
+/* Bounds of the framing: a line, a blob or an aggregate's count; the sequence table. */
+#define LMW_BUS_LINE_MAX 65536
+#define LMW_BUS_BULK_MAX 1099511627776
+#define LMW_BUS_SEQ_MAX 262144
+
+/* A verdict (lmw_bus_item.kind): deliver (checked in C), not judged here (Python checks
+ * it: the answer channel, a message too short for its header, a stored history envelope or
+ * a history read's marker), a whole other reply (feed it to hiredis), or dropped (never
+ * returned). */
+#define LMW_BUS_DELIVER 1
+#define LMW_BUS_UNJUDGED 2
+#define LMW_BUS_REPLY 3
+#define LMW_BUS_DROP 4
+
+typedef struct lmw_bus_filter lmw_bus_filter;
+
+/* lmw_bus_item: a message (channel and data, offsets into the scanned buffer), or a reply
+ * (data_at, data_len: the whole frame). */
+typedef struct lmw_bus_item {
+    size_t kind;
+    size_t channel_at, channel_len, data_at, data_len;
+} lmw_bus_item;
+
+/* lmw_bus_counts: what the filter dropped or noticed; the caller adds and zeroes them. */
+typedef struct lmw_bus_counts {
+    uint64_t unserved, duplicates, missed;
+} lmw_bus_counts;
+
+/* lmw_bus_filter_new: a filter for the node node_id (16 bytes) whose answer channel (never
+ * judged here) is answers; NULL when out of memory. */
+lmw_bus_filter *lmw_bus_filter_new(const uint8_t *node_id, const uint8_t *answers,
+                                   size_t answers_len);
+void lmw_bus_filter_free(lmw_bus_filter *f);
+
+/* lmw_bus_filter_forget forgets the sequence numbers of count channels (unsubscribed): their
+ * names one after the other in names, lengths[i] bytes each. */
+void lmw_bus_filter_forget(lmw_bus_filter *f, const uint8_t *names, const size_t *lengths,
+                           size_t count);
+
+/* lmw_bus_filter_judge judges one message: LMW_BUS_DELIVER, LMW_BUS_UNJUDGED or
+ * LMW_BUS_DROP. hub may be NULL (no user check). */
+int lmw_bus_filter_judge(lmw_bus_filter *f, lmw_server *hub, const uint8_t *channel,
+                         size_t channel_len, const uint8_t *data, size_t len,
+                         lmw_bus_counts *counts);
+
+/* lmw_bus_filter_scan reads the complete frames of buf[start..len) in order, judges each
+ * message and fills items (at most cap, *used of them) with what Python must see. Returns
+ * the offset of the first frame not read (incomplete, or items full), or -1 when the bytes
+ * break RESP (the link is unusable). */
+int64_t lmw_bus_filter_scan(lmw_bus_filter *f, lmw_server *hub, const uint8_t *buf, size_t len,
+                            size_t start, lmw_bus_item *items, size_t cap, size_t *used,
+                            lmw_bus_counts *counts);
+
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
  * so a close reason, after the 2-byte code, at most 123. */
