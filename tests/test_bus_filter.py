@@ -159,6 +159,27 @@ def test_the_filter_drops_echoes_and_resent_envelopes_and_counts_gaps() -> None:
     assert bus_filter.take_counts() == (0, 0, 0)
 
 
+def test_stored_history_envelopes_and_read_markers_are_left_to_python() -> None:
+    """History's stored envelopes (origin all 0x00) and read markers (all 0xff) all carry
+    sequence number 0: judged by sequence they would be dropped as re-sent after the first."""
+    from lowmemws._history_redis import MARKER_ORIGIN, STORED_ORIGIN
+
+    bus_filter = BusFilter(NODE, ANSWERS)
+
+    def message(origin: bytes) -> bytes:
+        data = origin + bytes(8) + b"\x03stored envelope"
+        return b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:{t:7}") + bulk(data)
+
+    stream = b"".join(message(o) for o in (STORED_ORIGIN, STORED_ORIGIN, MARKER_ORIGIN))
+    _at, items, _more = bus_filter.scan(stream)
+    assert [(item[0], item[2][:16]) for item in items] == [
+        (UNJUDGED, STORED_ORIGIN),
+        (UNJUDGED, STORED_ORIGIN),
+        (UNJUDGED, MARKER_ORIGIN),
+    ]
+    assert bus_filter.take_counts() == (0, 0, 0)
+
+
 @pytest.mark.parametrize(
     "junk", [b"?3\r\n", b"$abc\r\n", b"*x\r\n", b"$3\r\nabcde\r\n", b":1\rX", b"+" + b"a" * 70000]
 )

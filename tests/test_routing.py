@@ -27,6 +27,7 @@ from lowmemws._routing import (
     control_channel,
     route,
     topic_partition,
+    user_channel,
     user_partition,
 )
 from tests.support import waiting
@@ -138,6 +139,32 @@ def test_a_node_subscribes_on_a_partitions_first_member_and_leaves_after_its_las
     two.close()
     wait_until(lambda: subscribed(admin) == {control_channel()}, "the grace and leaves")
     assert node.bus.stats.snapshot()["disconnects"] == 0
+
+
+def test_partition_of_names_where_a_users_messages_travel_for_str_and_int_ids(
+    start_node: Callable[..., Node], admin: Any, redis_server: RedisServer
+) -> None:
+    """What an application hands its clients for sticky placement (docs/scaling.md): the
+    Gateway and a Publisher of the deployment agree, and it is the partition whose channel
+    the user's node subscribes to."""
+    from lowmemws import Publisher
+
+    node = start_node()
+    publisher = Publisher(redis_server.url)
+    try:
+        users: list[int | str] = ["alice", "a.much.longer.name@example.org", 42]
+        for user in users:
+            assert node.gateway.partition_of(user) == publisher.partition_of(user)
+            assert 0 <= node.gateway.partition_of(user) < PARTITIONS
+        assert node.gateway.partition_of(42) == user_partition(42)
+        with pytest.raises(ValueError):
+            node.gateway.partition_of("")
+    finally:
+        publisher.close()
+    for user in ("alice", "a.much.longer.name@example.org"):
+        node.connect(user=user)
+        channel = user_channel(node.gateway.partition_of(user))
+        wait_until(lambda c=channel: c in subscribed(admin), f"{user}'s partition")
 
 
 def test_a_redis_restart_resubscribes_exactly_the_needed_channels(

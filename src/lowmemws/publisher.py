@@ -21,6 +21,7 @@ from ._bus_base import log
 from ._bus_redis import RedisBus
 from ._history import History
 from ._presence import ask_kick, ask_online
+from ._routing import user_partition
 from ._user_ids import UserId, UserIds
 from .bus import Envelope, Policy
 from .close_codes import CloseCode
@@ -308,6 +309,17 @@ class Publisher:
     ) -> int:
         """adisconnect_user is disconnect_user for asyncio code (in a thread)."""
         return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
+
+    def partition_of(self, user: UserId) -> int:
+        """partition_of is user's routing partition on RedisBus (0..lowmemws.bus.PARTITIONS-1),
+        the same on every node and Publisher of the deployment. Hand it to the client (e.g.
+        ``?p=N`` in its WebSocket URL) so a load balancer hashing it (nginx ``hash $arg_p
+        consistent``) places each partition on one node: docs/scaling.md.
+
+        Raises:
+            ValueError: user is not a valid user id (an int outside 0..2**63-1, an empty str).
+        """
+        return user_partition(self._user_ids.tag(user))
 
     async def aclose(self, timeout: float = PUBLISHER_CLOSE_TIMEOUT) -> None:
         """aclose is close for asyncio code (in a thread)."""

@@ -37,6 +37,7 @@ from ._loop import EventLoop
 from ._presence import answer_query, ask_kick, ask_online
 from ._resume import Resumer
 from ._routes import builtin_response
+from ._routing import user_partition
 from ._signals import STOP_SIGNALS, stop_signals_call
 from ._supervisor import Supervisor
 from ._user_ids import UserId, UserIds
@@ -542,6 +543,17 @@ class Gateway:
     ) -> int:
         """adisconnect_user is disconnect_user for asyncio code: the wait runs in a thread."""
         return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
+
+    def partition_of(self, user: UserId) -> int:
+        """partition_of is user's routing partition on RedisBus (0..lowmemws.bus.PARTITIONS-1),
+        the same on every node and Publisher of the deployment. Hand it to the client (e.g.
+        ``?p=N`` in its WebSocket URL) so a load balancer hashing it (nginx ``hash $arg_p
+        consistent``) places each partition on one node: docs/scaling.md.
+
+        Raises:
+            ValueError: user is not a valid user id (an int outside 0..2**63-1, an empty str).
+        """
+        return user_partition(self._server.user_ids.tag(user))
 
     # ------------------------------------------------------------------ figures
 

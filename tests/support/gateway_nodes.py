@@ -30,9 +30,10 @@ class Node:
     @staticmethod
     def _accept(request: Any) -> Accept:
         topics = tuple(t for t in request.params.get("topics", "").split(",") if t)
-        return Accept(user=int(request.params.get("user", "0")), topics=topics)
+        user = request.params.get("user", "0")
+        return Accept(user=int(user) if user.isdigit() else user, topics=topics)  # int or str
 
-    def connect(self, user: int = 0, topics: str = "") -> websocket.WebSocket:
+    def connect(self, user: int | str = 0, topics: str = "") -> websocket.WebSocket:
         url = f"ws://127.0.0.1:{self.gateway.port}/?user={user}&topics={topics}"
         client = websocket.create_connection(url, timeout=DEADLINE)
         self.clients.append(client)
