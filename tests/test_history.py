@@ -352,7 +352,7 @@ def test_a_batch_is_stored_per_user_and_enveloped_with_that_users_position(
     raw = websocket.create_connection(url, timeout=DEADLINE)
     enveloped = websocket.create_connection(url, timeout=DEADLINE, subprotocols=["lowmemws.v1"])
     gateway.send_to_user(7, "first")
-    gateway.send_to_users([8, 7, 7, 9], "batch")  # 7 listed twice still gets it once
+    gateway.send_to_users([8, 7, 0, 7, 9], "batch")  # 7 listed twice gets it once; 0: nobody
     gateway.send_to_user(7, "after")
     assert [raw.recv() for _ in range(3)] == ["first", "batch", "after"]
     got = [json.loads(enveloped.recv()) for _ in range(3)]
@@ -363,6 +363,7 @@ def test_a_batch_is_stored_per_user_and_enveloped_with_that_users_position(
     for user in (8, 9):  # the users with no connection here have it stored too
         stored = bus.history_read(f"u:{user}", 0, 10, 10_000)  # type: ignore[union-attr]
         assert [offset for offset, _ in stored.entries] == [1]
+    assert bus.history_read("u:0", 0, 10, 10_000).epoch == ""  # type: ignore[union-attr]
 
 
 def test_a_batch_missed_while_disconnected_is_resumed_once_in_order(

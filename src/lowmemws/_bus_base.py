@@ -199,8 +199,9 @@ class Envelope:
 
     def per_user(self) -> tuple[Envelope, ...]:
         """per_user returns an unpaced batch ("users") as one "user" envelope per distinct
-        user, in order: with history each user's copy is stored in that user's stream and
-        carries that stream's position, which one shared frame cannot (issue 12).
+        user, in order, without user 0 (no user: nobody to store it for): with history each
+        user's copy is stored in that user's stream and carries that stream's position,
+        which one shared frame cannot (issue 12).
 
         Raises:
             ValueError: not an unpaced "users" envelope.
@@ -211,6 +212,7 @@ class Envelope:
         return tuple(
             Envelope("user", tag, self.opcode, self.payload, self.policy)
             for tag in dict.fromkeys(self.key)
+            if tag
         )
 
     @classmethod
