@@ -4,7 +4,8 @@ redis-server killed, flushed and restarted, gateways SIGKILLed and started again
 Each node is a small script run as its own process, with history on. Subscribers are
 lowmemws.client clients (the envelope subprotocol, resuming by position); a raw
 websocket-client connection drives a node in text: ``pub TOPIC TEXT`` and ``user N TEXT``
-publish from that node and answer ``ok`` or ``refused`` (BusUnavailable).
+publish from that node, ``users N,M TEXT`` sends a batch, ``paced TOPIC TEXT`` a paced
+publish; each answers ``ok``, ``refused`` (BusUnavailable) or the ValueError.
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ NODE = textwrap.dedent(
         try:
             if verb == "pub":
                 gateway.publish(target, text)
+            elif verb == "users":
+                gateway.send_to_users([int(user) for user in target.split(",")], text)
+            elif verb == "paced":
+                gateway.publish(target, text, spread=1.0)
             else:
                 gateway.send_to_user(int(target), text)
             conn.send("ok")
         except BusUnavailable:
             conn.send("refused")
+        except ValueError as exc:
+            conn.send(f"ValueError: {exc}")
 
     def announce():
         ready = gateway.wait_ready(30) and (bus is None or bus.wait_ready(30))
@@ -620,5 +627,83 @@ def test_history_survives_a_master_failover_on_a_redis_cluster(
             got = await deliveries(client, 4)
             assert got == [("t:mail", f"m{n}") for n in range(1, 5)]
             assert client.connects == 2
+
+    asyncio.run(scenario())
+
+
+def batches_resumed_once_in_order(
+    client: Client, send: Callable[[str, str], None]
+) -> Callable[[], Any]:
+    """A scenario: batches to users 5 (the client's) and 9, one missed while away."""
+
+    async def scenario() -> None:
+        await asyncio.wait_for(client.synced.wait(), DEADLINE)
+        send("5,9", "b1")
+        assert await deliveries(client, 1) == [("u:5", "b1")]
+        client.drop_link()
+        await asyncio.sleep(0.05)
+        send("9,5,5", "b2")  # missed: stored in u:5 (once) and u:9
+        send("5", "b3")
+        assert await deliveries(client, 2) == [("u:5", "b2"), ("u:5", "b3")]
+        assert client.connects == 2
+        send("9,5", "b4")
+        assert await deliveries(client, 1) == [("u:5", "b4")]
+        assert client.positions["u:5"][1] == 4
+
+    return scenario
+
+
+def test_processbus_batches_are_stored_per_user_and_resumed(
+    start_server: StartServer, node_script: Path
+) -> None:
+    node = start_server([sys.executable, str(node_script)], ["--processes", "2"])
+    publish = publisher(node)
+
+    def send(users: str, text: str) -> None:
+        assert publish(f"users {users} {text}") == "ok"
+
+    async def scenario() -> None:
+        async with subscriber(node, 5, "mail") as client:
+            await batches_resumed_once_in_order(client, send)()
+
+    asyncio.run(scenario())
+    assert publish("paced mail p").startswith("ValueError: paced publish")
+
+
+def test_redisbus_batches_from_another_node_are_stored_per_user_and_resumed(
+    redis_nodes: Callable[[], ServerProcess],
+) -> None:
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+
+    def send(users: str, text: str) -> None:
+        assert publish_b(f"users {users} {text}") == "ok"
+
+    async def scenario() -> None:
+        async with subscriber(a, 5, "mail") as client:
+            await batches_resumed_once_in_order(client, send)()
+
+    asyncio.run(scenario())
+    assert publish_b("paced mail p").startswith("ValueError: paced publish")
+
+
+def test_a_publisher_batch_with_history_is_stored_per_user_and_resumed(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    from lowmemws import History, Publisher
+
+    node = redis_nodes()
+
+    async def scenario() -> None:
+        with Publisher(redis_server.url, history=History()) as backend:
+            assert backend.wait_ready(DEADLINE)
+            with pytest.raises(ValueError, match="not supported with history on"):
+                backend.send_to_users([5], "paced", rate=10.0)
+
+            def send(users: str, text: str) -> None:
+                backend.send_to_users([int(user) for user in users.split(",")], text)
+
+            async with subscriber(node, 5, "mail") as client:
+                await batches_resumed_once_in_order(client, send)()
 
     asyncio.run(scenario())

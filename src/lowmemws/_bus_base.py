@@ -197,6 +197,24 @@ class Envelope:
         opcode, payload = frame_data(data)
         return cls("users", tuple(user_tags), opcode, payload, policy)
 
+    def per_user(self) -> tuple[Envelope, ...]:
+        """per_user returns an unpaced batch ("users") as one "user" envelope per distinct
+        user, in order, without user 0 (no user: nobody to store it for): with history each
+        user's copy is stored in that user's stream and carries that stream's position,
+        which one shared frame cannot (issue 12).
+
+        Raises:
+            ValueError: not an unpaced "users" envelope.
+        """
+        if self.kind != "users" or self.paced:
+            raise ValueError("per_user splits an unpaced batch of users")
+        assert isinstance(self.key, tuple)
+        return tuple(
+            Envelope("user", tag, self.opcode, self.payload, self.policy)
+            for tag in dict.fromkeys(self.key)
+            if tag
+        )
+
     @classmethod
     def for_cancel(cls, pace_id: int) -> Envelope:
         """for_cancel builds the envelope that cancels every paced send named pace_id."""

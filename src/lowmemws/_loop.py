@@ -227,7 +227,7 @@ class EventLoop:
             return
         raw = ffi.unpack(ffi.cast("char *", e.data), e.len)  # a copy: e.data is borrowed
         message: str | bytes = raw.decode("utf-8") if e.opcode == OP_TEXT else raw
-        conn = Connection(self._server, e.fd, e.gen, e.user_tag)
+        conn = Connection(self._server, e.fd, e.gen, self._user_tag(e))
         key = (e.fd, e.gen)
         if self._inline("message") and self._free_to_run_inline(key):
             result = hook(conn, message)
@@ -255,15 +255,25 @@ class EventLoop:
             self._server.close(e.fd, e.gen, CloseCode.POLICY_VIOLATION, b"bad lmw_resume")
             return True
         named: dict[str, tuple[str, int] | None] = dict(positions)
-        job = ResumeJob(e.fd, e.gen, named, frozenset(), int(e.user_tag), False)
+        job = ResumeJob(e.fd, e.gen, named, frozenset(), self._user_tag(e), False)
         self.resumer.submit(job)
         return True
 
+    def _user_tag(self, e: Any) -> int:
+        """_user_tag is the user tag of an event's connection as its hooks see it: the
+        one it was accepted with, also while its user stream is replayed (see _resume)."""
+        if self.resumer is None:
+            return int(e.user_tag)
+        return self.resumer.user_of(e.fd, e.gen, int(e.user_tag))
+
     def _on_closed_event(self, e: Any) -> None:
         hook = self._hooks.close
+        user_tag = self._user_tag(e)
+        if self.resumer is not None:
+            self.resumer.closed(e.fd, e.gen)
         if hook is None:
             return
-        conn = Connection(self._server, e.fd, e.gen, e.user_tag)
+        conn = Connection(self._server, e.fd, e.gen, user_tag)
         key = (e.fd, e.gen)
         if self._inline("close") and self._free_to_run_inline(key):
             check_result("close", hook(conn, e.code))

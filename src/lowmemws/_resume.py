@@ -99,6 +99,10 @@ class Resumer:
         self._jobs: queue.Queue[ResumeJob | None] = queue.Queue(history.replay_queue)
         self._threads: list[threading.Thread] = []
         self._stats = {"replayed": 0, "resumed": 0, "refreshed": 0}
+        # (fd, gen) -> user tag of a connection whose slot has no tag yet (its user stream
+        # is being replayed): what its hooks see meanwhile. Set before the upgrade's first
+        # event can be read, dropped once the tag is set or at the close.
+        self._deferred_users: dict[tuple[int, int], int] = {}
 
     # -- the delivery side ------------------------------------------------------------------
 
@@ -139,9 +143,20 @@ class Resumer:
         them as lowmemws_history_<name>_total."""
         return dict(self._stats)
 
+    def user_of(self, fd: int, gen: int, slot_tag: int) -> int:
+        """user_of is the user tag a connection's hooks see: its slot's, or while its user
+        stream is being replayed (the slot's is 0 until then), the one it was accepted with."""
+        return slot_tag or self._deferred_users.get((fd, gen), 0)
+
+    def closed(self, fd: int, gen: int) -> None:
+        """closed forgets a closed connection's deferred user tag (if it still had one)."""
+        self._deferred_users.pop((fd, gen), None)
+
     def submit(self, job: ResumeJob) -> None:
         """submit queues job; with the queue full, its streams are joined at once and the
         client is told to refresh them."""
+        if job.user_deferred:
+            self._deferred_users[(job.fd, job.gen)] = job.user
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -255,6 +270,7 @@ class Resumer:
                 self._server.subscribe(job.fd, job.gen, stream[2:])
         elif job.user_deferred:
             self._server.set_user(job.fd, job.gen, job.user)
+            self._deferred_users.pop((job.fd, job.gen), None)  # the slot tells it now
 
     def _outcome(self, job: ResumeJob, resumed: bool, stream: str, epoch: str, at: int) -> bool:
         self._stats["resumed" if resumed else "refreshed"] += 1

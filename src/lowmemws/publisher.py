@@ -182,7 +182,8 @@ class Publisher:
         pace_id: str | None = None,
     ) -> None:
         """send_to_users sends data to every connection of any of users, in one envelope (a
-        user listed twice gets it once; pacing as for publish).
+        user listed twice gets it once; pacing as for publish). With history, one message
+        per user instead, each stored in its user's stream (as Gateway.send_to_users).
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
@@ -190,8 +191,13 @@ class Publisher:
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._user_ids.tag, users))
-        envelope = Envelope.for_users(tags, data, policy=policy)
-        self._publish(self._paced(envelope, spread, rate, pace_id))
+        envelope = self._paced(Envelope.for_users(tags, data, policy=policy), spread, rate,
+                               pace_id)  # fmt: skip
+        if self._history is None or envelope.paced:
+            self._publish(envelope)
+            return
+        for single in envelope.per_user():  # each user's stream and position
+            self._publish(single)
 
     def broadcast(
         self,
@@ -224,7 +230,9 @@ class Publisher:
     def _paced(
         self, envelope: Envelope, spread: float | None, rate: float | None, pace_id: str | None
     ) -> Envelope:
-        return paced_envelope(envelope, spread, rate, pace_id, self._live_bus().node_count)
+        node_count = self._live_bus().node_count
+        history = self._history is not None
+        return paced_envelope(envelope, spread, rate, pace_id, node_count, history=history)
 
     def _publish(self, envelope: Envelope) -> None:
         if self._closed:

@@ -252,8 +252,8 @@ class Gateway:
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
             ValueError: an unknown policy, a topic longer than 65535 UTF-8 bytes, spread
-                and rate both given, either not > 0 (or spread over 1e6 s), or pace_id
-                without either.
+                and rate both given, either not > 0 (or spread over 1e6 s), pace_id
+                without either, or a pacing with history on (not supported yet).
         """
         envelope = Envelope.for_topic(topic, data, policy=policy)
         return self._publish(self._paced(envelope, spread, rate, pace_id))
@@ -298,7 +298,8 @@ class Gateway:
     ) -> int:
         """send_to_users sends data to every connection tagged with any of users, on every
         node: one envelope and one frame for the whole batch (a user listed twice gets it
-        once).
+        once). With history on, one message per user instead: each is stored in its user's
+        stream and reaches that user's envelope clients with its own position.
 
         Like publish (the same policies, pacing and return value).
 
@@ -308,8 +309,11 @@ class Gateway:
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._server.user_ids.tag, users))
-        envelope = Envelope.for_users(tags, data, policy=policy)
-        return self._publish(self._paced(envelope, spread, rate, pace_id))
+        envelope = self._paced(Envelope.for_users(tags, data, policy=policy), spread, rate,
+                               pace_id)  # fmt: skip
+        if self.config.history is None or envelope.paced:
+            return self._publish(envelope)
+        return sum(map(self._publish, envelope.per_user()))  # each user's stream and position
 
     def broadcast(
         self,
@@ -349,7 +353,8 @@ class Gateway:
     ) -> Envelope:
         """_paced adds the pacing to envelope (unchanged when there is none)."""
         node_count = getattr(self._bus, "node_count", lambda: 1)
-        return paced_envelope(envelope, spread, rate, pace_id, node_count)
+        history = self.config.history is not None
+        return paced_envelope(envelope, spread, rate, pace_id, node_count, history=history)
 
     async def apublish(
         self,
@@ -827,25 +832,43 @@ def _with_envelope_protocol(config: Config) -> Config:
     return dataclasses.replace(config, subprotocols=(*config.subprotocols, ENVELOPE_PROTOCOL))
 
 
+_SEND_NAMES = {
+    "topic": "publish",
+    "user": "send_to_user",
+    "users": "send_to_user(s)",
+    "broadcast": "broadcast",
+}  # the call a refused paced envelope came from, for its error message
+
+
 def paced_envelope(
     envelope: Envelope,
     spread: float | None,
     rate: float | None,
     pace_id: str | None,
     node_count: Callable[[], int],
+    *,
+    history: bool = False,
 ) -> Envelope:
     """paced_envelope adds a pacing to envelope (unchanged when there is none): the one
     place publish keywords become a paced envelope, for the Gateway and the Publisher.
     node_count is asked only for a paced send (a rate is shared by the nodes it reaches).
+    ``history``: the sender has history on, where a paced send is refused (see below).
 
     Raises:
-        ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s), or
-            pace_id without either.
+        ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s),
+            pace_id without either, or any pacing with history on (not supported yet: a
+            paced send would be neither stored nor enveloped; docs/limits.md).
     """
     if spread is None and rate is None:
         if pace_id is not None:
             raise ValueError("pace_id names a paced send: give spread or rate too")
         return envelope
+    if history:
+        raise ValueError(
+            f"paced {_SEND_NAMES[envelope.kind]} (spread= or rate=) is not supported with "
+            "history on: it would be neither stored nor enveloped (docs/limits.md); send "
+            "it unpaced"
+        )
     if spread is not None and rate is not None:
         raise ValueError("give spread or rate, not both")
     value = spread if spread is not None else rate
