@@ -60,7 +60,9 @@ During a Redis outage (server down, network cut):
   doubling up to ``backoff_cap``), counted in ``disconnects`` and ``reconnects``; the
   subscriber subscribes again to exactly the channels its hub needs then;
 - after reconnecting, the writer waits up to ``flush_grace`` seconds for as many subscribers
-  as the control channel had before (the other nodes resubscribing), then sends the buffer
+  as the control channel had before (the other nodes resubscribing; each subscribes its
+  control channel after its partitions, so on one Redis server a node counted there holds
+  its partitions again; on a cluster each shard answers for itself), then sends the buffer
   in order;
 - envelopes that other nodes got into Redis while THIS node's subscription was down are not
   received: pub/sub keeps no history. They are counted in ``missed`` once a later envelope of
@@ -717,9 +719,14 @@ class RedisBus(BusBase):
         by_link: dict[str, list[str]] = {}
         for channel in wanted - held:
             by_link.setdefault(self._shard_of(client, channel), []).append(channel)
+        control = control_channel(self._prefix)
         for name, channels in by_link.items():
             link = links.get(name) or self._open_link(client, name, links)
-            link.subscribe(channels)
+            # the control channel last: a publisher flushing after an outage waits until it
+            # has as many subscribers as before (_await_peers), and Redis takes one link's
+            # commands in order, so by then this link's partitions are subscribed too
+            link.subscribe(channel for channel in channels if channel != control)
+            link.subscribe(channel for channel in channels if channel == control)
             with self._confirm:
                 self._sending.setdefault(name, set()).update(channels)
             link.mark()
