@@ -105,7 +105,8 @@ static void drop_if_unused(lmw_server *s, uint32_t i) {
 }
 
 static int add(lmw_server *s, uint64_t tag, const uint8_t *name, size_t len) {
-    if ((s->user_names_live + 1) * 2 > (s->user_names ? s->user_names_mask + 1 : 0) &&
+    /* at most 3/4 full (linear probing stays short): 11-21 bytes of table per entry */
+    if ((s->user_names_live + 1) * 4 > (s->user_names ? s->user_names_mask + 1 : 0) * 3 &&
         resize(s, s->user_names ? (s->user_names_mask + 1) * 2 : FIRST_SIZE) < 0)
         return -1;
     name_entry *e = malloc(sizeof(*e) + len);
