@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 import time
+import uuid
 from typing import Any
 
 from common import is_subscriber, parse_args, publish_request, ready
