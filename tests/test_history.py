@@ -17,7 +17,7 @@ import websocket
 
 from lowmemws import Accept, Config, Gateway, History
 from lowmemws._history import MemoryStore
-from lowmemws.bus import Envelope
+from lowmemws.bus import Envelope, LocalBus
 from lowmemws.client import Client, Delivery, Refresh
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
@@ -442,3 +442,41 @@ def test_hooks_see_the_accepted_user_while_its_stream_is_replayed(
         ws.close()
         assert heard.wait(DEADLINE)
     assert seen == [("message", 7), ("close", 7)]
+
+
+def test_a_local_read_never_holds_a_message_not_delivered_yet() -> None:
+    """A LocalBus read waits for the publish in progress: a message stored but not yet
+    delivered here would be given to a resuming client as its position and then arrive live
+    with an offset the client takes for one it has (it lost the first message of a stream:
+    test_a_client_that_reconnects_gets_what_it_missed_once_in_order, under load)."""
+    bus = LocalBus()
+    bus.enable_history(History())
+    in_deliver, go_on = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def deliver(envelope: Envelope) -> int:
+        in_deliver.set()
+        assert go_on.wait(DEADLINE)
+        order.append(f"delivered {envelope.offset}")
+        return 1
+
+    bus.start(deliver)
+    publisher = threading.Thread(target=bus.publish, args=(Envelope.for_topic("a", "m1"),))
+    publisher.start()
+    assert in_deliver.wait(DEADLINE)  # m1 is stored, its delivery not done
+
+    stripe = threading.Lock()
+
+    def read() -> None:
+        result = bus.history_read("t:a", 0, 10, 1 << 20, stripe)
+        order.append(f"read {[at for at, _ in result.entries]}")
+        stripe.release()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(0.5)  # a read that did not wait would be done by now (and fail below)
+    go_on.set()
+    for thread in (publisher, reader):
+        thread.join(DEADLINE)
+    assert order == ["delivered 1", "read [1]"]
+    bus.close()

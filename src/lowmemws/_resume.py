@@ -8,14 +8,15 @@ so no live message of those streams reaches it. A replay thread then, for each s
 1. reads the history after the client's offset and takes the stream's stripe lock, which
    the delivery of a stored message also holds while it fans out and notes the stream's
    last delivered offset on this node (``D``). `Bus.history_read` takes the lock at a
-   moment when the result holds everything delivered here (LocalBus, RedisBus: lock, then
-   read, since a message is stored before it is delivered; ProcessBus: the parent's answer
-   comes behind every envelope stored before it, and the worker's reader thread takes the
-   lock when it meets the answer, before delivering anything stored after);
+   moment when the result holds everything delivered here (RedisBus: lock, then read,
+   since a message is stored before it is delivered; LocalBus: the same between two
+   publishes, so it holds nothing stored and not delivered yet; ProcessBus: the parent's
+   answer comes behind every envelope stored before it, and the worker's reader thread
+   takes the lock when it meets the answer, before delivering anything stored after);
 2. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
    they will arrive live), joins the stream, sends the outcome, and lets go of the lock.
-   On a bus whose read settles (`BusBase.read_settles`: RedisBus) it sends the whole
-   result instead: there an entry past ``D`` is one this node never got (it was not
+   On a bus whose read settles (`BusBase.read_settles`: RedisBus, LocalBus) it sends the
+   whole result instead: there an entry past ``D`` is one this node never got (it was not
    subscribed to the stream's partition then) and none of them will arrive live.
 
 So a replayed message is never also delivered live, none is skipped, and none overtakes
