@@ -19,6 +19,7 @@ from lowmemws import Accept, Config, Gateway, History
 from lowmemws._history import MemoryStore
 from lowmemws.bus import Envelope, LocalBus
 from lowmemws.client import Client, Delivery, Refresh
+from tests.support import waiting
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 
@@ -391,25 +392,70 @@ def test_a_batch_missed_while_disconnected_is_resumed_once_in_order(
     asyncio.run(scenario())
 
 
-def test_a_paced_send_with_history_is_refused_at_call_time(
+def test_a_paced_send_with_history_is_stored_then_paced_enveloped_or_raw(
     make_gateway: Callable[..., Gateway],
 ) -> None:
     gateway = history_gateway(make_gateway)
     url = f"ws://127.0.0.1:{gateway.port}/"
-    enveloped = websocket.create_connection(url, timeout=DEADLINE, subprotocols=["lowmemws.v1"])
-    calls: list[Callable[[], int]] = [
-        lambda: gateway.publish("mail", "p", spread=1.0),
-        lambda: gateway.send_to_user(7, "p", rate=100.0),
-        lambda: gateway.send_to_users([7, 8], "p", spread=0.5, pace_id="x"),
-        lambda: gateway.broadcast("p", rate=10.0),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match="not supported with history on"):
-            call()
-    with pytest.raises(ValueError, match="publish"):
-        asyncio.run(gateway.apublish("mail", "p", spread=1.0))
-    gateway.publish("mail", "unpaced")  # nothing of the refused sends went out before it
-    assert json.loads(enveloped.recv())["d"] == "unpaced"
+    raw = websocket.create_connection(url, timeout=DEADLINE)  # no lowmemws.v1: raw payloads
+
+    async def scenario() -> None:
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            gateway.publish("mail", "m1")
+            assert gateway.publish("mail", "p2", spread=0.3) == 2  # members found at the call
+            gateway.send_to_user(7, "u1", rate=100.0)
+            gateway.broadcast("all", rate=10.0)
+            events = await take(client, 4)
+            got = {(e.stream, e.offset, e.data) for e in events if isinstance(e, Delivery)}
+            assert got == {
+                ("t:mail", 1, "m1"),
+                ("t:mail", 2, "p2"),  # stored at the call: the next position of its stream
+                ("u:7", 1, "u1"),  # an int id is its own tag
+                (None, 0, "all"),  # a broadcast is not stored
+            }
+            with pytest.raises(ValueError, match="several users is not supported with history"):
+                gateway.send_to_users([7, 8], "p", spread=0.5, pace_id="x")
+            gateway.publish("mail", "m3")
+            assert texts(await take(client, 1)) == ["m3"]
+
+    asyncio.run(scenario())
+    assert sorted(raw.recv() for _ in range(5)) == ["all", "m1", "m3", "p2", "u1"]
+    raw.close()
+
+
+def test_a_client_dropped_during_a_paced_send_resumes_each_message_once_in_order(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """Raw members connected first hold the lower fds, so the paced steps reach the envelope
+    client last: it drops while the sends are in flight, resumes them by replay, and the
+    steps may still bring some to its new connection: it hands each over once, in order."""
+    gateway = history_gateway(make_gateway)
+    url = f"ws://127.0.0.1:{gateway.port}/"
+    crowd = [websocket.create_connection(url, timeout=DEADLINE) for _ in range(20)]
+
+    async def scenario() -> None:
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            for n in range(1, 6):
+                gateway.publish("mail", f"p{n}", spread=0.5)
+            client.drop_link()
+            events = await take(client, 5)
+            assert [(e.stream, e.data) for e in events if isinstance(e, Delivery)] == [
+                ("t:mail", f"p{n}") for n in range(1, 6)
+            ]
+            waiting.waiter(DEADLINE, interval=0.02)(
+                lambda: gateway.stats()["paced_in_flight"] == 0, "the paced sends done"
+            )
+            gateway.publish("mail", "m6")  # anything the steps brought again came before it
+            assert texts(await take(client, 1)) == ["m6"]
+            assert client.positions["t:mail"][1] == 6
+
+    asyncio.run(scenario())
+    for member in crowd:  # raw: paced sends in flight together keep no order among them
+        got = [member.recv() for _ in range(6)]
+        assert sorted(got[:5]) == [f"p{n}" for n in range(1, 6)] and got[5] == "m6"
+        member.close()
 
 
 def test_hooks_see_the_accepted_user_while_its_stream_is_replayed(

@@ -318,11 +318,18 @@ class CServer:
     # -- paced fan-out (issue 18) -----------------------------------------------------------
 
     def paced_start(
-        self, to: PaceTarget, opcode: int, payload: bytes, policy: int, pace: Pace
+        self,
+        to: PaceTarget,
+        opcode: int,
+        payload: bytes,
+        policy: int,
+        pace: Pace,
+        env: bytes | None = None,
     ) -> int:
         """paced_start sends payload to a topic's members (to: the topic name), the
         connections of a set of users (a tuple of tags) or everyone (None), over time
-        (pace: id, spread seconds, rate per second; neither spread nor rate: now).
+        (pace: id, spread seconds, rate per second; neither spread nor rate: now); with env
+        (an envelope text), the envelope clients get env instead (issue 12).
         Returns the members found now (paced) or the number that took it (not paced)."""
         if self._ptr is None:
             return 0
@@ -332,9 +339,10 @@ class CServer:
             topic, kind = self.topic_id(to), int(lib.LMW_PACE_TOPIC)
         elif to is not None:
             users, nusers, kind = ffi.new("uint64_t[]", to), len(to), int(lib.LMW_PACE_USERS)
-        n = lib.lmw_paced_start(
-            self._ptr, pace_id, kind, topic, users, nusers,
-            opcode, payload, len(payload), policy, spread, rate,
+        n = lib.lmw_paced_start_env(
+            self._ptr, pace_id, kind, topic, users, nusers, opcode, payload, len(payload),
+            ffi.NULL if env is None else env, 0 if env is None else len(env), policy, spread,
+            rate,
         )  # fmt: skip
         return max(0, int(n))  # LMW_ERROR: no memory for it; nobody gets it
 

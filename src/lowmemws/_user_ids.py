@@ -72,7 +72,7 @@ class UserTag:
     long ids online there; a UserTag only when that name is gone (a handle kept after its
     connection and its user's last connection in the process closed). It reaches the same
     connections as the str: ``send_to_user(tag, ...)``, ``online(tag)`` and
-    ``disconnect_user(tag)`` accept it, and it compares equal to ``gateway.user_tag(the_str)``.
+    ``disconnect_user(tag)`` accept it.
     """
 
     tag: int

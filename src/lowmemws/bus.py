@@ -122,7 +122,7 @@ class LocalBus(BusBase):
             raise BusUnavailable("LocalBus is not started or is closed")
         self.stats.add("published")
         try:
-            if self._store is not None and envelope.stream is not None and not envelope.paced:
+            if self._store is not None and envelope.stream is not None:
                 with self._order:  # store, then deliver, one message at a time
                     position = self._store.append(envelope.stream, stored_entry(envelope))
                     count = deliver(envelope.with_position(*position))

@@ -533,6 +533,13 @@ int lmw_user_name(lmw_server *s, uint64_t tag, uint8_t *out, size_t cap);
 int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, const uint64_t *users,
                         size_t nusers, int opcode, const uint8_t *data, size_t len, int policy,
                         double spread_s, double rate);
+/* lmw_paced_start_env is lmw_paced_start with env/env_len (an envelope text, issue 12): the
+ * connections that chose the envelope subprotocol get env as a text frame, the others the
+ * data frame; each frame is built once. env NULL: everyone gets the data frame. */
+int64_t lmw_paced_start_env(lmw_server *s, uint64_t id, int to, uint64_t topic,
+                            const uint64_t *users, size_t nusers, int opcode, const uint8_t *data,
+                            size_t len, const uint8_t *env, size_t env_len, int policy,
+                            double spread_s, double rate);
 
 /* lmw_paced_cancel ends every paced send named id; returns the members they had not reached
  * (counted in lmw_stats.paced_cancelled_total). lmw_close_all ends every paced send the same

@@ -429,11 +429,10 @@ class Gateway:
         if envelope.kind in QUERY_KINDS:
             bus = self._bus if isinstance(self._bus, BusBase) else None
             return answer_query(self._server, bus, envelope)
+        if envelope.paced and self._resumer is not None:
+            return self._deliver_paced_enveloped(envelope, self._resumer)
         if envelope.paced or envelope.kind == "users":
-            key = envelope.key if envelope.kind != "broadcast" else None
-            assert key is None or isinstance(key, str | tuple)
-            pace = (envelope.pace_id, envelope.spread, envelope.node_rate)
-            return self._server.paced_start(key, envelope.opcode, payload, policy, pace)
+            return self._paced_start(envelope, None)
         if envelope.kind == "topic":
             assert isinstance(envelope.key, str)
             return self._server.publish(envelope.key, envelope.opcode, payload, policy)
@@ -453,6 +452,33 @@ class Gateway:
             return self._fan_out_enveloped(envelope, env)
         with resumer.stripe(stream):
             count = self._fan_out_enveloped(envelope, env)
+            resumer.delivered(stream, envelope.epoch, envelope.offset)
+        return count
+
+    def _paced_start(self, envelope: Envelope, env: bytes | None) -> int:
+        """_paced_start hands a paced send (or a batch of users) to C: its frame, and env
+        for the envelope clients when given."""
+        key = envelope.key if envelope.kind != "broadcast" else None
+        if isinstance(key, int):  # a paced send_to_user (with history: see paced_envelope)
+            key = (key,)
+        assert key is None or isinstance(key, str | tuple)
+        pace = (envelope.pace_id, envelope.spread, envelope.node_rate)
+        policy = POLICIES[envelope.policy]
+        return self._server.paced_start(key, envelope.opcode, envelope.payload, policy, pace, env)
+
+    def _deliver_paced_enveloped(self, envelope: Envelope, resumer: Resumer) -> int:
+        """With history, a paced send goes as its envelope (with its position when stored)
+        to the envelope clients and raw to the others, each frame built once. A stored one
+        starts under its stream's stripe and counts as delivered from then on: a resume
+        meanwhile replays it, and the paced step may still bring it to that client later,
+        which drops it by its position (docs/envelope.md)."""
+        stream = envelope.stream
+        env = message_frame(envelope.opcode, envelope.payload, stream, envelope.epoch,
+                            envelope.offset)  # fmt: skip
+        if stream is None or not envelope.epoch:
+            return self._paced_start(envelope, env)
+        with resumer.stripe(stream):
+            count = self._paced_start(envelope, env)
             resumer.delivered(stream, envelope.epoch, envelope.offset)
         return count
 
@@ -832,14 +858,6 @@ def _with_envelope_protocol(config: Config) -> Config:
     return dataclasses.replace(config, subprotocols=(*config.subprotocols, ENVELOPE_PROTOCOL))
 
 
-_SEND_NAMES = {
-    "topic": "publish",
-    "user": "send_to_user",
-    "users": "send_to_user(s)",
-    "broadcast": "broadcast",
-}  # the call a refused paced envelope came from, for its error message
-
-
 def paced_envelope(
     envelope: Envelope,
     spread: float | None,
@@ -852,23 +870,22 @@ def paced_envelope(
     """paced_envelope adds a pacing to envelope (unchanged when there is none): the one
     place publish keywords become a paced envelope, for the Gateway and the Publisher.
     node_count is asked only for a paced send (a rate is shared by the nodes it reaches).
-    ``history``: the sender has history on, where a paced send is refused (see below).
+    ``history``: the sender has history on: a paced send is stored first like any other
+    (a publish in its topic's stream, a send_to_user in its user's), then paced; a paced
+    batch of users is refused there (each user's copy would carry its own position, which
+    one paced frame cannot).
 
     Raises:
         ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s),
-            pace_id without either, or any pacing with history on (not supported yet: a
-            paced send would be neither stored nor enveloped; docs/limits.md).
+            pace_id without either, or with history on a paced send_to_users of more than
+            one user (docs/limits.md).
     """
     if spread is None and rate is None:
         if pace_id is not None:
             raise ValueError("pace_id names a paced send: give spread or rate too")
         return envelope
-    if history:
-        raise ValueError(
-            f"paced {_SEND_NAMES[envelope.kind]} (spread= or rate=) is not supported with "
-            "history on: it would be neither stored nor enveloped (docs/limits.md); send "
-            "it unpaced"
-        )
+    if history and envelope.kind == "users":
+        envelope = _one_user(envelope)
     if spread is not None and rate is not None:
         raise ValueError("give spread or rate, not both")
     value = spread if spread is not None else rate
@@ -879,6 +896,26 @@ def paced_envelope(
     number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
     nodes = node_count()
     return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
+
+
+def _one_user(envelope: Envelope) -> Envelope:
+    """_one_user is a batch of one user (a paced send_to_user) as that user's envelope, so
+    history stores it in the user's stream.
+
+    Raises:
+        ValueError: a batch of several users (see paced_envelope).
+    """
+    assert isinstance(envelope.key, tuple)
+    users = tuple(dict.fromkeys(tag for tag in envelope.key if tag))
+    if len(users) > 1:
+        raise ValueError(
+            "a paced send_to_users (spread= or rate=) of several users is not supported with "
+            "history on: each user's copy has its own stream position; pace a publish to a "
+            "topic, or send to the users unpaced (docs/limits.md)"
+        )
+    if not users:
+        return envelope
+    return Envelope("user", users[0], envelope.opcode, envelope.payload, envelope.policy)
 
 
 def pace_number(pace_id: str) -> int:
