@@ -8,6 +8,7 @@ back all the same. Clients are wsproto, an independent RFC 6455 implementation.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 import threading
@@ -20,8 +21,9 @@ import websocket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowmemws import Accept, Gateway, UserTag
+from lowmemws import Accept, Config, Gateway, History, UserTag
 from lowmemws._user_ids import INT_USER_MAX, USER_NAME_MAX, UserIds, deployment_key
+from lowmemws.client import Client
 from tests.support import waiting
 from tests.support.metrics import fetch_metrics, metric_value
 from tests.support.servers import StartServer
@@ -339,3 +341,43 @@ def test_long_ids_come_back_in_worker_processes(start_server: StartServer, tmp_p
         "every worker's names gone with their users",
     )
     watcher.close()
+
+
+def test_a_long_id_resuming_its_user_stream_keeps_its_name(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """A resuming connection's user tag is set only once its user stream is replayed; its
+    name is held meanwhile, then by the hub, and goes with it."""
+    gw = make_gateway(Config(history=History()))
+    heard: list[object] = []
+
+    @gw.on_connect
+    def decide(request):  # type: ignore[no-untyped-def]
+        return Accept(user=UUID)
+
+    @gw.on_message
+    def message(conn, text):  # type: ignore[no-untyped-def]
+        heard.append(conn.user)
+        conn.send(repr(conn.user))
+
+    gw.start()
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{gw.port}/"
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            gw.send_to_user(UUID, "stored")  # the user stream now has a position to resume
+            assert (await client.next(DEADLINE)).data == "stored"  # type: ignore[union-attr]
+            client.drop_link()
+            for _ in range(int(DEADLINE / 0.02)):  # bounded: the reconnect and its resume
+                if client.connects == 2 and client.synced.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert client.connects == 2 and client.synced.is_set()
+            await client.send("who")
+            assert (await client.next(DEADLINE)).data == repr(UUID)  # type: ignore[union-attr]
+            assert names(gw)[0] == 1
+        wait_until(lambda: names(gw) == (0, 0), "the name gone with the connection")
+
+    asyncio.run(scenario())
+    assert heard == [UUID]
