@@ -91,7 +91,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
             e->gen = sl->gen;
             e->code = c;
             e->user_tag = sl->user_tag;
-            lmw__user_name_hold(s, sl->user_tag); /* for on_close: released by Python */
+            e->len = (uint64_t)lmw__user_name_hold(s, sl->user_tag); /* for on_close (lmw.h) */
         } else {
             s->stats->errors[LMW_ERR_NOMEM]++; /* on_close will not run for this one */
         }

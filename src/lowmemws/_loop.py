@@ -275,7 +275,7 @@ class EventLoop:
             user = self._server.user_name(user_tag) or user_tag
         if self.resumer is not None:
             self.resumer.closed(e.fd, e.gen)
-        if is_long_tag(int(e.user_tag)):
+        if e.len:  # the event holds the name (lmw.h: LMW_EV_CLOSED)
             self._server.release_user_name(int(e.user_tag))
         if hook is None:
             return

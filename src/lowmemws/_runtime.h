@@ -374,7 +374,7 @@ uint32_t lmw__mix(uint64_t id);
 /* lmw__is_long_user_tag: a str id's tag (top bit) that is a hash, not the name (next bit). */
 static inline int lmw__is_long_user_tag(uint64_t tag) { return (tag >> 62) == 2; }
 void lmw__user_name_left(lmw_server *s, uint64_t tag);
-void lmw__user_name_hold(lmw_server *s, uint64_t tag);
+int lmw__user_name_hold(lmw_server *s, uint64_t tag);
 void lmw__user_names_free(lmw_server *s);
 uint32_t lmw__topic_find(lmw_server *s, uint64_t id);
 void lmw__hub_forget(lmw_server *s, int fd);

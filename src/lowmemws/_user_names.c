@@ -129,9 +129,11 @@ void lmw__user_name_left(lmw_server *s, uint64_t tag) {
     if (i != UINT32_MAX) drop_if_unused(s, i);
 }
 
-void lmw__user_name_hold(lmw_server *s, uint64_t tag) {
+int lmw__user_name_hold(lmw_server *s, uint64_t tag) {
     uint32_t i = lmw__is_long_user_tag(tag) ? find(s, tag) : UINT32_MAX;
-    if (i != UINT32_MAX) s->user_names[i]->holds++;
+    if (i == UINT32_MAX) return 0;
+    s->user_names[i]->holds++;
+    return 1;
 }
 
 void lmw__user_names_free(lmw_server *s) {

@@ -363,7 +363,7 @@ int lmw_close_code_index(int code);
 #define LMW_EV_UPGRADE 1 /* a valid upgrade waits: answer with lmw_upgrade_accept/lmw_reject */
 #define LMW_EV_HTTP 2    /* a plain HTTP request (head + body) waits: answer with lmw_respond */
 #define LMW_EV_MESSAGE 3 /* a complete message: opcode, data, len */
-#define LMW_EV_CLOSED 4  /* an open connection ended: code */
+#define LMW_EV_CLOSED 4  /* an open connection ended: code; len 1: it holds the user's name */
 #define LMW_EV_WAKE 5    /* lmw_wake was called */
 
 /* lmw_event: data and request are borrowed; valid only until the next lmw_poll (copy them
@@ -506,7 +506,8 @@ int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
  * long as a connection of the user does here. Returns 0, or LMW_ERROR for a tag that is not
  * a long str id's, an empty name or one over LMW_USER_NAME_MAX bytes, or no memory.
  * lmw_user_name copies tag's name into out (cap bytes) and returns its length, or LMW_ERROR
- * when the name is not known here (or does not fit). */
+ * when the name is not known here (or does not fit). A closed event whose len is 1 holds its
+ * user's name (so on_close can read it): release it once the event is handled. */
 #define LMW_USER_NAME_MAX 256 /* bytes of UTF-8 in a str user id */
 int lmw_user_name_hold(lmw_server *s, uint64_t tag, const uint8_t *name, size_t len);
 void lmw_user_name_release(lmw_server *s, uint64_t tag);
