@@ -305,7 +305,8 @@ class Gateway:
 
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
-            ValueError: an unknown policy, a bad user id (see send_to_user), or a bad pacing.
+            ValueError: an unknown policy, a bad user id (see send_to_user), or a bad pacing
+                (with history on, any pacing of several users: docs/limits.md).
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._server.user_ids.tag, users))
