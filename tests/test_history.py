@@ -526,3 +526,35 @@ def test_a_local_read_never_holds_a_message_not_delivered_yet() -> None:
         thread.join(DEADLINE)
     assert order == ["delivered 1", "read [1]"]
     bus.close()
+
+
+def test_a_client_started_from_the_state_positions_misses_nothing_before_its_first_sync(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """The application reads its state and Gateway.positions together and starts the client
+    from them: what is published before the client connects, and while its first connection
+    drops before its first sync, still reaches it, once, in order."""
+    gateway = history_gateway(make_gateway)
+    gateway.publish("mail", "in the state")
+    positions = gateway.positions(topics=("mail", "empty"), user=7)
+    assert positions["t:mail"][1] == 1
+    assert positions["t:empty"] == ("", 0) and positions["u:7"] == ("", 0)  # no history yet
+    gateway.publish("mail", "m2")  # after the state, before the client connects
+    gateway.send_to_user(7, "u1")
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{gateway.port}/"
+        async with Client(url, positions=positions, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            client.drop_link()  # before its first sync: it still names every stream
+            gateway.publish("mail", "m3")
+            events = await take(client, 3)
+            assert sorted(texts(events), key=str) == ["m2", "m3", "u1"]
+            mail = [e.data for e in events if isinstance(e, Delivery) and e.stream == "t:mail"]
+            assert mail == ["m2", "m3"]
+            gateway.publish("mail", "m4")
+            assert texts(await take(client, 1)) == ["m4"]
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="history is off"):
+        make_gateway().positions(topics=("mail",))

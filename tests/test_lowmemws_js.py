@@ -168,3 +168,36 @@ def test_the_js_client_dropped_during_paced_sends_gets_each_once_in_order(
     assert browser.evaluate("window.client.connects") == 2
     for member in crowd:
         member.close()
+
+
+def test_the_js_client_started_from_the_state_positions_misses_nothing(
+    browser: Chromium, make_gateway: Callable[..., Gateway]
+) -> None:
+    """A page that gets its state with Gateway.positions and hands them to LowMemWS gets
+    what was published after the state was read, before the page connected."""
+    import json
+
+    gateway = make_gateway(Config(history=History()))
+
+    @gateway.on_connect
+    def decide(request: Request) -> Accept:
+        return Accept(topics=("mail",))
+
+    @gateway.on_http
+    def page(request: Request) -> Response | None:
+        if request.path != "/":
+            return None
+        state = json.dumps(gateway.positions(topics=("mail",))).encode()
+        gateway.publish("mail", "after the state")  # as if it came while the page loads
+        with_positions = PAGE.replace(
+            b"heartbeatInterval", b"positions: " + state + b", heartbeatInterval"
+        )
+        return Response(200, with_positions, content_type="text/html")
+
+    gateway.start()
+    gateway.publish("mail", "in the state")
+    browser.navigate(f"http://127.0.0.1:{gateway.port}/")
+    wait_for(browser, "window.got.length >= 1", "the message published after the state")
+    gateway.publish("mail", "live")
+    wait_for(browser, "window.got.length >= 2", "the live one")
+    assert browser.evaluate("window.got") == [["after the state", 2], ["live", 3]]

@@ -46,7 +46,7 @@ from .bus import QUERY_KINDS, Bus, BusBase, Envelope, LocalBus, Policy, ProcessB
 from .close_codes import CloseCode, close_reason_bytes
 from .config import Config
 from .connection import Connection
-from .errors import TLSError
+from .errors import BusUnavailable, TLSError
 
 ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
@@ -576,6 +576,34 @@ class Gateway:
         """adisconnect_user is disconnect_user for asyncio code: the wait runs in a thread."""
         return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
 
+    def positions(self, topics: Iterable[str] = (), user: UserId = 0) -> dict[str, tuple[str, int]]:
+        """positions is where the history of each stream of topics and of user stands now:
+        {stream: (epoch, offset)}, ("", 0) for a stream with no history yet (from its first
+        message on), in the form lowmemws.js (option ``positions``) and `lowmemws.client`
+        (``positions=``) resume from.
+
+        Read it with the state the application hands a client (a page's mails) and pass it
+        to the client: its first connection is then a resume, so it gets every message
+        published after that state was read, even one published before it connects or while
+        a connection drops before its first ``synced`` (docs/envelope.md).
+
+        Raises:
+            ValueError: history is off (Config.history), or a bad user id.
+            BusUnavailable: the gateway is not started, or its history cannot be reached.
+        """
+        if self.config.history is None:
+            raise ValueError("positions: history is off (Config.history is None)")
+        tag = self._server.user_ids.tag(user)
+        streams = [f"t:{topic}" for topic in topics] + ([f"u:{tag}"] if tag else [])
+        bus = self._bus
+        if not isinstance(bus, BusBase):  # not started (a custom Bus keeps no history)
+            raise BusUnavailable("positions: the gateway is not started")
+        found: dict[str, tuple[str, int]] = {}
+        for stream in streams:
+            result = bus.history_read(stream, _PAST_EVERY_OFFSET, 0, 0)
+            found[stream] = (result.epoch, result.last) if result.epoch else ("", 0)
+        return found
+
     def partition_of(self, user: UserId) -> int:
         """partition_of is user's routing partition on RedisBus (0..lowmemws.bus.PARTITIONS-1),
         the same on every node and Publisher of the deployment. Hand it to the client (e.g.
@@ -857,6 +885,9 @@ def _with_envelope_protocol(config: Config) -> Config:
     if config.history is None or ENVELOPE_PROTOCOL in config.subprotocols:
         return config
     return dataclasses.replace(config, subprotocols=(*config.subprotocols, ENVELOPE_PROTOCOL))
+
+
+_PAST_EVERY_OFFSET = 2**62  # a read after it holds no message, only the stream's position
 
 
 def paced_envelope(
