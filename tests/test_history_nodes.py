@@ -38,7 +38,7 @@ DEADLINE = 20.0  # bounds every wait; not a performance figure
 
 NODE = textwrap.dedent(
     """
-    import argparse, threading
+    import argparse, json, threading
     from lowmemws import Accept, BusUnavailable, Config, Gateway, History, RedisBus
 
     parser = argparse.ArgumentParser()
@@ -69,6 +69,9 @@ NODE = textwrap.dedent(
                 gateway.send_to_users([int(user) for user in target.split(",")], text)
             elif verb == "paced":
                 gateway.publish(target, text, spread=1.0)
+            elif verb == "positions":  # positions TOPIC USER: answered, not "ok"
+                conn.send(json.dumps(gateway.positions(topics=(target,), user=int(text))))
+                return
             else:
                 gateway.send_to_user(int(target), text)
             conn.send("ok")
@@ -755,3 +758,49 @@ def test_redisbus_paced_sends_from_another_node_resume_once_in_order(
             await paced_resumed_once_in_order(client, command_b)()
 
     asyncio.run(scenario())
+
+
+def state_positions_then_resumed(
+    client_at: Callable[[dict[str, tuple[str, int]]], Client], command: Callable[[str], str]
+) -> Callable[[], Awaitable[None]]:
+    """Positions read (on some node) with the state; messages published after them and
+    before the client connects reach it once, in order."""
+
+    async def scenario() -> None:
+        assert command("pub mail s1") == "ok"
+        assert command("user 5 in-state") == "ok"
+        positions = {k: (e, o) for k, (e, o) in json.loads(command("positions mail 5")).items()}
+        assert positions["t:mail"][1] == 1 and positions["u:5"][1] == 1
+        assert command("pub mail m2") == "ok"
+        assert command("user 5 u2") == "ok"
+        async with client_at(positions) as client:
+            got = await deliveries(client, 2)
+            assert sorted(got, key=str) == [("t:mail", "m2"), ("u:5", "u2")]
+            assert command("pub mail m3") == "ok"
+            assert await deliveries(client, 1) == [("t:mail", "m3")]
+
+    return scenario
+
+
+def test_processbus_positions_of_the_state_resume_a_first_connection(
+    start_server: StartServer, node_script: Path
+) -> None:
+    node = start_server([sys.executable, str(node_script)], ["--processes", "2"])
+
+    def client_at(positions: dict[str, tuple[str, int]]) -> Client:
+        url = f"ws://{node.host}:{node.port}/?user=5&topics=mail"
+        return Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
+
+    asyncio.run(state_positions_then_resumed(client_at, publisher(node))())
+
+
+def test_redisbus_positions_read_on_another_node_resume_a_first_connection(
+    redis_nodes: Callable[[], ServerProcess],
+) -> None:
+    a, b = redis_nodes(), redis_nodes()
+
+    def client_at(positions: dict[str, tuple[str, int]]) -> Client:
+        url = f"ws://{a.host}:{a.port}/?user=5&topics=mail"
+        return Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
+
+    asyncio.run(state_positions_then_resumed(client_at, publisher(b))())
