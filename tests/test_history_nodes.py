@@ -5,7 +5,14 @@ Each node is a small script run as its own process, with history on. Subscribers
 lowmemws.client clients (the envelope subprotocol, resuming by position); a raw
 websocket-client connection drives a node in text: ``pub TOPIC TEXT`` and ``user N TEXT``
 publish from that node, ``users N,M TEXT`` sends a batch, ``paced TOPIC TEXT`` a paced
-publish; each answers ``ok``, ``refused`` (BusUnavailable) or the ValueError.
+publish, ``positions TOPIC USER`` answers Gateway.positions; the others answer ``ok``,
+``refused`` (BusUnavailable) or the ValueError.
+
+A client's first connection is given a baseline position per stream, and only from
+``synced`` on can none of its messages be missed (docs/envelope.md): a node that has just
+joined a topic's partition channel may not have received a message published a moment
+before its baseline read. So the scenarios publish once their client is synced (or start it
+from Gateway.positions).
 """
 
 from __future__ import annotations
@@ -140,7 +147,7 @@ def test_processbus_workers_share_one_history(start_server: StartServer, node_sc
 
     async def scenario() -> None:
         async with subscriber(node, 5, "mail") as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             expected = []
             for round_ in range(6):  # each reconnect lands on either worker
                 for n in range(3):
@@ -179,7 +186,7 @@ def test_a_killed_gateway_restarted_resumes_what_another_node_published(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)  # knows all its streams
@@ -210,7 +217,7 @@ def test_history_lost_in_redis_changes_the_epoch_and_the_client_refreshes(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             assert publish_b("pub mail before") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "before")]
             old_epoch = client.positions["t:mail"][0]
@@ -240,7 +247,7 @@ def test_redis_down_while_publishing_refuses_and_loses_nothing_accepted(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             accepted = []
             for n in range(3):
                 assert publish_b(f"pub mail up {n}") == "ok"
@@ -539,7 +546,7 @@ def test_a_killed_gateway_resumes_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, ",".join(topics)) as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
@@ -612,7 +619,7 @@ def test_history_survives_a_master_failover_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
             assert publish_b("pub mail m0") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "m0")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
