@@ -11,7 +11,7 @@ TCP buffer pages from /proc/net/sockstat) is reported separately: it covers both
 loopback connection, since the load clients run on the same kernel.
 
     python benchmarks/idle_memory.py --connections 19000 [--servers a,b] [--deflate]
-        [--user-ids int|str|long-str]
+        [--user-ids int|str|long-str|uuid]
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--deflate", action="store_true", help="clients offer permessage-deflate")
     p.add_argument(
         "--user-ids",
-        choices=("int", "str", "long-str"),
+        choices=("int", "str", "long-str", "uuid"),
         default="int",
         help="lowmemws user ids: int, a short str (kept in the tag), a long str (hashed)",
     )

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.add_servers(p)
     p.add_argument(
         "--user-ids",
-        choices=("int", "str", "long-str"),
+        choices=("int", "str", "long-str", "uuid"),
         default="int",
         help="lowmemws user ids: int, a short str (kept in the tag), a long str (hashed)",
     )

@@ -17,8 +17,9 @@ import websocket
 
 from lowmemws import Accept, Config, Gateway, History
 from lowmemws._history import MemoryStore
-from lowmemws.bus import Envelope
+from lowmemws.bus import Envelope, LocalBus
 from lowmemws.client import Client, Delivery, Refresh
+from tests.support import waiting
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
 
@@ -391,25 +392,70 @@ def test_a_batch_missed_while_disconnected_is_resumed_once_in_order(
     asyncio.run(scenario())
 
 
-def test_a_paced_send_with_history_is_refused_at_call_time(
+def test_a_paced_send_with_history_is_stored_then_paced_enveloped_or_raw(
     make_gateway: Callable[..., Gateway],
 ) -> None:
     gateway = history_gateway(make_gateway)
     url = f"ws://127.0.0.1:{gateway.port}/"
-    enveloped = websocket.create_connection(url, timeout=DEADLINE, subprotocols=["lowmemws.v1"])
-    calls: list[Callable[[], int]] = [
-        lambda: gateway.publish("mail", "p", spread=1.0),
-        lambda: gateway.send_to_user(7, "p", rate=100.0),
-        lambda: gateway.send_to_users([7, 8], "p", spread=0.5, pace_id="x"),
-        lambda: gateway.broadcast("p", rate=10.0),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match="not supported with history on"):
-            call()
-    with pytest.raises(ValueError, match="publish"):
-        asyncio.run(gateway.apublish("mail", "p", spread=1.0))
-    gateway.publish("mail", "unpaced")  # nothing of the refused sends went out before it
-    assert json.loads(enveloped.recv())["d"] == "unpaced"
+    raw = websocket.create_connection(url, timeout=DEADLINE)  # no lowmemws.v1: raw payloads
+
+    async def scenario() -> None:
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            gateway.publish("mail", "m1")
+            assert gateway.publish("mail", "p2", spread=0.3) == 2  # members found at the call
+            gateway.send_to_user(7, "u1", rate=100.0)
+            gateway.broadcast("all", rate=10.0)
+            events = await take(client, 4)
+            got = {(e.stream, e.offset, e.data) for e in events if isinstance(e, Delivery)}
+            assert got == {
+                ("t:mail", 1, "m1"),
+                ("t:mail", 2, "p2"),  # stored at the call: the next position of its stream
+                ("u:7", 1, "u1"),  # an int id is its own tag
+                (None, 0, "all"),  # a broadcast is not stored
+            }
+            with pytest.raises(ValueError, match="several users is not supported with history"):
+                gateway.send_to_users([7, 8], "p", spread=0.5, pace_id="x")
+            gateway.publish("mail", "m3")
+            assert texts(await take(client, 1)) == ["m3"]
+
+    asyncio.run(scenario())
+    assert sorted(raw.recv() for _ in range(5)) == ["all", "m1", "m3", "p2", "u1"]
+    raw.close()
+
+
+def test_a_client_dropped_during_a_paced_send_resumes_each_message_once_in_order(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """Raw members connected first hold the lower fds, so the paced steps reach the envelope
+    client last: it drops while the sends are in flight, resumes them by replay, and the
+    steps may still bring some to its new connection: it hands each over once, in order."""
+    gateway = history_gateway(make_gateway)
+    url = f"ws://127.0.0.1:{gateway.port}/"
+    crowd = [websocket.create_connection(url, timeout=DEADLINE) for _ in range(20)]
+
+    async def scenario() -> None:
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            for n in range(1, 6):
+                gateway.publish("mail", f"p{n}", spread=0.5)
+            client.drop_link()
+            events = await take(client, 5)
+            assert [(e.stream, e.data) for e in events if isinstance(e, Delivery)] == [
+                ("t:mail", f"p{n}") for n in range(1, 6)
+            ]
+            waiting.waiter(DEADLINE, interval=0.02)(
+                lambda: gateway.stats()["paced_in_flight"] == 0, "the paced sends done"
+            )
+            gateway.publish("mail", "m6")  # anything the steps brought again came before it
+            assert texts(await take(client, 1)) == ["m6"]
+            assert client.positions["t:mail"][1] == 6
+
+    asyncio.run(scenario())
+    for member in crowd:  # raw: paced sends in flight together keep no order among them
+        got = [member.recv() for _ in range(6)]
+        assert sorted(got[:5]) == [f"p{n}" for n in range(1, 6)] and got[5] == "m6"
+        member.close()
 
 
 def test_hooks_see_the_accepted_user_while_its_stream_is_replayed(
@@ -442,3 +488,73 @@ def test_hooks_see_the_accepted_user_while_its_stream_is_replayed(
         ws.close()
         assert heard.wait(DEADLINE)
     assert seen == [("message", 7), ("close", 7)]
+
+
+def test_a_local_read_never_holds_a_message_not_delivered_yet() -> None:
+    """A LocalBus read waits for the publish in progress: a message stored but not yet
+    delivered here would be given to a resuming client as its position and then arrive live
+    with an offset the client takes for one it has (it lost the first message of a stream:
+    test_a_client_that_reconnects_gets_what_it_missed_once_in_order, under load)."""
+    bus = LocalBus()
+    bus.enable_history(History())
+    in_deliver, go_on = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def deliver(envelope: Envelope) -> int:
+        in_deliver.set()
+        assert go_on.wait(DEADLINE)
+        order.append(f"delivered {envelope.offset}")
+        return 1
+
+    bus.start(deliver)
+    publisher = threading.Thread(target=bus.publish, args=(Envelope.for_topic("a", "m1"),))
+    publisher.start()
+    assert in_deliver.wait(DEADLINE)  # m1 is stored, its delivery not done
+
+    stripe = threading.Lock()
+
+    def read() -> None:
+        result = bus.history_read("t:a", 0, 10, 1 << 20, stripe)
+        order.append(f"read {[at for at, _ in result.entries]}")
+        stripe.release()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(0.5)  # a read that did not wait would be done by now (and fail below)
+    go_on.set()
+    for thread in (publisher, reader):
+        thread.join(DEADLINE)
+    assert order == ["delivered 1", "read [1]"]
+    bus.close()
+
+
+def test_a_client_started_from_the_state_positions_misses_nothing_before_its_first_sync(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """The application reads its state and Gateway.positions together and starts the client
+    from them: what is published before the client connects, and while its first connection
+    drops before its first sync, still reaches it, once, in order."""
+    gateway = history_gateway(make_gateway)
+    gateway.publish("mail", "in the state")
+    positions = gateway.positions(topics=("mail", "empty"), user=7)
+    assert positions["t:mail"][1] == 1
+    assert positions["t:empty"] == ("", 0) and positions["u:7"] == ("", 0)  # no history yet
+    gateway.publish("mail", "m2")  # after the state, before the client connects
+    gateway.send_to_user(7, "u1")
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{gateway.port}/"
+        async with Client(url, positions=positions, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
+            client.drop_link()  # before its first sync: it still names every stream
+            gateway.publish("mail", "m3")
+            events = await take(client, 3)
+            assert sorted(texts(events), key=str) == ["m2", "m3", "u1"]
+            mail = [e.data for e in events if isinstance(e, Delivery) and e.stream == "t:mail"]
+            assert mail == ["m2", "m3"]
+            gateway.publish("mail", "m4")
+            assert texts(await take(client, 1)) == ["m4"]
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="history is off"):
+        make_gateway().positions(topics=("mail",))

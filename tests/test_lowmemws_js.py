@@ -140,3 +140,64 @@ def test_the_js_client_replaces_a_silent_link_by_its_heartbeat_deadline(
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(WAIT)
+
+
+def test_the_js_client_dropped_during_paced_sends_gets_each_once_in_order(
+    browser: Chromium, make_gateway: Callable[..., Gateway]
+) -> None:
+    """Paced sends with history (stored at the call, then paced): raw members connected
+    first hold the lower fds, so the steps reach the page last; it drops meanwhile, resumes
+    them by replay, and drops what a step may still bring again."""
+    import websocket
+
+    gateway = page_gateway(make_gateway)
+    crowd = [websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/ws") for _ in range(20)]
+    browser.navigate(f"http://127.0.0.1:{gateway.port}/")
+    wait_for(browser, "window.statuses.includes('synced')", "the first sync")
+    for n in range(1, 6):
+        gateway.publish("mail", f"p{n}", spread=0.5)
+    browser.evaluate("window.client.dropLink(); true")
+    wait_for(browser, "window.got.length >= 5", "the paced messages")
+    deadline = time.monotonic() + WAIT
+    while gateway.stats()["paced_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gateway.publish("mail", "m6")  # anything a step brought again came before it
+    wait_for(browser, "window.got.length >= 6", "m6")
+    assert browser.evaluate("window.got") == [[f"p{n}", n] for n in range(1, 6)] + [["m6", 6]]
+    assert browser.evaluate("window.refreshes") == []
+    assert browser.evaluate("window.client.connects") == 2
+    for member in crowd:
+        member.close()
+
+
+def test_the_js_client_started_from_the_state_positions_misses_nothing(
+    browser: Chromium, make_gateway: Callable[..., Gateway]
+) -> None:
+    """A page that gets its state with Gateway.positions and hands them to LowMemWS gets
+    what was published after the state was read, before the page connected."""
+    import json
+
+    gateway = make_gateway(Config(history=History()))
+
+    @gateway.on_connect
+    def decide(request: Request) -> Accept:
+        return Accept(topics=("mail",))
+
+    @gateway.on_http
+    def page(request: Request) -> Response | None:
+        if request.path != "/":
+            return None
+        state = json.dumps(gateway.positions(topics=("mail",))).encode()
+        gateway.publish("mail", "after the state")  # as if it came while the page loads
+        with_positions = PAGE.replace(
+            b"heartbeatInterval", b"positions: " + state + b", heartbeatInterval"
+        )
+        return Response(200, with_positions, content_type="text/html")
+
+    gateway.start()
+    gateway.publish("mail", "in the state")
+    browser.navigate(f"http://127.0.0.1:{gateway.port}/")
+    wait_for(browser, "window.got.length >= 1", "the message published after the state")
+    gateway.publish("mail", "live")
+    wait_for(browser, "window.got.length >= 2", "the live one")
+    assert browser.evaluate("window.got") == [["after the state", 2], ["live", 3]]

@@ -1,23 +1,32 @@
 """str user ids: ``Accept(user="alice")``, ``send_to_user("alice", ...)`` and ``conn.user``.
 
-A str id becomes the 64-bit tag its connections carry in C, nothing more: an id short enough
-is kept in the tag itself (keyed, reversible), so every hook gets the str back; a longer one
-is a keyed hash, so hooks after on_open get a UserTag that reaches the same connections.
-Clients are wsproto, an independent RFC 6455 implementation.
+A str id becomes the 64-bit tag its connections carry in C: an id short enough is kept in the
+tag itself (keyed, reversible) and costs nothing; a longer one is a keyed hash, and the
+process keeps its name in C, one entry per user online there, so every hook gets the str
+back all the same. Clients are wsproto, an independent RFC 6455 implementation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import websocket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowmemws import Accept, Gateway, UserTag
-from lowmemws._user_ids import INT_USER_MAX, UserIds, deployment_key
+from lowmemws import Accept, Config, Gateway, History, UserTag
+from lowmemws._user_ids import INT_USER_MAX, USER_NAME_MAX, UserIds, deployment_key
+from lowmemws.client import Client
 from tests.support import waiting
+from tests.support.metrics import fetch_metrics, metric_value
+from tests.support.servers import StartServer
 from tests.support.wsproto_client import WsprotoClient
 
 DEADLINE = 10.0  # bounds every wait; not a performance figure
@@ -109,7 +118,8 @@ def gateway(
 
 
 def connect(gw: Gateway, user: str) -> WsprotoClient:
-    return WsprotoClient("127.0.0.1", gw.port, f"/?user={user}", timeout=DEADLINE)
+    path = f"/?user={quote(user, safe='')}"
+    return WsprotoClient("127.0.0.1", gw.port, path, timeout=DEADLINE)
 
 
 def test_str_ids_end_to_end_every_hook_sees_what_accept_gave(
@@ -122,8 +132,7 @@ def test_str_ids_end_to_end_every_hook_sees_what_accept_gave(
         client.send_message("who")
     assert alice.receive_message() == "'alice'"
     assert number.receive_message() == "42"
-    tag = long.receive_message()
-    assert isinstance(tag, str) and tag.startswith("UserTag(0x")
+    assert long.receive_message() == repr(LONG)
 
     assert gw.send_to_user("alice", "for alice") == 2
     assert alice.receive_message() == alice2.receive_message() == "for alice"
@@ -141,10 +150,9 @@ def test_str_ids_end_to_end_every_hook_sees_what_accept_gave(
     assert sorted(map(str, opens)) == sorted(["alice", "alice", "42", LONG, "bob"])
     later = [(hook, user) for hook, user in seen if hook != "open"]
     assert ("message", "alice") in later and ("message", 42) in later
-    hashed = [user for _hook, user in later if isinstance(user, UserTag)]
-    assert len(hashed) == 2  # the long id's message and close: a UserTag, the same both times
-    assert hashed[0] == hashed[1]
-    assert gw.send_to_user(hashed[0], "by tag") == 0  # it closed: nobody left
+    assert ("message", LONG) in later and ("close", LONG) in later
+    assert not [user for _hook, user in seen if isinstance(user, UserTag)]
+    assert gw.send_to_user(LONG, "gone") == 0  # it closed: nobody left
     for client in (alice2, number, bob):
         client.close()
 
@@ -187,3 +195,189 @@ def test_a_gateway_not_started_counts_nobody(make_gateway: Callable[..., Gateway
     assert gw.online("alice") == 0 and gw.disconnect_user("alice", 4001) == 0
     with pytest.raises(ValueError):
         gw.disconnect_user("alice", 999)
+
+
+# -- long str ids: one name per user online in the process ----------------------------------
+
+UUID = "3f2b9c1e-8d4a-4f6b-9e2c-7a1d5b0c4e93"
+WIDEST = "é" * (USER_NAME_MAX // 2)  # non-ASCII, exactly USER_NAME_MAX bytes of UTF-8
+
+
+def names(gw: Gateway) -> tuple[int, int]:
+    """names is (entries, bytes) of the process's table of long str ids (its gauges)."""
+    stats = gw.stats()
+    return stats["user_names"], stats["user_name_bytes"]
+
+
+@pytest.mark.parametrize("user", [LONG, UUID, WIDEST], ids=["email", "uuid", "non-ascii-max"])
+def test_a_long_id_comes_back_as_the_str_in_every_hook(
+    gateway: tuple[Gateway, list[tuple[str, object]]], user: str
+) -> None:
+    gw, seen = gateway
+    client = connect(gw, user)
+    client.send_message("who")
+    assert client.receive_message() == repr(user)
+    assert gw.online(user) == 1 and gw.send_to_user(user, "hi") == 1
+    assert client.receive_message() == "hi"
+    client.close()
+    wait_until(lambda: ("close", user) in seen, "on_close with the str")
+    assert [hook for hook, who in seen if who == user] == ["open", "message", "close"]
+    assert not [who for _hook, who in seen if isinstance(who, UserTag)]
+
+
+def test_connections_of_one_user_share_one_name_which_goes_with_the_last(
+    gateway: tuple[Gateway, list[tuple[str, object]]],
+) -> None:
+    gw, seen = gateway
+    assert names(gw) == (0, 0)  # nothing is kept while no long id is online
+    short = [connect(gw, "alice"), connect(gw, "42")]
+    assert names(gw) == (0, 0)  # ids kept in the tag cost nothing
+    uuids = [connect(gw, UUID) for _ in range(5)]
+    entries, one_user = names(gw)
+    assert entries == 1 and one_user > len(UUID)
+    emails = [connect(gw, LONG) for _ in range(3)]
+    entries, two_users = names(gw)
+    assert entries == 2 and two_users - one_user <= len(LONG) + 64  # the name and a header
+    for client in uuids[:-1]:
+        client.close()
+    wait_until(lambda: seen.count(("close", UUID)) == 4, "four of the UUID's on_close calls")
+    assert names(gw)[0] == 2  # one connection of the UUID user is still here
+    uuids[-1].send_message("who")
+    assert uuids[-1].receive_message() == repr(UUID)
+    uuids[-1].close()
+    wait_until(lambda: names(gw)[0] == 1, "the UUID's entry gone with its last connection")
+    assert seen.count(("close", UUID)) == 5  # the last on_close still saw the str
+    for client in emails:
+        client.close()
+    wait_until(lambda: names(gw) == (0, 0), "the table freed with the last long id")
+    for client in short:
+        client.close()
+
+
+def test_a_too_long_id_is_refused_at_accept(
+    gateway: tuple[Gateway, list[tuple[str, object]]],
+) -> None:
+    gw, seen = gateway
+    with pytest.raises(ValueError, match=f"at most {USER_NAME_MAX} bytes of UTF-8, not 258"):
+        Accept(user=WIDEST + "é")
+    with pytest.raises(ValueError, match="at most"):
+        gw.send_to_user("x" * (USER_NAME_MAX + 1), "x")
+    with pytest.raises(Exception, match="500"):  # on_connect raised: answered 500
+        connect(gw, "x" * (USER_NAME_MAX + 1))
+    assert names(gw) == (0, 0) and not seen
+
+
+WORKERS_SERVER = textwrap.dedent(
+    """
+    import argparse, os, threading
+    from lowmemws import Accept, Config, Gateway
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    gateway = Gateway(args.host, args.port, processes=2, config=Config(shutdown_timeout=5))
+
+    @gateway.on_connect
+    def decide(request):
+        user = request.params.get("user")
+        return Accept(user=user or 0, topics=() if user else ("watch",))
+
+    @gateway.on_open
+    def opened(conn):
+        if conn.user:
+            gateway.publish("watch", f"open {os.getpid()} {conn.user!r}")
+
+    @gateway.on_message
+    def message(conn, text):
+        conn.send(f"{os.getpid()} {conn.user!r}")
+
+    @gateway.on_close
+    def closed(conn, code):
+        if conn.user:
+            gateway.publish("watch", f"close {conn.user!r}")
+
+    def announce():
+        if gateway.wait_ready(60):
+            print(f"listening on ws://{args.host}:{gateway.port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    gateway.run()
+    """
+)
+
+
+def test_long_ids_come_back_in_worker_processes(start_server: StartServer, tmp_path: Path) -> None:
+    script = tmp_path / "user_names_server.py"
+    script.write_text(WORKERS_SERVER)
+    server = start_server([sys.executable, str(script)])
+    watcher = websocket.create_connection(server.url, timeout=DEADLINE)
+    clients: list[websocket.WebSocket] = []
+    workers: set[str] = set()
+    for attempt in range(200):  # SO_REUSEPORT spreads by address hash: reach both workers
+        user = (LONG, UUID, WIDEST)[attempt % 3]
+        client = websocket.create_connection(
+            f"{server.url}?user={quote(user, safe='')}", timeout=DEADLINE
+        )
+        clients.append(client)
+        assert watcher.recv().endswith(f" {user!r}")  # on_open saw the str
+        client.send("who")
+        pid, seen = client.recv().split(" ", 1)
+        assert seen == repr(user)  # on_message saw it
+        workers.add(pid)
+        if len(workers) == 2 and attempt >= 2:
+            break
+    assert len(workers) == 2, "every connection reached one worker"
+    text = fetch_metrics(server.host, server.port)
+    assert metric_value(text, "lowmemws_user_names") >= 3  # per user and worker, at most 6
+    assert metric_value(text, "lowmemws_user_names") <= 6
+    for client in clients:
+        client.close()
+    closes = sorted(watcher.recv() for _ in clients)
+    expected = [f"close {user!r}" for user in ((LONG, UUID, WIDEST) * 70)[: len(clients)]]
+    assert closes == sorted(expected)  # on_close saw the str in either worker
+    wait_until(
+        lambda: metric_value(fetch_metrics(server.host, server.port), "lowmemws_user_names") == 0,
+        "every worker's names gone with their users",
+    )
+    watcher.close()
+
+
+def test_a_long_id_resuming_its_user_stream_keeps_its_name(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """A resuming connection's user tag is set only once its user stream is replayed; its
+    name is held meanwhile, then by the hub, and goes with it."""
+    gw = make_gateway(Config(history=History()))
+    heard: list[object] = []
+
+    @gw.on_connect
+    def decide(request):  # type: ignore[no-untyped-def]
+        return Accept(user=UUID)
+
+    @gw.on_message
+    def message(conn, text):  # type: ignore[no-untyped-def]
+        heard.append(conn.user)
+        conn.send(repr(conn.user))
+
+    gw.start()
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{gw.port}/"
+        async with Client(url, backoff_base=0.05) as client:
+            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            gw.send_to_user(UUID, "stored")  # the user stream now has a position to resume
+            assert (await client.next(DEADLINE)).data == "stored"  # type: ignore[union-attr]
+            client.drop_link()
+            for _ in range(int(DEADLINE / 0.02)):  # bounded: the reconnect and its resume
+                if client.connects == 2 and client.synced.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert client.connects == 2 and client.synced.is_set()
+            await client.send("who")
+            assert (await client.next(DEADLINE)).data == repr(UUID)  # type: ignore[union-attr]
+            assert names(gw)[0] == 1
+        wait_until(lambda: names(gw) == (0, 0), "the name gone with the connection")
+
+    asyncio.run(scenario())
+    assert heard == [UUID]

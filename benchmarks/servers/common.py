@@ -72,10 +72,10 @@ def parse_args(description: str) -> argparse.Namespace:
     )
     p.add_argument(
         "--user-ids",
-        choices=("int", "str", "long-str"),
+        choices=("int", "str", "long-str", "uuid"),
         default="int",
         help="lowmemws: /ws?user=N accepted as the int N, the str 'uN' (kept in the tag) or "
-        "'user-N@mail.example.com' (hashed); default int",
+        "'user-N@mail.example.com' or a UUID (hashed, the name kept per user); default int",
     )
     p.add_argument("--certfile", default=None, help="serve TLS (wss://) with this certificate")
     p.add_argument("--keyfile", default=None, help="the private key of --certfile")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from typing import Any
 
 from common import is_subscriber, parse_args, publish_request, ready
@@ -22,8 +23,11 @@ import lowmemws
 
 USER_ID_FORMS = {
     "int": int,
-    "str": lambda n: f"u{n}",  # up to 9 characters: kept in the 64-bit tag, reversibly
-    "long-str": lambda n: f"user-{n}@mail.example.com",  # a keyed hash
+    # the load clients number users from 2**40: "u" and the last 8 digits stay within the 9
+    # characters a tag keeps reversibly ("u" + all 13 digits would be a long, hashed id)
+    "str": lambda n: f"u{n % 10**8:08d}",
+    "long-str": lambda n: f"user-{n}@mail.example.com",  # a keyed hash, its name kept
+    "uuid": lambda n: str(uuid.UUID(int=n)),  # 36 characters: a keyed hash, its name kept
 }
 user_id_form = USER_ID_FORMS["int"]
 

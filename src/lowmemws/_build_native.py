@@ -28,6 +28,7 @@ SOURCES = [
     "_fanout.c",
     "_paced.c",
     "_presence.c",
+    "_user_names.c",
     "_server.c",
 ]
 LIBRARIES = ["z"]  # zlib, a system library, for permessage-deflate (_deflate.c)

@@ -497,7 +497,7 @@ class ProcessBus(BusBase):
         except ValueError:
             return data
         stream = envelope.stream
-        if stream is None or envelope.paced or envelope.epoch:
+        if stream is None or envelope.epoch:  # paced too: stored first, then paced
             return data
         epoch, offset = self._store.append(stream, stored_entry(envelope))
         return envelope.with_position(epoch, offset).encode()

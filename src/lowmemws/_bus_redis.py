@@ -425,7 +425,7 @@ class RedisBus(BusBase):
                 full; nothing is delivered then.
             ValueError: the envelope is larger than the whole buffer.
         """
-        if self._history is not None and envelope.stream is not None and not envelope.paced:
+        if self._history is not None and envelope.stream is not None:  # paced ones too
             return self._store_and_publish(envelope)
         parts = [(channel, part.encode()) for channel, part in route(envelope, self._prefix)]
         size = sum(len(data) + _HEADER.size for _, data in parts)

@@ -17,7 +17,7 @@ from typing import Any
 from ._constants import POLICIES
 from ._native import ffi, lib
 from ._routing import PARTITIONS, topic_partition
-from ._user_ids import UserIds
+from ._user_ids import USER_NAME_MAX, UserIds
 from .config import Config
 from .connection import SendResult
 from .errors import TLSError
@@ -245,6 +245,29 @@ class CServer:
             return 0
         return max(0, int(lib.lmw_close_user(self._ptr, user_tag, code, reason, len(reason))))
 
+    def hold_user_name(self, tag: int, name: bytes) -> bool:
+        """hold_user_name keeps the name (UTF-8) of the long str id tagged tag in this process
+        until release_user_name; held from before the upgrade that tags a connection with
+        it, it then lives as long as a connection of the user here (_user_names.c). False
+        when it could not be kept (no memory): hooks then see a UserTag."""
+        return (
+            self._ptr is not None and lib.lmw_user_name_hold(self._ptr, tag, name, len(name)) == 0
+        )
+
+    def release_user_name(self, tag: int) -> None:
+        """release_user_name ends one hold_user_name (or a closed event's hold) of tag."""
+        if self._ptr is not None:
+            lib.lmw_user_name_release(self._ptr, tag)
+
+    def user_name(self, tag: int) -> str | None:
+        """user_name is the str of the long str id tagged tag, None when it is not known
+        here (no connection of that user in this process)."""
+        if self._ptr is None:
+            return None
+        out = ffi.new("uint8_t[]", USER_NAME_MAX)
+        n = lib.lmw_user_name(self._ptr, tag, out, USER_NAME_MAX)
+        return None if n < 0 else bytes(ffi.buffer(out, n)).decode("utf-8")
+
     # -- the envelope subprotocol and resume (issue 12) --------------------------------------
 
     def publish_env(self, topic: str, opcode: int, payload: bytes, env: bytes, policy: int) -> int:
@@ -295,11 +318,18 @@ class CServer:
     # -- paced fan-out (issue 18) -----------------------------------------------------------
 
     def paced_start(
-        self, to: PaceTarget, opcode: int, payload: bytes, policy: int, pace: Pace
+        self,
+        to: PaceTarget,
+        opcode: int,
+        payload: bytes,
+        policy: int,
+        pace: Pace,
+        env: bytes | None = None,
     ) -> int:
         """paced_start sends payload to a topic's members (to: the topic name), the
         connections of a set of users (a tuple of tags) or everyone (None), over time
-        (pace: id, spread seconds, rate per second; neither spread nor rate: now).
+        (pace: id, spread seconds, rate per second; neither spread nor rate: now); with env
+        (an envelope text), the envelope clients get env instead (issue 12).
         Returns the members found now (paced) or the number that took it (not paced)."""
         if self._ptr is None:
             return 0
@@ -309,9 +339,10 @@ class CServer:
             topic, kind = self.topic_id(to), int(lib.LMW_PACE_TOPIC)
         elif to is not None:
             users, nusers, kind = ffi.new("uint64_t[]", to), len(to), int(lib.LMW_PACE_USERS)
-        n = lib.lmw_paced_start(
-            self._ptr, pace_id, kind, topic, users, nusers,
-            opcode, payload, len(payload), policy, spread, rate,
+        n = lib.lmw_paced_start_env(
+            self._ptr, pace_id, kind, topic, users, nusers, opcode, payload, len(payload),
+            ffi.NULL if env is None else env, 0 if env is None else len(env), policy, spread,
+            rate,
         )  # fmt: skip
         return max(0, int(n))  # LMW_ERROR: no memory for it; nobody gets it
 

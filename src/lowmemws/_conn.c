@@ -91,11 +91,13 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
             e->gen = sl->gen;
             e->code = c;
             e->user_tag = sl->user_tag;
+            e->len = (uint64_t)lmw__user_name_hold(s, sl->user_tag); /* for on_close (lmw.h) */
         } else {
             s->stats->errors[LMW_ERR_NOMEM]++; /* on_close will not run for this one */
         }
     }
     lmw__hub_forget(s, fd);
+    lmw__user_name_left(s, sl->user_tag); /* its name goes with its last connection */
     if (s->tls) lmw__tls_forget(s, fd);
     lmw__ext_drop(s, sl);
     lmw__peer_remove(s, fd);

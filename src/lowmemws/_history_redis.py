@@ -137,12 +137,12 @@ def store_and_publish(
     publishes with SPUBLISH (as the bus does on Redis >= 7).
 
     Raises:
-        ValueError: the envelope has no stream (a broadcast, a batch, a paced send).
+        ValueError: the envelope has no stream (a broadcast, a batch of users).
         redis.RedisError, OSError: Redis could not be reached: nothing was stored or sent.
     """
     stream = envelope.stream
-    if stream is None or envelope.paced:
-        raise ValueError("store_and_publish: only an unpaced topic or user message is stored")
+    if stream is None:
+        raise ValueError("store_and_publish: only a topic or user message is stored")
     ttl = max(1, int(history.ttl_for(stream)))
     keys = stream_keys(prefix, stream)
     args = (

@@ -33,6 +33,7 @@ from ._dispatch import Dispatcher, Job, Key, check_result
 from ._hooks import Hooks
 from ._native import ffi, lib
 from ._resume import ResumeJob, Resumer, joined_streams
+from ._user_ids import is_long_tag
 from ._wire_envelope import PING_PREFIX, PONG_FRAME, RESUME_PREFIX, resume_message
 from .close_codes import CloseCode
 from .config import Config
@@ -269,11 +270,16 @@ class EventLoop:
     def _on_closed_event(self, e: Any) -> None:
         hook = self._hooks.close
         user_tag = self._user_tag(e)
+        user: int | str = user_tag
+        if is_long_tag(user_tag):  # its name is held for this event (_user_names.c)
+            user = self._server.user_name(user_tag) or user_tag
         if self.resumer is not None:
             self.resumer.closed(e.fd, e.gen)
+        if e.len:  # the event holds the name (lmw.h: LMW_EV_CLOSED)
+            self._server.release_user_name(int(e.user_tag))
         if hook is None:
             return
-        conn = Connection(self._server, e.fd, e.gen, user_tag)
+        conn = Connection(self._server, e.fd, e.gen, user)
         key = (e.fd, e.gen)
         if self._inline("close") and self._free_to_run_inline(key):
             check_result("close", hook(conn, e.code))
@@ -349,12 +355,18 @@ class EventLoop:
             server.reject(fd, gen, 500)
             raise
         user_deferred = tag != 0 and f"u:{tag}" in later
-        if not server.accept_upgrade(fd, gen, proto, 0 if user_deferred else tag):
+        # a long str id's name is held across the accept, so the hub's join finds it
+        named = is_long_tag(tag) and server.hold_user_name(tag, str(decision.user).encode())
+        accepted = server.accept_upgrade(fd, gen, proto, 0 if user_deferred else tag)
+        if named and not (accepted and user_deferred):
+            server.release_user_name(tag)  # the hub holds it now (or the upgrade failed)
+        if not accepted:
             return
         if resume is not None and self.resumer is not None:
             streams = joined_streams(decision.topics, tag, resume)
             topics = frozenset(decision.topics)
-            self.resumer.submit(ResumeJob(fd, gen, streams, topics, tag, user_deferred))
+            job = ResumeJob(fd, gen, streams, topics, tag, user_deferred, named)
+            self.resumer.submit(job)  # releases the name once the user is joined
         hook = self._hooks.open
         if hook is None:
             return

@@ -61,13 +61,29 @@ struct lmw_paced {
     uint8_t tried[8]; /* compressed frame made (or found not worth it) per window class */
     uint8_t *z[8];    /* the compressed frames, NULL: send the plain one */
     size_t zlen[8];
+    uint8_t *env; /* with history: the frame for envelope clients (a text frame), or NULL */
+    size_t envlen;
     size_t flen;
     uint8_t frame[];
 };
 
+/* env_frame builds the text frame of env (the envelope text, issue 12) once for a send. */
+static uint8_t *env_frame(const uint8_t *env, size_t len, size_t *flen) {
+    uint8_t *f = malloc(len + 10);
+    if (!f) return NULL;
+    int hl = lmw_build_header(f, 1, LMW_OP_TEXT, len);
+    memcpy(f + hl, env, len);
+    *flen = (size_t)hl + len;
+    return f;
+}
+
 /* frame_for gives the frame for sl: compressed when it negotiated permessage-deflate and
  * compression shrinks the message (built on first need, see lmw__deflate_frame). */
 static const uint8_t *frame_for(lmw_server *s, lmw_paced *p, const lmw_slot *sl, size_t *len) {
+    if (p->env && sl->envelope) { /* the envelope subprotocol: its position with it */
+        *len = p->envlen;
+        return p->env;
+    }
     int cls = lmw__deflate_class(s, sl, p->flen - p->hl);
     if (cls && !p->tried[cls - 1]) {
         p->tried[cls - 1] = 1;
@@ -194,6 +210,7 @@ static uint64_t run(lmw_server *s, lmw_paced *p, uint64_t allowed) {
 static void paced_free(lmw_paced *p) {
     for (int i = 0; i < 8; i++) lmw__deflate_frame_free(NULL, p->z[i]);
     free(p->users);
+    free(p->env);
     free(p);
 }
 
@@ -282,11 +299,23 @@ static lmw_paced *paced_new(int opcode, const uint8_t *data, size_t len, const u
 int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, const uint64_t *users,
                         size_t nusers, int opcode, const uint8_t *data, size_t len, int policy,
                         double spread_s, double rate) {
+    return lmw_paced_start_env(s, id, to, topic, users, nusers, opcode, data, len, NULL, 0, policy,
+                               spread_s, rate);
+}
+
+int64_t lmw_paced_start_env(lmw_server *s, uint64_t id, int to, uint64_t topic,
+                            const uint64_t *users, size_t nusers, int opcode, const uint8_t *data,
+                            size_t len, const uint8_t *env, size_t env_len, int policy,
+                            double spread_s, double rate) {
     if (to != LMW_PACE_TOPIC && to != LMW_PACE_USERS && to != LMW_PACE_ALL) return LMW_ERROR;
     if (!(spread_s >= 0) || !(rate >= 0) || spread_s > 1e7) return LMW_ERROR; /* NaN too */
     lmw_paced *p = paced_new(opcode, data, len, to == LMW_PACE_USERS ? users : NULL,
                              to == LMW_PACE_USERS ? nusers : 0);
     if (!p) return LMW_ERROR;
+    if (env && !(p->env = env_frame(env, env_len, &p->envlen))) {
+        paced_free(p);
+        return LMW_ERROR;
+    }
     p->id = id;
     p->to = (uint8_t)to;
     p->key = topic;

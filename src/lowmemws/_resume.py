@@ -8,14 +8,15 @@ so no live message of those streams reaches it. A replay thread then, for each s
 1. reads the history after the client's offset and takes the stream's stripe lock, which
    the delivery of a stored message also holds while it fans out and notes the stream's
    last delivered offset on this node (``D``). `Bus.history_read` takes the lock at a
-   moment when the result holds everything delivered here (LocalBus, RedisBus: lock, then
-   read, since a message is stored before it is delivered; ProcessBus: the parent's answer
-   comes behind every envelope stored before it, and the worker's reader thread takes the
-   lock when it meets the answer, before delivering anything stored after);
+   moment when the result holds everything delivered here (RedisBus: lock, then read,
+   since a message is stored before it is delivered; LocalBus: the same between two
+   publishes, so it holds nothing stored and not delivered yet; ProcessBus: the parent's
+   answer comes behind every envelope stored before it, and the worker's reader thread
+   takes the lock when it meets the answer, before delivering anything stored after);
 2. sends the entries up to ``D`` (those past ``D`` are stored but not delivered here yet:
    they will arrive live), joins the stream, sends the outcome, and lets go of the lock.
-   On a bus whose read settles (`BusBase.read_settles`: RedisBus) it sends the whole
-   result instead: there an entry past ``D`` is one this node never got (it was not
+   On a bus whose read settles (`BusBase.read_settles`: RedisBus, LocalBus) it sends the
+   whole result instead: there an entry past ``D`` is one this node never got (it was not
    subscribed to the stream's partition then) and none of them will arrive live.
 
 So a replayed message is never also delivered live, none is skipped, and none overtakes
@@ -75,7 +76,9 @@ class ResumeJob:
 
     ``topics`` are the topics it may resume and will join (those of ``positions`` are not
     subscribed yet); ``user`` its user tag (the slot's 64-bit tag, as in "u:<tag>"), set once
-    its user stream is replayed when ``user_deferred``.
+    its user stream is replayed when ``user_deferred``; ``name_held``: the name of that
+    (long str) user is held for it (`CServer.hold_user_name`) until the tag is set or the
+    connection closes, since no slot of the process may carry the tag meanwhile.
     """
 
     fd: int
@@ -84,6 +87,7 @@ class ResumeJob:
     topics: frozenset[str]
     user: int
     user_deferred: bool
+    name_held: bool = False
 
 
 class Resumer:
@@ -103,6 +107,9 @@ class Resumer:
         # is being replayed): what its hooks see meanwhile. Set before the upgrade's first
         # event can be read, dropped once the tag is set or at the close.
         self._deferred_users: dict[tuple[int, int], int] = {}
+        # (fd, gen) -> user tag whose name is held for a deferred connection: released
+        # exactly once (dict.pop is atomic), at the join or at the close, whichever is first.
+        self._deferred_names: dict[tuple[int, int], int] = {}
 
     # -- the delivery side ------------------------------------------------------------------
 
@@ -151,12 +158,20 @@ class Resumer:
     def closed(self, fd: int, gen: int) -> None:
         """closed forgets a closed connection's deferred user tag (if it still had one)."""
         self._deferred_users.pop((fd, gen), None)
+        self._release_name(fd, gen)
+
+    def _release_name(self, fd: int, gen: int) -> None:
+        tag = self._deferred_names.pop((fd, gen), None)
+        if tag is not None:
+            self._server.release_user_name(tag)
 
     def submit(self, job: ResumeJob) -> None:
         """submit queues job; with the queue full, its streams are joined at once and the
         client is told to refresh them."""
         if job.user_deferred:
             self._deferred_users[(job.fd, job.gen)] = job.user
+            if job.name_held:
+                self._deferred_names[(job.fd, job.gen)] = job.user
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -271,6 +286,7 @@ class Resumer:
         elif job.user_deferred:
             self._server.set_user(job.fd, job.gen, job.user)
             self._deferred_users.pop((job.fd, job.gen), None)  # the slot tells it now
+            self._release_name(job.fd, job.gen)  # the hub holds the name from now on
 
     def _outcome(self, job: ResumeJob, resumed: bool, stream: str, epoch: str, at: int) -> bool:
         self._stats["resumed" if resumed else "refreshed"] += 1

@@ -287,6 +287,9 @@ struct lmw_server {
     uint32_t topics_live;
     uint32_t *user_buckets;
     uint32_t user_mask;
+    /* names of long str user ids online here (_user_names.c); NULL while there are none */
+    struct lmw_user_name_entry **user_names;
+    uint32_t user_names_mask, user_names_live;
     /* interest (_interest.c): local members per routing partition, for the buses */
     uint32_t *partition_users;  /* connections tagged with a user of partition p */
     uint32_t *partition_topics; /* topics of partition p with at least one member */
@@ -342,6 +345,7 @@ typedef struct {
  *   _input.c  (reading, heads, frames)
  *   _tls_input.c (TLS records to plaintext for _input.c)
  *   _conn.c   (the state machine: every state change)
+ *   _user_names.c (names of long str user ids online: reads the hub's user chains)
  *   _output.c (sends and queues)    _hub.c (membership)    _spill.c (read space, spills)
  *   _deflate.c (permessage-deflate: the zlib pool, one message at a time)
  *   _slot.c   (storage: slots, exts, lent memory, the per-address table)
@@ -367,6 +371,11 @@ void lmw__peer_remove(lmw_server *s, int fd);
 int lmw__hub_init(lmw_server *s);
 void lmw__hub_free(lmw_server *s);
 uint32_t lmw__mix(uint64_t id);
+/* lmw__is_long_user_tag: a str id's tag (top bit) that is a hash, not the name (next bit). */
+static inline int lmw__is_long_user_tag(uint64_t tag) { return (tag >> 62) == 2; }
+void lmw__user_name_left(lmw_server *s, uint64_t tag);
+int lmw__user_name_hold(lmw_server *s, uint64_t tag);
+void lmw__user_names_free(lmw_server *s);
 uint32_t lmw__topic_find(lmw_server *s, uint64_t id);
 void lmw__hub_forget(lmw_server *s, int fd);
 void lmw__hub_user_add(lmw_server *s, int fd);

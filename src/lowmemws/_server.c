@@ -599,9 +599,11 @@ int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag) {
     lmw_slot *sl = lmw__slot(s, fd, gen);
     int r = sl && lmw__is_open_state(sl->state) ? 0 : LMW_ERROR;
     if (r == 0 && sl->user_tag != user_tag) {
+        uint64_t old = sl->user_tag;
         if (sl->user_tag) lmw__hub_user_remove(s, fd);
         sl->user_tag = user_tag;
         if (user_tag) lmw__hub_user_add(s, fd);
+        lmw__user_name_left(s, old);
     }
     pthread_mutex_unlock(&s->lock);
     return r;
@@ -661,6 +663,7 @@ void lmw_server_free(lmw_server *s) {
     for (uint32_t i = 0; i < s->nlent; i++) free(s->lent[i]);
     for (uint32_t i = 0; s->pool && i < s->cfg.read_buffers; i++) free(s->pool[i]);
     lmw__paced_drop_all(s);
+    lmw__user_names_free(s);
     lmw__hub_free(s);
     lmw__deflate_free(s);
     lmw__tls_server_free(s);

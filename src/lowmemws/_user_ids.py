@@ -10,8 +10,11 @@ never meet:
   reversibly: up to 9 characters of ``[0-9A-Za-z_-]``, or else up to 7 bytes of UTF-8. The
   encoding is scrambled by a keyed permutation (a 4-round Feistel network over 60 bits whose
   round function is keyed BLAKE2b), so tags look random in the hub's user buckets and a
-  client cannot pick names that pile up in one. Any longer id is a keyed BLAKE2b hash of its
-  UTF-8 (62 bits); its tag cannot be turned back into the name: `UserTag` stands for it.
+  client cannot pick names that pile up in one. Any longer id (up to `USER_NAME_MAX` bytes of
+  UTF-8) is a keyed BLAKE2b hash of its UTF-8 (62 bits); its tag cannot be turned back into
+  the name, so each process keeps the names of the long ids online there in C, one entry per
+  user (``_user_names.c``), and `Connection.user` reads it there. Where no connection of the
+  user is (a tag given to ``send_to_user`` only), `UserTag` stands for it.
 
 Every node and process of a deployment must use the same key, or a ``send_to_user("alice")``
 on one node would look for another tag than the ``Accept(user="alice")`` of another. Forked
@@ -27,10 +30,23 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["UserId", "UserIds", "UserTag", "deployment_key", "INT_USER_MAX"]
+from ._native import lib
+
+__all__ = [
+    "UserId",
+    "UserIds",
+    "UserTag",
+    "deployment_key",
+    "INT_USER_MAX",
+    "USER_NAME_MAX",
+    "check_str_user",
+    "is_long_tag",
+]
 
 #: INT_USER_MAX is the largest int user id (the upper half of the tag space is for str ids).
 INT_USER_MAX = 2**63 - 1
+#: USER_NAME_MAX is the most bytes of UTF-8 a str user id may have.
+USER_NAME_MAX = int(lib.LMW_USER_NAME_MAX)
 _STR_BIT = 1 << 63
 _INLINE_BIT = 1 << 62
 _HASH_MASK = _INLINE_BIT - 1
@@ -48,13 +64,15 @@ _CACHE = 256  # ids and names remembered each way: a fixed ~40 KB at most, never
 
 @dataclass(frozen=True, slots=True)
 class UserTag:
-    """UserTag stands for a str user id that is too long to be kept in its connection's tag.
+    """UserTag stands for a str user id that is too long to be kept in its connection's tag
+    (longer than 9 characters of ``[0-9A-Za-z_-]`` and 7 bytes of UTF-8) where its name is
+    not known.
 
-    ``Connection.user`` gives one, in the hooks after ``on_open``, for a str id longer than
-    9 characters of ``[0-9A-Za-z_-]`` and 7 bytes of UTF-8 (in ``on_open`` it is the str the
-    Accept gave). It reaches the same connections as the str: ``send_to_user(conn.user, ...)``,
-    ``online(conn.user)`` and ``disconnect_user(conn.user)`` accept it, and it compares equal
-    to ``gateway.user_tag(the_str)``.
+    ``Connection.user`` gives the str in every hook, read from the process's table of the
+    long ids online there; a UserTag only when that name is gone (a handle kept after its
+    connection and its user's last connection in the process closed). It reaches the same
+    connections as the str: ``send_to_user(tag, ...)``, ``online(tag)`` and
+    ``disconnect_user(tag)`` accept it.
     """
 
     tag: int
@@ -66,6 +84,25 @@ class UserTag:
 
 UserId = int | str | UserTag
 """UserId is what names a user: an int in 0..2**63-1, a non-empty str, or a UserTag."""
+
+
+def is_long_tag(tag: int) -> bool:
+    """is_long_tag tells whether tag is a long str id's (a hash: the name is not in it)."""
+    return tag >> 62 == 2
+
+
+def check_str_user(user: str) -> bytes:
+    """check_str_user is a str user id's UTF-8, once it is known to be valid.
+
+    Raises:
+        ValueError: an empty str, or one over USER_NAME_MAX bytes of UTF-8.
+    """
+    if not user:
+        raise ValueError("a str user id must not be empty")
+    raw = user.encode("utf-8")
+    if len(raw) > USER_NAME_MAX:
+        raise ValueError(f"a str user id is at most {USER_NAME_MAX} bytes of UTF-8, not {len(raw)}")
+    return raw
 
 
 def deployment_key(channel_prefix: str, secret: bytes | str | None) -> bytes:
@@ -103,16 +140,16 @@ class UserIds:
         """tag is the 64-bit tag of user (an int keeps its own value; 0 is "no user").
 
         Raises:
-            ValueError: an int outside 0..2**63-1, or an empty str.
+            ValueError: an int outside 0..2**63-1, an empty str or one over USER_NAME_MAX
+                bytes of UTF-8.
             TypeError: anything but an int, a str or a UserTag.
         """
         if isinstance(user, str):
             known = self._tags.get(user)
             if known is not None:
                 return known
-            if not user:
-                raise ValueError("a str user id must not be empty")
-            tag = self._str_tag(user)
+            raw = check_str_user(user)
+            tag = self._str_tag(user, raw)
             _remember(self._tags, user, tag)
             return tag
         if isinstance(user, UserTag):
@@ -143,10 +180,10 @@ class UserIds:
         _remember(self._names, tag, name)
         return name
 
-    def _str_tag(self, user: str) -> int:
+    def _str_tag(self, user: str, raw: bytes) -> int:
         inline = _encode(user)
         if inline is None:
-            digest = hashlib.blake2b(user.encode("utf-8"), digest_size=8, key=self.key)
+            digest = hashlib.blake2b(raw, digest_size=8, key=self.key)
             return _STR_BIT | int.from_bytes(digest.digest(), "little") & _HASH_MASK
         return _STR_BIT | _INLINE_BIT | self._permute(inline)
 

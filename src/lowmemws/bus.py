@@ -67,6 +67,7 @@ class LocalBus(BusBase):
     """
 
     may_block = False  # publish fans out here and returns: nothing to wait for
+    read_settles = True  # a read waits for the publish in progress (history_read)
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,13 +87,21 @@ class LocalBus(BusBase):
         max_bytes: int,
         lock: threading.Lock | None = None,
     ) -> ReadResult:
-        """history_read reads the in-memory history (see BusBase.history_read)."""
+        """history_read reads the in-memory history (see BusBase.history_read).
+
+        It reads between two publishes (under the lock publish stores and delivers under),
+        so every message the result holds has been delivered here: a message stored but not
+        delivered yet would otherwise be in the result, given to a resuming client as its
+        position, and then come live with an offset that client takes for one it has (the
+        first message of a stream, before any delivery of it was recorded, was lost so).
+        """
         store = self._store
         if store is None:
             raise NotImplementedError("LocalBus: history is not enabled")
-        result: ReadResult = read_holding(
-            lock, lambda: store.read(stream, after, max_count, max_bytes)
-        )
+        with self._order:  # publish takes it, then the stripe: the same order here
+            result: ReadResult = read_holding(
+                lock, lambda: store.read(stream, after, max_count, max_bytes)
+            )
         return result
 
     def start(self, deliver: Deliver) -> None:
@@ -113,7 +122,7 @@ class LocalBus(BusBase):
             raise BusUnavailable("LocalBus is not started or is closed")
         self.stats.add("published")
         try:
-            if self._store is not None and envelope.stream is not None and not envelope.paced:
+            if self._store is not None and envelope.stream is not None:
                 with self._order:  # store, then deliver, one message at a time
                     position = self._store.append(envelope.stream, stored_entry(envelope))
                     count = deliver(envelope.with_position(*position))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ._bus_base import frame_data
 from ._constants import OP_BINARY, OP_TEXT
 from ._native import ffi
-from ._user_ids import INT_USER_MAX, UserTag
+from ._user_ids import INT_USER_MAX, UserTag, is_long_tag
 from ._wire_envelope import message_frame
 from .close_codes import CloseCode, close_reason_bytes
 
@@ -56,18 +56,21 @@ class Connection:
 
     @property
     def user(self) -> int | str | UserTag:
-        """user is the user id that Accept(user=...) gave, 0 for none.
+        """user is the user id that Accept(user=...) gave, 0 for none, in every hook.
 
-        An int id comes back as is in every hook. A str id comes back as the str in every
-        hook when it is short enough to be kept in the connection's 64-bit tag (up to 9
-        characters of ``[0-9A-Za-z_-]``, or up to 7 bytes of UTF-8); a longer one is the str
-        in ``on_open`` and a `lowmemws.UserTag` in the later hooks (nothing per connection
-        remembers the str: see docs/presence.md). Either reaches the same connections with
-        send_to_user, online and disconnect_user.
+        An int id and a str id up to 9 characters of ``[0-9A-Za-z_-]`` (or 7 bytes of UTF-8)
+        are kept in the connection's 64-bit tag and cost nothing. A longer str id is read from
+        the process's table of the long ids online there: one entry per user (not per
+        connection) of its length plus a few bytes, gone with the user's last connection
+        here (docs/presence.md). A handle read after that gives a `lowmemws.UserTag`, which
+        reaches the same connections with send_to_user, online and disconnect_user.
         """
         user = self._user
         if isinstance(user, str) or user <= INT_USER_MAX:
             return user
+        if is_long_tag(user):
+            name = self._server.user_name(user)
+            return name if name is not None else UserTag(user)
         return self._server.user_ids.user(user)
 
     def send(self, data: str | bytes | bytearray | memoryview) -> SendResult:

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 
 from ._constants import KNOWN_HEADERS, REJECT_STATUSES
 from ._native import ffi, lib
-from ._user_ids import INT_USER_MAX
+from ._user_ids import INT_USER_MAX, check_str_user
 from ._wire_envelope import ENVELOPE_PROTOCOL, RESUME_PARAM, parse_resume
 from .headers import Headers
 
@@ -171,14 +171,14 @@ class Accept:
     """Accept answers on_connect: upgrade the connection.
 
     user: the user id for send_to_user, online and disconnect_user: an int in 0..2**63-1
-    (0 = none) or a non-empty str (kept as a 64-bit tag, nothing more: see
-    `Connection.user`); topics: topic names to subscribe to; subprotocol: the
+    (0 = none) or a non-empty str of at most 256 bytes of UTF-8 (see `Connection.user` for
+    what it costs); topics: topic names to subscribe to; subprotocol: the
     Sec-WebSocket-Protocol to confirm (one the client offered).
     One is made per upgrade, so it is a plain slotted class: cheap to build.
 
     Raises:
         ValueError: an int user outside 0..2**63-1 (the upper half of the 64-bit tags is
-            for str ids), or an empty str.
+            for str ids), an empty str or one over 256 bytes of UTF-8.
         TypeError: a user that is neither an int nor a str.
     """
 
@@ -188,8 +188,10 @@ class Accept:
         self, user: int | str = 0, topics: tuple[str, ...] = (), subprotocol: str | None = None
     ) -> None:
         if isinstance(user, str):
-            if not user:
-                raise ValueError("Accept.user: a str user id must not be empty")
+            try:
+                check_str_user(user)
+            except ValueError as exc:
+                raise ValueError(f"Accept.user: {exc}") from None
         elif not isinstance(user, int) or isinstance(user, bool):
             raise TypeError(f"Accept.user is an int or a str, not {type(user).__name__}")
         elif not 0 <= user <= INT_USER_MAX:

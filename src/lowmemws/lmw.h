@@ -352,6 +352,8 @@ typedef struct {
     uint64_t errors[LMW_ERRORS]; /* LMW_ERR_*: failures handled, counted so none is silent */
     uint64_t pid;
     uint64_t tls[LMW_TLS_COUNTERS]; /* LMW_TLS_*: TLS handshakes and every bad-input outcome */
+    uint64_t user_names;            /* long str user ids online here, by name (_user_names.c) */
+    uint64_t user_name_bytes;       /* the bytes their entries and table take */
 } lmw_stats;
 
 /* lmw_close_code_index maps a close code to its slot in lmw_stats.closes. */
@@ -361,7 +363,7 @@ int lmw_close_code_index(int code);
 #define LMW_EV_UPGRADE 1 /* a valid upgrade waits: answer with lmw_upgrade_accept/lmw_reject */
 #define LMW_EV_HTTP 2    /* a plain HTTP request (head + body) waits: answer with lmw_respond */
 #define LMW_EV_MESSAGE 3 /* a complete message: opcode, data, len */
-#define LMW_EV_CLOSED 4  /* an open connection ended: code */
+#define LMW_EV_CLOSED 4  /* an open connection ended: code; len 1: it holds the user's name */
 #define LMW_EV_WAKE 5    /* lmw_wake was called */
 
 /* lmw_event: data and request are borrowed; valid only until the next lmw_poll (copy them
@@ -496,6 +498,21 @@ int lmw_is_envelope(lmw_server *s, int fd, uint32_t gen);
  * Returns 0, or LMW_ERROR for a stale or closed handle. */
 int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
 
+/* The names of long str user ids (_user_names.c, issue 12): the tag of a str id too long for
+ * it (the top bit set, the next one clear) is a keyed hash, so the name is kept here, one
+ * entry per such user online in this process. lmw_user_name_hold keeps tag's entry (made
+ * with the name's UTF-8 if there is none) until lmw_user_name_release; hold it before the
+ * upgrade that tags a connection with it, release it after: from then on the entry lives as
+ * long as a connection of the user does here. Returns 0, or LMW_ERROR for a tag that is not
+ * a long str id's, an empty name or one over LMW_USER_NAME_MAX bytes, or no memory.
+ * lmw_user_name copies tag's name into out (cap bytes) and returns its length, or LMW_ERROR
+ * when the name is not known here (or does not fit). A closed event whose len is 1 holds its
+ * user's name (so on_close can read it): release it once the event is handled. */
+#define LMW_USER_NAME_MAX 256 /* bytes of UTF-8 in a str user id */
+int lmw_user_name_hold(lmw_server *s, uint64_t tag, const uint8_t *name, size_t len);
+void lmw_user_name_release(lmw_server *s, uint64_t tag);
+int lmw_user_name(lmw_server *s, uint64_t tag, uint8_t *out, size_t cap);
+
 /* ------------------------------------------------------------------------------------
  * Paced fan-out (_paced.c, issue 18): one frame to many, spread over time by the loop.
  * ---------------------------------------------------------------------------------- */
@@ -517,6 +534,13 @@ int lmw_set_user(lmw_server *s, int fd, uint32_t gen, uint64_t user_tag);
 int64_t lmw_paced_start(lmw_server *s, uint64_t id, int to, uint64_t topic, const uint64_t *users,
                         size_t nusers, int opcode, const uint8_t *data, size_t len, int policy,
                         double spread_s, double rate);
+/* lmw_paced_start_env is lmw_paced_start with env/env_len (an envelope text, issue 12): the
+ * connections that chose the envelope subprotocol get env as a text frame, the others the
+ * data frame; each frame is built once. env NULL: everyone gets the data frame. */
+int64_t lmw_paced_start_env(lmw_server *s, uint64_t id, int to, uint64_t topic,
+                            const uint64_t *users, size_t nusers, int opcode, const uint8_t *data,
+                            size_t len, const uint8_t *env, size_t env_len, int policy,
+                            double spread_s, double rate);
 
 /* lmw_paced_cancel ends every paced send named id; returns the members they had not reached
  * (counted in lmw_stats.paced_cancelled_total). lmw_close_all ends every paced send the same

@@ -20,6 +20,8 @@ _GAUGES = {
     "deflate_streams": "zlib streams held by the permessage-deflate pool (none per connection).",
     "paced_in_flight": "Paced sends (spread or rate) not finished yet.",
     "paced_rate": "Members reached by paced sends per second, over the last second.",
+    "user_names": "Long str user ids online, kept by name (one per user and process).",
+    "user_name_bytes": "Bytes the names of the long str user ids online take.",
 }
 #: Gauges in seconds, the largest over processes (not summed): microseconds in lmw_stats.
 _MAX_GAUGES = {

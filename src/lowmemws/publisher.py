@@ -187,7 +187,8 @@ class Publisher:
 
         Raises:
             BusUnavailable: closed, or the buffer stayed full for block_timeout (Redis down).
-            ValueError: an unknown policy, a bad user id, or a bad pacing.
+            ValueError: an unknown policy, a bad user id, or a bad pacing (with history,
+                any pacing of several users).
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._user_ids.tag, users))

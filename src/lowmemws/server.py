@@ -46,7 +46,7 @@ from .bus import QUERY_KINDS, Bus, BusBase, Envelope, LocalBus, Policy, ProcessB
 from .close_codes import CloseCode, close_reason_bytes
 from .config import Config
 from .connection import Connection
-from .errors import TLSError
+from .errors import BusUnavailable, TLSError
 
 ConnectHookT = TypeVar("ConnectHookT", bound=ConnectHook)
 MessageHookT = TypeVar("MessageHookT", bound=MessageHook)
@@ -305,7 +305,8 @@ class Gateway:
 
         Raises:
             BusUnavailable: the bus cannot take the message; nothing was delivered.
-            ValueError: an unknown policy, a bad user id (see send_to_user), or a bad pacing.
+            ValueError: an unknown policy, a bad user id (see send_to_user), or a bad pacing
+                (with history on, any pacing of several users: docs/limits.md).
             TypeError: a user that is neither an int, a str nor a UserTag.
         """
         tags = tuple(map(self._server.user_ids.tag, users))
@@ -429,11 +430,10 @@ class Gateway:
         if envelope.kind in QUERY_KINDS:
             bus = self._bus if isinstance(self._bus, BusBase) else None
             return answer_query(self._server, bus, envelope)
+        if envelope.paced and self._resumer is not None:
+            return self._deliver_paced_enveloped(envelope, self._resumer)
         if envelope.paced or envelope.kind == "users":
-            key = envelope.key if envelope.kind != "broadcast" else None
-            assert key is None or isinstance(key, str | tuple)
-            pace = (envelope.pace_id, envelope.spread, envelope.node_rate)
-            return self._server.paced_start(key, envelope.opcode, payload, policy, pace)
+            return self._paced_start(envelope, None)
         if envelope.kind == "topic":
             assert isinstance(envelope.key, str)
             return self._server.publish(envelope.key, envelope.opcode, payload, policy)
@@ -453,6 +453,33 @@ class Gateway:
             return self._fan_out_enveloped(envelope, env)
         with resumer.stripe(stream):
             count = self._fan_out_enveloped(envelope, env)
+            resumer.delivered(stream, envelope.epoch, envelope.offset)
+        return count
+
+    def _paced_start(self, envelope: Envelope, env: bytes | None) -> int:
+        """_paced_start hands a paced send (or a batch of users) to C: its frame, and env
+        for the envelope clients when given."""
+        key = envelope.key if envelope.kind != "broadcast" else None
+        if isinstance(key, int):  # a paced send_to_user (with history: see paced_envelope)
+            key = (key,)
+        assert key is None or isinstance(key, str | tuple)
+        pace = (envelope.pace_id, envelope.spread, envelope.node_rate)
+        policy = POLICIES[envelope.policy]
+        return self._server.paced_start(key, envelope.opcode, envelope.payload, policy, pace, env)
+
+    def _deliver_paced_enveloped(self, envelope: Envelope, resumer: Resumer) -> int:
+        """With history, a paced send goes as its envelope (with its position when stored)
+        to the envelope clients and raw to the others, each frame built once. A stored one
+        starts under its stream's stripe and counts as delivered from then on: a resume
+        meanwhile replays it, and the paced step may still bring it to that client later,
+        which drops it by its position (docs/envelope.md)."""
+        stream = envelope.stream
+        env = message_frame(envelope.opcode, envelope.payload, stream, envelope.epoch,
+                            envelope.offset)  # fmt: skip
+        if stream is None or not envelope.epoch:
+            return self._paced_start(envelope, env)
+        with resumer.stripe(stream):
+            count = self._paced_start(envelope, env)
             resumer.delivered(stream, envelope.epoch, envelope.offset)
         return count
 
@@ -548,6 +575,34 @@ class Gateway:
     ) -> int:
         """adisconnect_user is disconnect_user for asyncio code: the wait runs in a thread."""
         return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
+
+    def positions(self, topics: Iterable[str] = (), user: UserId = 0) -> dict[str, tuple[str, int]]:
+        """positions is where the history of each stream of topics and of user stands now:
+        {stream: (epoch, offset)}, ("", 0) for a stream with no history yet (from its first
+        message on), in the form lowmemws.js (option ``positions``) and `lowmemws.client`
+        (``positions=``) resume from.
+
+        Read it with the state the application hands a client (a page's mails) and pass it
+        to the client: its first connection is then a resume, so it gets every message
+        published after that state was read, even one published before it connects or while
+        a connection drops before its first ``synced`` (docs/envelope.md).
+
+        Raises:
+            ValueError: history is off (Config.history), or a bad user id.
+            BusUnavailable: the gateway is not started, or its history cannot be reached.
+        """
+        if self.config.history is None:
+            raise ValueError("positions: history is off (Config.history is None)")
+        tag = self._server.user_ids.tag(user)
+        streams = [f"t:{topic}" for topic in topics] + ([f"u:{tag}"] if tag else [])
+        bus = self._bus
+        if not isinstance(bus, BusBase):  # not started (a custom Bus keeps no history)
+            raise BusUnavailable("positions: the gateway is not started")
+        found: dict[str, tuple[str, int]] = {}
+        for stream in streams:
+            result = bus.history_read(stream, _PAST_EVERY_OFFSET, 0, 0)
+            found[stream] = (result.epoch, result.last) if result.epoch else ("", 0)
+        return found
 
     def partition_of(self, user: UserId) -> int:
         """partition_of is user's routing partition on RedisBus (0..lowmemws.bus.PARTITIONS-1),
@@ -832,12 +887,7 @@ def _with_envelope_protocol(config: Config) -> Config:
     return dataclasses.replace(config, subprotocols=(*config.subprotocols, ENVELOPE_PROTOCOL))
 
 
-_SEND_NAMES = {
-    "topic": "publish",
-    "user": "send_to_user",
-    "users": "send_to_user(s)",
-    "broadcast": "broadcast",
-}  # the call a refused paced envelope came from, for its error message
+_PAST_EVERY_OFFSET = 2**62  # a read after it holds no message, only the stream's position
 
 
 def paced_envelope(
@@ -852,23 +902,22 @@ def paced_envelope(
     """paced_envelope adds a pacing to envelope (unchanged when there is none): the one
     place publish keywords become a paced envelope, for the Gateway and the Publisher.
     node_count is asked only for a paced send (a rate is shared by the nodes it reaches).
-    ``history``: the sender has history on, where a paced send is refused (see below).
+    ``history``: the sender has history on: a paced send is stored first like any other
+    (a publish in its topic's stream, a send_to_user in its user's), then paced; a paced
+    batch of users is refused there (each user's copy would carry its own position, which
+    one paced frame cannot).
 
     Raises:
         ValueError: spread and rate both given, either not > 0 (or spread over 1e6 s),
-            pace_id without either, or any pacing with history on (not supported yet: a
-            paced send would be neither stored nor enveloped; docs/limits.md).
+            pace_id without either, or with history on a paced send_to_users of more than
+            one user (docs/limits.md).
     """
     if spread is None and rate is None:
         if pace_id is not None:
             raise ValueError("pace_id names a paced send: give spread or rate too")
         return envelope
-    if history:
-        raise ValueError(
-            f"paced {_SEND_NAMES[envelope.kind]} (spread= or rate=) is not supported with "
-            "history on: it would be neither stored nor enveloped (docs/limits.md); send "
-            "it unpaced"
-        )
+    if history and envelope.kind == "users":
+        envelope = _one_user(envelope)
     if spread is not None and rate is not None:
         raise ValueError("give spread or rate, not both")
     value = spread if spread is not None else rate
@@ -879,6 +928,26 @@ def paced_envelope(
     number = pace_number(pace_id) if pace_id is not None else secrets.randbits(64)
     nodes = node_count()
     return envelope.with_pace(float(spread or 0), float(rate or 0), max(1, nodes), number)
+
+
+def _one_user(envelope: Envelope) -> Envelope:
+    """_one_user is a batch of one user (a paced send_to_user) as that user's envelope, so
+    history stores it in the user's stream.
+
+    Raises:
+        ValueError: a batch of several users (see paced_envelope).
+    """
+    assert isinstance(envelope.key, tuple)
+    users = tuple(dict.fromkeys(tag for tag in envelope.key if tag))
+    if len(users) > 1:
+        raise ValueError(
+            "a paced send_to_users (spread= or rate=) of several users is not supported with "
+            "history on: each user's copy has its own stream position; pace a publish to a "
+            "topic, or send to the users unpaced (docs/limits.md)"
+        )
+    if not users:
+        return envelope
+    return Envelope("user", users[0], envelope.opcode, envelope.payload, envelope.policy)
 
 
 def pace_number(pace_id: str) -> int:

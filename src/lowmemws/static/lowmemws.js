@@ -12,6 +12,7 @@
  *     onrefresh(stream, epoch, offset) {},
  *     onstatus(status) {},               // "connecting", "open", "synced", "closed"
  *     storageKey: "mail-positions",      // keeps positions across page loads (sessionStorage)
+ *     positions: {"t:mail": ["9f3a", 12]}, // where the page's state stands (Gateway.positions)
  *   });
  */
 (function (root) {
@@ -30,7 +31,8 @@
     this.heartbeatInterval = o.heartbeatInterval || 20000; /* ms of silence before a ping */
     this.heartbeatTimeout = o.heartbeatTimeout || 10000; /* ms to answer it */
     this.storageKey = o.storageKey || null;
-    this.positions = this._load();
+    /* the page's positions, read with its state, win over saved ones (older than it) */
+    this.positions = o.positions ? JSON.parse(JSON.stringify(o.positions)) : this._load() || {};
     this.connects = 0;
     this._awaiting = {};
     this._attempt = 0;
@@ -65,9 +67,9 @@
   LowMemWS.prototype._load = function () {
     try {
       var saved = this.storageKey && root.sessionStorage.getItem(this.storageKey);
-      return saved ? JSON.parse(saved) : {};
+      return saved ? JSON.parse(saved) : null;
     } catch (e) {
-      return {};
+      return null;
     }
   };
 
