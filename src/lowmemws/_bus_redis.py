@@ -127,8 +127,18 @@ _TOPIC_LEN = struct.Struct(">H")
 _KEY_AT = _HEADER.size + 3  # the key follows the 3 header bytes of a version 1 envelope
 
 
+def _options_for(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """_options_for: the client options a URL's connection class accepts. A ``unix://``
+    URL's connection refuses ``socket_keepalive`` (TCP keepalive means nothing on a local
+    socket; the links' own PINGs still check liveness)."""
+    if url.startswith("unix://"):
+        return {name: value for name, value in options.items() if name != "socket_keepalive"}
+    return options
+
+
 class RedisBus(BusBase):
-    """RedisBus carries envelopes between nodes through a redis-server at ``url``.
+    """RedisBus carries envelopes between nodes through a redis-server at ``url``
+    (``redis://``, ``rediss://`` for TLS, or ``unix://`` for a local socket).
 
     Create it in the process that uses it (after any fork: its threads and sockets do not
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
@@ -901,7 +911,9 @@ class RedisBus(BusBase):
     def _client(self) -> Any:
         if self._cluster:
             return self._redis.RedisCluster.from_url(self._url, **self._client_options)
-        return self._redis.Redis.from_url(self._url, **self._client_options)
+        return self._redis.Redis.from_url(
+            self._url, **_options_for(self._url, self._client_options)
+        )
 
     def _connect(self, first: bool) -> Any | None:
         """A client that answered PING (retried with backoff and jitter); None once closing.
