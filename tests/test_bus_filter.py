@@ -329,3 +329,26 @@ def test_the_c_loop_returns_for_a_wake_up_and_ends_a_closed_or_broken_link() -> 
         os.close(fd)
     for sock in (ours, theirs, ours2):
         sock.close()
+
+
+def test_the_c_loop_hands_drop_counts_to_python_while_it_drops() -> None:
+    import os
+
+    from lowmemws._bus_filter import WAIT_COUNTED, WAIT_ITEMS
+
+    got: list[tuple[bytes, bytes, bool]] = []
+    link, theirs, ours = socket_link(got)
+    other = b"\x01" * 16
+    first = other + (1).to_bytes(8, "big") + b"\x01\x02\x01x"
+    push = b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:bus") + bulk(first)
+    wake_r, wake_w = os.pipe()
+    theirs.sendall(push)
+    assert link.filter.wait([link.native], wake_r, 60.0).status == WAIT_ITEMS
+    theirs.sendall(push)  # re-sent: dropped in C, counted
+    # the stats must not wait for the next kept message or the keepalive (60 s here)
+    assert link.filter.wait([link.native], wake_r, 60.0).status == WAIT_COUNTED
+    assert link.filter.take_counts() == (0, 1, 0)
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    ours.close()
+    theirs.close()

@@ -8,7 +8,9 @@
  * released, polls the links' sockets and the bus's wake-up pipe, reads into each link's own
  * buffer, frames and judges what arrived, and goes back to polling while everything was
  * dropped: Python wakes only for messages it delivers, other replies (confirmations, PONGs,
- * errors), a wake-up, a closed or failed link, or the timeout (the next keepalive).
+ * errors), a wake-up, a closed or failed link, the timeout (the next keepalive), or, while
+ * messages are being dropped, every report_every seconds so that the drop counters reach
+ * the bus's stats (bus_unserved_total) within that time; never when nothing arrives.
  *
  * A link's buffer holds [0, len): bytes read; [0, at) is scanned. The items returned point
  * into it and stay valid until the next call on the same links, which first moves the
@@ -103,9 +105,13 @@ static int read_link(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link *link, lmw
     return scan_link(f, hub, link, items, cap, used, counts);
 }
 
+static uint64_t counted(const lmw_bus_counts *counts) {
+    return counts->unserved + counts->duplicates + counts->missed;
+}
+
 int lmw_bus_wait(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link **links, size_t count,
-                 int wake_fd, double timeout, lmw_bus_item *items, size_t cap, size_t *used,
-                 lmw_bus_counts *counts, size_t *which) {
+                 int wake_fd, double timeout, double report_every, lmw_bus_item *items, size_t cap,
+                 size_t *used, lmw_bus_counts *counts, size_t *which) {
     struct pollfd fds[LMW_BUS_WAIT_LINKS_MAX + 1];
     if (count > LMW_BUS_WAIT_LINKS_MAX) return LMW_BUS_WAIT_TOO_MANY;
     *used = 0;
@@ -116,11 +122,18 @@ int lmw_bus_wait(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link **links, size_
             if (status < 0 || *used) return status < 0 ? status : LMW_BUS_WAIT_ITEMS;
         }
     }
-    double deadline = monotonic_seconds() + (timeout > 0 ? timeout : 0);
+    double start = monotonic_seconds();
+    double deadline = start + (timeout > 0 ? timeout : 0);
+    double report_at = start + (report_every > 0 ? report_every : 0);
+    uint64_t at_start = counted(counts);
     for (;;) {
         for (size_t i = 0; i < count; i++) fds[i] = (struct pollfd){links[i]->fd, POLLIN, 0};
         fds[count] = (struct pollfd){wake_fd, POLLIN, 0};
-        double left = deadline - monotonic_seconds();
+        double now = monotonic_seconds();
+        int dropped = counted(counts) != at_start;
+        if (dropped && now >= report_at) return LMW_BUS_WAIT_COUNTED;
+        double until = dropped && report_at < deadline ? report_at : deadline;
+        double left = until - now;
         int ms = left > 0 ? (int)(left * 1000.0) + 1 : 0; /* + 1: never return early */
         int ready = poll(fds, count + 1, ms);
         if (ready < 0 && errno != EINTR) return LMW_BUS_WAIT_POLL_FAILED;

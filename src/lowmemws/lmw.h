@@ -624,12 +624,14 @@ typedef struct lmw_bus_link {
 } lmw_bus_link;
 
 /* What lmw_bus_wait returns: items of links[*which] are ready (*used of them, offsets into
- * its buf), the wake fd is readable, the timeout passed; or a failure of links[*which]:
+ * its buf), the wake fd is readable, the timeout passed, report_every passed with messages
+ * dropped (counts changed) meanwhile; or a failure of links[*which]:
  * closed by the server, a read error (error), bytes that break RESP; poll failed (errno);
  * more links than LMW_BUS_WAIT_LINKS_MAX. */
 #define LMW_BUS_WAIT_ITEMS 1
 #define LMW_BUS_WAIT_WOKEN 2
 #define LMW_BUS_WAIT_TIMEOUT 3
+#define LMW_BUS_WAIT_COUNTED 4
 #define LMW_BUS_WAIT_CLOSED -1
 #define LMW_BUS_WAIT_FAILED -2
 #define LMW_BUS_WAIT_PROTOCOL -3
@@ -644,11 +646,12 @@ void lmw_bus_link_release(lmw_bus_link *link);
 
 /* lmw_bus_wait polls count links and wake_fd for at most timeout seconds, reads and judges
  * (lmw_bus_filter_scan) what arrives, and returns only when Python has something to do (see
- * the statuses above). *which: in, the link served last (fairness); out, the link the status
+ * the statuses above; counts: report_every seconds after the call began, once any message
+ * was dropped). *which: in, the link served last (fairness); out, the link the status
  * is about. Call it with the GIL released: it blocks. */
 int lmw_bus_wait(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link **links, size_t count,
-                 int wake_fd, double timeout, lmw_bus_item *items, size_t cap, size_t *used,
-                 lmw_bus_counts *counts, size_t *which);
+                 int wake_fd, double timeout, double report_every, lmw_bus_item *items, size_t cap,
+                 size_t *used, lmw_bus_counts *counts, size_t *which);
 
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
