@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import urllib.parse
@@ -20,6 +21,7 @@ import pytest
 
 from lowmemws import RedisBus
 from lowmemws.bus import Envelope
+from tests.support.ci import skip_or_fail
 from tests.support.redis_server import require_redis
 from tests.support.servers import free_port
 from tests.support.tls import make_certificates
@@ -40,14 +42,26 @@ def tls_redis_url() -> Iterator[str]:
     args += ["--tls-cert-file", str(certs.cert), "--tls-key-file", str(certs.key)]
     args += ["--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no"]
     args += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_until(lambda: listening(port) or process.poll() is not None, "redis-server", 10)
+        if process.poll() is not None:
+            skip_or_fail("redis-server refused the TLS options (built without TLS?)")
         ca = urllib.parse.quote(str(certs.ca), safe="")
         yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def listening(port: int) -> bool:
+    """listening tells whether something accepts TCP connections on the loopback port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_two_nodes_exchange_topic_user_and_broadcast_over_tls(tls_redis_url: str) -> None:
