@@ -30,6 +30,8 @@
 
 #include "lmw.h"
 
+#define POLL_MAX_S 3600.0 /* one poll's longest wait: its milliseconds fit an int */
+
 static double monotonic_seconds(void) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now); /* the clock of Python's time.monotonic() */
@@ -134,6 +136,7 @@ int lmw_bus_wait(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link **links, size_
         if (dropped && now >= report_at) return LMW_BUS_WAIT_COUNTED;
         double until = dropped && report_at < deadline ? report_at : deadline;
         double left = until - now;
+        if (left > POLL_MAX_S) left = POLL_MAX_S;         /* a huge keepalive: poll again later */
         int ms = left > 0 ? (int)(left * 1000.0) + 1 : 0; /* + 1: never return early */
         int ready = poll(fds, count + 1, ms);
         if (ready < 0 && errno != EINTR) return LMW_BUS_WAIT_POLL_FAILED;
