@@ -24,6 +24,12 @@ With ``--cluster`` the partitioned rows run again on a Redis Cluster of 3 master
 (redis-server --cluster-enabled, redis-cli --cluster create), the nodes given one master's
 address.
 
+Every wait has a deadline (PHASE_DEADLINE) and says on stderr what it waits for; a row
+that misses one, or whose nodes lost connections or subscriptions on the way, is reported
+with an ``error`` and the run goes on with the next row. The nodes run without heartbeats:
+the benchmark's connections never answer a ping, and a ping round would close them all
+``ping_interval + ping_timeout`` (40 s) into a row, subscriptions included.
+
 Usage: python benchmarks/cluster.py [--nodes 4] [--users 1500] [--messages 20000]
        [--main-src /tmp/route-main/src] [--cluster] [--json FILE]
 """
@@ -34,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -52,9 +59,10 @@ from lowmemws._routing import channel_for, control_channel, user_partition  # no
 NODE = textwrap.dedent(
     """
     import sys
-    from lowmemws import Accept, Gateway, RedisBus
+    from lowmemws import Accept, Config, Gateway, RedisBus
     bus = RedisBus(sys.argv[1])
-    gateway = Gateway("127.0.0.1", 0, bus=bus)
+    # no heartbeats: the benchmark's connections never answer a ping (see the docstring)
+    gateway = Gateway("127.0.0.1", 0, bus=bus, config=Config(ping_interval=0))
     gateway.on_connect(lambda request: Accept(user=int(request.params["user"])))
     gateway.start()
     assert bus.wait_ready(30)
@@ -66,7 +74,20 @@ NODE = textwrap.dedent(
 SETTLE = 2.0  # seconds for subscribes to settle after the connections are made
 IDLE_WINDOW = 5.0  # seconds of idle CPU measured per row
 QUIET = 0.5  # seconds without CPU growth that mean a node has drained its traffic
+QUIET_MARGIN_NS = 2_000_000  # CPU a node may take over QUIET, above its idle rate, and be quiet
+PHASE_DEADLINE = 120.0  # seconds any one wait (start, settle, drain) may take
+PROGRESS_EVERY = 5.0  # seconds between two reports of a wait that goes on
 PIPELINE = 500  # SPUBLISH per round trip from the publisher
+
+
+class PhaseTimeout(RuntimeError):
+    """PhaseTimeout: a wait of the benchmark passed PHASE_DEADLINE (the row is reported with
+    the error, the run goes on)."""
+
+
+def say(text: str) -> None:
+    """say reports progress on stderr (stdout carries the rows)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def cpu_ns(pid: int) -> int:
@@ -185,14 +206,20 @@ class Node:
             text=True,
         )
         assert self.process.stdout is not None
-        self.port = int(self.process.stdout.readline())
         self.sockets: list[socket.socket] = []
+        readable, _, _ = select.select([self.process.stdout], [], [], PHASE_DEADLINE)
+        line = self.process.stdout.readline() if readable else ""
+        if not line.strip().isdigit():
+            self.process.kill()
+            self.process.wait()
+            raise PhaseTimeout(f"a node did not start within {PHASE_DEADLINE} s: {line!r}")
+        self.port = int(line)
 
     def connect(self, users: list[int]) -> None:
         """connect opens one WebSocket per user (the upgrade only; never read again)."""
         batch = []
         for user in users:
-            s = socket.create_connection(("127.0.0.1", self.port))
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=PHASE_DEADLINE)
             s.sendall(
                 f"GET /?user={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -204,12 +231,34 @@ class Node:
             assert head.startswith(b"HTTP/1.1 101"), head[:40]
         self.sockets += batch
 
+    def alive(self) -> int:
+        """alive counts this node's connections the server has not closed: it reads what
+        each one received (the messages delivered) and counts those at end of stream."""
+        closed = 0
+        for s in self.sockets:
+            s.setblocking(False)
+            try:
+                while s.recv(65536):
+                    pass
+                closed += 1  # recv returned b"": the server closed it
+            except BlockingIOError:
+                pass  # open, nothing more to read
+            except OSError:
+                closed += 1  # reset
+            s.setblocking(True)
+        return len(self.sockets) - closed
+
     def stop(self) -> None:
         for s in self.sockets:
             s.close()
         assert self.process.stdin is not None
         self.process.stdin.close()
-        self.process.wait(timeout=20)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            say(f"node {self.process.pid} did not stop within 20 s: killed")
+            self.process.kill()
+            self.process.wait()
 
 
 def unserved(node: Node) -> int:
@@ -226,15 +275,32 @@ def unserved(node: Node) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def wait_quiet(pids: list[int]) -> None:
-    """wait_quiet returns once no node's CPU grew by more than 2 ms over QUIET seconds."""
+def wait_quiet(pids: list[int], what: str, idle_ms: list[float] | None = None) -> None:
+    """wait_quiet returns once no node's CPU grew, over QUIET seconds, by more than its idle
+    rate (ms/s, when known) plus QUIET_MARGIN_NS: a node whose idle CPU is high (the code
+    before issue 15, a loaded machine) is quiet too. Reports every PROGRESS_EVERY s.
+
+    Raises:
+        PhaseTimeout: not quiet within PHASE_DEADLINE.
+    """
+    allowed = [QUIET_MARGIN_NS + (idle * 1e6 * QUIET) for idle in (idle_ms or [0.0] * len(pids))]
+    start = time.monotonic()
+    reported = start
     last = [cpu_ns(p) for p in pids]
     while True:
         time.sleep(QUIET)
         now = [cpu_ns(p) for p in pids]
-        if all(b - a < 2_000_000 for a, b in zip(last, now, strict=True)):
+        grown = [b - a for a, b in zip(last, now, strict=True)]
+        if all(g < limit for g, limit in zip(grown, allowed, strict=True)):
             return
         last = now
+        waited = time.monotonic() - start
+        if waited > PHASE_DEADLINE:
+            raise PhaseTimeout(f"{what}: nodes still busy after {PHASE_DEADLINE} s: {grown} ns")
+        if time.monotonic() - reported >= PROGRESS_EVERY:
+            reported = time.monotonic()
+            busy = ", ".join(f"{g / 1e6:.1f}" for g in grown)
+            say(f"{what}: {waited:.0f} s, waiting for quiet nodes; their ms in {QUIET} s: {busy}")
 
 
 def publish(
@@ -270,15 +336,19 @@ def run_row(
     name: str, src: str, kind: str, args: argparse.Namespace, tmp: Path, cluster: bool = False
 ) -> dict[str, Any]:
     rng = random.Random(15)
+    say(f"{name}: starting Redis and {args.nodes} nodes")
     redis: Redis | RedisClusterServers = RedisClusterServers(tmp) if cluster else Redis(tmp)
-    nodes = [Node(redis.url, src) for _ in range(args.nodes)]
+    nodes: list[Node] = []
     try:
+        nodes += [Node(redis.url, src) for _ in range(args.nodes)]
         placed = placement(kind, args.nodes, args.users, rng)
+        say(f"{name}: connecting {args.users} users to each node")
         for node, users in zip(nodes, placed, strict=True):
             node.connect(users)
         pids = [node.process.pid for node in nodes]
         time.sleep(SETTLE)
-        wait_quiet(pids)
+        wait_quiet(pids, f"{name}, settling")
+        subscribed = shard_channels(redis)
 
         before = [cpu_ns(p) for p in pids]
         time.sleep(IDLE_WINDOW)
@@ -294,16 +364,26 @@ def run_row(
         phase_b = [rng.choice(everyone) for _ in range(args.messages)]
 
         unserved_before = unserved(nodes[0])
-        a_cpu, a_seconds = measure(redis, pids, phase_a, channel_of, idle_ms)
+        say(f"{name}: phase A, {args.messages} messages for users not on node 0")
+        a_cpu, a_seconds = measure(redis, pids, phase_a, channel_of, idle_ms, f"{name}, A")
         received = unserved(nodes[0]) - unserved_before
         redis_before = sum(cpu_ns(pid) for pid in redis.pids)
-        b_cpu, b_seconds = measure(redis, pids, phase_b, channel_of, idle_ms)
+        say(f"{name}: phase B, {args.messages} messages for users anywhere")
+        b_cpu, b_seconds = measure(redis, pids, phase_b, channel_of, idle_ms, f"{name}, B")
         redis_ns = sum(cpu_ns(pid) for pid in redis.pids) - redis_before
         per_message_b = [ns / args.messages for ns in b_cpu]
         busiest = max(per_message_b)
         subscriptions = shard_channels(redis)
+        connections = sum(node.alive() for node in nodes)
+        problems = []
+        if subscriptions != subscribed:
+            problems.append(f"channels subscribed {subscribed} before, {subscriptions} after")
+        if connections != args.nodes * args.users:
+            problems.append(f"{args.nodes * args.users - connections} connections were closed")
         return {
             "row": name,
+            "error": "; ".join(problems) or None,
+            "phase_a_seconds": round(a_seconds, 2),
             "nodes": args.nodes,
             "users_per_node": args.users,
             "messages": args.messages,
@@ -320,6 +400,9 @@ def run_row(
             "redis_us_per_message": round(redis_ns / args.messages / 1000, 3),
             "channels_with_subscribers": subscriptions,
         }
+    except PhaseTimeout as exc:
+        say(f"{name}: {exc}")
+        return {"row": name, "error": str(exc)}
     finally:
         for node in nodes:
             node.stop()
@@ -342,13 +425,18 @@ def measure(
     users: list[int],
     channel_of: Callable[[int], str],
     idle_ms: list[float],
+    what: str,
 ) -> tuple[list[float], float]:
     """measure publishes, waits for the nodes to drain, returns each node's CPU (ns) for
-    the traffic (idle CPU over the same time taken off) and the seconds it took."""
+    the traffic (idle CPU over the same time taken off) and the seconds it took.
+
+    Raises:
+        PhaseTimeout: the nodes were not quiet within PHASE_DEADLINE.
+    """
     before = [cpu_ns(p) for p in pids]
     start = time.monotonic()
     publish(redis, users, channel_of)
-    wait_quiet(pids)
+    wait_quiet(pids, what, idle_ms)
     seconds = time.monotonic() - start - QUIET
     spent = [
         max(0.0, cpu_ns(p) - b - idle * 1e6 * seconds)

@@ -203,12 +203,14 @@ def test_an_incomplete_frame_waits_for_the_next_read() -> None:
     assert bus_filter.scan(frame)[1] == [(UNJUDGED, b"lowmemws:bus", b"short")]
 
 
-def test_a_link_reads_a_message_larger_than_its_buffer_across_reads() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["C loop", "Python loop"])
+def test_a_link_reads_a_message_larger_than_its_buffer_across_reads(native: bool) -> None:
+    import os
     import socket
     import threading
     from types import SimpleNamespace
 
-    from lowmemws._redis_link import SubscriberLink
+    from lowmemws._redis_link import SubscriberLink, wait_links
 
     ours, theirs = socket.socketpair()
     got: list[tuple[bytes, bytes, bool]] = []
@@ -223,14 +225,130 @@ def test_a_link_reads_a_message_larger_than_its_buffer_across_reads() -> None:
     big = b"\x02" * 16 + (1).to_bytes(8, "big") + bytes(range(256)) * 2500  # ~640 KB
     frame = b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:bus") + bulk(big)
     stream = frame + b"+PONG\r\n" + frame.replace(b"\x02" * 16, b"\x03" * 16)
+    if not native:  # the path of a TLS link: Python reads, the C filter scans
+        link.native = None
+    wake_r, wake_w = os.pipe()
     writer = threading.Thread(target=theirs.sendall, args=(stream,))
     writer.start()
-    while len(got) < 2:
-        link.read()
+    for _ in range(1000):  # bounds the test: a read brings at least one byte
+        if len(got) == 2:
+            break
+        wait_links([link], 10.0, wake_r)
     writer.join()
+    os.close(wake_r)
+    os.close(wake_w)
     assert got == [
         (b"lowmemws:bus", big, True),
         (b"lowmemws:bus", big.replace(b"\x02" * 16, b"\x03" * 16), True),
     ]
+    ours.close()
+    theirs.close()
+
+
+# -- the C wait loop (plain sockets) ---------------------------------------------------------
+
+
+def socket_link(got: list[tuple[bytes, bytes, bool]]) -> tuple[Any, Any, Any]:
+    """A SubscriberLink on one end of a unix socketpair: (link, the other end, our end)."""
+    import socket
+    from types import SimpleNamespace
+
+    from lowmemws._redis_link import SubscriberLink
+
+    ours, theirs = socket.socketpair()
+    link = SubscriberLink(
+        SimpleNamespace(_sock=ours),
+        True,
+        lambda channel, data, judged: got.append((channel, data, judged)),
+        BusFilter(NODE, ANSWERS),
+        keepalive=60,
+        reply_timeout=5,
+    )
+    return link, theirs, ours
+
+
+def echo(seq: int) -> bytes:
+    """A user envelope of this node's own (the filter drops it as an echo)."""
+    data = NODE + seq.to_bytes(8, "big") + bytes([1, 1, 1]) + seq.to_bytes(8, "big") + b"x"
+    return b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:{u:17}") + bulk(data)
+
+
+def test_dropped_messages_never_wake_python_on_a_plain_socket() -> None:
+    import os
+    import threading
+
+    from lowmemws._redis_link import wait_links
+
+    got: list[tuple[bytes, bytes, bool]] = []
+    link, theirs, ours = socket_link(got)
+    assert link.native is not None  # a plain socket: the C loop
+    fence = b">3\r\n" + bulk(b"smessage") + bulk(ANSWERS) + bulk(b"fence")
+
+    def send() -> None:
+        for seq in range(1, 2001):  # in many small writes: many reads in C
+            theirs.sendall(echo(seq))
+        theirs.sendall(fence)
+
+    wake_r, wake_w = os.pipe()
+    writer = threading.Thread(target=send)
+    writer.start()
+    returns = 0
+    while not got and returns < 50:  # bounded: 50 keepalive-free waits of 10 s at most
+        wait_links([link], 10.0, wake_r)
+        returns += 1
+    writer.join()
+    assert got == [(ANSWERS, b"fence", False)]
+    assert returns == 1  # Python ran once: for the fence, never for the 2,000 drops
+    assert link.filter.take_counts() == (0, 0, 0)  # echoes are not counted as unserved
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    ours.close()
+    theirs.close()
+
+
+def test_the_c_loop_returns_for_a_wake_up_and_ends_a_closed_or_broken_link() -> None:
+    import os
+
+    from lowmemws._redis_link import LinkDead, wait_links
+
+    got: list[tuple[bytes, bytes, bool]] = []
+    link, theirs, ours = socket_link(got)
+    wake_r, wake_w = os.pipe()
+    os.write(wake_w, b"!")
+    assert wait_links([link], 10.0, wake_r) is True  # woken: Python follows the interest
+    os.read(wake_r, 1)
+    theirs.sendall(b"?not resp\r\n")
+    with pytest.raises(LinkDead, match="not RESP"):
+        wait_links([link], 10.0, wake_r)
+    link2, theirs2, ours2 = socket_link(got)
+    theirs2.close()
+    with pytest.raises(LinkDead, match="closed"):
+        wait_links([link2], 10.0, wake_r)
+    assert got == []
+    for fd in (wake_r, wake_w):
+        os.close(fd)
+    for sock in (ours, theirs, ours2):
+        sock.close()
+
+
+def test_the_c_loop_hands_drop_counts_to_python_while_it_drops() -> None:
+    import os
+
+    from lowmemws._bus_filter import WAIT_COUNTED, WAIT_ITEMS
+
+    got: list[tuple[bytes, bytes, bool]] = []
+    link, theirs, ours = socket_link(got)
+    other = b"\x01" * 16
+    first = other + (1).to_bytes(8, "big") + b"\x01\x02\x01x"
+    push = b">3\r\n" + bulk(b"smessage") + bulk(b"lowmemws:bus") + bulk(first)
+    wake_r, wake_w = os.pipe()
+    theirs.sendall(push)
+    assert link.filter.wait([link.native], wake_r, 60.0).status == WAIT_ITEMS
+    theirs.sendall(push)  # re-sent: dropped in C, counted
+    # the stats must not wait for the next kept message or the keepalive (60 s here)
+    assert link.filter.wait([link.native], wake_r, 60.0).status == WAIT_COUNTED
+    assert link.filter.take_counts() == (0, 1, 0)
+    for fd in (wake_r, wake_w):
+        os.close(fd)
     ours.close()
     theirs.close()

@@ -20,6 +20,7 @@ SOURCES = [
     "_hub.c",
     "_interest.c",
     "_bus_filter.c",
+    "_bus_wait.c",
     "_output.c",
     "_spill.c",
     "_deflate.c",

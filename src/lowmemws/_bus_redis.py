@@ -20,10 +20,11 @@ publisher re-sent after a broken connection (``duplicates``) and count the envel
 another node that it never saw on a channel it stayed subscribed to (``missed``). A user
 envelope for a user with no connection here (its partition is subscribed for another
 user, or a topic envelope for a topic with no member here, is dropped before it is decoded
-(``unserved``). The subscriber thread reads whole chunks of the socket and a C filter
-(`lowmemws._bus_filter`) frames them and makes the per-message checks (echo, sequence,
-user held here) without a Python object per dropped message; topics are checked in Python
-(their ids are keyed in Python).
+(``unserved``). The subscriber thread waits, reads whole chunks of the sockets and runs a
+C filter (`lowmemws._bus_filter`) that frames them and makes the per-message checks (echo,
+sequence, user held here), all in C with the GIL released on plain sockets: Python wakes
+only for what it delivers, so a dropped message costs no Python; topics are checked in
+Python (their ids are keyed in Python).
 
 History (issue 12, `enable_history`): a topic or user message is stored and published in
 one script (`lowmemws._history_redis`) on its partition channel, with origin
@@ -46,7 +47,7 @@ thread sends the queue in pipelined batches; a subscriber thread receives and ca
 Idle cost and liveness: neither thread polls. The writer sleeps until there is something
 to send or ``keepalive`` seconds have passed, then asks the control channel's subscriber
 count (a keepalive that Redis's ``timeout`` needs when it is set above ``keepalive``, and the
-peer count); the subscriber thread sleeps in select and PINGs after ``keepalive`` seconds of
+peer count); the subscriber thread sleeps in poll and PINGs after ``keepalive`` seconds of
 silence. A dead link is noticed at once when the connection closes, else within
 ``keepalive + socket_timeout`` seconds (the subscriber's PONG deadline, the writer's reply
 timeout).
@@ -127,8 +128,18 @@ _TOPIC_LEN = struct.Struct(">H")
 _KEY_AT = _HEADER.size + 3  # the key follows the 3 header bytes of a version 1 envelope
 
 
+def _options_for(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """_options_for: the client options a URL's connection class accepts. A ``unix://``
+    URL's connection refuses ``socket_keepalive`` (TCP keepalive means nothing on a local
+    socket; the links' own PINGs still check liveness)."""
+    if url.startswith("unix://"):
+        return {name: value for name, value in options.items() if name != "socket_keepalive"}
+    return options
+
+
 class RedisBus(BusBase):
-    """RedisBus carries envelopes between nodes through a redis-server at ``url``.
+    """RedisBus carries envelopes between nodes through a redis-server at ``url``
+    (``redis://``, ``rediss://`` for TLS, or ``unix://`` for a local socket).
 
     Create it in the process that uses it (after any fork: its threads and sockets do not
     survive one), then ``start(deliver)``. ``wait_ready(timeout)`` tells when both links are
@@ -901,7 +912,9 @@ class RedisBus(BusBase):
     def _client(self) -> Any:
         if self._cluster:
             return self._redis.RedisCluster.from_url(self._url, **self._client_options)
-        return self._redis.Redis.from_url(self._url, **self._client_options)
+        return self._redis.Redis.from_url(
+            self._url, **_options_for(self._url, self._client_options)
+        )
 
     def _connect(self, first: bool) -> Any | None:
         """A client that answered PING (retried with backoff and jitter); None once closing.

@@ -5,9 +5,14 @@ its socket over: the link writes (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING itself. W
 back is read in big chunks (as many messages per recv as the socket holds) and walked in C
 by the bus's `lowmemws._bus_filter.BusFilter`, which drops the messages this node does not
 serve without a Python object each; the other replies (confirmations, PONGs, errors) go to
-hiredis whole. The bus thread waits in `select` on the socket and a wake-up pipe,
-with a timeout that is the next thing due (a keepalive PING, a PONG deadline): an idle link
-wakes once per ``keepalive`` seconds, not several times a second.
+hiredis whole. The bus thread waits on the sockets and a wake-up pipe, with a timeout that
+is the next thing due (a keepalive PING, a PONG deadline): an idle link wakes once per
+``keepalive`` seconds, not several times a second.
+
+Links on plain sockets (TCP, unix) are waited on, read and judged in C with the GIL released
+(`BusFilter.wait`): Python runs only for what the filter keeps, a wake-up, a failure or the
+next keepalive, so a message the node does not serve costs no Python. A TLS link's bytes
+must go through Python's ssl: with one, every link is read here (select, recv_into, scan).
 
 Liveness: when nothing has arrived for ``keepalive`` seconds the link sends PING and expects
 the PONG within ``reply_timeout``; otherwise it is dead (`LinkDead`). A dead link is
@@ -18,13 +23,28 @@ pub/sub client for idleness (its ``timeout`` spares them), so the PING is for ou
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._bus_filter import DELIVER, REPLY, BusFilter, BusProtocolError
+from ._bus_filter import (
+    DELIVER,
+    REPLY,
+    WAIT_CLOSED,
+    WAIT_FAILED,
+    WAIT_ITEMS,
+    WAIT_PROTOCOL,
+    WAIT_WOKEN,
+    BusFilter,
+    BusProtocolError,
+    Item,
+    LinkBuffer,
+)
 
 __all__ = ["LinkDead", "SubscriberLink", "wait_links"]
 
@@ -74,9 +94,13 @@ class SubscriberLink:
         self._reader = hiredis.Reader()
         self._sharded = sharded
         self._on_message = on_message
-        self._filter = bus_filter
-        # reads land in one reused buffer; an incomplete frame moves to its front
-        self._buf = bytearray(_RECV_BYTES)
+        #: filter judges the messages of every link of the bus
+        self.filter = bus_filter
+        #: native: the link's read buffer in C (a plain socket), None for a TLS socket
+        self.native = None if isinstance(self._sock, ssl.SSLSocket) else LinkBuffer(self.fileno())
+        # read() (a TLS link's path) lands in one reused buffer, made on its first use; an
+        # incomplete frame moves to its front
+        self._buf = bytearray()
         self._kept = 0  # bytes at the front: the start of a frame the next read completes
         self._keepalive = keepalive
         self._reply_timeout = reply_timeout
@@ -140,6 +164,8 @@ class SubscriberLink:
             LinkDead: the link closed, refused a command or lost a channel by itself.
             OSError: the socket failed.
         """
+        if not self._buf:
+            self._buf.extend(bytes(_RECV_BYTES))
         buf, kept = self._buf, self._kept
         if kept == len(buf):  # one frame larger than the buffer: make room for its rest
             buf.extend(bytes(len(buf)))
@@ -154,22 +180,38 @@ class SubscriberLink:
         self._ping_deadline = None
         stop = kept + received
         at, more = 0, True
-        on_message = self._on_message
         while more:
             try:
-                at, items, more = self._filter.scan(buf, at, stop)
+                at, items, more = self.filter.scan(buf, at, stop)
             except BusProtocolError as exc:
                 raise LinkDead(str(exc)) from None
-            for kind, channel, payload in items:
-                if kind == REPLY:
-                    self._reply(payload)
-                else:
-                    on_message(channel, payload, kind == DELIVER)
+            self.handle(items)
         self._kept = stop - at
         if self._kept:
             buf[: self._kept] = buf[at:stop]
         if len(buf) > _RECV_BYTES and self._kept <= _RECV_BYTES:  # the large frame is done
             del buf[_RECV_BYTES:]
+
+    def handle(self, items: list[Item]) -> None:
+        """handle passes what the filter kept on: messages to on_message, replies to hiredis.
+
+        Raises:
+            LinkDead: a reply says the link is unusable (see `read`).
+        """
+        on_message = self._on_message
+        for kind, channel, payload in items:
+            if kind == REPLY:
+                self._reply(payload)
+            else:
+                on_message(channel, payload, kind == DELIVER)
+
+    def heard_natively(self) -> None:
+        """heard_natively takes in when the C loop last received a byte on this link."""
+        assert self.native is not None
+        heard = self.native.heard
+        if heard > self._heard:
+            self._heard = heard
+            self._ping_deadline = None
 
     def _reply(self, frame: bytes) -> None:
         """A whole reply other than a message the filter recognised, parsed by hiredis."""
@@ -221,6 +263,8 @@ def wait_links(links: list[SubscriberLink], timeout: float, wake_fd: int) -> boo
         LinkDead: a link closed, refused a command, lost a channel or missed its PONG.
         OSError: a socket failed.
     """
+    if links and all(link.native is not None for link in links):
+        return _wait_natively(links, timeout, wake_fd)
     now = time.monotonic()
     soonest = min((link.due() for link in links), default=now + timeout)
     ready_now = [link for link in links if link.pending()]
@@ -232,3 +276,27 @@ def wait_links(links: list[SubscriberLink], timeout: float, wake_fd: int) -> boo
             link.read()
         link.keep_alive()
     return wake_fd in readable
+
+
+def _wait_natively(links: list[SubscriberLink], timeout: float, wake_fd: int) -> bool:
+    """wait_links for links on plain sockets: the C loop waits, reads and drops; Python
+    handles only what it returns."""
+    soonest = min(link.due() for link in links)
+    wait = max(0.0, min(timeout, soonest - time.monotonic()))
+    waited = links[0].filter.wait([link.native for link in links if link.native], wake_fd, wait)
+    for link in links:
+        link.heard_natively()
+    status = waited.status
+    if status == WAIT_ITEMS:
+        links[waited.which].handle(waited.items)
+    elif status == WAIT_CLOSED:
+        raise LinkDead("the server closed the subscriber link")
+    elif status == WAIT_PROTOCOL:
+        raise LinkDead("the subscriber link received bytes that are not RESP")
+    elif status == WAIT_FAILED:
+        raise OSError(waited.error, os.strerror(waited.error))
+    elif status < 0:
+        raise OSError(errno.EIO, f"the subscriber's wait failed (status {status})")
+    for link in links:
+        link.keep_alive()
+    return status == WAIT_WOKEN

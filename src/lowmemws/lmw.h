@@ -637,6 +637,46 @@ int64_t lmw_bus_filter_scan(lmw_bus_filter *f, lmw_server *hub, const uint8_t *b
                             size_t start, lmw_bus_item *items, size_t cap, size_t *used,
                             lmw_bus_counts *counts);
 
+/* The subscriber's wait-read-judge loop (_bus_wait.c). lmw_bus_link: one subscriber link's
+ * plain socket and its read buffer ([0, len) read, [0, at) scanned); heard: CLOCK_MONOTONIC
+ * seconds of its last byte; error: errno of a failed read. */
+typedef struct lmw_bus_link {
+    int fd, more, error;
+    uint8_t *buf;
+    size_t size, first_size, len, at;
+    double heard;
+} lmw_bus_link;
+
+/* What lmw_bus_wait returns: items of links[*which] are ready (*used of them, offsets into
+ * its buf), the wake fd is readable, the timeout passed, report_every passed with messages
+ * dropped (counts changed) meanwhile; or a failure of links[*which]:
+ * closed by the server, a read error (error), bytes that break RESP; poll failed (errno);
+ * more links than LMW_BUS_WAIT_LINKS_MAX. */
+#define LMW_BUS_WAIT_ITEMS 1
+#define LMW_BUS_WAIT_WOKEN 2
+#define LMW_BUS_WAIT_TIMEOUT 3
+#define LMW_BUS_WAIT_COUNTED 4
+#define LMW_BUS_WAIT_CLOSED -1
+#define LMW_BUS_WAIT_FAILED -2
+#define LMW_BUS_WAIT_PROTOCOL -3
+#define LMW_BUS_WAIT_POLL_FAILED -4
+#define LMW_BUS_WAIT_TOO_MANY -5
+#define LMW_BUS_WAIT_LINKS_MAX 1024 /* a link per Redis Cluster master: far above any */
+
+/* lmw_bus_link_init gives link a read buffer of size bytes for socket fd: 0, or -1 when out
+ * of memory. lmw_bus_link_release frees the buffer (the socket is the caller's). */
+int lmw_bus_link_init(lmw_bus_link *link, int fd, size_t size);
+void lmw_bus_link_release(lmw_bus_link *link);
+
+/* lmw_bus_wait polls count links and wake_fd for at most timeout seconds, reads and judges
+ * (lmw_bus_filter_scan) what arrives, and returns only when Python has something to do (see
+ * the statuses above; counts: report_every seconds after the call began, once any message
+ * was dropped). *which: in, the link served last (fairness); out, the link the status
+ * is about. Call it with the GIL released: it blocks. */
+int lmw_bus_wait(lmw_bus_filter *f, lmw_server *hub, lmw_bus_link **links, size_t count,
+                 int wake_fd, double timeout, double report_every, lmw_bus_item *items, size_t cap,
+                 size_t *used, lmw_bus_counts *counts, size_t *which);
+
 /* Constants shared with Python (lowmemws._constants reads them from lib; Python keeps no
  * copies of them). RFC 6455 section 5.5: a control frame carries at most 125 payload bytes,
  * so a close reason, after the 2-byte code, at most 123. */
