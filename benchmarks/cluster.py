@@ -41,6 +41,7 @@ import json
 import os
 import random
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -445,7 +446,14 @@ def measure(
     return spent, seconds
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """exit_on_sigterm turns SIGTERM into SystemExit, so each row's finally stops the nodes
+    and redis-servers it started instead of leaving them running."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--users", type=int, default=1500, help="connections per node")
