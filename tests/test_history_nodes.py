@@ -8,11 +8,9 @@ publish from that node, ``users N,M TEXT`` sends a batch, ``paced TOPIC TEXT`` a
 publish, ``positions TOPIC USER`` answers Gateway.positions; the others answer ``ok``,
 ``refused`` (BusUnavailable) or the ValueError.
 
-A client's first connection is given a baseline position per stream, and only from
-``synced`` on can none of its messages be missed (docs/envelope.md): a node that has just
-joined a topic's partition channel may not have received a message published a moment
-before its baseline read. So the scenarios publish once their client is synced (or start it
-from Gateway.positions).
+A client's first connection is answered once its node receives the streams it joins (on
+RedisBus: their partition channels confirmed by Redis), so a scenario may publish as soon as
+its client is connected: every message after the 101 reaches it (docs/envelope.md).
 """
 
 from __future__ import annotations
@@ -147,7 +145,7 @@ def test_processbus_workers_share_one_history(start_server: StartServer, node_sc
 
     async def scenario() -> None:
         async with subscriber(node, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             expected = []
             for round_ in range(6):  # each reconnect lands on either worker
                 for n in range(3):
@@ -186,7 +184,7 @@ def test_a_killed_gateway_restarted_resumes_what_another_node_published(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)  # knows all its streams
@@ -217,7 +215,7 @@ def test_history_lost_in_redis_changes_the_epoch_and_the_client_refreshes(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail before") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "before")]
             old_epoch = client.positions["t:mail"][0]
@@ -247,7 +245,7 @@ def test_redis_down_while_publishing_refuses_and_loses_nothing_accepted(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             accepted = []
             for n in range(3):
                 assert publish_b(f"pub mail up {n}") == "ok"
@@ -546,7 +544,7 @@ def test_a_killed_gateway_resumes_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, ",".join(topics)) as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
@@ -619,7 +617,7 @@ def test_history_survives_a_master_failover_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail m0") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "m0")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
@@ -811,3 +809,30 @@ def test_redisbus_positions_read_on_another_node_resume_a_first_connection(
         return Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
 
     asyncio.run(state_positions_then_resumed(client_at, publisher(b))())
+
+
+def test_a_message_published_right_after_the_101_reaches_a_first_connection(
+    redis_nodes: Callable[[], ServerProcess],
+) -> None:
+    """The node of a fresh topic and user (partitions it holds no member of) answers the
+    101 only once Redis confirmed their channels: what another node publishes right after
+    the 101, before any `synced`, reaches the client live or by its baseline's replay."""
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+    for round_ in range(30):
+        topic, user = f"fresh{round_}x{os.getpid()}", 100_000 + round_
+        query = urllib.parse.urlencode({"user": user, "topics": topic, "lmw_resume": "{}"})
+        client = websocket.create_connection(
+            f"ws://{a.host}:{a.port}/?{query}", timeout=DEADLINE, subprotocols=["lowmemws.v1"]
+        )
+        try:  # create_connection returns as soon as the 101 is read
+            assert publish_b(f"pub {topic} t{round_}") == "ok"
+            assert publish_b(f"user {user} u{round_}") == "ok"
+            got = set()
+            while len(got) < 2:
+                frame = json.loads(client.recv())  # a timeout fails the test
+                if "d" in frame:
+                    got.add((frame["s"], frame["d"]))
+            assert got == {(f"t:{topic}", f"t{round_}"), (f"u:{user}", f"u{round_}")}
+        finally:
+            client.close()

@@ -249,6 +249,8 @@ class RedisBus(BusBase):
         self._confirmed: set[str] = set()  # channels whose subscribe Redis answered
         self._sending: dict[str, set[str]] = {}  # link -> channels sent, not answered yet
         self._confirm = threading.Condition()
+        #: (channels held, ready) of `when_subscribed` calls not answered yet
+        self._subscribe_waiters: list[tuple[frozenset[str], Callable[[], None]]] = []
         #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
         #: is back after an outage: stored messages published meanwhile were not delivered
         #: here. The Gateway sets it to ask its envelope clients to resume.
@@ -330,6 +332,47 @@ class RedisBus(BusBase):
             else:
                 self._holds[channel] = held - 1
         self._wake()
+
+    def when_subscribed(self, streams: list[str], ready: Callable[[], None]) -> bool:
+        """when_subscribed: True when this node receives the live messages of every one of
+        ``streams`` now (their partition channels are subscribed and confirmed by Redis),
+        or cannot tell (the subscriber link is down: `on_resync` covers what it misses).
+        Otherwise False: the channels not confirmed yet are held (subscribed even with no
+        member here) and ``ready`` is called once, on the subscriber thread, when all are
+        confirmed, when the link is lost or when the bus closes; the caller then lets go
+        with `release_streams`. A connection joining those streams is accepted from then on,
+        so every message stored after its 101 reaches it live or in its baseline (issue 12).
+        """
+        channels = frozenset(stream_channel(stream, self._prefix) for stream in streams)
+        with self._confirm:
+            if not self._sub_ready.is_set() or self._closing.is_set():
+                return True
+            if channels <= self._confirmed:
+                return True
+            for channel in channels:
+                self._holds[channel] = self._holds.get(channel, 0) + 1
+            self._subscribe_waiters.append((channels, ready))
+        self._wake()
+        return False
+
+    def release_streams(self, streams: list[str]) -> None:
+        """release_streams lets go of the channels a `when_subscribed` that returned False
+        held (once its ``ready`` was called)."""
+        for channel in {stream_channel(stream, self._prefix) for stream in streams}:
+            self._release(channel)
+
+    def _answer_subscribe_waiters(self, everyone: bool) -> None:
+        """Call the ``ready`` of the waiters whose channels are all confirmed (``everyone``:
+        of all of them, the link being lost or the bus closing)."""
+        with self._confirm:
+            waiters = self._subscribe_waiters
+            done = [w for w in waiters if everyone or w[0] <= self._confirmed]
+            self._subscribe_waiters = [w for w in waiters if w not in done]
+        for _, ready in done:
+            try:
+                ready()
+            except Exception:  # one caller's failure must not stop the subscriber thread
+                log.exception("lowmemws RedisBus: a when_subscribed callback raised")
 
     @property
     def sharded(self) -> bool | None:
@@ -677,6 +720,7 @@ class RedisBus(BusBase):
                 with self._confirm:
                     self._confirmed.clear()
                     self._sending.clear()
+                self._answer_subscribe_waiters(everyone=True)  # on_resync covers them
                 self._links = {}
                 for link in links.values():
                     _quietly(link.close)
@@ -768,6 +812,7 @@ class RedisBus(BusBase):
         with self._confirm:  # every subscribe sent on the link before its mark is answered
             self._confirmed.update(self._sending.pop(name, ()))
             self._confirm.notify_all()
+        self._answer_subscribe_waiters(everyone=False)
         self._unready.discard(name)
         if not self._unready:
             self._sub_ready.set()
