@@ -816,7 +816,7 @@ def test_a_message_published_right_after_the_101_reaches_a_first_connection(
 ) -> None:
     """The node of a fresh topic and user (partitions it holds no member of) answers the
     101 only once Redis confirmed their channels: what another node publishes right after
-    the 101, before any `synced`, reaches the client live or by its baseline's replay."""
+    the 101, before any `synced`, reaches the client live (it failed without that)."""
     a, b = redis_nodes(), redis_nodes()
     publish_b = publisher(b)
     for round_ in range(30):
@@ -836,3 +836,64 @@ def test_a_message_published_right_after_the_101_reaches_a_first_connection(
             assert got == {(f"t:{topic}", f"t{round_}"), (f"u:{user}", f"u{round_}")}
         finally:
             client.close()
+
+
+def test_publisher_positions_read_with_the_state_resume_a_first_connection(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    """A backend process (no connections) reads the positions with the state: what it
+    publishes afterwards, before the page connects, reaches the page once, in order."""
+    from lowmemws import History, Publisher
+
+    node = redis_nodes()
+
+    async def scenario() -> None:
+        with Publisher(redis_server.url, history=History()) as backend:
+            assert backend.wait_ready(DEADLINE)
+            assert backend.positions(["inbox"], "alice") == {
+                "t:inbox": ("", 0),
+                f"u:{backend._user_ids.tag('alice')}": ("", 0),
+            }  # no history yet: from the first message on
+            backend.publish("mail", "in the state")
+            backend.send_to_user(5, "also in the state")
+            positions = backend.positions(["mail"], 5)
+            assert [offset for _, offset in positions.values()] == [1, 1]
+            assert all(len(epoch) > 0 for epoch, _ in positions.values())
+            for n in range(3):
+                backend.publish("mail", f"after {n}")
+            backend.send_to_user(5, "after the state")
+            url = f"ws://{node.host}:{node.port}/?user=5&topics=mail"
+            client = Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
+            async with client:
+                got = await deliveries(client, 4)
+                assert [d for s, d in got if s == "t:mail"] == [f"after {n}" for n in range(3)]
+                assert [d for s, d in got if s == "u:5"] == ["after the state"]
+                backend.publish("mail", "live")
+                assert await deliveries(client, 1) == [("t:mail", "live")]
+            assert await backend.apositions(["mail"], 5) == {
+                "t:mail": (positions["t:mail"][0], 5),
+                "u:5": (positions["u:5"][0], 2),
+            }
+
+    asyncio.run(scenario())
+
+
+def test_publisher_positions_refuses_what_it_cannot_answer(redis_server: RedisServer) -> None:
+    from lowmemws import BusUnavailable, History, Publisher
+
+    with Publisher(redis_server.url) as plain:
+        with pytest.raises(ValueError, match="no history"):
+            plain.positions(["mail"])
+    with Publisher(redis_server.url, history=History()) as backend:
+        assert backend.wait_ready(DEADLINE)
+        with pytest.raises(ValueError):
+            backend.positions(["mail"], -1)
+        with pytest.raises(ValueError, match="str"):
+            backend.positions([7])  # type: ignore[list-item]
+    unreachable = socket.socket()
+    unreachable.bind(("127.0.0.1", 0))  # a port nobody listens on
+    port = unreachable.getsockname()[1]
+    with Publisher(f"redis://127.0.0.1:{port}", history=History(), socket_timeout=1.0) as down:
+        with pytest.raises(BusUnavailable):
+            down.positions(["mail"])
+    unreachable.close()

@@ -102,6 +102,7 @@ from ._history_redis import (
     parse_marker,
     read_history,
     read_marker,
+    read_position,
     store_and_publish,
     stream_channel,
 )
@@ -303,6 +304,19 @@ class RedisBus(BusBase):
             self._reads.pop(request_id, None)
             self._release(channel)
 
+    def history_position(self, stream: str) -> tuple[str, int]:
+        """history_position is where stream's history stands in Redis: (epoch, last offset),
+        ("", 0) for a stream with no history; a plain read, no marker and no subscription
+        (what `lowmemws.Publisher.positions` reads).
+
+        Raises:
+            BusUnavailable: Redis cannot be reached.
+        """
+        try:
+            return read_position(self._stored_client(), stream, prefix=self._prefix)
+        except self._errors as exc:
+            raise BusUnavailable(f"RedisBus: cannot read a history position: {exc}") from exc
+
     def _hold(self, channel: str) -> None:
         """_hold makes the subscriber thread subscribe to channel if the hub does not want
         it already (a resumed connection joins its streams only after their replay, so it
@@ -364,10 +378,12 @@ class RedisBus(BusBase):
     def _answer_subscribe_waiters(self, everyone: bool) -> None:
         """Call the ``ready`` of the waiters whose channels are all confirmed (``everyone``:
         of all of them, the link being lost or the bus closing)."""
+        done: list[tuple[frozenset[str], Callable[[], None]]] = []
+        waiting: list[tuple[frozenset[str], Callable[[], None]]] = []
         with self._confirm:
-            waiters = self._subscribe_waiters
-            done = [w for w in waiters if everyone or w[0] <= self._confirmed]
-            self._subscribe_waiters = [w for w in waiters if w not in done]
+            for waiter in self._subscribe_waiters:
+                (done if everyone or waiter[0] <= self._confirmed else waiting).append(waiter)
+            self._subscribe_waiters = waiting
         for _, ready in done:
             try:
                 ready()
