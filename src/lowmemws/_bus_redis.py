@@ -33,7 +33,11 @@ the read is complete once the marker comes back. The resumed connection joins th
 only after that, so it may not count as a member yet: the read holds the partition
 channel (subscribed and confirmed by Redis before the script runs) and lets go of it
 afterwards; the channel then leaves after the unsubscribe grace unless the joined
-connection made the hub want it, as it normally does.
+connection made the hub want it, as it normally does. A connection that joins a stream at
+once (no position to resume from) is answered its 101 only once its node receives the
+stream (`when_subscribed` holds the partition channel until Redis confirmed it), so nothing
+stored after the 101 passes it by. `history_position` reads where a stream stands without
+a marker (what `Gateway.positions` and `lowmemws.Publisher.positions` need).
 
 Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
 answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
