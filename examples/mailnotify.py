@@ -10,7 +10,9 @@ Open http://127.0.0.1:8080/, sign in with any name, then send that name a mail:
 Endpoints (errors are short JSON objects: {"error": "..."}):
   GET  /            the page
   POST /login       form field ``user``; sets the cookie ``session=USER:TOKEN``
-  GET  /session     {"user": U} for a valid session cookie, else 401
+  GET  /session     {"user": U, "unread": N, "positions": P} for a valid session cookie,
+                    else 401; P (Gateway.positions) is where the user's mail stream stood
+                    just before N was read: the page starts lowmemws.js from it
   GET  /unread      {"unread": N} for a valid session cookie (a tab told to refresh), else 401
   POST /logout      clears the cookie
   GET  /ws          the WebSocket; credentials from ?user=U&token=T or the session cookie
@@ -28,7 +30,10 @@ History is on: every mail is stored (in Redis Streams with ``--redis``, else in 
 the supervising process) before it is sent, with its position in the user's stream. The page
 uses lowmemws.js (served by the gateway at /lowmemws.js), which resumes from the last mail
 it showed after any disconnect: each mail appears once, in order, even when the gateway
-crashed and another node took the mail meanwhile; a tab that cannot resume refetches.
+crashed and another node took the mail meanwhile; a tab that cannot resume refetches. The
+page's first connection resumes too: it starts from the positions /session read with the
+unread count, so a mail posted between that read and the connection is shown, also when
+the first connection drops before its first ``synced``.
 
 Unread counts live in Redis with ``--redis`` (they survive restarts and are shared by nodes);
 otherwise in a small table of shared memory that the worker processes of one machine share
@@ -293,10 +298,15 @@ class MailNotify:
         return lowmemws.Response(303, b"", headers={"Location": "/", "Set-Cookie": cookie})
 
     def session(self, request: lowmemws.Request) -> lowmemws.Response:
+        """The page's state: the user, the unread count, and the positions read just before
+        it (a mail posted in between is then counted and replayed: the page keeps the larger
+        count, never a smaller one)."""
         user = self.session_user(request)
         if user is None:
             raise HttpError(401, "not signed in")
-        return json_response(200, {"user": user})
+        positions = self.gateway.positions(user=user)
+        unread = self.counts.get(user)
+        return json_response(200, {"user": user, "unread": unread, "positions": positions})
 
     def unread(self, request: lowmemws.Request) -> lowmemws.Response:
         user = self.session_user(request)

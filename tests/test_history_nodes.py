@@ -8,11 +8,9 @@ publish from that node, ``users N,M TEXT`` sends a batch, ``paced TOPIC TEXT`` a
 publish, ``positions TOPIC USER`` answers Gateway.positions; the others answer ``ok``,
 ``refused`` (BusUnavailable) or the ValueError.
 
-A client's first connection is given a baseline position per stream, and only from
-``synced`` on can none of its messages be missed (docs/envelope.md): a node that has just
-joined a topic's partition channel may not have received a message published a moment
-before its baseline read. So the scenarios publish once their client is synced (or start it
-from Gateway.positions).
+A client's first connection is answered once its node receives the streams it joins (on
+RedisBus: their partition channels confirmed by Redis), so a scenario may publish as soon as
+its client is connected: every message after the 101 reaches it (docs/envelope.md).
 """
 
 from __future__ import annotations
@@ -147,7 +145,7 @@ def test_processbus_workers_share_one_history(start_server: StartServer, node_sc
 
     async def scenario() -> None:
         async with subscriber(node, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             expected = []
             for round_ in range(6):  # each reconnect lands on either worker
                 for n in range(3):
@@ -186,7 +184,7 @@ def test_a_killed_gateway_restarted_resumes_what_another_node_published(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)  # knows all its streams
@@ -217,7 +215,7 @@ def test_history_lost_in_redis_changes_the_epoch_and_the_client_refreshes(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail before") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "before")]
             old_epoch = client.positions["t:mail"][0]
@@ -247,7 +245,7 @@ def test_redis_down_while_publishing_refuses_and_loses_nothing_accepted(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             accepted = []
             for n in range(3):
                 assert publish_b(f"pub mail up {n}") == "ok"
@@ -546,7 +544,7 @@ def test_a_killed_gateway_resumes_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, ",".join(topics)) as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail first") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "first")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
@@ -619,7 +617,7 @@ def test_history_survives_a_master_failover_on_a_redis_cluster(
 
     async def scenario() -> None:
         async with subscriber(a, 5, "mail") as client:
-            await asyncio.wait_for(client.synced.wait(), DEADLINE)
+            await asyncio.wait_for(client.connected.wait(), DEADLINE)
             assert publish_b("pub mail m0") == "ok"
             assert await deliveries(client, 1) == [("t:mail", "m0")]
             await asyncio.wait_for(client.synced.wait(), DEADLINE)
@@ -811,3 +809,91 @@ def test_redisbus_positions_read_on_another_node_resume_a_first_connection(
         return Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
 
     asyncio.run(state_positions_then_resumed(client_at, publisher(b))())
+
+
+def test_a_message_published_right_after_the_101_reaches_a_first_connection(
+    redis_nodes: Callable[[], ServerProcess],
+) -> None:
+    """The node of a fresh topic and user (partitions it holds no member of) answers the
+    101 only once Redis confirmed their channels: what another node publishes right after
+    the 101, before any `synced`, reaches the client live (it failed without that)."""
+    a, b = redis_nodes(), redis_nodes()
+    publish_b = publisher(b)
+    for round_ in range(30):
+        topic, user = f"fresh{round_}x{os.getpid()}", 100_000 + round_
+        query = urllib.parse.urlencode({"user": user, "topics": topic, "lmw_resume": "{}"})
+        client = websocket.create_connection(
+            f"ws://{a.host}:{a.port}/?{query}", timeout=DEADLINE, subprotocols=["lowmemws.v1"]
+        )
+        try:  # create_connection returns as soon as the 101 is read
+            assert publish_b(f"pub {topic} t{round_}") == "ok"
+            assert publish_b(f"user {user} u{round_}") == "ok"
+            got = set()
+            while len(got) < 2:
+                frame = json.loads(client.recv())  # a timeout fails the test
+                if "d" in frame:
+                    got.add((frame["s"], frame["d"]))
+            assert got == {(f"t:{topic}", f"t{round_}"), (f"u:{user}", f"u{round_}")}
+        finally:
+            client.close()
+
+
+def test_publisher_positions_read_with_the_state_resume_a_first_connection(
+    redis_nodes: Callable[[], ServerProcess], redis_server: RedisServer
+) -> None:
+    """A backend process (no connections) reads the positions with the state: what it
+    publishes afterwards, before the page connects, reaches the page once, in order."""
+    from lowmemws import History, Publisher
+
+    node = redis_nodes()
+
+    async def scenario() -> None:
+        with Publisher(redis_server.url, history=History()) as backend:
+            assert backend.wait_ready(DEADLINE)
+            assert backend.positions(["inbox"], "alice") == {
+                "t:inbox": ("", 0),
+                f"u:{backend._user_ids.tag('alice')}": ("", 0),
+            }  # no history yet: from the first message on
+            backend.publish("mail", "in the state")
+            backend.send_to_user(5, "also in the state")
+            positions = backend.positions(["mail"], 5)
+            assert [offset for _, offset in positions.values()] == [1, 1]
+            assert all(len(epoch) > 0 for epoch, _ in positions.values())
+            for n in range(3):
+                backend.publish("mail", f"after {n}")
+            backend.send_to_user(5, "after the state")
+            url = f"ws://{node.host}:{node.port}/?user=5&topics=mail"
+            client = Client(url, positions=positions, backoff_base=0.05, heartbeat_timeout=DEADLINE)
+            async with client:
+                got = await deliveries(client, 4)
+                assert [d for s, d in got if s == "t:mail"] == [f"after {n}" for n in range(3)]
+                assert [d for s, d in got if s == "u:5"] == ["after the state"]
+                backend.publish("mail", "live")
+                assert await deliveries(client, 1) == [("t:mail", "live")]
+            assert await backend.apositions(["mail"], 5) == {
+                "t:mail": (positions["t:mail"][0], 5),
+                "u:5": (positions["u:5"][0], 2),
+            }
+
+    asyncio.run(scenario())
+
+
+def test_publisher_positions_refuses_what_it_cannot_answer(redis_server: RedisServer) -> None:
+    from lowmemws import BusUnavailable, History, Publisher
+
+    with Publisher(redis_server.url) as plain:
+        with pytest.raises(ValueError, match="no history"):
+            plain.positions(["mail"])
+    with Publisher(redis_server.url, history=History()) as backend:
+        assert backend.wait_ready(DEADLINE)
+        with pytest.raises(ValueError):
+            backend.positions(["mail"], -1)
+        with pytest.raises(ValueError, match="str"):
+            backend.positions([7])  # type: ignore[list-item]
+    unreachable = socket.socket()
+    unreachable.bind(("127.0.0.1", 0))  # a port nobody listens on
+    port = unreachable.getsockname()[1]
+    with Publisher(f"redis://127.0.0.1:{port}", history=History(), socket_timeout=1.0) as down:
+        with pytest.raises(BusUnavailable):
+            down.positions(["mail"])
+    unreachable.close()

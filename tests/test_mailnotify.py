@@ -249,7 +249,11 @@ def test_login_sets_the_session_cookie(demo: Demo) -> None:
     assert status == 303
     assert headers["Set-Cookie"].startswith(f"session=alice:{token('alice')};")
     cookie = {"Cookie": f"session=alice:{token('alice')}"}
-    assert json.loads(request(server, "GET", "/session", headers=cookie)[2]) == {"user": "alice"}
+    state = json.loads(request(server, "GET", "/session", headers=cookie)[2])
+    assert state["user"] == "alice" and state["unread"] == 0
+    # where alice's mail stream stands (no mail yet): the page starts lowmemws.js from it
+    [(stream, position)] = state["positions"].items()
+    assert stream.startswith("u:") and position == ["", 0]
     assert request(server, "GET", "/session")[0] == 401
 
 

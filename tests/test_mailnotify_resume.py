@@ -4,7 +4,9 @@ Two demo nodes share a real redis-server. The page is signed in on node A; node 
 with SIGKILL while mails are posted to node B, then started again on the same port: the page
 reconnects, resumes from the last mail it showed, and lists every mail once, in order, with
 the right unread count. When Redis loses the history (FLUSHALL), the page is told to
-refresh and refetches its count.
+refresh and refetches its count. And the page starts from the positions /session read with
+its unread count: a mail posted between that read and the first connection is shown, also
+when that connection drops before its first sync.
 """
 
 from __future__ import annotations
@@ -25,6 +27,41 @@ from tests.test_mailnotify import (
     wait_mail,
     wait_unread,
 )
+
+#: Run in the page before its own script: the first /session answer that signs the user in
+#: is handed to the page only once the test calls window.__release() (window.__sessionRead
+#: tells it was read), and the page's first WebSocket is closed as soon as it opens, before
+#: anything it receives is handled (so before its first sync).
+HOLD_STATE_AND_DROP_FIRST_CONNECTION = """
+(() => {
+  let release;
+  const held = new Promise((resolve) => { release = resolve; });
+  window.__release = () => release();
+  window.__sessionRead = false;
+  const realFetch = window.fetch.bind(window);
+  window.fetch = async (url, options) => {
+    const res = await realFetch(url, options);
+    if (String(url) === "/session" && res.ok && !window.__sessionRead) {
+      window.__sessionRead = true;
+      await held;
+    }
+    return res;
+  };
+  const RealWebSocket = window.WebSocket;
+  window.__sockets = 0;
+  function HeldWebSocket(url, protocols) {
+    const ws = new RealWebSocket(url, protocols);
+    window.__sockets += 1;
+    if (window.__sockets === 1) ws.addEventListener("open", () => ws.close());
+    return ws;
+  }
+  HeldWebSocket.prototype = RealWebSocket.prototype;
+  for (const name of ["CONNECTING", "OPEN", "CLOSING", "CLOSED"]) {
+    HeldWebSocket[name] = RealWebSocket[name];
+  }
+  window.WebSocket = HeldWebSocket;
+})();
+"""
 
 SUBJECTS = "Array.from(document.querySelectorAll('#notifications .subject'), e => e.textContent)"
 
@@ -83,3 +120,30 @@ def test_the_page_refetches_when_the_history_was_lost(
     )
     wait_connected(demo_browser)
     wait_unread(demo_browser, 1)
+
+
+def test_the_page_shows_a_mail_posted_between_its_state_and_its_first_connection(
+    demo_browser: Chromium,  # noqa: F811
+    demo: Demo,  # noqa: F811
+    redis_url: str,  # noqa: F811
+) -> None:
+    a = demo("--redis", redis_url)
+    source = {"source": HOLD_STATE_AND_DROP_FIRST_CONNECTION}
+    demo_browser.send("Page.addScriptToEvaluateOnNewDocument", source)
+    demo_browser.navigate(f"http://{a.host}:{a.port}/")
+    wait_for(demo_browser, "!document.querySelector('#signin').hidden", "the sign-in form")
+    demo_browser.evaluate(
+        "document.querySelector('#login input[name=user]').value = 'june';"
+        "document.querySelector('#login button').click()"
+    )
+    wait_for(demo_browser, "window.__sessionRead", "the page's state read (/session)")
+    assert mail(a, "june", "between the state and the connection") == 1
+    demo_browser.evaluate("window.__release(); true")
+    wait_connected(demo_browser, timeout=30)
+    wait_mail(demo_browser, "between the state and the connection")
+    wait_unread(demo_browser, 1)
+    assert demo_browser.evaluate("window.__sockets") >= 2  # the first one dropped
+    assert mail(a, "june", "live") == 2
+    wait_mail(demo_browser, "live")
+    wait_unread(demo_browser, 2)
+    assert demo_browser.evaluate(SUBJECTS) == ["live", "between the state and the connection"]

@@ -34,7 +34,11 @@ the read is complete once the marker comes back. The resumed connection joins th
 only after that, so it may not count as a member yet: the read holds the partition
 channel (subscribed and confirmed by Redis before the script runs) and lets go of it
 afterwards; the channel then leaves after the unsubscribe grace unless the joined
-connection made the hub want it, as it normally does.
+connection made the hub want it, as it normally does. A connection that joins a stream at
+once (no position to resume from) is answered its 101 only once its node receives the
+stream (`when_subscribed` holds the partition channel until Redis confirmed it), so nothing
+stored after the 101 passes it by. `history_position` reads where a stream stands without
+a marker (what `Gateway.positions` and `lowmemws.Publisher.positions` need).
 
 Presence queries (issue 12, `lowmemws._presence`) travel on the control channel; each node
 answers on the asker's own channel ``channel_prefix + "answers:" + node id (hex)``, which every
@@ -103,6 +107,7 @@ from ._history_redis import (
     parse_marker,
     read_history,
     read_marker,
+    read_position,
     store_and_publish,
     stream_channel,
 )
@@ -260,6 +265,8 @@ class RedisBus(BusBase):
         self._confirmed: set[str] = set()  # channels whose subscribe Redis answered
         self._sending: dict[str, set[str]] = {}  # link -> channels sent, not answered yet
         self._confirm = threading.Condition()
+        #: (channels held, ready) of `when_subscribed` calls not answered yet
+        self._subscribe_waiters: list[tuple[frozenset[str], Callable[[], None]]] = []
         #: on_resync, if set, is called (on the subscriber thread) when the subscribing link
         #: is back after an outage: stored messages published meanwhile were not delivered
         #: here. The Gateway sets it to ask its envelope clients to resume.
@@ -312,6 +319,19 @@ class RedisBus(BusBase):
             self._reads.pop(request_id, None)
             self._release(channel)
 
+    def history_position(self, stream: str) -> tuple[str, int]:
+        """history_position is where stream's history stands in Redis: (epoch, last offset),
+        ("", 0) for a stream with no history; a plain read, no marker and no subscription
+        (what `lowmemws.Publisher.positions` reads).
+
+        Raises:
+            BusUnavailable: Redis cannot be reached.
+        """
+        try:
+            return read_position(self._stored_client(), stream, prefix=self._prefix)
+        except self._errors as exc:
+            raise BusUnavailable(f"RedisBus: cannot read a history position: {exc}") from exc
+
     def _hold(self, channel: str) -> None:
         """_hold makes the subscriber thread subscribe to channel if the hub does not want
         it already (a resumed connection joins its streams only after their replay, so it
@@ -341,6 +361,49 @@ class RedisBus(BusBase):
             else:
                 self._holds[channel] = held - 1
         self._wake()
+
+    def when_subscribed(self, streams: list[str], ready: Callable[[], None]) -> bool:
+        """when_subscribed: True when this node receives the live messages of every one of
+        ``streams`` now (their partition channels are subscribed and confirmed by Redis),
+        or cannot tell (the subscriber link is down: `on_resync` covers what it misses).
+        Otherwise False: the channels not confirmed yet are held (subscribed even with no
+        member here) and ``ready`` is called once, on the subscriber thread, when all are
+        confirmed, when the link is lost or when the bus closes; the caller then lets go
+        with `release_streams`. A connection joining those streams is accepted from then on,
+        so every message stored after its 101 reaches it live or in its baseline (issue 12).
+        """
+        channels = frozenset(stream_channel(stream, self._prefix) for stream in streams)
+        with self._confirm:
+            if not self._sub_ready.is_set() or self._closing.is_set():
+                return True
+            if channels <= self._confirmed:
+                return True
+            for channel in channels:
+                self._holds[channel] = self._holds.get(channel, 0) + 1
+            self._subscribe_waiters.append((channels, ready))
+        self._wake()
+        return False
+
+    def release_streams(self, streams: list[str]) -> None:
+        """release_streams lets go of the channels a `when_subscribed` that returned False
+        held (once its ``ready`` was called)."""
+        for channel in {stream_channel(stream, self._prefix) for stream in streams}:
+            self._release(channel)
+
+    def _answer_subscribe_waiters(self, everyone: bool) -> None:
+        """Call the ``ready`` of the waiters whose channels are all confirmed (``everyone``:
+        of all of them, the link being lost or the bus closing)."""
+        done: list[tuple[frozenset[str], Callable[[], None]]] = []
+        waiting: list[tuple[frozenset[str], Callable[[], None]]] = []
+        with self._confirm:
+            for waiter in self._subscribe_waiters:
+                (done if everyone or waiter[0] <= self._confirmed else waiting).append(waiter)
+            self._subscribe_waiters = waiting
+        for _, ready in done:
+            try:
+                ready()
+            except Exception:  # one caller's failure must not stop the subscriber thread
+                log.exception("lowmemws RedisBus: a when_subscribed callback raised")
 
     @property
     def sharded(self) -> bool | None:
@@ -688,6 +751,7 @@ class RedisBus(BusBase):
                 with self._confirm:
                     self._confirmed.clear()
                     self._sending.clear()
+                self._answer_subscribe_waiters(everyone=True)  # on_resync covers them
                 self._links = {}
                 for link in links.values():
                     _quietly(link.close)
@@ -779,6 +843,7 @@ class RedisBus(BusBase):
         with self._confirm:  # every subscribe sent on the link before its mark is answered
             self._confirmed.update(self._sending.pop(name, ()))
             self._confirm.notify_all()
+        self._answer_subscribe_waiters(everyone=False)
         self._unready.discard(name)
         if not self._unready:
             self._sub_ready.set()

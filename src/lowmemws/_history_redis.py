@@ -44,6 +44,7 @@ __all__ = [
     "parse_marker",
     "read_history",
     "read_marker",
+    "read_position",
     "store_and_publish",
     "stream_channel",
     "stream_keys",
@@ -203,6 +204,20 @@ def read_history(
         result.entries.append((int(_text(entry_id).split("-")[0]), entry))
         size += len(entry)
     return result
+
+
+def read_position(client: Any, stream: str, *, prefix: str = CHANNEL_PREFIX) -> tuple[str, int]:
+    """read_position is where stream's history stands: (epoch, last offset), ("", 0) for a
+    stream with no history (yet, or lost). One read of the position hash: no marker, no
+    subscription (a process that holds no connections reads it so).
+
+    Raises:
+        redis.RedisError, OSError: Redis could not be reached.
+    """
+    epoch, offset = client.hmget(stream_keys(prefix, stream)[1], "epoch", "offset")
+    if epoch is None:
+        return "", 0
+    return _text(epoch), int(offset)
 
 
 def _text(value: bytes | str) -> str:

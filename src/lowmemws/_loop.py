@@ -335,14 +335,19 @@ class EventLoop:
     def _connect_in_thread(self, request: Request, fd: int, gen: int, hook: Any) -> None:
         self._post_answer(fd, gen, self._decide(request, hook))
 
-    def _answer_upgrade(self, fd: int, gen: int, decision: Accept | Reject) -> None:
+    def _answer_upgrade(
+        self, fd: int, gen: int, decision: Accept | Reject, subscribed: bool = False
+    ) -> None:
         """_answer_upgrade applies on_connect's decision. A client that left meanwhile, or a
         handshake already answered (408 at its deadline, 503 at shutdown), makes the C calls
-        fail: the decision is dropped, nothing is kept."""
+        fail: the decision is dropped, nothing is kept. ``subscribed``: the node was made to
+        receive the streams the connection joins at once (`_wait_subscribed`)."""
         server = self._server
         if isinstance(decision, Reject):
             server.reject(fd, gen, decision.status)
             return
+        if not subscribed and self._wait_subscribed(fd, gen, decision):
+            return  # answered once this node receives its streams (see _resume)
         proto = decision.subprotocol.encode("latin-1") if decision.subprotocol else b""
         resume = decision.resume if self.resumer is not None else None
         later = resume or {}  # streams joined once replayed (see _resume)
@@ -376,6 +381,37 @@ class EventLoop:
             check_result("open", hook(conn))
         else:  # no message of the connection can be queued yet: its 101 was just sent
             self._submit(key, self._job("open", hook, conn))
+
+    def _wait_subscribed(self, fd: int, gen: int, decision: Accept) -> bool:
+        """True when the upgrade of an envelope client waits for this node to receive the
+        streams it joins at once (see _resume): it is answered later, by `_answer_subscribed`."""
+        if self.resumer is None or decision.resume is None:
+            return False
+        try:
+            tag = self._server.user_ids.tag(decision.user)
+        except Exception:
+            return False  # answered 500 by _answer_upgrade
+        if not all(isinstance(topic, str) for topic in decision.topics):
+            return False  # the same
+        streams = [f"t:{topic}" for topic in decision.topics]
+        if tag:
+            streams.append(f"u:{tag}")
+        streams = [stream for stream in streams if stream not in decision.resume]
+        if not streams:
+            return False
+        answer = (fd, gen, decision, streams)
+        ready = lambda: self._call_here(self._answer_subscribed, answer, None)  # noqa: E731
+        if self.resumer.wait_subscribed(streams, ready):
+            return False
+        self._park = True  # (a no-op for one parked already: its hook ran off the loop)
+        return True
+
+    def _answer_subscribed(self, fd: int, gen: int, decision: Accept, streams: list[str]) -> None:
+        try:
+            self._answer_upgrade(fd, gen, decision, subscribed=True)
+        finally:
+            assert self.resumer is not None
+            self.resumer.release_streams(streams)  # the connection's topics hold them now
 
     # -- calls from other threads -----------------------------------------------------------
 

@@ -19,6 +19,14 @@ so no live message of those streams reaches it. A replay thread then, for each s
    whole result instead: there an entry past ``D`` is one this node never got (it was not
    subscribed to the stream's partition then) and none of them will arrive live.
 
+The streams a connection joins at once (those it names no position for: it learns their
+baseline from the outcome) must be received by this node before its 101: on RedisBus the
+partition channel of such a stream may not be subscribed yet (no member here had it), and a
+message stored between the 101 and the confirmed SUBSCRIBE would reach the node neither live
+nor as something to replay, while the baseline, read afterwards, would count it. So the
+upgrade waits (`wait_subscribed`) until Redis confirmed those channels; busy partitions are
+confirmed already and cost nothing.
+
 So a replayed message is never also delivered live, none is skipped, and none overtakes
 the replay. The work is bounded: `History.replay_threads` connections at a time per
 process, at most `History.replay_queue` waiting (a tuple each, while it waits), and per
@@ -36,6 +44,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +173,18 @@ class Resumer:
         tag = self._deferred_names.pop((fd, gen), None)
         if tag is not None:
             self._server.release_user_name(tag)
+
+    def wait_subscribed(self, streams: list[str], ready: Callable[[], None]) -> bool:
+        """wait_subscribed: True when a connection that joins ``streams`` at its upgrade may
+        get its 101 now (this node receives their live messages, or its bus always does).
+        False: ``ready`` runs later, on another thread, once it may; the caller answers the
+        upgrade then and lets go with `release_streams`."""
+        when_subscribed = getattr(self._bus, "when_subscribed", None)
+        return when_subscribed is None or bool(when_subscribed(streams, ready))
+
+    def release_streams(self, streams: list[str]) -> None:
+        """release_streams ends the wait of a `wait_subscribed` that returned False."""
+        self._bus.release_streams(streams)
 
     def submit(self, job: ResumeJob) -> None:
         """submit queues job; with the queue full, its streams are joined at once and the

@@ -319,6 +319,40 @@ class Publisher:
         """adisconnect_user is disconnect_user for asyncio code (in a thread)."""
         return await asyncio.to_thread(self.disconnect_user, user, code, reason, timeout=timeout)
 
+    def positions(self, topics: Iterable[str] = (), user: UserId = 0) -> dict[str, tuple[str, int]]:
+        """positions is where the history of each stream of topics and of user stands now:
+        {stream: (epoch, offset)}, ("", 0) for a stream with no history yet, as
+        `lowmemws.Gateway.positions` gives it, for a backend process (a Django view) that
+        reads a user's state and hands both to the page (lowmemws.js option ``positions``,
+        `lowmemws.client.Client` ``positions=``): the client's first connection is then a
+        resume, so it gets every message stored after these positions were read, also one
+        published before it connects or while a connection drops before ``synced``.
+
+        Read the positions just before the state: a message stored in between is then in
+        the state and replayed too (the application tells it by its own id), never missing
+        from both. One read of Redis per stream; nothing is subscribed.
+
+        Raises:
+            ValueError: the Publisher has no history (``history=None``), a bad user id, or a
+                topic that is not a str.
+            BusUnavailable: Redis cannot be reached.
+        """
+        if self._history is None:
+            raise ValueError("positions: this Publisher has no history (history=None)")
+        topics = tuple(topics)
+        if not all(isinstance(topic, str) for topic in topics):
+            raise ValueError("positions: every topic must be a str")
+        tag = self._user_ids.tag(user)
+        streams = [f"t:{topic}" for topic in topics] + ([f"u:{tag}"] if tag else [])
+        bus = self._live_bus()
+        return {stream: bus.history_position(stream) for stream in streams}
+
+    async def apositions(
+        self, topics: Iterable[str] = (), user: UserId = 0
+    ) -> dict[str, tuple[str, int]]:
+        """apositions is positions for asyncio code (in a thread)."""
+        return await asyncio.to_thread(self.positions, tuple(topics), user)
+
     def partition_of(self, user: UserId) -> int:
         """partition_of is user's routing partition on RedisBus (0..lowmemws.bus.PARTITIONS-1),
         the same on every node and Publisher of the deployment. Hand it to the client (e.g.

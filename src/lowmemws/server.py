@@ -599,7 +599,11 @@ class Gateway:
         if not isinstance(bus, BusBase):  # not started (a custom Bus keeps no history)
             raise BusUnavailable("positions: the gateway is not started")
         found: dict[str, tuple[str, int]] = {}
+        plain_read = getattr(bus, "history_position", None)
         for stream in streams:
+            if plain_read is not None:  # RedisBus: no marker, nothing subscribed
+                found[stream] = plain_read(stream)
+                continue
             result = bus.history_read(stream, _PAST_EVERY_OFFSET, 0, 0)
             found[stream] = (result.epoch, result.last) if result.epoch else ("", 0)
         return found
