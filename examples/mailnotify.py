@@ -362,12 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     secret = args.secret or secrets.token_hex(16)
     counts: Counts = RedisCounts(args.redis) if args.redis else SharedCounts()
     bus = lowmemws.RedisBus(args.redis) if args.redis else None
-    # With Redis, on_connect and POST /mail wait for it (a blocking client): they run on
-    # hook threads, so a slow Redis delays only those requests, never the other connections.
-    # The in-process counts never block: their hooks run inline, the fastest way.
+    # With Redis, on_connect, GET /session and POST /mail wait for it (a blocking client);
+    # with worker processes, GET /session waits for the parent (Gateway.positions asks the
+    # history it keeps): such hooks run on hook threads, so a wait delays only that request,
+    # never the other connections. One process without Redis never waits: hooks run inline,
+    # the fastest way.
+    blocking = bool(args.redis) or args.processes > 1
     config = lowmemws.Config(
         max_http_body=4 * MAX_BODY,
-        hook_threads=8 if args.redis else 0,
+        hook_threads=8 if blocking else 0,
         history=lowmemws.History(user_size=200, user_ttl=24 * 3600.0),
         certfile=args.certfile,
         keyfile=args.keyfile,
