@@ -136,8 +136,11 @@ def floor(seconds: float, log: Any) -> dict[str, Any]:
                 f"  floor at {rate}/s: "
                 + ", ".join(f"{r['loop']} {r['ms_per_s']:.2f} ms/s" for r in rows[-2:])
             )
-    python = [r for r in rows if r["loop"].startswith("Python")]
-    per_wakeup = sum(r["ms_per_s"] / r["wakeups_per_s"] for r in python) / len(python)
+    slow, fast = (r for r in rows if r["loop"].startswith("Python"))
+    # the slope between the two rates: a process costs something even when it hardly wakes
+    per_wakeup = max(0.0, fast["ms_per_s"] - slow["ms_per_s"]) / (
+        fast["wakeups_per_s"] - slow["wakeups_per_s"]
+    )
     return {"rows": rows, "python_ms_per_wakeup": per_wakeup, "compiler": cc}
 
 
@@ -297,8 +300,9 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"| {row['loop']} | {row['wakeups_per_s']} | {row['ms_per_s']:.2f} |")
     lines += [
         "",
-        f"One wake-up of the Python loop costs {r['floor']['python_ms_per_wakeup'] * 1e3:.0f} us "
-        "of CPU on this machine.",
+        f"One more wake-up a second of the Python loop costs "
+        f"{r['floor']['python_ms_per_wakeup'] * 1e3:.0f} us of CPU a second on this machine (the "
+        "slope between its two rows).",
         "",
         "| gateway | idle connections | heartbeat | CPU ms/s | wake-ups/s | floor for those "
         "wake-ups ms/s | load |",
