@@ -27,6 +27,7 @@ from .support.waiting import wait_until
 WINDOW = 3.0  # seconds of idleness counted
 MOST_WAKEUPS = 3  # in WINDOW: a generous margin over none (the old loop woke 12 times)
 DEADLINE = 10.0  # seconds any answer may take here
+SETTLE = 0.5  # seconds without a wake-up that end the start-up before a window
 
 
 def voluntary_switches(pid: int, tid: int | None = None) -> int:
@@ -42,6 +43,17 @@ def voluntary_switches(pid: int, tid: int | None = None) -> int:
 
 
 def wakeups_over(window: float, count: Callable[[], int]) -> int:
+    """wakeups_over counts a thread's wake-ups over window seconds, once it has settled: the
+    start-up's last turns (a supervisor waiting for its workers, the upgrades' last hooks)
+    are over when its count stays put for SETTLE seconds (at most DEADLINE)."""
+    settle_until = time.monotonic() + DEADLINE
+    last = count()
+    while time.monotonic() < settle_until:
+        time.sleep(SETTLE)
+        now = count()
+        if now == last:
+            break
+        last = now
     before = count()
     time.sleep(window)
     return count() - before
@@ -68,7 +80,6 @@ def test_an_idle_gateway_does_not_wake(make_gateway: Callable[..., Gateway]) -> 
     gateway.start()
     clients = open_idle_clients(gateway.port, 20)
     wait_until(lambda: gateway.connection_count == 20, "the connections to open", DEADLINE)
-    time.sleep(0.3)  # the upgrades' last turns are over
     tid = loop_thread_id(gateway)
     woke = wakeups_over(WINDOW, lambda: voluntary_switches(os.getpid(), tid))
     assert woke <= MOST_WAKEUPS, f"the idle loop woke {woke} times in {WINDOW:g} s"

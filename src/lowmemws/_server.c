@@ -250,7 +250,10 @@ static void sweep_open(lmw_server *s, int fd, lmw_slot *sl, const deadlines *d, 
     uint32_t idle = s->now - sl->tick;
     if (sl->flags & F_PING_OUT) {
         if (idle < d->pt) {
-            plan(s, next, sl->tick + d->pt + d->slack);
+            /* its pong may come first, and the next ping is due pi/2 or more after it:
+             * judged again at the earlier of that and the timeout */
+            uint32_t timeout_at = sl->tick + d->pt, pong_at = s->now + d->pi / 2;
+            plan(s, next, (timeout_at < pong_at ? timeout_at : pong_at) + d->slack);
         } else if (!input_first(s, fd, sl, next)) {
             s->stats->ping_timeouts_total++;
             lmw__conn_free(s, fd, 1006);
@@ -263,7 +266,7 @@ static void sweep_open(lmw_server *s, int fd, lmw_slot *sl, const deadlines *d, 
         return;
     }
     send_ping(s, fd, sl);
-    plan(s, next, s->now + d->pt + d->slack);
+    plan(s, next, s->now + (d->pt < d->pi / 2 ? d->pt : d->pi / 2) + d->slack);
 }
 
 /* sweep judges every connection's deadlines and returns the tick of the earliest one still
