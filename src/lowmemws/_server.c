@@ -75,8 +75,10 @@ static uint64_t past_grace(uint64_t lag) { return lag > LAG_GRACE_US ? lag - LAG
  * The gauge is the longest lag of the current and the previous ~10 s window. */
 static void note_lag(lmw_server *s, uint64_t lag) {
     s->lag_us = lag;
-    if (s->real_us - s->lag_window_start_us >= (uint64_t)LAG_WINDOW_TICKS * TICK_US) {
-        s->lag_prev_window_max = s->lag_window_max;
+    uint64_t window_us = (uint64_t)LAG_WINDOW_TICKS * TICK_US;
+    uint64_t since = s->real_us - s->lag_window_start_us;
+    if (since >= window_us) { /* after a long sleep both windows are over: nothing recent */
+        s->lag_prev_window_max = since < 2 * window_us ? s->lag_window_max : 0;
         s->lag_window_max = 0;
         s->lag_window_start_us = s->real_us;
     }
