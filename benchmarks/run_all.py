@@ -25,6 +25,7 @@ from typing import Any
 
 import echo
 import fanout
+import idle_cpu
 import idle_memory
 import procstats
 import scale
@@ -108,6 +109,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         1.0 if a.quick else 2.0,
         1 if a.quick else 3,
     )
+    if "lowmemws" in servers and usable("lowmemws")[0]:
+        counts = [n // 6, n]  # 3,000 and 19,000 idle connections (quick: 333 and 2,000)
+        record["idle_cpu"] = step(
+            "idle CPU", idle_cpu.run, counts, 5.0 if a.quick else 10.0, ["local", "redis"]
+        )
     tls_servers = [s for s in servers if s in ("lowmemws", "websockets")]
     record["tls"] = step("TLS 1.3", tls.run, tls_servers, n, 2 if a.quick else 5, "1.3")
     if a.scale_connections and "lowmemws" in servers and usable("lowmemws")[0]:
@@ -296,6 +302,17 @@ def markdown(record: dict[str, Any], png: str) -> str:
         "Python ssl clients (TLS 1.3, 4,000 connections per process). Bytes per idle "
         "connection after a warm-up of 500 TLS connections; server CPU per handshake + "
         "upgrade while all open; per echoed 64-byte message over every connection.",
+    )
+    lines += section(
+        "Idle CPU",
+        record,
+        "idle_cpu",
+        idle_cpu.render,
+        "`benchmarks/idle_cpu.py`: CPU of one gateway process (`Gateway(...).run()`, all its "
+        "threads, /proc/PID/task/TID/schedstat) while nothing happens, with the default bus and "
+        "with RedisBus, without and with idle connections (heartbeat off, and at its default: "
+        "pings are real work), next to the floor of a bare epoll_wait loop at the same number "
+        "of wake-ups (voluntary context switches of the gateway's threads).",
     )
     scale_notes = {
         "scale": ("Scale (quick run, in this run)", "`run_all.py --scale-connections N`"),

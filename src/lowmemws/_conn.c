@@ -62,6 +62,16 @@ int lmw_close_code_index(int code) {
  * gets a CLOSED event when freed. */
 static int was_upgraded(const lmw_slot *sl) { return sl->close_code != 0; }
 
+/* wake_sleeper wakes the loop when it sleeps (another thread is changing what it should
+ * do: a deadline, a CLOSED event for on_close, accepting again after EMFILE); on the loop
+ * thread it does nothing, since lmw_poll looks at all of these before it waits again. */
+static void wake_sleeper(lmw_server *s) {
+    if (!s->asleep) return;
+    uint64_t one = 1;
+    ssize_t w = write(s->wakefd, &one, sizeof one); /* full: a wake-up is pending anyway */
+    (void)w;
+}
+
 /* ---------------------------------------------------------------- free */
 
 /* unpark: the slot leaves a parked state (answered, or gone). */
@@ -111,6 +121,7 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
     s->live--;
     close(fd);
     s->emfile = 0;
+    wake_sleeper(s); /* a send on another thread found it dead: on_close, maybe accepting */
 }
 
 /* written ends a connection whose socket died under a write (the write path reports it,
@@ -118,6 +129,20 @@ void lmw__conn_free(lmw_server *s, int fd, uint16_t code) {
 static int written(lmw_server *s, int fd, int r) {
     if (r < 0) lmw__conn_free(s, fd, 1006);
     return r;
+}
+
+/* ---------------------------------------------------------------- deadlines */
+
+/* lmw__sweep_by: a deadline of some connection falls at tick `at` (a handshake, a close, a
+ * heartbeat, a message), so the sweep that judges it must run by then. The loop sleeps
+ * until the earliest such tick and no longer (lmw_poll): an idle server with nothing due
+ * sleeps until an event. Each verb below that starts a deadline says so here; the sweep
+ * itself plans the next one from what it finds. A call from another thread while the
+ * loop sleeps (an off-loop hook's answer) wakes it, so it can wait less. */
+void lmw__sweep_by(lmw_server *s, uint32_t at) {
+    if (at >= s->sweep_at) return;
+    s->sweep_at = at;
+    wake_sleeper(s);
 }
 
 /* ---------------------------------------------------------------- handshake */
@@ -140,6 +165,7 @@ int lmw__conn_accept(lmw_server *s, int fd) {
     if ((uint32_t)fd > s->max_fd_seen) s->max_fd_seen = (uint32_t)fd;
     s->live++;
     s->stats->handshakes++;
+    lmw__sweep_by(s, s->now + lmw__ticks(s->cfg.handshake_timeout_ms));
     return 0;
 }
 
@@ -173,6 +199,7 @@ int lmw__conn_park(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, size
         sl->state = ST_HTTP_PARKED;
     }
     s->stats->handshakes_parked++;
+    lmw__sweep_by(s, sl->tick + lmw__ticks(s->cfg.handshake_timeout_ms)); /* still its deadline */
     lmw__set_interest(s, fd, sl, 1); /* always rewritten: EPOLLRDHUP even if input was off */
     return 0;
 }
@@ -183,6 +210,7 @@ static void linger(lmw_server *s, int fd, lmw_slot *sl) {
     lmw_ext *x = lmw__ext_of(s, sl);
     sl->state = ST_LINGER;
     sl->tick = s->now;
+    lmw__sweep_by(s, s->now + lmw__ticks(s->cfg.close_timeout_ms));
     if (x) {
         lmw__in_free(s, x);
         lmw__msg_free(s, x);
@@ -255,6 +283,8 @@ int lmw__conn_upgrade(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *key, s
     sl->deflate = lmw__deflate_class_of(pmd);
     sl->envelope = lmw__is_envelope_protocol(proto, proto_len);
     if (user_tag) lmw__hub_user_add(s, fd);
+    if (s->cfg.ping_interval_ms) /* its first ping: no sooner than half the interval */
+        lmw__sweep_by(s, s->now + lmw__ticks(s->cfg.ping_interval_ms) / 2);
     return written(s, fd, lmw__write_raw(s, fd, sl, resp, (size_t)n, NULL, 0, 0, 0)) < 0 ? -1 : 0;
 }
 
@@ -286,6 +316,7 @@ void lmw__conn_close(lmw_server *s, int fd, lmw_slot *sl, int code, const uint8_
     if (send_close(s, fd, sl, code, reason, reason_len) < 0) return;
     sl->state = ST_CLOSING;
     sl->tick = s->now;
+    lmw__sweep_by(s, s->now + lmw__ticks(s->cfg.close_timeout_ms));
 }
 
 /* lmw__conn_fail fails the connection (section 7.1.7): a close frame with code, then the TCP

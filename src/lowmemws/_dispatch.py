@@ -83,8 +83,10 @@ class Dispatcher:
     thread; the rest may run on any thread.
 
     ``on_room`` is called (from whichever thread finishes a job) when the count falls to
-    half the limit after reaching it; ``pause``/``resume`` stop and restart reading a key's
-    socket.
+    half the limit after reaching it; ``on_count`` (lock held, any thread) with the jobs in
+    flight after every change: the count plus those the loop holds (set_held), so the gauge
+    is right without a turn of the loop, which sleeps until an event; ``pause``/``resume``
+    stop and restart reading a key's socket.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Dispatcher:
         pause: Callable[[int, int], None],
         resume: Callable[[int, int], None],
         run_inline: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
+        on_count: Callable[[int], None] | None = None,
     ) -> None:
         self._threads = HookThreads(threads) if threads else None
         self._limit = max(1, limit)
@@ -108,6 +111,8 @@ class Dispatcher:
         self._busy: dict[Key, deque[Job]] = {}
         self._paused: dict[Key, int] = {}  # key -> _PAUSED_* bits
         self._count = 0
+        self._held = 0  # jobs the loop holds back (set_held): in flight for on_count too
+        self._on_count = on_count
         self._full = False
         self._closed = False
 
@@ -132,6 +137,7 @@ class Dispatcher:
         """submit runs job now, or queues it behind the running job of its key."""
         with self._lock:
             self._count += 1
+            self._counted()
             if self._count >= self._limit:
                 self._full = True
             queue = self._busy.get(key)
@@ -143,6 +149,18 @@ class Dispatcher:
                 self._busy[key] = deque()
         if queue is None:
             self._start(key, job)
+
+    def set_held(self, held: int) -> None:
+        """set_held tells how many jobs the loop holds back while the bound is reached."""
+        with self._lock:
+            if held != self._held:
+                self._held = held
+                self._counted()
+
+    def _counted(self) -> None:
+        """_counted reports the jobs in flight (lock held)."""
+        if self._on_count is not None:
+            self._on_count(self._count + self._held)
 
     def _pause_for(self, key: Key, reason: int, on: bool) -> None:
         """_pause_for sets or clears one reason to pause key's reading (lock held: the C
@@ -186,6 +204,7 @@ class Dispatcher:
         room = False
         with self._lock:
             self._count -= 1
+            self._counted()
             queue = self._busy[key]
             following = queue.popleft() if queue else None
             if following is None:
@@ -206,6 +225,7 @@ class Dispatcher:
             queue = self._busy.pop(key, None)
             if queue is not None:
                 self._count -= 1 + len(queue)
+                self._counted()
             self._paused.pop(key, None)  # shutdown: no need to read it again
 
     def _drain_in_thread(self, key: Key, job: Job | None, inline: bool = False) -> None:

@@ -51,7 +51,12 @@ from .handshake import (
 
 log = logging.getLogger("lowmemws")
 
-_POLL_MS = 250
+#: lmw_poll's timeout between events: none. The C loop wakes by itself for what is due (a
+#: deadline's sweep, a paced step); everything else reaches this thread as an event or
+#: through lmw_wake (stop(), hook answers, asyncio and hook-thread calls, room in the hook
+#: queue), and a stop signal interrupts the wait on the main thread, so an idle gateway
+#: sleeps until something happens.
+_WAIT_FOREVER = -1
 _SHUTDOWN_POLL_MS = 50
 _EV_MESSAGE = int(lib.LMW_EV_MESSAGE)
 _EV_UPGRADE = int(lib.LMW_EV_UPGRADE)
@@ -91,12 +96,12 @@ class EventLoop:
             pause=server.pause_reading,
             resume=server.resume_reading,
             run_inline=self.run_inline,
+            on_count=self._count_in_flight,
         )
         self._held: deque[tuple[Key, Job]] = deque()
         self._held_keys: set[Key] = set()
         self._paused: set[Key] = set()
         self._accept_held = False
-        self._in_flight_gauge = 0
         self._park = False  # an event of this batch waits for an off-loop hook
         # calls other threads hand to this one: hook answers, inline hooks (see _call_here)
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any] | None]] = deque()
@@ -109,10 +114,10 @@ class EventLoop:
         ready.set()
         try:
             while not stopping.is_set():
-                n = self._server.poll(_POLL_MS, events, max_events)
+                n = self._server.poll(_WAIT_FOREVER, events, max_events)
                 if n > 0:
                     self._dispatch(events[0], n)
-                if self._calls:
+                if self._calls or self._calls_woken:  # see _run_calls
                     self._run_calls()
                 self._after_turn()
             self._shutdown(events)
@@ -132,10 +137,12 @@ class EventLoop:
         if hold != self._accept_held:
             self._accept_held = hold
             self._server.accept_hold(hold)
-        in_flight = dispatcher.count + len(self._held)
-        if in_flight != self._in_flight_gauge:
-            self._in_flight_gauge = in_flight
-            self._server.stats().hooks_in_flight = in_flight
+        dispatcher.set_held(len(self._held))
+
+    def _count_in_flight(self, in_flight: int) -> None:
+        """_count_in_flight keeps the hooks_in_flight gauge (the dispatcher calls it, from
+        whichever thread changed the count)."""
+        self._server.stats().hooks_in_flight = in_flight
 
     def _shutdown(self, events: Any) -> None:
         """_shutdown: stop accepting, close every client with 1001 (a parked handshake gets
@@ -150,7 +157,7 @@ class EventLoop:
             n = server.poll(_SHUTDOWN_POLL_MS, events, self._config.max_events)
             if n > 0:
                 self._dispatch(events[0], n, closing=True)
-            if self._calls:
+            if self._calls or self._calls_woken:
                 self._run_calls()
             self._after_turn()
 
@@ -447,6 +454,10 @@ class EventLoop:
                 self._server.wake()
 
     def _run_calls(self) -> None:
+        """_run_calls runs the calls queued for this thread. A call queued while it drains
+        is run by it too, but its wake-up is then spent on an empty queue: the flag stays
+        set with nothing queued, so run() calls this again on the turn that wake-up causes
+        (to clear it), or a later call would not wake a loop that sleeps until an event."""
         self._calls_woken = False
         calls = self._calls
         while calls:

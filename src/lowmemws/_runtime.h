@@ -106,6 +106,16 @@ enum {
 #define LAG_SLOW_US 250000u
 #define LAG_WINDOW_TICKS 100u /* the lag gauge covers about the last 10 s */
 
+/* The loop's clock counts ticks of TICK_MS (lmw_slot.tick, lmw_server.now); every deadline
+ * is judged in whole ticks by the sweep (_server.c), which runs only when one falls due. */
+#define TICK_MS 100u
+#define NO_SWEEP UINT32_MAX /* lmw_server.sweep_at: no deadline pending anywhere */
+
+/* lmw__ticks is ms rounded up to whole ticks. */
+static inline uint32_t lmw__ticks(uint32_t ms) {
+    return (uint32_t)(((uint64_t)ms + TICK_MS - 1) / TICK_MS);
+}
+
 typedef struct lmw_paced lmw_paced; /* one paced send: _paced.c */
 
 typedef struct lmw_slot {
@@ -231,8 +241,9 @@ struct lmw_server {
     lmw_slot *slots;
     uint32_t nslots; /* table size (RLIMIT_NOFILE) */
     uint32_t max_fd_seen;
-    uint32_t now; /* current tick of the loop's clock (see LAG_GRACE_US) */
-    uint32_t last_sweep;
+    uint32_t now;      /* current tick of the loop's clock (see LAG_GRACE_US) */
+    uint32_t sweep_at; /* tick by which the sweep must run (lmw__sweep_by); NO_SWEEP: none */
+    int asleep;        /* the loop waits in epoll_wait (lock dropped): see lmw__sweep_by */
     uint64_t clock_us; /* the loop's clock: monotonic time minus lag past the grace */
     uint64_t real_us;  /* monotonic time when clock_us was last advanced */
     int polled;        /* lmw_poll ran before: real_us is when its epoll_wait returned */
@@ -418,6 +429,7 @@ int lmw__conn_send_control(lmw_server *s, int fd, lmw_slot *sl, int opcode, cons
 int lmw__conn_send_data(lmw_server *s, int fd, lmw_slot *sl, const uint8_t *a, size_t alen,
                         const uint8_t *b, size_t blen, uint64_t topic, int policy);
 void lmw__conn_flush(lmw_server *s, int fd, lmw_slot *sl);
+void lmw__sweep_by(lmw_server *s, uint32_t at);
 /* _deflate.c: permessage-deflate, no state per connection (storage level, like _spill.c) */
 #define DEFLATE_STACK 4096
 uint8_t *lmw__deflate_frame(lmw_server *s, int cls, int opcode, const uint8_t *data, size_t len,

@@ -42,7 +42,14 @@
 #define MAX_EPOLL_EVENTS 256
 #define MAX_SLOTS (1u << 22)
 
-#define TICK_US 100000u
+#define TICK_US ((uint64_t)TICK_MS * 1000u)
+
+/* A heartbeat ping may go out up to this many ticks late, and a ping timeout may be
+ * judged as late, but never later than 1/PING_SLACK_SHARE of the ping interval: pings that
+ * fall due within the same second (of a 30 s interval) share one sweep instead of waking
+ * the loop once each, and stay spread over the interval, never in synchronised rounds. */
+#define PING_SLACK_TICKS 10u
+#define PING_SLACK_SHARE 16u
 
 static uint64_t monotonic_us(void) {
     struct timespec ts;
@@ -68,8 +75,10 @@ static uint64_t past_grace(uint64_t lag) { return lag > LAG_GRACE_US ? lag - LAG
  * The gauge is the longest lag of the current and the previous ~10 s window. */
 static void note_lag(lmw_server *s, uint64_t lag) {
     s->lag_us = lag;
-    if (s->real_us - s->lag_window_start_us >= (uint64_t)LAG_WINDOW_TICKS * TICK_US) {
-        s->lag_prev_window_max = s->lag_window_max;
+    uint64_t window_us = (uint64_t)LAG_WINDOW_TICKS * TICK_US;
+    uint64_t since = s->real_us - s->lag_window_start_us;
+    if (since >= window_us) { /* after a long sleep both windows are over: nothing recent */
+        s->lag_prev_window_max = since < 2 * window_us ? s->lag_window_max : 0;
         s->lag_window_max = 0;
         s->lag_window_start_us = s->real_us;
     }
@@ -79,8 +88,6 @@ static void note_lag(lmw_server *s, uint64_t lag) {
     s->stats->loop_lag_us = recent;
     if (lag > s->stats->loop_lag_max_us) s->stats->loop_lag_max_us = lag;
 }
-
-static uint32_t ms_to_ticks(uint32_t ms) { return (ms + 99) / 100; }
 
 /* ---------------------------------------------------------------- accept */
 
@@ -143,26 +150,75 @@ int lmw_adopt(lmw_server *s, int fd) {
 
 /* ---------------------------------------------------------------- sweep */
 
-/* message_overdue: a message (or frame) begun is still incomplete after mt ticks. Seen by
- * the once-a-second sweep, so the deadline holds to about a second. */
-static int message_overdue(lmw_server *s, lmw_slot *sl, uint32_t mt) {
+/* The deadlines the sweep enforces, in ticks (0: off, for the ping and message ones). */
+typedef struct {
+    uint32_t hs, pi, pt, ct, mt;
+    uint32_t slack; /* how late a ping (or its timeout) may be judged: see PING_SLACK_TICKS */
+} deadlines;
+
+static deadlines deadlines_of(const lmw_server *s) {
+    deadlines d = {
+        .hs = lmw__ticks(s->cfg.handshake_timeout_ms),
+        .pi = lmw__ticks(s->cfg.ping_interval_ms),
+        .pt = lmw__ticks(s->cfg.ping_timeout_ms),
+        .ct = lmw__ticks(s->cfg.close_timeout_ms),
+        .mt = lmw__ticks(s->cfg.message_timeout_ms),
+    };
+    d.slack =
+        d.pi / PING_SLACK_SHARE < PING_SLACK_TICKS ? d.pi / PING_SLACK_SHARE : PING_SLACK_TICKS;
+    return d;
+}
+
+/* plan keeps in *next the earliest tick a sweep must run at, never the current one (what
+ * is due now was judged by this sweep). */
+static void plan(const lmw_server *s, uint32_t *next, uint32_t at) {
+    if (at <= s->now) at = s->now + 1;
+    if (at < *next) *next = at;
+}
+
+/* note_partial follows fd's incomplete message (or frame) after a read: message_timeout
+ * runs from the read that first left one incomplete, and the sweep is planned for it. */
+static void note_partial(lmw_server *s, lmw_slot *sl) {
+    if (sl->state != ST_OPEN || !sl->ext || !s->cfg.message_timeout_ms) return;
+    lmw_ext *x = lmw__ext_of(s, sl);
+    if (!(x->in || x->msg)) {
+        x->partial_since = 0;
+        return;
+    }
+    if (x->partial_since) return;
+    x->partial_since = s->now ? s->now : 1;
+    lmw__sweep_by(s, x->partial_since + lmw__ticks(s->cfg.message_timeout_ms));
+}
+
+/* read_now reads fd's input in this poll, and follows a message it leaves incomplete. */
+static void read_now(lmw_server *s, int fd, lmw_slot *sl, uint32_t what) {
+    lmw__on_readable(s, fd, sl, what);
+    note_partial(s, sl);
+}
+
+/* message_overdue: a message (or frame) begun is still incomplete after mt ticks; else the
+ * tick it will be is planned. */
+static int message_overdue(lmw_server *s, lmw_slot *sl, uint32_t mt, uint32_t *next) {
     lmw_ext *x = lmw__ext_of(s, sl);
     if (!mt || !(x->in || x->msg)) {
         x->partial_since = 0;
         return 0;
     }
     if (!x->partial_since) x->partial_since = s->now ? s->now : 1;
-    return s->now - x->partial_since >= mt;
+    if (s->now - x->partial_since >= mt) return 1;
+    plan(s, next, x->partial_since + mt);
+    return 0;
 }
 
 /* input_first: a deadline of fd has passed, but the kernel holds input for it. It is read
  * now when this poll can take its events, and the connection is judged again by the next
- * sweep: a deadline is judged on what arrived, not on what the loop had time to read.
- * Returns 0 when nothing waits (judge now). */
-static int input_first(lmw_server *s, int fd, lmw_slot *sl) {
+ * sweep (planned for the next tick): a deadline is judged on what arrived, not on what the
+ * loop had time to read. Returns 0 when nothing waits (judge now). */
+static int input_first(lmw_server *s, int fd, lmw_slot *sl, uint32_t *next) {
     if (!lmw__bytes_waiting(fd)) return 0;
     if (s->nwork < s->maxwork && !(sl->flags & (F_PAUSED | F_BACKLOG)))
-        lmw__on_readable(s, fd, sl, EPOLLIN);
+        read_now(s, fd, sl, EPOLLIN);
+    plan(s, next, s->now + 1);
     return 1;
 }
 
@@ -184,55 +240,95 @@ static void send_ping(lmw_server *s, int fd, lmw_slot *sl) {
     lmw__conn_send_control(s, fd, sl, LMW_OP_PING, NULL, 0);
 }
 
-static void sweep(lmw_server *s) {
-    uint32_t hs = ms_to_ticks(s->cfg.handshake_timeout_ms);
-    uint32_t pi = ms_to_ticks(s->cfg.ping_interval_ms);
-    uint32_t pt = ms_to_ticks(s->cfg.ping_timeout_ms);
-    uint32_t ct = ms_to_ticks(s->cfg.close_timeout_ms);
-    uint32_t mt = ms_to_ticks(s->cfg.message_timeout_ms);
+/* sweep_open judges an open connection: a message past its deadline, a ping unanswered
+ * past ping_timeout, a ping due. */
+static void sweep_open(lmw_server *s, int fd, lmw_slot *sl, const deadlines *d, uint32_t *next) {
+    if (sl->ext && message_overdue(s, sl, d->mt, next)) {
+        if (!input_first(s, fd, sl, next))
+            lmw__conn_fail(s, fd, 1008); /* a message trickled past its deadline */
+        return;
+    }
+    if (!d->pi || (sl->flags & F_PAUSED)) return; /* resuming plans a sweep */
+    uint32_t idle = s->now - sl->tick;
+    if (sl->flags & F_PING_OUT) {
+        if (idle < d->pt) {
+            /* its pong may come first, and the next ping is due pi/2 or more after it:
+             * judged again at the earlier of that and the timeout */
+            uint32_t timeout_at = sl->tick + d->pt, pong_at = s->now + d->pi / 2;
+            plan(s, next, (timeout_at < pong_at ? timeout_at : pong_at) + d->slack);
+        } else if (!input_first(s, fd, sl, next)) {
+            s->stats->ping_timeouts_total++;
+            lmw__conn_free(s, fd, 1006);
+        }
+        return;
+    }
+    uint32_t wait = ping_wait(fd, sl, d->pi);
+    if (idle < wait) {
+        plan(s, next, sl->tick + wait + d->slack);
+        return;
+    }
+    send_ping(s, fd, sl);
+    plan(s, next, s->now + (d->pt < d->pi / 2 ? d->pt : d->pi / 2) + d->slack);
+}
+
+/* sweep judges every connection's deadlines and returns the tick of the earliest one still
+ * ahead (NO_SWEEP: none). It walks the slot table up to the highest fd in use, so it runs
+ * only when a deadline falls due (see lmw__sweep_by), and pings due within PING_SLACK_TICKS
+ * of each other go out in one sweep. */
+static uint32_t sweep(lmw_server *s) {
+    deadlines d = deadlines_of(s);
+    uint32_t next = NO_SWEEP;
     for (uint32_t fd = 0; fd <= s->max_fd_seen && fd < s->nslots; fd++) {
         lmw_slot *sl = &s->slots[fd];
         uint32_t idle = s->now - sl->tick;
         switch (sl->state) {
         case ST_HEAD:
         case ST_HTTP_BODY:
-            if (idle >= hs && !input_first(s, (int)fd, sl)) {
+            if (idle < d.hs) {
+                plan(s, &next, sl->tick + d.hs);
+            } else if (!input_first(s, (int)fd, sl, &next)) {
                 s->stats->handshake_timeouts_total++;
                 lmw__conn_reject(s, (int)fd, sl, 408);
             }
             break;
         case ST_OPEN:
-            if (sl->ext && message_overdue(s, sl, mt) && !input_first(s, (int)fd, sl)) {
-                lmw__conn_fail(s, (int)fd, 1008); /* a message trickled past its deadline */
-                break;
-            }
-            if (!s->cfg.ping_interval_ms || (sl->flags & F_PAUSED)) break;
-            if (sl->flags & F_PING_OUT) {
-                if (idle >= pt && !input_first(s, (int)fd, sl)) {
-                    s->stats->ping_timeouts_total++;
-                    lmw__conn_free(s, (int)fd, 1006);
-                }
-            } else if (idle >= pi / 2 && idle >= ping_wait((int)fd, sl, pi)) {
-                send_ping(s, (int)fd, sl);
-            }
+            sweep_open(s, (int)fd, sl, &d, &next);
             break;
         case ST_UPGRADE_PARKED:
         case ST_HTTP_PARKED: /* the hook took too long: its late answer finds a stale handle */
-            if (idle >= hs) {
+            if (idle < d.hs) {
+                plan(s, &next, sl->tick + d.hs);
+            } else {
                 s->stats->handshake_timeouts_total++;
                 lmw__conn_reject(s, (int)fd, sl, 408);
             }
             break;
         case ST_CLOSING:
-            if (idle >= ct && !input_first(s, (int)fd, sl)) lmw__conn_free(s, (int)fd, 0);
+            if (idle < d.ct)
+                plan(s, &next, sl->tick + d.ct);
+            else if (!input_first(s, (int)fd, sl, &next))
+                lmw__conn_free(s, (int)fd, 0);
             break;
         case ST_LINGER:
-            if (idle >= ct) lmw__conn_free(s, (int)fd, 0);
+            if (idle < d.ct)
+                plan(s, &next, sl->tick + d.ct);
+            else
+                lmw__conn_free(s, (int)fd, 0);
             break;
         default:
             break;
         }
     }
+    return next;
+}
+
+/* sweep_if_due runs the sweep once its planned tick has come, and plans the next one (the
+ * verbs the sweep called may have planned one too: the earlier counts). */
+static void sweep_if_due(lmw_server *s) {
+    if (s->now < s->sweep_at) return;
+    s->sweep_at = NO_SWEEP;
+    uint32_t next = sweep(s);
+    if (next < s->sweep_at) s->sweep_at = next;
 }
 
 /* ---------------------------------------------------------------- poll */
@@ -284,11 +380,13 @@ static int ensure_batch(lmw_server *s, int max) {
  * epoll_wait last returned (for the lag gauge). Returns how many epoll events arrived. */
 static int wait_for_io(lmw_server *s, int timeout_ms, uint64_t away) {
     struct epoll_event evs[MAX_EPOLL_EVENTS];
+    s->asleep = timeout_ms != 0;
     pthread_mutex_unlock(&s->lock);
     uint64_t waiting_since = monotonic_us();
     int n = epoll_wait(s->epfd, evs, MAX_EPOLL_EVENTS, timeout_ms);
     uint64_t woke = monotonic_us();
     pthread_mutex_lock(&s->lock);
+    s->asleep = 0;
     uint64_t waited = woke - waiting_since;
     uint64_t late = timeout_ms >= 0 && waited > (uint64_t)timeout_ms * 1000u
                         ? waited - (uint64_t)timeout_ms * 1000u
@@ -314,36 +412,52 @@ static int wait_for_io(lmw_server *s, int timeout_ms, uint64_t away) {
         if (what & EPOLLOUT) lmw__conn_flush(s, fd, sl);
         if (sl->state == ST_FREE) continue;
         if ((what & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && s->nwork < s->maxwork)
-            lmw__on_readable(s, fd, sl, what);
+            read_now(s, fd, sl, what);
     }
     return n;
 }
 
+/* earliest_ms is the shorter of two waits in ms (-1: none). */
+static int earliest_ms(int a, int b) { return a < 0 || (b >= 0 && b < a) ? b : a; }
+
+/* sweep_wait_ms is how long until the planned sweep, on the loop's clock (-1: none). */
+static int sweep_wait_ms(const lmw_server *s) {
+    if (s->sweep_at == NO_SWEEP) return -1;
+    uint64_t due_us = (uint64_t)s->sweep_at * TICK_US;
+    if (due_us <= s->clock_us) return 0;
+    uint64_t ms = (due_us - s->clock_us + 999) / 1000;
+    return ms > INT32_MAX ? INT32_MAX : (int)ms;
+}
+
 /* wait_ms is how long the next epoll_wait may last: until `until` (real time, UINT64_MAX:
- * no limit) and no later than the paced sends' next step. */
+ * no limit), and no later than the paced sends' next step or the planned sweep. With none
+ * of these the loop sleeps until an event: an idle server does not wake at all. */
 static int wait_ms(const lmw_server *s, uint64_t until) {
     int wait = -1;
     if (until != UINT64_MAX) {
         uint64_t left = until > s->real_us ? until - s->real_us : 0;
         wait = left > (uint64_t)INT32_MAX * 1000u ? INT32_MAX : (int)((left + 999) / 1000);
     }
-    int pace_ms = lmw__paced_wait_ms(s);
-    if (pace_ms >= 0 && (wait < 0 || wait > pace_ms)) wait = pace_ms;
-    return wait;
+    return earliest_ms(earliest_ms(wait, lmw__paced_wait_ms(s)), sweep_wait_ms(s));
 }
 
-/* quiet_pacing_step: the wait ended with nothing for the caller (no I/O, no event, no
- * wake-up) before the caller's timeout, and a paced send is in flight: its step is taken
- * here and lmw_poll waits again, so pacing costs no turn of the caller (Python) and no
- * sweep of its own: the sweep keeps the rate of the caller's polls, as when idle. */
-static int quiet_pacing_step(const lmw_server *s, int n, uint64_t until) {
-    return n == 0 && s->paced && !s->nev && !s->nclosed && !s->wake_pending && s->real_us < until;
+/* begin_turn is what a turn does before it waits: the previous batch's memory and
+ * unanswered requests are released, deferred closes run, input held back is parsed. */
+static void begin_turn(lmw_server *s) {
+    release_batch(s);
+    lmw__conn_run_deferred(s);
+    drain_closed(s);
+    lmw__run_backlog(s);
+    lmw__resume_budget_paused(s);
+    listeners_poll(s, accepting_allowed(s));
 }
 
-/* step_before: a paced send's next step is due before `until`. */
-static int step_before(const lmw_server *s, uint64_t until) {
-    int pace_ms = lmw__paced_wait_ms(s);
-    return pace_ms >= 0 && s->real_us + (uint64_t)pace_ms * 1000u < until;
+/* for_caller: the turn has something for lmw_poll's caller (events, a wake-up), or input
+ * held back that it must parse at its next call (the backlog). Otherwise the turn was the
+ * loop's own (a sweep, a pacing step, I/O handled in C such as pongs) and lmw_poll waits
+ * again without a turn of the caller (Python). */
+static int for_caller(const lmw_server *s, int n) {
+    return n < 0 || s->nev || s->nclosed || s->wake_pending || s->nbacklog;
 }
 
 int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
@@ -352,38 +466,30 @@ int lmw_poll(lmw_server *s, int timeout_ms, lmw_event **out, int max) {
     /* away: since epoll_wait last returned, the loop worked (here and in Python) */
     uint64_t away = s->polled ? entered - s->real_us : 0;
     clock_to(s, entered, past_grace(away));
-    release_batch(s);
     if (ensure_batch(s, max) < 0) {
+        release_batch(s);
         pthread_mutex_unlock(&s->lock);
         return LMW_ERROR;
     }
-    lmw__conn_run_deferred(s);
-    drain_closed(s);
-    lmw__run_backlog(s);
-    lmw__resume_budget_paused(s);
-    listeners_poll(s, accepting_allowed(s));
-    if (s->nev || s->nbacklog || s->wake_pending) timeout_ms = 0;
     uint64_t until = timeout_ms >= 0 ? s->real_us + (uint64_t)timeout_ms * 1000u : UINT64_MAX;
-    while (quiet_pacing_step(s, wait_for_io(s, wait_ms(s, until), away), until)) {
-        uint64_t step = s->real_us;
+    for (;;) {
+        begin_turn(s);
+        int busy = s->nev || s->nbacklog || s->wake_pending;
+        int n = wait_for_io(s, busy ? 0 : wait_ms(s, until), away);
+        uint64_t woke = s->real_us;
+        sweep_if_due(s);
         lmw__paced_advance(s);
-        uint64_t stepped = monotonic_us();
-        away = stepped - step;
-        clock_to(s, stepped, past_grace(away));
-        if (s->nev || s->nclosed || !step_before(s, until))
-            break; /* the caller's turn now, on this wake-up: its events, or its timeout */
+        drain_closed(s);
+        if (for_caller(s, n) || s->real_us >= until) break;
+        uint64_t worked = monotonic_us();
+        away = worked - woke;
+        clock_to(s, worked, past_grace(away));
     }
     if (s->wake_pending) {
         s->wake_pending = 0;
         lmw_event *e = lmw__push_event(s);
         if (e) e->type = LMW_EV_WAKE;
     }
-    if (s->now != s->last_sweep) { /* at most once a tick: pings spread, deadlines kept */
-        s->last_sweep = s->now;
-        sweep(s);
-    }
-    lmw__paced_advance(s);
-    drain_closed(s);
     listeners_poll(s, accepting_allowed(s));
     *out = s->ev;
     int count = s->nev;
@@ -572,6 +678,8 @@ int lmw_resume_reading(lmw_server *s, int fd, uint32_t gen) {
     if (sl && (sl->flags & F_PAUSED)) {
         sl->flags &= ~F_PAUSED;
         lmw__set_interest(s, fd, sl, 0);
+        if (s->cfg.ping_interval_ms) /* its heartbeat, skipped while paused, may be due */
+            lmw__sweep_by(s, s->now + deadlines_of(s).slack);
     }
     pthread_mutex_unlock(&s->lock);
     if (sl) lmw_wake(s);
@@ -652,7 +760,8 @@ lmw_server *lmw_server_new(const lmw_config *cfg, lmw_stats *stats) {
     }
     s->real_us = s->lag_window_start_us = monotonic_us();
     s->clock_us = s->real_us;
-    s->now = s->last_sweep = (uint32_t)(s->clock_us / TICK_US);
+    s->now = (uint32_t)(s->clock_us / TICK_US);
+    s->sweep_at = NO_SWEEP;
     return s;
 }
 

@@ -4,6 +4,10 @@ Each worker process runs its own loop and C server on the shared port; the kerne
 new connections over them. Their counters live in one shared mapping (one lmw_stats each)
 so any process can sum them for /metrics. A worker's pid in its lmw_stats is 0 until it
 serves, which is how the supervisor knows every worker is ready.
+
+Between those events the supervisor sleeps: it waits in poll() on a pidfd per worker
+(readable when that worker exits) and on a pipe written by stop requests (the stop signals'
+handler, terminate()), so an idle supervisor does not wake at all.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import signal
 import threading
 import time
@@ -25,7 +30,7 @@ from .bus import Bus, ProcessBus
 log = logging.getLogger("lowmemws")
 
 _READY_TIMEOUT = 30.0
-_REAP_INTERVAL = 0.2
+_REAP_INTERVAL = 0.2  # where pidfds are missing (Linux < 5.3): how often to look for exits
 _KILL_GRACE = 2.0  # seconds past shutdown_timeout before a worker is killed
 
 RunWorker = Callable[[int, Any], None]
@@ -47,6 +52,9 @@ class Supervisor:
         self._bus = bus
         self._shutdown_timeout = shutdown_timeout
         self._children: dict[int, int] = {}  # pid -> worker index
+        self._pidfds: dict[int, int] = {}  # pid -> its pidfd (readable once it exits)
+        self._stop_r, self._stop_w = os.pipe()  # a byte here: look at `stopping` again
+        os.set_blocking(self._stop_w, False)
         size = metrics.STATS_SIZE
         self._stats_map = mmap.mmap(-1, size * count)  # shared with the forked workers
         base = ffi.from_buffer(self._stats_map)
@@ -60,20 +68,51 @@ class Supervisor:
             self._spawn(index)
         if isinstance(self._bus, ProcessBus):
             self._bus.attach_parent()
-        with stop_signals_call(stopping.set):
+
+        def stop() -> None:
+            stopping.set()
+            self._nudge()
+
+        with stop_signals_call(stop):
             try:
                 self._wait_workers_ready()
                 ready.set()
                 while not stopping.is_set():
                     self._reap(restart=True)
-                    stopping.wait(_REAP_INTERVAL)
+                    self._wait_for_change(stopping)
             finally:
                 self._stop_children()
+                pipe = (self._stop_r, self._stop_w)
+                self._stop_r = self._stop_w = -1  # a late terminate() writes nowhere
+                for fd in pipe:
+                    os.close(fd)
+
+    def _nudge(self) -> None:
+        """_nudge wakes run() (from a signal handler or another thread)."""
+        if self._stop_w < 0:
+            return
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:  # full: it is awake anyway
+            pass
+
+    def _wait_for_change(self, stopping: threading.Event) -> None:
+        """_wait_for_change sleeps until a worker exits or a stop is asked for."""
+        if self._pidfds.keys() != self._children.keys():  # no pidfds here: look periodically
+            stopping.wait(_REAP_INTERVAL)
+            return
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        for pidfd in self._pidfds.values():
+            poller.register(pidfd, select.POLLIN)
+        if any(fd == self._stop_r for fd, _ in poller.poll()):
+            os.read(self._stop_r, 4096)
 
     def terminate(self) -> None:
         """terminate asks every worker to stop now (SIGTERM); safe from any thread."""
         for pid in list(self._children):
             _kill(pid, signal.SIGTERM)
+        self._nudge()
 
     def _wait_workers_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT
@@ -88,13 +127,21 @@ class Supervisor:
         if pid == 0:
             self._be_worker(index)
         self._children[pid] = index
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self._pidfds[pid] = pidfd_open(pid)
+            except OSError:  # an older kernel: _wait_for_change looks periodically instead
+                pass
 
     def _be_worker(self, index: int) -> None:
         """_be_worker runs in the forked child and never returns."""
         code = 0
         try:
             default_stop_signals()
-            self._children = {}  # a worker supervises nobody
+            for fd in (*self._pidfds.values(), self._stop_r, self._stop_w):
+                os.close(fd)  # the supervisor's own
+            self._children, self._pidfds = {}, {}  # a worker supervises nobody
             if isinstance(self._bus, ProcessBus):
                 self._bus.attach_worker(index)
             self._run_worker(index, self.stats_views[index])
@@ -113,6 +160,9 @@ class Supervisor:
             if pid == 0:
                 return
             index = self._children.pop(pid, None)
+            pidfd = self._pidfds.pop(pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
             if index is None:
                 continue
             self.stats_views[index].pid = 0
