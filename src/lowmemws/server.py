@@ -421,7 +421,7 @@ class Gateway:
         """_deliver fans an envelope out to this process's connections (the bus callback)."""
         enveloped = envelope.kind in ("topic", "user", "broadcast") and not envelope.paced
         if self._resumer is not None and enveloped:
-            return self._deliver_enveloped(envelope, self._resumer)
+            return self._deliver_enveloped(envelope, self._resumer, self._fan_out_enveloped)
         policy = POLICIES[envelope.policy]
         payload = envelope.payload
         if envelope.kind == "cancel":
@@ -431,7 +431,7 @@ class Gateway:
             bus = self._bus if isinstance(self._bus, BusBase) else None
             return answer_query(self._server, bus, envelope)
         if envelope.paced and self._resumer is not None:
-            return self._deliver_paced_enveloped(envelope, self._resumer)
+            return self._deliver_enveloped(envelope, self._resumer, self._paced_start)
         if envelope.paced or envelope.kind == "users":
             return self._paced_start(envelope, None)
         if envelope.kind == "topic":
@@ -442,17 +442,22 @@ class Gateway:
             return self._server.send_user(envelope.key, envelope.opcode, payload, policy)
         return self._server.broadcast(envelope.opcode, payload, policy)
 
-    def _deliver_enveloped(self, envelope: Envelope, resumer: Resumer) -> int:
+    def _deliver_enveloped(
+        self, envelope: Envelope, resumer: Resumer, send: Callable[[Envelope, bytes], int]
+    ) -> int:
         """With history: each message also goes, as its envelope, to the clients of the
-        envelope subprotocol; a stored one under its stream's stripe lock, so no resume
-        replay of that stream interleaves with it (see _resume)."""
+        envelope subprotocol (send: fanned out now, or paced), raw to the others, each frame
+        built once. A stored one goes under its stream's stripe lock, so no resume replay of
+        that stream interleaves with it, and counts as delivered from then on (see _resume):
+        a paced step may still bring it to a client that resumed meanwhile, which drops it
+        by its position (docs/envelope.md)."""
         stream = envelope.stream
         env = message_frame(envelope.opcode, envelope.payload, stream, envelope.epoch,
                             envelope.offset)  # fmt: skip
         if stream is None or not envelope.epoch:
-            return self._fan_out_enveloped(envelope, env)
+            return send(envelope, env)
         with resumer.stripe(stream):
-            count = self._fan_out_enveloped(envelope, env)
+            count = send(envelope, env)
             resumer.delivered(stream, envelope.epoch, envelope.offset)
         return count
 
@@ -466,22 +471,6 @@ class Gateway:
         pace = (envelope.pace_id, envelope.spread, envelope.node_rate)
         policy = POLICIES[envelope.policy]
         return self._server.paced_start(key, envelope.opcode, envelope.payload, policy, pace, env)
-
-    def _deliver_paced_enveloped(self, envelope: Envelope, resumer: Resumer) -> int:
-        """With history, a paced send goes as its envelope (with its position when stored)
-        to the envelope clients and raw to the others, each frame built once. A stored one
-        starts under its stream's stripe and counts as delivered from then on: a resume
-        meanwhile replays it, and the paced step may still bring it to that client later,
-        which drops it by its position (docs/envelope.md)."""
-        stream = envelope.stream
-        env = message_frame(envelope.opcode, envelope.payload, stream, envelope.epoch,
-                            envelope.offset)  # fmt: skip
-        if stream is None or not envelope.epoch:
-            return self._paced_start(envelope, env)
-        with resumer.stripe(stream):
-            count = self._paced_start(envelope, env)
-            resumer.delivered(stream, envelope.epoch, envelope.offset)
-        return count
 
     def _fan_out_enveloped(self, envelope: Envelope, env: bytes) -> int:
         policy, payload, opcode = POLICIES[envelope.policy], envelope.payload, envelope.opcode
