@@ -9,7 +9,10 @@ and three measurements of the server's CPU (its threads' runtime in ns, from
 - the unpaced broadcast of the B-byte frame (``--rounds`` times: median);
 - the same broadcast spread over S seconds (``--paced-rounds`` times: median), with the
   arrivals per second of its last round, against the target N / S per second (within 20 %);
-- the server doing nothing for S seconds (its loop and sweep: the floor under any paced send).
+- the server doing nothing for S seconds (its loop and sweep: the floor under any paced send);
+- the machine's own price for working in steps: ``burst_cost.c`` does the same pure
+  computation back to back and in steps 100 ms apart over S seconds (no socket, no system
+  call); the ratio of the two is what any program pays here for the paced shape alone.
 
 The unpaced and paced rounds alternate, so a change in the machine's load (it is shared)
 weighs on both alike.
@@ -26,7 +29,11 @@ import argparse
 import http.client
 import math
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -37,6 +44,9 @@ from serverctl import Server, version
 
 BUCKET = 0.01  # seconds per arrival bucket: well under a pacing step (100 ms)
 TOLERANCE = 0.2  # the issue's target: each second within 20 % of N / S
+PACE_STEP_S = 0.1  # the step of a paced send (PACE_STEP_MS in src/lowmemws/_paced.c)
+BURST_ROUNDS = 1900  # rounds of burst_cost.c's work per measurement (~60 ms of CPU here)
+BURST_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "burst_cost.c")
 
 
 def broadcast(srv: Server, size: int, spread: float, rate: float = 0.0) -> int:
@@ -108,6 +118,40 @@ def idle_cpu(srv: Server, seconds: float) -> float:
     return cpu
 
 
+def burst_us(program: str, steps: int, sleep_ms: int, per_step: int) -> float:
+    """burst_us runs burst_cost once: its CPU microseconds per round of work."""
+    out = subprocess.run(
+        [program, str(steps), str(sleep_ms), str(per_step)], capture_output=True, text=True
+    )
+    found = re.search(r": ([0-9.]+) us of CPU per round", out.stdout)
+    if out.returncode != 0 or found is None:
+        raise RuntimeError(f"burst_cost failed: {out.stdout}{out.stderr}")
+    return float(found.group(1))
+
+
+def burst_floor(spread: float, log: Any) -> dict[str, Any] | None:
+    """burst_floor measures the machine's price for the paced shape (see the docstring):
+    the same work back to back and in steps PACE_STEP_S apart over the spread, alternating
+    three times; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        log("  burst floor skipped: no C compiler")
+        return None
+    steps = max(1, round(spread / PACE_STEP_S))
+    per_step = max(1, BURST_ROUNDS // steps)
+    together: list[float] = []
+    stepped: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="burst-cost-") as tmp:
+        program = os.path.join(tmp, "burst_cost")
+        subprocess.run([cc, "-O2", "-o", program, BURST_SOURCE], check=True)
+        for _ in range(3):
+            together.append(burst_us(program, 1, 0, steps * per_step))
+            stepped.append(burst_us(program, steps, round(PACE_STEP_S * 1000), per_step))
+    ratio = statistics.median(stepped) / statistics.median(together)
+    log(f"  the same computation in {steps} steps {PACE_STEP_S * 1000:.0f} ms apart: x{ratio:.2f}")
+    return {"together_us": together, "stepped_us": stepped, "ratio": ratio}
+
+
 def run(
     connections: int, spread: float, size: int, rounds: int, paced_rounds: int, log: Any = print
 ) -> dict[str, Any]:
@@ -130,6 +174,7 @@ def run(
         idle = idle_cpu(srv, spread)
         log(f"  idle for {spread:g} s: {idle * 1e3:.1f} ms CPU")
         lc.close()
+    floor = burst_floor(spread, log)
     last = paced[-1]
     target = connections / spread
     full = last["per_second"][: int(spread)]
@@ -150,6 +195,7 @@ def run(
         "idle_cpu_s": idle,
         "cpu_ratio": paced_cpu / unpaced_cpu if unpaced_cpu else None,
         "cpu_ratio_less_idle": (paced_cpu - idle) / unpaced_cpu if unpaced_cpu else None,
+        "burst_floor": floor,
         "load_average": list(os.getloadavg()),
     }
 
@@ -224,9 +270,22 @@ def render(r: dict[str, Any]) -> str:
             f"x{r['cpu_ratio']:.2f} (target <= x1.20); the loop idling for the same "
             f"{r['spread_s']:g} s costs {r['idle_cpu_s'] * 1e3:.0f} ms, so the paced "
             f"sending itself is x{r['cpu_ratio_less_idle']:.2f}",
+            burst_line(r),
             f"- load average during the run: {', '.join(f'{x:.1f}' for x in r['load_average'])}"
             " (2 cores, shared)",
         ]
+    )
+
+
+def burst_line(r: dict[str, Any]) -> str:
+    """burst_line says what the machine charges for the paced shape alone."""
+    floor = r.get("burst_floor")
+    if not floor:
+        return "- the machine's price for working in steps: not measured (no C compiler)"
+    return (
+        f"- the machine's price for working in steps: the same pure computation in steps "
+        f"{PACE_STEP_S * 1000:.0f} ms apart costs x{floor['ratio']:.2f} its cost back to back "
+        "(benchmarks/burst_cost.c)"
     )
 
 
