@@ -9,6 +9,7 @@ back all the same. Clients are wsproto, an independent RFC 6455 implementation.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import textwrap
 import threading
@@ -252,6 +253,33 @@ def test_connections_of_one_user_share_one_name_which_goes_with_the_last(
     wait_until(lambda: names(gw) == (0, 0), "the table freed with the last long id")
     for client in short:
         client.close()
+
+
+FREED_WITH_NAMES = textwrap.dedent(
+    """
+    from lowmemws._native import ffi, lib
+
+    config = ffi.new("lmw_config *")
+    server = lib.lmw_server_new(config, ffi.NULL)
+    assert server != ffi.NULL
+    for n in range(1, 40):  # enough to grow the table past its first size
+        tag = (1 << 63) | n  # a long id's tag: top bit set, next bit clear
+        assert lib.lmw_user_name_hold(server, tag, f"user-{n}@mail.example".encode(), 20) == 0
+    lib.lmw_server_free(server)
+    print("freed")
+    """
+)
+
+
+def test_a_server_freed_while_names_are_held_frees_them() -> None:
+    """A server freed with long names still held (closed events no one will handle, as when
+    a gateway is torn down with connections open) frees them and exits cleanly: it used to
+    move the freed entries into a table that no longer existed, and crashed."""
+    done = subprocess.run(
+        [sys.executable, "-c", FREED_WITH_NAMES], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "freed"
 
 
 def test_a_too_long_id_is_refused_at_accept(

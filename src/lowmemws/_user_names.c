@@ -138,9 +138,10 @@ int lmw__user_name_hold(lmw_server *s, uint64_t tag) {
 
 void lmw__user_names_free(lmw_server *s) {
     for (uint32_t i = 0; s->user_names && i <= s->user_names_mask; i++)
-        if (s->user_names[i]) {
+        if (s->user_names[i]) { /* held ones too: closed events nobody will handle now */
             count(s, -1, -(int64_t)entry_bytes(s->user_names[i]));
             free(s->user_names[i]);
+            s->user_names[i] = NULL; /* resize must find nothing left to move */
         }
     s->user_names_live = 0;
     resize(s, 0);
