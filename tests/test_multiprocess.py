@@ -201,3 +201,20 @@ def test_sigterm_closes_every_client_with_1001_and_exits_0(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
         "no worker to outlive the parent",
     )
+
+
+def test_workers_of_a_killed_supervisor_close_their_clients_with_1001_and_exit(
+    server: ServerProcess, clients: list[websocket.WebSocket]
+) -> None:
+    """A supervisor killed outright (SIGKILL: no handler runs) leaves no orphan serving on:
+    the kernel tells each worker, which stops as on SIGTERM, so its clients reconnect to a
+    live process instead of staying on one that nobody restarts and whose bus is gone."""
+    by_worker = one_on_each_worker(server, clients, "")
+    workers = set(by_worker)
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(DEADLINE)
+    expect_close_frames(clients, 1001)
+    wait_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+        "no worker to outlive its killed supervisor",
+    )

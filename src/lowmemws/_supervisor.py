@@ -8,10 +8,15 @@ serves, which is how the supervisor knows every worker is ready.
 Between those events the supervisor sleeps: it waits in poll() on a pidfd per worker
 (readable when that worker exits) and on a pipe written by stop requests (the stop signals'
 handler, terminate()), so an idle supervisor does not wake at all.
+
+A worker whose supervisor dies (SIGKILL, a crash) gets SIGTERM from the kernel and stops as
+on any SIGTERM: its clients are closed with 1001 and reconnect to a live process, instead of
+staying on an orphan that nobody restarts and whose ProcessBus is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -32,6 +37,7 @@ log = logging.getLogger("lowmemws")
 _READY_TIMEOUT = 30.0
 _REAP_INTERVAL = 0.2  # where pidfds are missing (Linux < 5.3): how often to look for exits
 _KILL_GRACE = 2.0  # seconds past shutdown_timeout before a worker is killed
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for when the parent dies
 
 RunWorker = Callable[[int, Any], None]
 """RunWorker(index, stats) serves in a forked worker process until it is told to stop."""
@@ -123,9 +129,10 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         self.stats_views[index].pid = 0
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self._be_worker(index)
+            self._be_worker(index, supervisor)
         self._children[pid] = index
         pidfd_open = getattr(os, "pidfd_open", None)
         if pidfd_open is not None:
@@ -134,11 +141,12 @@ class Supervisor:
             except OSError:  # an older kernel: _wait_for_change looks periodically instead
                 pass
 
-    def _be_worker(self, index: int) -> None:
+    def _be_worker(self, index: int, supervisor: int) -> None:
         """_be_worker runs in the forked child and never returns."""
         code = 0
         try:
             default_stop_signals()
+            _stop_with_parent(supervisor)
             for fd in (*self._pidfds.values(), self._stop_r, self._stop_w):
                 os.close(fd)  # the supervisor's own
             self._children, self._pidfds = {}, {}  # a worker supervises nobody
@@ -196,3 +204,16 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _stop_with_parent(supervisor: int) -> None:
+    """_stop_with_parent (in a forked worker) has the kernel send it SIGTERM when the
+    supervisor dies. The stop signals' default action (until the worker installs its own
+    handler) ends a worker that had not served yet; a serving one stops gracefully."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the worker outlives a killed supervisor
+        return
+    if os.getppid() != supervisor:  # it died between the fork and the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
