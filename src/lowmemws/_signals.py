@@ -20,8 +20,22 @@ def stop_signals_call(callback: Callable[[], None]) -> Iterator[None]:
         yield
         return
 
+    running = False
+
     def handler(signum: int, frame: Any) -> None:
-        callback()
+        # Python runs a handler between two bytecodes of the main thread, so a second stop
+        # signal (a supervisor's death and a service manager's SIGTERM together, say) can
+        # interrupt the first handler's callback while it holds a lock (Event.set does):
+        # calling it again there would wait for that lock for ever. The stop is already
+        # requested then, so the nested signal has nothing left to do.
+        nonlocal running
+        if running:
+            return
+        running = True
+        try:
+            callback()
+        finally:
+            running = False
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
